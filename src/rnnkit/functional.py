@@ -1,0 +1,107 @@
+"""The spec: one pure function per cell step.
+
+Every other implementation in rnnkit (the layers, the fused engine, the Triton kernels) is tested
+against these functions, and these functions are tested against ``torch.nn`` and with float64
+``gradcheck``. Shapes: ``x`` is ``(B, I)`` and states are ``(B, H)`` (``(B, P)`` for a projected LSTM
+hidden state); weights use torch.nn's layouts, gate blocks stacked along the first dimension.
+"""
+
+import torch
+from torch import Tensor
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    y = x @ w.t()
+    return y if b is None else y + b
+
+
+def rnn_tanh_cell(
+    x: Tensor,
+    h: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+) -> Tensor:
+    """One step of the Elman RNN with tanh.
+
+    h' = tanh(W_ih x + b_ih + W_hh h + b_hh)
+
+    ``w_ih`` is ``(H, I)``, ``w_hh`` is ``(H, H)``, biases ``(H,)``. Returns h' ``(B, H)``.
+    """
+    return torch.tanh(_linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh))
+
+
+def rnn_relu_cell(
+    x: Tensor,
+    h: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+) -> Tensor:
+    """One step of the Elman RNN with ReLU.
+
+    h' = relu(W_ih x + b_ih + W_hh h + b_hh)
+    """
+    return torch.relu(_linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh))
+
+
+def lstm_cell(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    w_hr: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One step of the LSTM (Hochreiter and Schmidhuber 1997), torch.nn's form and gate order.
+
+    i  = sigmoid(W_ii x + b_ii + W_hi h + b_hi)
+    f  = sigmoid(W_if x + b_if + W_hf h + b_hf)
+    g  = tanh   (W_ig x + b_ig + W_hg h + b_hg)
+    o  = sigmoid(W_io x + b_io + W_ho h + b_ho)
+    c' = f * c + i * g
+    h' = o * tanh(c')
+    h' = W_hr h'                     (only with a projection, Sak et al. 2014)
+
+    ``w_ih`` is ``(4H, I)`` stacked as i, f, g, o; ``w_hh`` is ``(4H, P)`` with a projection and
+    ``(4H, H)`` without; ``w_hr`` is ``(P, H)``. Returns ``(h', c')``: ``(B, P or H)`` and ``(B, H)``.
+    """
+    gates = _linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh)  # (B, 4H)
+    i, f, g, o = gates.chunk(4, dim=1)
+    c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h_next = torch.sigmoid(o) * torch.tanh(c_next)
+    if w_hr is not None:
+        h_next = h_next @ w_hr.t()  # (B, P)
+    return h_next, c_next
+
+
+def gru_cell(
+    x: Tensor,
+    h: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+) -> Tensor:
+    """One step of the GRU (Cho et al. 2014), torch.nn's form and gate order.
+
+    r  = sigmoid(W_ir x + b_ir + W_hr h + b_hr)
+    z  = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
+    n  = tanh   (W_in x + b_in + r * (W_hn h + b_hn))
+    h' = (1 - z) * n + z * h
+
+    The reset gate multiplies ``W_hn h + b_hn``, after the recurrent product, as torch.nn and
+    cuDNN do (not ``W_hn (r * h)`` as in the paper). ``w_ih`` is ``(3H, I)`` stacked as r, z, n.
+    """
+    gi = _linear(x, w_ih, b_ih)  # (B, 3H)
+    gh = _linear(h, w_hh, b_hh)  # (B, 3H)
+    i_r, i_z, i_n = gi.chunk(3, dim=1)
+    h_r, h_z, h_n = gh.chunk(3, dim=1)
+    r = torch.sigmoid(i_r + h_r)
+    z = torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return (1 - z) * n + z * h

@@ -1,0 +1,406 @@
+"""RNN, LSTM, GRU and their cells: torch.nn's contract, rnnkit's engines.
+
+Modules own their parameters (torch.nn's names, shapes, registration order and initialisation, so
+state dicts move both ways and a seeded layer holds the same weights as torch.nn's), validate
+once through ``rnnkit.validation`` and hand the computation to an engine.
+"""
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from rnnkit import engines
+from rnnkit import functional as F
+from rnnkit.engines.spec import LayerSpec, Weights
+from rnnkit.validation import check_constructor, prepare_cell_input, prepare_layer_input
+
+
+class RNNBase(nn.Module):
+    """Shared machinery of ``RNN``, ``LSTM`` and ``GRU``; use those."""
+
+    def __init__(
+        self,
+        mode: str,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        name = {"RNN_TANH": "RNN", "RNN_RELU": "RNN"}.get(mode, mode)
+        if proj_size and mode != "LSTM":
+            raise ValueError(f"{name}: proj_size argument is only supported for LSTM, not RNN or GRU")
+        check_constructor(name, input_size, hidden_size, num_layers, dropout, proj_size)
+        self.mode = mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        self.backend = engines.check_backend(name, backend)
+        factory = {"device": device, "dtype": dtype}
+        gate_size = self._spec().gates * hidden_size
+        num_directions = 2 if bidirectional else 1
+        real_hidden = proj_size or hidden_size
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        for layer in range(num_layers):
+            for direction in range(num_directions):
+                layer_input = input_size if layer == 0 else real_hidden * num_directions
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                shapes = [("weight_ih", (gate_size, layer_input)), ("weight_hh", (gate_size, real_hidden))]
+                if bias:
+                    shapes += [("bias_ih", (gate_size,)), ("bias_hh", (gate_size,))]
+                if proj_size:
+                    shapes.append(("weight_hr", (proj_size, hidden_size)))
+                names = []
+                for base, shape in shapes:
+                    self.register_parameter(base + suffix, nn.Parameter(torch.empty(shape, **factory)))
+                    names.append(base + suffix)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    @property
+    def _name(self) -> str:
+        return type(self).__name__
+
+    def _spec(self) -> LayerSpec:
+        return LayerSpec(
+            mode=self.mode,
+            input_size=self.input_size,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            num_directions=2 if self.bidirectional else 1,
+            bias=self.bias,
+            dropout=self.dropout,
+            proj_size=self.proj_size,
+        )
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation: U(-1/sqrt(H), 1/sqrt(H)) for every tensor, in order."""
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for name in self._flat_weights_names:
+            nn.init.uniform_(getattr(self, name), -stdv, stdv)
+
+    def flatten_parameters(self) -> None:
+        """Accepted for torch.nn compatibility; rnnkit needs no flat weight buffer."""
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def _weights(self) -> list[Weights]:
+        # Read through getattr on every call so that functional_call and .to() are honoured.
+        out = []
+        for layer in range(self.num_layers):
+            for direction in range(2 if self.bidirectional else 1):
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                out.append(
+                    (
+                        getattr(self, "weight_ih" + suffix),
+                        getattr(self, "weight_hh" + suffix),
+                        getattr(self, "bias_ih" + suffix) if self.bias else None,
+                        getattr(self, "bias_hh" + suffix) if self.bias else None,
+                        getattr(self, "weight_hr" + suffix) if self.proj_size else None,
+                    )
+                )
+        return out
+
+    def _run(self, input: Tensor | PackedSequence, hx: object) -> tuple[object, tuple[Tensor, ...]]:
+        spec = self._spec()
+        weights = self._weights()
+        prepared = prepare_layer_input(
+            self._name, spec, input, hx, self.batch_first, weights[0][0]
+        )
+        engine = engines.resolve(self.backend)
+        output, hn = engine.run(
+            spec, prepared.x, prepared.hx, weights, prepared.batch_sizes, self.training
+        )
+        return prepared.finish(output, hn)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        if self.batch_first is not False:
+            s += f", batch_first={self.batch_first}"
+        if self.dropout != 0:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional is not False:
+            s += f", bidirectional={self.bidirectional}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
+
+
+class RNN(RNNBase):
+    """Elman RNN, a drop-in for ``torch.nn.RNN``: h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh).
+
+    Arguments, shapes and parameters are torch.nn's; ``backend`` picks the engine.
+    ``forward(input, hx=None) -> (output, h_n)``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"RNN: unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        self.nonlinearity = nonlinearity
+        super().__init__(
+            "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU",
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            0,
+            device,
+            dtype,
+            backend=backend,
+        )
+
+    def forward(self, input: Tensor | PackedSequence, hx: Tensor | None = None):
+        output, (hn,) = self._run(input, hx)
+        return output, hn
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.nonlinearity != "tanh":
+            s += f", nonlinearity={self.nonlinearity!r}"
+        return s
+
+
+class LSTM(RNNBase):
+    """LSTM, a drop-in for ``torch.nn.LSTM`` (gate order i, f, g, o; optional projection).
+
+    See ``rnnkit.functional.lstm_cell`` for the equations. Arguments, shapes and parameters are
+    torch.nn's; ``backend`` picks the engine. ``forward(input, hx=None) -> (output, (h_n, c_n))``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            "LSTM",
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            proj_size,
+            device,
+            dtype,
+            backend=backend,
+        )
+
+    def forward(self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None):
+        output, (hn, cn) = self._run(input, hx)
+        return output, (hn, cn)
+
+
+class GRU(RNNBase):
+    """GRU, a drop-in for ``torch.nn.GRU`` (gate order r, z, n).
+
+    See ``rnnkit.functional.gru_cell`` for the equations. Arguments, shapes and parameters are
+    torch.nn's; ``backend`` picks the engine. ``forward(input, hx=None) -> (output, h_n)``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            "GRU",
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            0,
+            device,
+            dtype,
+            backend=backend,
+        )
+
+    def forward(self, input: Tensor | PackedSequence, hx: Tensor | None = None):
+        output, (hn,) = self._run(input, hx)
+        return output, hn
+
+
+class RNNCellBase(nn.Module):
+    """Shared machinery of the cells: torch.nn's parameters ``weight_ih``, ``weight_hh``,
+    ``bias_ih``, ``bias_hh`` and initialisation."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool,
+        num_chunks: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_constructor(type(self).__name__, input_size, hidden_size)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        factory = {"device": device, "dtype": dtype}
+        self.weight_ih = nn.Parameter(torch.empty(num_chunks * hidden_size, input_size, **factory))
+        self.weight_hh = nn.Parameter(torch.empty(num_chunks * hidden_size, hidden_size, **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(num_chunks * hidden_size, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(num_chunks * hidden_size, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def _prepare(self, input: Tensor, hx: object, states: int):
+        return prepare_cell_input(
+            type(self).__name__, input, hx, self.input_size, (self.hidden_size,) * states, self.weight_ih
+        )
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        if getattr(self, "nonlinearity", "tanh") != "tanh":
+            s += f", nonlinearity={self.nonlinearity!r}"
+        return s
+
+
+class RNNCell(RNNCellBase):
+    """One Elman RNN step, a drop-in for ``torch.nn.RNNCell``; see ``rnnkit.functional``.
+
+    ``forward(input, hx=None) -> h'`` with input ``(B, I)`` or ``(I,)``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        nonlinearity: str = "tanh",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"RNNCell: unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, bias, 1, device, dtype)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        x, (h,), unbatched = self._prepare(input, hx, 1)
+        cell = F.rnn_tanh_cell if self.nonlinearity == "tanh" else F.rnn_relu_cell
+        h = cell(x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return h.squeeze(0) if unbatched else h
+
+
+class LSTMCell(RNNCellBase):
+    """One LSTM step, a drop-in for ``torch.nn.LSTMCell``; see ``rnnkit.functional.lstm_cell``.
+
+    ``forward(input, hx=None) -> (h', c')`` with input ``(B, I)`` or ``(I,)``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(input_size, hidden_size, bias, 4, device, dtype)
+
+    def forward(
+        self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        x, (h, c), unbatched = self._prepare(input, hx, 2)
+        h, c = F.lstm_cell(x, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return (h.squeeze(0), c.squeeze(0)) if unbatched else (h, c)
+
+
+class GRUCell(RNNCellBase):
+    """One GRU step, a drop-in for ``torch.nn.GRUCell``; see ``rnnkit.functional.gru_cell``.
+
+    ``forward(input, hx=None) -> h'`` with input ``(B, I)`` or ``(I,)``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(input_size, hidden_size, bias, 3, device, dtype)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        x, (h,), unbatched = self._prepare(input, hx, 1)
+        h = F.gru_cell(x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return h.squeeze(0) if unbatched else h

@@ -1,0 +1,107 @@
+"""The one time loop: any cell step over time, forward or reverse, padded or packed.
+
+A step is ``step(x_t, carry) -> (y_t, carry)`` where ``carry`` is a tuple of ``(B, *)`` tensors
+(``(h,)`` or ``(h, c)``). ``stack`` runs one step per layer and direction in torch.nn's order and
+joins the directions and the layers. Variable lengths follow ``PackedSequence``: ``batch_sizes[t]``
+sequences are alive at step ``t`` (sorted by decreasing length), and a finished sequence keeps the
+state of its own last step, which is torch.nn's ``h_n``.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+Carry = tuple[Tensor, ...]
+Step = Callable[[Tensor, Carry], tuple[Tensor, Carry]]
+
+
+def scan(
+    step: Step,
+    xs: Tensor,
+    carry: Carry,
+    reverse: bool = False,
+    batch_sizes: Sequence[int] | None = None,
+) -> tuple[Tensor, Carry]:
+    """Run ``step`` over time.
+
+    ``xs`` is ``(T, B, I)``, or packed data ``(N, I)`` when ``batch_sizes`` is given. Returns the
+    outputs laid out like ``xs`` (``(T, B, Y)`` or ``(N, Y)``) and the final carry ``(B, *)``.
+    """
+    if batch_sizes is None:
+        steps = range(xs.shape[0] - 1, -1, -1) if reverse else range(xs.shape[0])
+        ys: list[Tensor] = [xs.new_empty(0)] * xs.shape[0]
+        for t in steps:
+            ys[t], carry = step(xs[t], carry)
+        return torch.stack(ys), carry
+    if reverse:
+        return _scan_packed_reverse(step, xs, carry, batch_sizes)
+    return _scan_packed_forward(step, xs, carry, batch_sizes)
+
+
+def _scan_packed_forward(
+    step: Step, xs: Tensor, carry: Carry, batch_sizes: Sequence[int]
+) -> tuple[Tensor, Carry]:
+    ys = []
+    offset = 0
+    for bs in batch_sizes:
+        y, alive = step(xs[offset : offset + bs], tuple(s[:bs] for s in carry))
+        ys.append(y)
+        # Sequences that ended keep their last state: that is their h_n.
+        carry = tuple(torch.cat((a, s[bs:])) for a, s in zip(alive, carry))
+        offset += bs
+    return torch.cat(ys), carry
+
+
+def _scan_packed_reverse(
+    step: Step, xs: Tensor, carry0: Carry, batch_sizes: Sequence[int]
+) -> tuple[Tensor, Carry]:
+    offsets = [0]
+    for bs in batch_sizes[:-1]:
+        offsets.append(offsets[-1] + bs)
+    ys: list[Tensor] = [xs.new_empty(0)] * len(batch_sizes)
+    carry = tuple(s[: batch_sizes[-1]] for s in carry0)
+    for t in range(len(batch_sizes) - 1, -1, -1):
+        bs, alive = batch_sizes[t], carry[0].shape[0]
+        # Walking back in time, a sequence joins at its own last step with its initial state.
+        if bs > alive:
+            carry = tuple(torch.cat((s, s0[alive:bs])) for s, s0 in zip(carry, carry0))
+        ys[t], carry = step(xs[offsets[t] : offsets[t] + bs], carry)
+    return torch.cat(ys), carry
+
+
+def stack(
+    step_for: Callable[[int, int], Step],
+    xs: Tensor,
+    hx: Carry,
+    num_layers: int,
+    num_directions: int,
+    dropout: float = 0.0,
+    training: bool = False,
+    batch_sizes: Sequence[int] | None = None,
+) -> tuple[Tensor, Carry]:
+    """Run ``num_layers`` stacked layers of ``num_directions`` scans each.
+
+    ``step_for(layer, direction)`` gives the step of one layer and direction; ``hx`` holds
+    ``(L * D, B, *)`` initial states indexed ``layer * D + direction`` as in torch.nn. Dropout
+    applies to the output of every layer but the last. Returns the last layer's output, the
+    directions concatenated on the feature dimension, and the final states ``(L * D, B, *)``.
+    """
+    finals: list[Carry] = []
+    for layer in range(num_layers):
+        outs = []
+        for direction in range(num_directions):
+            k = layer * num_directions + direction
+            y, last = scan(
+                step_for(layer, direction),
+                xs,
+                tuple(s[k] for s in hx),
+                reverse=direction == 1,
+                batch_sizes=batch_sizes,
+            )
+            outs.append(y)
+            finals.append(last)
+        xs = outs[0] if num_directions == 1 else torch.cat(outs, dim=-1)
+        if dropout > 0 and training and layer < num_layers - 1:
+            xs = torch.nn.functional.dropout(xs, p=dropout, training=True)
+    return xs, tuple(torch.stack(states) for states in zip(*finals))

@@ -1,0 +1,290 @@
+"""Input checking, written once and called by every path (padded, packed, unbatched, cells).
+
+Errors name the argument, what was expected and what came, in the terms of the layer's own
+documentation. ``RNNInputError`` subclasses both ``ValueError`` and ``RuntimeError``, so code
+written against torch.nn (which raises ``RuntimeError`` for most of these) keeps working.
+"""
+
+import numbers
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from rnnkit.engines.spec import LayerSpec
+
+
+class RNNInputError(ValueError, RuntimeError):
+    """A tensor given to an rnnkit layer or cell does not fit it."""
+
+
+def _shape(t: Tensor | tuple[int, ...]) -> str:
+    dims = tuple(t.shape) if isinstance(t, Tensor) else t
+    return "(" + ", ".join(str(d) for d in dims) + ")"
+
+
+def check_constructor(
+    name: str,
+    input_size: int,
+    hidden_size: int,
+    num_layers: int = 1,
+    dropout: float = 0.0,
+    proj_size: int = 0,
+) -> None:
+    """The checks torch.nn makes on constructor arguments, with the same exception types."""
+    for arg, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name}: {arg} should be of type int, got: {type(value).__name__}")
+        if value <= 0:
+            raise ValueError(f"{name}: {arg} must be greater than zero, got {value}")
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool):
+        raise TypeError(f"{name}: num_layers should be of type int, got: {type(num_layers).__name__}")
+    if num_layers <= 0:
+        raise ValueError(f"{name}: num_layers must be greater than zero, got {num_layers}")
+    if (
+        not isinstance(dropout, numbers.Number)
+        or isinstance(dropout, bool)
+        or not 0 <= dropout <= 1
+    ):
+        raise ValueError(
+            f"{name}: dropout should be a number in range [0, 1] representing the probability "
+            f"of an element being zeroed, got {dropout!r}"
+        )
+    if dropout > 0 and num_layers == 1:
+        warnings.warn(
+            f"{name}: dropout option adds dropout after all but last recurrent layer, so non-zero "
+            f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
+            f"num_layers={num_layers}",
+            stacklevel=3,
+        )
+    if not isinstance(proj_size, int) or isinstance(proj_size, bool):
+        raise TypeError(f"{name}: proj_size should be of type int, got: {type(proj_size).__name__}")
+    if proj_size < 0:
+        raise ValueError(
+            f"{name}: proj_size should be a positive integer or zero to disable projections, "
+            f"got {proj_size}"
+        )
+    if proj_size >= hidden_size:
+        raise ValueError(
+            f"{name}: proj_size has to be smaller than hidden_size, got proj_size={proj_size} "
+            f"and hidden_size={hidden_size}"
+        )
+
+
+def _check_tensor(name: str, what: str, t: object, ref: Tensor | None) -> Tensor:
+    """``t`` is a floating tensor; when ``ref`` is given, on ``ref``'s device with its dtype."""
+    if not isinstance(t, Tensor):
+        raise RNNInputError(f"{name}: {what} must be a Tensor; got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise RNNInputError(
+            f"{name}: {what} must be a floating-point tensor; got dtype {t.dtype} "
+            f"(convert it with .float())"
+        )
+    if ref is None:
+        return t
+    if t.device != ref.device:
+        raise RNNInputError(f"{name}: {what} is on {t.device} but input is on {ref.device}")
+    if t.dtype != ref.dtype and not torch.is_autocast_enabled(ref.device.type):
+        raise RNNInputError(f"{name}: {what} has dtype {t.dtype} but input has dtype {ref.dtype}")
+    return t
+
+
+def check_against_parameters(name: str, x: Tensor, param: Tensor | None) -> None:
+    if param is None:
+        return
+    if x.device != param.device:
+        raise RNNInputError(
+            f"{name}: input is on {x.device} but the parameters are on {param.device}; "
+            f"move one with .to()"
+        )
+    if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise RNNInputError(
+            f"{name}: input has dtype {x.dtype} but the parameters have dtype {param.dtype}; "
+            f"convert one with .to(dtype)"
+        )
+
+
+@dataclass
+class Prepared:
+    """A layer's input in the engines' form, and what is needed to give results back."""
+
+    x: Tensor  # (T, B, I) time-major, or packed data (N, I)
+    hx: tuple[Tensor, ...]  # (h0,) or (h0, c0), each (L * D, B, *)
+    batch_sizes: list[int] | None
+    packed: PackedSequence | None
+    unbatched: bool
+    batch_first: bool
+
+    def finish(self, output: Tensor, hn: tuple[Tensor, ...]) -> tuple[object, tuple[Tensor, ...]]:
+        """Output and final states in the caller's layout."""
+        if self.packed is not None:
+            p = self.packed
+            if p.unsorted_indices is not None:
+                hn = tuple(s.index_select(1, p.unsorted_indices) for s in hn)
+            return PackedSequence(output, p.batch_sizes, p.sorted_indices, p.unsorted_indices), hn
+        if self.unbatched:
+            return output.squeeze(1), tuple(s.squeeze(1) for s in hn)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        return output, hn
+
+
+def prepare_layer_input(
+    name: str,
+    spec: LayerSpec,
+    input: object,
+    hx: object,
+    batch_first: bool,
+    param: Tensor | None,
+) -> Prepared:
+    """Validate a layer's ``(input, hx)`` and bring it to the engines' time-major, batched form."""
+    is_lstm = spec.mode == "LSTM"
+    packed = input if isinstance(input, PackedSequence) else None
+    if packed is not None:
+        x = _check_tensor(name, "input", packed.data, None)
+        if x.dim() != 2:
+            raise RNNInputError(
+                f"{name}: packed input data must be 2-D (total steps, input_size); "
+                f"got shape {_shape(x)}"
+            )
+        batch_sizes = packed.batch_sizes.tolist()
+        batch, steps, unbatched = batch_sizes[0], len(batch_sizes), False
+    else:
+        x = _check_tensor(name, "input", input, None)
+        layout = "(batch, seq_len, input_size)" if batch_first else "(seq_len, batch, input_size)"
+        if x.dim() not in (2, 3):
+            raise RNNInputError(
+                f"{name}: input must be 3-D {layout} for a batch or 2-D (seq_len, input_size) "
+                f"for one sequence; got a {x.dim()}-D tensor of shape {_shape(x)}"
+            )
+        unbatched = x.dim() == 2
+        if unbatched:
+            x = x.unsqueeze(1)
+        elif batch_first:
+            x = x.transpose(0, 1)
+        batch_sizes = None
+        steps, batch = x.shape[0], x.shape[1]
+    if x.shape[-1] != spec.input_size:
+        raise RNNInputError(
+            f"{name}: input has {x.shape[-1]} features per step but input_size={spec.input_size}"
+        )
+    if steps == 0:
+        raise RNNInputError(
+            f"{name}: input has 0 time steps (seq_len=0); each sequence needs at least one step"
+        )
+    if batch == 0:
+        raise RNNInputError(f"{name}: input is an empty batch (batch=0); pass at least one sequence")
+    check_against_parameters(name, x, param)
+
+    rows = spec.num_layers * spec.num_directions
+    h_size = spec.out_size
+    if hx is None:
+        states = [x.new_zeros(rows, batch, h_size)]
+        if is_lstm:
+            states.append(x.new_zeros(rows, batch, spec.hidden_size))
+    else:
+        states = _check_hx(name, spec, hx, x, batch, unbatched, packed is not None)
+        if packed is not None and packed.sorted_indices is not None:
+            states = [s.index_select(1, packed.sorted_indices) for s in states]
+    return Prepared(x, tuple(states), batch_sizes, packed, unbatched, batch_first)
+
+
+def _check_hx(
+    name: str,
+    spec: LayerSpec,
+    hx: object,
+    x: Tensor,
+    batch: int,
+    unbatched: bool,
+    packed: bool,
+) -> list[Tensor]:
+    is_lstm = spec.mode == "LSTM"
+    if is_lstm:
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            got = f"a {type(hx).__name__}" + (f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else "")
+            raise RNNInputError(f"{name}: hx must be a tuple (h0, c0); got {got}")
+        names, states = ("h0", "c0"), list(hx)
+        sizes = (spec.out_size, spec.hidden_size)
+    else:
+        if not isinstance(hx, Tensor):
+            raise RNNInputError(f"{name}: hx must be a Tensor h0; got {type(hx).__name__}")
+        names, states, sizes = ("h0",), [hx], (spec.out_size,)
+    rows = spec.num_layers * spec.num_directions
+    out = []
+    for what, s, size in zip(names, states, sizes):
+        s = _check_tensor(name, what, s, x)
+        feature = "proj_size" if (what == "h0" and spec.proj_size) else "hidden_size"
+        if unbatched:
+            if s.dim() != 2:
+                raise RNNInputError(
+                    f"{name}: unbatched 2-D input needs a 2-D {what} "
+                    f"(num_layers * num_directions, {feature}); got a {s.dim()}-D {what} of "
+                    f"shape {_shape(s)}"
+                )
+            expected = (rows, size)
+            layout = f"(num_layers * num_directions, {feature})"
+        else:
+            if s.dim() != 3:
+                kind = "packed input" if packed else "batched 3-D input"
+                raise RNNInputError(
+                    f"{name}: {kind} needs a 3-D {what} (num_layers * num_directions, batch, "
+                    f"{feature}); got a {s.dim()}-D {what} of shape {_shape(s)}"
+                )
+            expected = (rows, batch, size)
+            layout = f"(num_layers * num_directions, batch, {feature})"
+        if tuple(s.shape) != expected:
+            raise RNNInputError(
+                f"{name}: {what} has shape {_shape(s)}; expected {layout} = {_shape(expected)}"
+            )
+        out.append(s.unsqueeze(1) if unbatched else s)
+    return out
+
+
+def prepare_cell_input(
+    name: str,
+    input: object,
+    hx: object,
+    input_size: int,
+    state_sizes: tuple[int, ...],
+    param: Tensor | None,
+) -> tuple[Tensor, tuple[Tensor, ...], bool]:
+    """Validate a cell's ``(input, hx)``; returns 2-D input, 2-D states and whether unbatched."""
+    x = _check_tensor(name, "input", input, None)
+    if x.dim() not in (1, 2):
+        raise RNNInputError(
+            f"{name}: input must be 2-D (batch, input_size) or 1-D (input_size,); got a "
+            f"{x.dim()}-D tensor of shape {_shape(x)}"
+        )
+    unbatched = x.dim() == 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    if x.shape[1] != input_size:
+        raise RNNInputError(f"{name}: input has {x.shape[1]} features but input_size={input_size}")
+    if x.shape[0] == 0:
+        raise RNNInputError(f"{name}: input is an empty batch (batch=0); pass at least one row")
+    check_against_parameters(name, x, param)
+    batch = x.shape[0]
+    names = ("h", "c")[: len(state_sizes)]
+    if hx is None:
+        return x, tuple(x.new_zeros(batch, size) for size in state_sizes), unbatched
+    if len(state_sizes) == 2:
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise RNNInputError(f"{name}: hx must be a tuple (h, c); got {type(hx).__name__}")
+        states = list(hx)
+    else:
+        if not isinstance(hx, Tensor):
+            raise RNNInputError(f"{name}: hx must be a Tensor; got {type(hx).__name__}")
+        states = [hx]
+    out = []
+    for what, s, size in zip(names, states, state_sizes):
+        s = _check_tensor(name, what, s, x)
+        expected = (size,) if unbatched else (batch, size)
+        if tuple(s.shape) != expected:
+            layout = "(hidden_size,)" if unbatched else "(batch, hidden_size)"
+            raise RNNInputError(
+                f"{name}: {what} has shape {_shape(s)}; expected {layout} = {_shape(expected)}"
+            )
+        out.append(s.unsqueeze(0) if unbatched else s)
+    return x, tuple(out), unbatched
