@@ -5,6 +5,7 @@ import sys
 from collections.abc import Sequence
 
 from rnnkit.params import param_count
+from rnnkit.validation import format_shape
 
 _MODES = ("rnn", "lstm", "gru")
 
@@ -12,7 +13,9 @@ _MODES = ("rnn", "lstm", "gru")
 def _add_layer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("mode", choices=_MODES, help="layer type")
     p.add_argument("--input-size", type=int, required=True, help="features per time step (I)")
-    p.add_argument("--hidden-size", type=int, required=True, help="features of the hidden state (H)")
+    p.add_argument(
+        "--hidden-size", type=int, required=True, help="features of the hidden state (H)"
+    )
     p.add_argument("--num-layers", type=int, default=1, help="stacked layers (L), default 1")
     p.add_argument("--bidirectional", action="store_true", help="two directions (D=2)")
     p.add_argument("--no-bias", action="store_true", help="bias=False")
@@ -23,15 +26,13 @@ def _table(rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for k, row in enumerate(rows):
-        cells = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)]
+        cells = [
+            c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right, strict=False)
+        ]
         lines.append("  ".join(cells).rstrip())
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def _fmt_shape(shape: Sequence[int]) -> str:
-    return f"({shape[0]},)" if len(shape) == 1 else "(" + ", ".join(str(s) for s in shape) + ")"
 
 
 def cmd_params(args: argparse.Namespace) -> int:
@@ -45,7 +46,7 @@ def cmd_params(args: argparse.Namespace) -> int:
         proj_size=args.proj_size,
     )
     rows = [("tensor", "shape", "count")]
-    rows += [(name, _fmt_shape(shape), f"{n:,}") for name, shape, n in pc.tensors]
+    rows += [(name, format_shape(shape), f"{n:,}") for name, shape, n in pc.tensors]
     print(_table(rows, (False, False, True)))
     print()
     print(f"formula: {pc.formula}")
@@ -126,7 +127,7 @@ def cmd_shapes(args: argparse.Namespace) -> int:
         args.batch_first,
     )
     table = [("tensor", "shape", "meaning")]
-    table += [(name, _fmt_shape(shape), meaning) for name, shape, meaning in rows]
+    table += [(name, format_shape(shape), meaning) for name, shape, meaning in rows]
     print(_table(table, (False, False, False)))
     return 0
 
@@ -142,9 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rnnkit", description="Readable, fast, torch.nn-compatible recurrent networks."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser(
-        "params", help="parameter count of a layer, per tensor, with the formula"
-    )
+    p = sub.add_parser("params", help="parameter count of a layer, per tensor, with the formula")
     _add_layer_args(p)
     p.set_defaults(func=cmd_params)
     p = sub.add_parser("shapes", help="the shapes going in and out of a layer, and what they mean")
@@ -153,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, required=True, help="sequences per batch (B)")
     p.add_argument("--batch-first", action="store_true", help="batch_first=True")
     p.set_defaults(func=cmd_shapes)
-    p = sub.add_parser("demo", help="a worked example: shapes, parameter counts, parity with torch.nn")
+    p = sub.add_parser(
+        "demo", help="a worked example: shapes, parameter counts, parity with torch.nn"
+    )
     p.set_defaults(func=cmd_demo)
     try:
         from rnnkit.train import add_commands
@@ -170,7 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "mode", None) is not None and hasattr(args, "input_size"):
         for name in ("input_size", "hidden_size", "num_layers"):
             if getattr(args, name) <= 0:
-                parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+                parser.error(
+                    f"--{name.replace('_', '-')} must be a positive integer, "
+                    f"got {getattr(args, name)}"
+                )
         if args.proj_size and args.mode != "lstm":
             parser.error(f"--proj-size is only supported for lstm, not {args.mode}")
         if args.proj_size < 0 or (args.proj_size and args.proj_size >= args.hidden_size):

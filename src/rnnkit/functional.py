@@ -2,8 +2,8 @@
 
 Every other implementation in rnnkit (the layers, the fused engine, the Triton kernels) is tested
 against these functions, and these functions are tested against ``torch.nn`` and with float64
-``gradcheck``. Shapes: ``x`` is ``(B, I)`` and states are ``(B, H)`` (``(B, P)`` for a projected LSTM
-hidden state); weights use torch.nn's layouts, gate blocks stacked along the first dimension.
+``gradcheck``. Shapes: ``x`` is ``(B, I)`` and states are ``(B, H)`` (``(B, P)`` for a projected
+LSTM hidden state); weights use torch.nn's layouts, gate blocks stacked along the first dimension.
 """
 
 import torch
@@ -68,7 +68,8 @@ def lstm_cell(
     h' = W_hr h'                     (only with a projection, Sak et al. 2014)
 
     ``w_ih`` is ``(4H, I)`` stacked as i, f, g, o; ``w_hh`` is ``(4H, P)`` with a projection and
-    ``(4H, H)`` without; ``w_hr`` is ``(P, H)``. Returns ``(h', c')``: ``(B, P or H)`` and ``(B, H)``.
+    ``(4H, H)`` without; ``w_hr`` is ``(P, H)``. Returns ``(h', c')``: ``(B, P or H)`` and
+    ``(B, H)``.
     """
     gates = _linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh)  # (B, 4H)
     i, f, g, o = gates.chunk(4, dim=1)

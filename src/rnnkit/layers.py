@@ -39,7 +39,9 @@ class RNNBase(nn.Module):
         super().__init__()
         name = {"RNN_TANH": "RNN", "RNN_RELU": "RNN"}.get(mode, mode)
         if proj_size and mode != "LSTM":
-            raise ValueError(f"{name}: proj_size argument is only supported for LSTM, not RNN or GRU")
+            raise ValueError(
+                f"{name}: proj_size argument is only supported for LSTM, not RNN or GRU"
+            )
         check_constructor(name, input_size, hidden_size, num_layers, dropout, proj_size)
         self.mode = mode
         self.input_size = input_size
@@ -61,14 +63,19 @@ class RNNBase(nn.Module):
             for direction in range(num_directions):
                 layer_input = input_size if layer == 0 else real_hidden * num_directions
                 suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-                shapes = [("weight_ih", (gate_size, layer_input)), ("weight_hh", (gate_size, real_hidden))]
+                shapes = [
+                    ("weight_ih", (gate_size, layer_input)),
+                    ("weight_hh", (gate_size, real_hidden)),
+                ]
                 if bias:
                     shapes += [("bias_ih", (gate_size,)), ("bias_hh", (gate_size,))]
                 if proj_size:
                     shapes.append(("weight_hr", (proj_size, hidden_size)))
                 names = []
                 for base, shape in shapes:
-                    self.register_parameter(base + suffix, nn.Parameter(torch.empty(shape, **factory)))
+                    self.register_parameter(
+                        base + suffix, nn.Parameter(torch.empty(shape, **factory))
+                    )
                     names.append(base + suffix)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
@@ -123,9 +130,7 @@ class RNNBase(nn.Module):
     def _run(self, input: Tensor | PackedSequence, hx: object) -> tuple[object, tuple[Tensor, ...]]:
         spec = self._spec()
         weights = self._weights()
-        prepared = prepare_layer_input(
-            self._name, spec, input, hx, self.batch_first, weights[0][0]
-        )
+        prepared = prepare_layer_input(self._name, spec, input, hx, self.batch_first, weights[0][0])
         engine = engines.resolve(self.backend)
         output, hn = engine.run(
             spec, prepared.x, prepared.hx, weights, prepared.batch_sizes, self.training
@@ -174,7 +179,9 @@ class RNN(RNNBase):
         backend: str = "auto",
     ) -> None:
         if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"RNN: unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+            raise ValueError(
+                f"RNN: unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
+            )
         self.nonlinearity = nonlinearity
         super().__init__(
             "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU",
@@ -196,6 +203,7 @@ class RNN(RNNBase):
         return output, hn
 
     def extra_repr(self) -> str:
+        # torch.nn.RNN leaves the nonlinearity out of its repr; rnnkit shows a non-default one.
         s = super().extra_repr()
         if self.nonlinearity != "tanh":
             s += f", nonlinearity={self.nonlinearity!r}"
@@ -321,7 +329,12 @@ class RNNCellBase(nn.Module):
 
     def _prepare(self, input: Tensor, hx: object, states: int):
         return prepare_cell_input(
-            type(self).__name__, input, hx, self.input_size, (self.hidden_size,) * states, self.weight_ih
+            type(self).__name__,
+            input,
+            hx,
+            self.input_size,
+            (self.hidden_size,) * states,
+            self.weight_ih,
         )
 
     def extra_repr(self) -> str:
@@ -329,7 +342,7 @@ class RNNCellBase(nn.Module):
         if self.bias is not True:
             s += f", bias={self.bias}"
         if getattr(self, "nonlinearity", "tanh") != "tanh":
-            s += f", nonlinearity={self.nonlinearity!r}"
+            s += f", nonlinearity={self.nonlinearity}"
         return s
 
 
@@ -349,7 +362,9 @@ class RNNCell(RNNCellBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"RNNCell: unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+            raise ValueError(
+                f"RNNCell: unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
+            )
         self.nonlinearity = nonlinearity
         super().__init__(input_size, hidden_size, bias, 1, device, dtype)
 

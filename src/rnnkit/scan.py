@@ -48,7 +48,7 @@ def _scan_packed_forward(
         y, alive = step(xs[offset : offset + bs], tuple(s[:bs] for s in carry))
         ys.append(y)
         # Sequences that ended keep their last state: that is their h_n.
-        carry = tuple(torch.cat((a, s[bs:])) for a, s in zip(alive, carry))
+        carry = tuple(torch.cat((a, s[bs:])) for a, s in zip(alive, carry, strict=False))
         offset += bs
     return torch.cat(ys), carry
 
@@ -65,7 +65,9 @@ def _scan_packed_reverse(
         bs, alive = batch_sizes[t], carry[0].shape[0]
         # Walking back in time, a sequence joins at its own last step with its initial state.
         if bs > alive:
-            carry = tuple(torch.cat((s, s0[alive:bs])) for s, s0 in zip(carry, carry0))
+            carry = tuple(
+                torch.cat((s, s0[alive:bs])) for s, s0 in zip(carry, carry0, strict=False)
+            )
         ys[t], carry = step(xs[offsets[t] : offsets[t] + bs], carry)
     return torch.cat(ys), carry
 
@@ -104,4 +106,4 @@ def stack(
         xs = outs[0] if num_directions == 1 else torch.cat(outs, dim=-1)
         if dropout > 0 and training and layer < num_layers - 1:
             xs = torch.nn.functional.dropout(xs, p=dropout, training=True)
-    return xs, tuple(torch.stack(states) for states in zip(*finals))
+    return xs, tuple(torch.stack(states) for states in zip(*finals, strict=False))

@@ -20,9 +20,9 @@ class RNNInputError(ValueError, RuntimeError):
     """A tensor given to an rnnkit layer or cell does not fit it."""
 
 
-def _shape(t: Tensor | tuple[int, ...]) -> str:
-    dims = tuple(t.shape) if isinstance(t, Tensor) else t
-    return "(" + ", ".join(str(d) for d in dims) + ")"
+def format_shape(t: Tensor | tuple[int, ...]) -> str:
+    """A shape as Python writes a tuple: ``(3,)``, ``(5, 3, 10)``."""
+    return str(tuple(t.shape) if isinstance(t, Tensor) else tuple(t))
 
 
 def check_constructor(
@@ -40,7 +40,9 @@ def check_constructor(
         if value <= 0:
             raise ValueError(f"{name}: {arg} must be greater than zero, got {value}")
     if not isinstance(num_layers, int) or isinstance(num_layers, bool):
-        raise TypeError(f"{name}: num_layers should be of type int, got: {type(num_layers).__name__}")
+        raise TypeError(
+            f"{name}: num_layers should be of type int, got: {type(num_layers).__name__}"
+        )
     if num_layers <= 0:
         raise ValueError(f"{name}: num_layers must be greater than zero, got {num_layers}")
     if (
@@ -147,7 +149,7 @@ def prepare_layer_input(
         if x.dim() != 2:
             raise RNNInputError(
                 f"{name}: packed input data must be 2-D (total steps, input_size); "
-                f"got shape {_shape(x)}"
+                f"got shape {format_shape(x)}"
             )
         batch_sizes = packed.batch_sizes.tolist()
         batch, steps, unbatched = batch_sizes[0], len(batch_sizes), False
@@ -157,7 +159,7 @@ def prepare_layer_input(
         if x.dim() not in (2, 3):
             raise RNNInputError(
                 f"{name}: input must be 3-D {layout} for a batch or 2-D (seq_len, input_size) "
-                f"for one sequence; got a {x.dim()}-D tensor of shape {_shape(x)}"
+                f"for one sequence; got a {x.dim()}-D tensor of shape {format_shape(x)}"
             )
         unbatched = x.dim() == 2
         if unbatched:
@@ -175,7 +177,9 @@ def prepare_layer_input(
             f"{name}: input has 0 time steps (seq_len=0); each sequence needs at least one step"
         )
     if batch == 0:
-        raise RNNInputError(f"{name}: input is an empty batch (batch=0); pass at least one sequence")
+        raise RNNInputError(
+            f"{name}: input is an empty batch (batch=0); pass at least one sequence"
+        )
     check_against_parameters(name, x, param)
 
     rows = spec.num_layers * spec.num_directions
@@ -203,7 +207,9 @@ def _check_hx(
     is_lstm = spec.mode == "LSTM"
     if is_lstm:
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-            got = f"a {type(hx).__name__}" + (f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else "")
+            got = f"a {type(hx).__name__}" + (
+                f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else ""
+            )
             raise RNNInputError(f"{name}: hx must be a tuple (h0, c0); got {got}")
         names, states = ("h0", "c0"), list(hx)
         sizes = (spec.out_size, spec.hidden_size)
@@ -213,7 +219,7 @@ def _check_hx(
         names, states, sizes = ("h0",), [hx], (spec.out_size,)
     rows = spec.num_layers * spec.num_directions
     out = []
-    for what, s, size in zip(names, states, sizes):
+    for what, s, size in zip(names, states, sizes, strict=False):
         s = _check_tensor(name, what, s, x)
         feature = "proj_size" if (what == "h0" and spec.proj_size) else "hidden_size"
         if unbatched:
@@ -221,7 +227,7 @@ def _check_hx(
                 raise RNNInputError(
                     f"{name}: unbatched 2-D input needs a 2-D {what} "
                     f"(num_layers * num_directions, {feature}); got a {s.dim()}-D {what} of "
-                    f"shape {_shape(s)}"
+                    f"shape {format_shape(s)}"
                 )
             expected = (rows, size)
             layout = f"(num_layers * num_directions, {feature})"
@@ -230,13 +236,14 @@ def _check_hx(
                 kind = "packed input" if packed else "batched 3-D input"
                 raise RNNInputError(
                     f"{name}: {kind} needs a 3-D {what} (num_layers * num_directions, batch, "
-                    f"{feature}); got a {s.dim()}-D {what} of shape {_shape(s)}"
+                    f"{feature}); got a {s.dim()}-D {what} of shape {format_shape(s)}"
                 )
             expected = (rows, batch, size)
             layout = f"(num_layers * num_directions, batch, {feature})"
         if tuple(s.shape) != expected:
             raise RNNInputError(
-                f"{name}: {what} has shape {_shape(s)}; expected {layout} = {_shape(expected)}"
+                f"{name}: {what} has shape {format_shape(s)}; "
+                f"expected {layout} = {format_shape(expected)}"
             )
         out.append(s.unsqueeze(1) if unbatched else s)
     return out
@@ -255,7 +262,7 @@ def prepare_cell_input(
     if x.dim() not in (1, 2):
         raise RNNInputError(
             f"{name}: input must be 2-D (batch, input_size) or 1-D (input_size,); got a "
-            f"{x.dim()}-D tensor of shape {_shape(x)}"
+            f"{x.dim()}-D tensor of shape {format_shape(x)}"
         )
     unbatched = x.dim() == 1
     if unbatched:
@@ -278,13 +285,14 @@ def prepare_cell_input(
             raise RNNInputError(f"{name}: hx must be a Tensor; got {type(hx).__name__}")
         states = [hx]
     out = []
-    for what, s, size in zip(names, states, state_sizes):
+    for what, s, size in zip(names, states, state_sizes, strict=False):
         s = _check_tensor(name, what, s, x)
         expected = (size,) if unbatched else (batch, size)
         if tuple(s.shape) != expected:
             layout = "(hidden_size,)" if unbatched else "(batch, hidden_size)"
             raise RNNInputError(
-                f"{name}: {what} has shape {_shape(s)}; expected {layout} = {_shape(expected)}"
+                f"{name}: {what} has shape {format_shape(s)}; "
+                f"expected {layout} = {format_shape(expected)}"
             )
         out.append(s.unsqueeze(0) if unbatched else s)
     return x, tuple(out), unbatched

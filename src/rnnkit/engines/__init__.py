@@ -17,7 +17,9 @@ BACKENDS = ("auto", "reference")
 
 def check_backend(owner: str, backend: str) -> str:
     if backend not in BACKENDS:
-        raise ValueError(f"{owner}: backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+        raise ValueError(
+            f"{owner}: backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}"
+        )
     return backend
 
 

@@ -41,7 +41,9 @@ def run(
 ) -> tuple[Tensor, Carry]:
     """Run a whole layer stack; see ``rnnkit.engines`` for the contract."""
     return stack(
-        lambda layer, direction: cell_step(spec.mode, weights[layer * spec.num_directions + direction]),
+        lambda layer, direction: cell_step(
+            spec.mode, weights[layer * spec.num_directions + direction]
+        ),
         x,
         hx,
         spec.num_layers,
