@@ -5,24 +5,44 @@ An engine is a module with ``run(spec, x, hx, weights, batch_sizes, training) ->
 ``(h0,)`` or ``(h0, c0)``, each ``(L * D, B, *)`` and already validated; ``weights[layer * D +
 direction]`` holds that layer's tensors. Layers validate and reshape; engines only compute.
 
-``backend="auto"`` resolves by :func:`resolve`.
+- ``reference``: the functional cells stepped under autograd (``scan.py``); the spec.
+- ``fused``: one autograd.Function per layer and direction with a hand-written backward; per-step
+  pointwise kernels in C on the CPU and Triton on CUDA (``fused.py``).
+- ``triton``: the fused engine with the Triton kernels forced (CUDA, or the CPU under
+  ``TRITON_INTERPRET=1``, which is how CI tests them).
+- ``torch``: torch's own kernels (cuDNN, oneDNN), behind rnnkit's validation.
+- ``auto``: see :func:`resolve`.
 """
 
-from types import ModuleType
+from functools import partial
+from types import SimpleNamespace
 
-from rnnkit.engines import reference
+from rnnkit.engines import fused, reference, torch_native
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "fused", "triton", "torch")
 
 
 def check_backend(owner: str, backend: str) -> str:
     if backend not in BACKENDS:
-        raise ValueError(
-            f"{owner}: backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}"
-        )
+        choices = ", ".join(map(repr, BACKENDS))
+        raise ValueError(f"{owner}: backend must be one of {choices}; got {backend!r}")
     return backend
 
 
-def resolve(backend: str) -> ModuleType:
-    """The engine for ``backend``; ``"auto"`` is the reference engine until faster ones land."""
-    return {"auto": reference, "reference": reference}[backend]
+def _triton_engine() -> SimpleNamespace:
+    from rnnkit.engines import triton_kernels
+
+    return SimpleNamespace(run=partial(fused.run, kernels=triton_kernels))
+
+
+def resolve(backend: str, mode: str = "LSTM", device_type: str = "cpu"):
+    """The engine for ``backend``.
+
+    ``"auto"`` follows the measured table in BENCHMARKS.md: the fused engine everywhere, except
+    that on the CPU a plain LSTM goes to torch's oneDNN kernels, which are faster there.
+    """
+    if backend == "auto":
+        backend = "torch" if (device_type == "cpu" and mode == "LSTM") else "fused"
+    if backend == "triton":
+        return _triton_engine()
+    return {"reference": reference, "fused": fused, "torch": torch_native}[backend]

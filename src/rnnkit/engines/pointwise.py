@@ -1,0 +1,89 @@
+"""The per-step pointwise work of the fused engine, written with torch ops.
+
+This is the deliberately plain twin of the compiled kernels (``cpu_kernels.c`` and the Triton
+kernels): same signatures, same in-place contract, and the tests hold the kernels to it. Every
+argument is a 2-D ``(bs, *)`` view; nothing here builds an autograd graph.
+
+Forward functions receive the pre-activations of one step and write the new state, the output and
+what backward needs. Backward functions receive ``dh``, the total gradient reaching h at this step,
+and write the gradients of the pre-activations. The derivations are in ``engines/README.md``.
+"""
+
+import torch
+from torch import Tensor
+
+
+def lstm_forward(g: Tensor, c: Tensor, c_save: Tensor, h: Tensor | None, out: Tensor) -> None:
+    """g (bs, 4H): pre-activations i, f, g, o in, activations out. c (bs, H): c_{t-1} in, c_t
+    out; c_save receives c_t. out, and h unless None, receive o * tanh(c_t)."""
+    H = c.shape[1]
+    g[:, : 2 * H].sigmoid_()
+    g[:, 2 * H : 3 * H].tanh_()
+    g[:, 3 * H :].sigmoid_()
+    i, f, gg, o = g.split(H, dim=1)
+    c.mul_(f).addcmul_(i, gg)
+    c_save.copy_(c)
+    torch.mul(o, torch.tanh(c), out=out)
+    if h is not None:
+        h.copy_(out)
+
+
+def lstm_backward(g: Tensor, c: Tensor, c_prev: Tensor, dh: Tensor, dc: Tensor, dg: Tensor) -> None:
+    """g (bs, 4H): saved activations; c, c_prev: c_t and c_{t-1}; dh: dL/dh_t. dc (bs, H):
+    dL/dc_t from later steps in, dL/dc_{t-1} out. dg (bs, 4H) receives dL/d(pre-activations)."""
+    H = c.shape[1]
+    i, f, gg, o = g.split(H, dim=1)
+    tc = torch.tanh(c)
+    dct = dc + dh * o * (1 - tc * tc)
+    dg[:, :H] = dct * gg * i * (1 - i)
+    dg[:, H : 2 * H] = dct * c_prev * f * (1 - f)
+    dg[:, 2 * H : 3 * H] = dct * i * (1 - gg * gg)
+    dg[:, 3 * H :] = dh * tc * o * (1 - o)
+    torch.mul(dct, f, out=dc)
+
+
+def gru_forward(g: Tensor, gh: Tensor, h: Tensor, out: Tensor) -> None:
+    """g (bs, 3H): W_ih x + b_ih in (r, z, n), activations r, z, n out. gh (bs, 3H): W_hh h +
+    b_hh, left as is (backward needs its n part). h: h_{t-1} in, h_t out; out receives h_t."""
+    H = h.shape[1]
+    g[:, : 2 * H].add_(gh[:, : 2 * H]).sigmoid_()
+    r, z, n = g.split(H, dim=1)
+    n.addcmul_(r, gh[:, 2 * H :]).tanh_()
+    # h_t = (1 - z) * n + z * h_{t-1} = n + z * (h_{t-1} - n)
+    torch.addcmul(n, z, h - n, out=out)
+    h.copy_(out)
+
+
+def gru_backward(
+    g: Tensor, gh: Tensor, h_prev: Tensor, dh: Tensor, dg: Tensor, dgh: Tensor, dh_prev: Tensor
+) -> None:
+    """g: saved r, z, n; gh: saved W_hh h + b_hh; dh: dL/dh_t. dg receives dL/d(W_ih x + b_ih),
+    dgh dL/d(W_hh h + b_hh), dh_prev the direct part z * dh of dL/dh_{t-1}."""
+    H = h_prev.shape[1]
+    r, z, n = g.split(H, dim=1)
+    dn = dh * (1 - z) * (1 - n * n)
+    dz = dh * (h_prev - n) * z * (1 - z)
+    dr = dn * gh[:, 2 * H :] * r * (1 - r)
+    dg[:, :H] = dr
+    dg[:, H : 2 * H] = dz
+    dg[:, 2 * H :] = dn
+    dgh[:, : 2 * H] = dg[:, : 2 * H]
+    torch.mul(dn, r, out=dgh[:, 2 * H :])
+    torch.mul(dh, z, out=dh_prev)
+
+
+def rnn_forward(g: Tensor, h: Tensor, out: Tensor, relu: bool) -> None:
+    """g (bs, H): pre-activation in; h and out receive act(g)."""
+    if relu:
+        torch.clamp_min(g, 0, out=out)
+    else:
+        torch.tanh(g, out=out)
+    h.copy_(out)
+
+
+def rnn_backward(h: Tensor, dh: Tensor, dg: Tensor, relu: bool) -> None:
+    """h: saved h_t; dh: dL/dh_t; dg receives dL/d(pre-activation)."""
+    if relu:
+        torch.mul(dh, h > 0, out=dg)
+    else:
+        torch.mul(dh, 1 - h * h, out=dg)

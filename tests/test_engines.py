@@ -1,0 +1,213 @@
+"""The fast engines equal the reference engine: outputs, final states and every gradient."""
+
+import itertools
+
+import pytest
+import torch
+
+import rnnkit
+from helpers import MODES, OURS, assert_twins_agree, packed_input
+from rnnkit.engines import cpu, pointwise
+
+KINDS = [
+    "padded",
+    "padded_hx",
+    "batch_first_hx",
+    "unbatched_hx",
+    "packed_sorted",
+    "packed_unsorted_hx",
+]
+
+
+def engine_twins(cls, backend, dtype, **kwargs):
+    ref = OURS[cls](**kwargs, dtype=dtype, backend="reference")
+    fast = OURS[cls](**kwargs, dtype=dtype, backend=backend)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    return ref, fast
+
+
+def check_engine(backend, mode, kind, dtype, T=6, B=3, I=4, H=5, **layer):
+    cls, extra = MODES[mode]
+    batch_first = kind.startswith("batch_first")
+    kw = dict(input_size=I, hidden_size=H, batch_first=batch_first, **extra, **layer)
+    ref, fast = engine_twins(cls, backend, dtype, **kw)
+    g = torch.Generator().manual_seed(0)
+    unbatched = kind.startswith("unbatched")
+    shape = (T, I) if unbatched else ((B, T, I) if batch_first else (T, B, I))
+    x = torch.randn(shape, generator=g, dtype=dtype, requires_grad=True)
+    rows = layer.get("num_layers", 1) * (2 if layer.get("bidirectional") else 1)
+    batch = () if unbatched else (B,)
+    leaves, hx = [x], None
+    if kind.endswith("_hx"):
+        h0 = torch.randn(rows, *batch, layer.get("proj_size") or H, generator=g, dtype=dtype)
+        leaves.append(h0.requires_grad_())
+        hx = h0
+        if cls == "LSTM":
+            c0 = torch.randn(rows, *batch, H, generator=g, dtype=dtype, requires_grad=True)
+            leaves.append(c0)
+            hx = (h0, c0)
+    if kind.startswith("packed"):
+        lengths = sorted(torch.randint(1, T + 1, (B,), generator=g).tolist(), reverse=True)
+        lengths[0] = T
+        if kind != "packed_sorted":
+            lengths = lengths[1:] + lengths[:1]
+
+        def make_args():
+            return packed_input(x, lengths, enforce_sorted=kind == "packed_sorted"), hx
+    else:
+
+        def make_args():
+            return x, hx
+
+    assert_twins_agree(ref, fast, make_args, leaves, dtype)
+
+
+GRID = [
+    pytest.param(
+        mode,
+        layers,
+        bidir,
+        bias,
+        id=f"{mode}-L{layers}-{'bi' if bidir else 'uni'}-{'b' if bias else 'nob'}",
+    )
+    for mode, layers, bidir, bias in itertools.product(MODES, (1, 2), (False, True), (True, False))
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode, layers, bidir, bias", GRID)
+def test_fused_matches_reference_float64(mode, layers, bidir, bias, kind):
+    check_engine(
+        "fused", mode, kind, torch.float64, num_layers=layers, bidirectional=bidir, bias=bias
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bidir", [False, True], ids=["uni", "bi"])
+def test_fused_lstm_with_projection_matches_reference(kind, bidir):
+    check_engine(
+        "fused", "lstm", kind, torch.float64, num_layers=2, bidirectional=bidir, proj_size=3
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "T, B, H",
+    [(1, 3, 5), (37, 2, 6), (5, 4, 100), (1, 1, 1)],
+    ids=["T1", "T37", "H100", "T1-B1-H1"],
+)
+@pytest.mark.parametrize("kind", ["padded_hx", "packed_unsorted_hx"])
+def test_fused_odd_shapes_match_reference(mode, T, B, H, kind):
+    if kind.startswith("packed") and B == 1:
+        kind = "packed_sorted"
+    check_engine(
+        "fused", mode, kind, torch.float64, T=T, B=B, H=H, bidirectional=True, num_layers=2
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["padded_hx", "packed_unsorted_hx", "unbatched_hx"])
+def test_fused_float32_matches_reference(mode, kind):
+    check_engine("fused", mode, kind, torch.float32, T=9, H=16, num_layers=2, bidirectional=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "kind", ["padded_hx", "batch_first_hx", "packed_unsorted_hx", "unbatched_hx"]
+)
+def test_torch_engine_matches_reference(mode, kind):
+    check_engine("torch", mode, kind, torch.float64, num_layers=2, bidirectional=True)
+
+
+def test_torch_engine_lstm_with_projection():
+    check_engine("torch", "lstm", "packed_unsorted_hx", torch.float64, num_layers=2, proj_size=3)
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+@pytest.mark.parametrize("mode", MODES)
+def test_dropout_one_matches_reference(backend, mode):
+    # p=1 zeroes every layer's output but the last one, deterministically.
+    check_engine(backend, mode, "padded_hx", torch.float64, num_layers=3, dropout=1.0)
+
+
+def test_fused_eval_mode_has_no_dropout():
+    layer = rnnkit.GRU(4, 5, num_layers=2, dropout=0.5, backend="fused", dtype=torch.float64).eval()
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    torch.testing.assert_close(layer(x)[0], layer(x)[0], rtol=0, atol=0)
+
+
+def test_fused_layer_needs_no_input_gradient():
+    layer = rnnkit.LSTM(4, 5, backend="fused")
+    out, _ = layer(torch.randn(3, 2, 4))
+    out.sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+
+
+# The compiled CPU kernels against their torch-op twins, one call each on odd shapes.
+needs_cpu_kernels = pytest.mark.skipif(
+    not cpu.available(torch.float64), reason="no C compiler for the CPU kernels"
+)
+
+
+def _rand(*shape, dtype, low=-2.0, high=2.0):
+    return torch.empty(shape, dtype=dtype).uniform_(low, high)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("bs, H", [(1, 1), (3, 5), (2, 33)])
+def test_cpu_kernels_match_torch_op_twins(bs, H, dtype):
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-6}
+    torch.manual_seed(0)
+    for relu in (False, True):
+        g = _rand(bs, H, dtype=dtype)
+        outs = []
+        for k in (cpu, pointwise):
+            gg, h, o = g.clone(), torch.zeros(bs, H, dtype=dtype), torch.zeros(bs, H, dtype=dtype)
+            k.rnn_forward(gg, h, o, relu)
+            dg = torch.zeros(bs, H, dtype=dtype)
+            k.rnn_backward(o, g, dg, relu)
+            outs.append((h, o, dg))
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, **tol)
+    # LSTM: forward then backward from the saved activations.
+    g, c, dh, dc = (
+        _rand(bs, 4 * H, dtype=dtype),
+        _rand(bs, H, dtype=dtype),
+        _rand(bs, H, dtype=dtype),
+        _rand(bs, H, dtype=dtype),
+    )
+    results = []
+    for k in (cpu, pointwise):
+        gg, cc, cs = g.clone(), c.clone(), torch.zeros(bs, H, dtype=dtype)
+        h, o = torch.zeros(bs, H, dtype=dtype), torch.zeros(bs, H, dtype=dtype)
+        k.lstm_forward(gg, cc, cs, h, o)
+        ddc, dg = dc.clone(), torch.zeros(bs, 4 * H, dtype=dtype)
+        k.lstm_backward(gg, cs, c, dh, ddc, dg)
+        results.append((gg, cc, cs, h, o, ddc, dg))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tol)
+    # GRU.
+    g, gh, h0, dh = (
+        _rand(bs, 3 * H, dtype=dtype),
+        _rand(bs, 3 * H, dtype=dtype),
+        _rand(bs, H, dtype=dtype),
+        _rand(bs, H, dtype=dtype),
+    )
+    results = []
+    for k in (cpu, pointwise):
+        gg, h, o = g.clone(), h0.clone(), torch.zeros(bs, H, dtype=dtype)
+        k.gru_forward(gg, gh, h, o)
+        dg, dgh, dhp = (torch.zeros(bs, n * H, dtype=dtype) for n in (3, 3, 1))
+        k.gru_backward(gg, gh, h0, dh, dg, dgh, dhp)
+        results.append((gg, h, o, dg, dgh, dhp))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_auto_backend_resolves_to_a_real_engine():
+    from rnnkit import engines
+
+    for mode in ("LSTM", "GRU", "RNN_TANH"):
+        for device in ("cpu", "cuda"):
+            assert engines.resolve("auto", mode, device).run is not None
