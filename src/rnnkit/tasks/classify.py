@@ -1,0 +1,291 @@
+"""Sequence classification: handwritten digits, sequential MNIST and char-level text classes."""
+
+import argparse
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from rnnkit import train_plots
+from rnnkit.data import DataError, Vocab, load_digits, load_mnist, read_idx, read_labelled_text
+from rnnkit.data.readers import read_lines
+from rnnkit.tasks.base import Prepared, Report, Split, Task, forward_all
+
+
+def _split(x: np.ndarray, y: np.ndarray, idx: np.ndarray) -> Split:
+    xt = torch.as_tensor(x[idx])
+    return Split(xt, torch.full((len(idx),), xt.shape[1], dtype=torch.long), torch.as_tensor(y[idx]))
+
+
+def _confusion(pred: np.ndarray, true: np.ndarray, n: int) -> np.ndarray:
+    m = np.zeros((n, n), dtype=np.int64)
+    np.add.at(m, (true, pred), 1)
+    return m
+
+
+def _rows_csv(rows: list[tuple], header: tuple) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+class ClassificationTask(Task):
+    metric = "accuracy"
+
+    def scores(self, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        loss = nn.functional.cross_entropy(out, y, reduction="sum")
+        correct = (out.argmax(-1) == y).sum()
+        return loss, torch.tensor(float(y.numel())), correct.float()
+
+    def report(self, out: Tensor, split: Split) -> Report:
+        classes = self.preprocessing["classes"]
+        pred = out.argmax(-1).numpy()
+        true = split.y.numpy()
+        loss = nn.functional.cross_entropy(out, split.y).item()
+        matrix = _confusion(pred, true, len(classes))
+        per_class = {
+            c: float(matrix[i, i] / matrix[i].sum()) if matrix[i].sum() else None
+            for i, c in enumerate(classes)
+        }
+        metrics = {
+            "test_accuracy": float((pred == true).mean()),
+            "test_loss": loss,
+            "test_examples": int(len(true)),
+            "test_errors": int((pred != true).sum()),
+            "test_accuracy_per_class": per_class,
+        }
+        return Report(metrics, {"confusion": matrix})
+
+    def plots(self, report: Report, run_dir: Path) -> list[str]:
+        acc = report.metrics["test_accuracy"]
+        train_plots.confusion(
+            report.arrays["confusion"], list(self.preprocessing["classes"]),
+            f"{self.name}: test confusion matrix (accuracy {100 * acc:.2f}%)", run_dir / "confusion.png",
+        )
+        return ["confusion.png"]
+
+    def _label_rows(self, out: Tensor) -> list[tuple]:
+        classes = self.preprocessing["classes"]
+        prob = out.softmax(-1)
+        p, k = prob.max(-1)
+        return [(i, classes[int(j)], f"{float(q):.4f}") for i, (j, q) in enumerate(zip(k, p))]
+
+
+class DigitsTask(ClassificationTask):
+    name = "digits"
+    help = "the 1,797 8x8 handwritten digits (bundled), read as 8 steps of 8 pixels"
+    defaults = dict(
+        cell="lstm", hidden_size=128, num_layers=1, bidirectional=False, dropout=0.0,
+        readout="last", epochs=30, batch_size=32, lr=0.01, optimizer="adam", schedule="onecycle",
+    )
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        self.option(
+            p, "--data", metavar="CSV",
+            help="a digits CSV of 64 pixel values (0..16) and the label per row; "
+            "default: the bundled copy of scikit-learn's digits",
+        )
+
+    def data_config(self, args: argparse.Namespace) -> dict:
+        return {
+            "data": str(Path(args.data).resolve()) if args.data else None,
+            "split": [0.7, 0.1, 0.2],
+            "split_seed": 0,
+        }
+
+    def prepare(self, data: dict) -> Prepared:
+        from rnnkit.data import stratified_split
+
+        x, y = load_digits(data["data"])
+        tr, va, te = stratified_split(y, tuple(data["split"]), data["split_seed"])
+        self.preprocessing = {"classes": [str(c) for c in range(10)], "pixel_max": 16.0}
+        return Prepared(
+            _split(x, y, tr), _split(x, y, va), _split(x, y, te),
+            {"kind": "classifier", "input_size": 8, "output_size": 10},
+            self.preprocessing,
+        )
+
+    def predict(self, model: nn.Module, path: Path, device: torch.device, batch_size: int) -> str:
+        rows = []
+        for k, line in enumerate(read_lines(path, "digits CSV"), 1):
+            fields = [f for f in line.split(",") if f.strip()]
+            if len(fields) not in (64, 65):
+                raise DataError(
+                    f"digits CSV {str(path)!r}, line {k}: expected 64 pixel values (0..16), "
+                    f"optionally followed by the label; found {len(fields)} values"
+                )
+            try:
+                rows.append([float(v) for v in fields[:64]])
+            except ValueError:
+                if k == 1:
+                    continue
+                raise DataError(f"digits CSV {str(path)!r}, line {k}: a value is not a number") from None
+        if not rows:
+            raise DataError(f"digits CSV {str(path)!r} holds no rows of pixels")
+        x = torch.tensor(rows, dtype=torch.float32).view(-1, 8, 8) / self.preprocessing["pixel_max"]
+        out = forward_all(model, x, torch.full((len(x),), 8), False, device, batch_size)
+        return _rows_csv(self._label_rows(out), ("row", "label", "probability"))
+
+
+class MnistTask(ClassificationTask):
+    name = "mnist"
+    help = "sequential MNIST: 28 steps of 28 pixels, from IDX files in a folder you name"
+    defaults = dict(
+        cell="lstm", hidden_size=128, num_layers=1, bidirectional=False, dropout=0.0,
+        readout="hn", epochs=5, batch_size=128, lr=0.005, optimizer="adam", schedule="onecycle",
+    )
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        self.option(
+            p, "--data", metavar="DIR", required=False,
+            help="folder with train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+            "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (each may end in .gz); "
+            "nothing is downloaded",
+        )
+        self.option(
+            p, "--val-fraction", type=float, default=0.1,
+            help="share of the training images held out for validation (default 0.1)",
+        )
+
+    def data_config(self, args: argparse.Namespace) -> dict:
+        if not args.data:
+            raise DataError("mnist needs --data DIR, the folder holding the MNIST IDX files")
+        if not 0 < args.val_fraction < 1:
+            raise DataError(f"--val-fraction must be between 0 and 1; got {args.val_fraction}")
+        return {"data": str(Path(args.data).resolve()), "val_fraction": args.val_fraction, "split_seed": 0}
+
+    def prepare(self, data: dict) -> Prepared:
+        from rnnkit.data import stratified_split
+
+        d = load_mnist(data["data"])
+        x, y = d["train_images"], d["train_labels"]
+        f = data["val_fraction"]
+        tr, va, _ = stratified_split(y, (1 - f, f, 0.0), data["split_seed"])
+        classes = int(max(y.max(), d["test_labels"].max())) + 1
+        self.preprocessing = {
+            "classes": [str(c) for c in range(classes)],
+            "image_shape": list(x.shape[1:]),
+        }
+        all_test = np.arange(len(d["test_labels"]))
+        return Prepared(
+            _split(x, y, tr), _split(x, y, va), _split(d["test_images"], d["test_labels"], all_test),
+            {"kind": "classifier", "input_size": int(x.shape[2]), "output_size": classes},
+            self.preprocessing,
+        )
+
+    def predict(self, model: nn.Module, path: Path, device: torch.device, batch_size: int) -> str:
+        images = read_idx(path)
+        want = tuple(self.preprocessing["image_shape"])
+        if images.ndim != 3 or images.shape[1:] != want:
+            raise DataError(
+                f"IDX file {str(path)!r}: expected images of shape (N, {want[0]}, {want[1]}) "
+                f"like the training images; found {images.shape}"
+            )
+        scale = 255.0 if images.dtype == np.uint8 else 1.0
+        x = torch.as_tensor(images.astype(np.float32) / scale)
+        out = forward_all(model, x, torch.full((len(x),), x.shape[1]), False, device, batch_size)
+        return _rows_csv(self._label_rows(out), ("image", "label", "probability"))
+
+
+class TextClassificationTask(ClassificationTask):
+    name = "textclf"
+    help = "char-level classification of short texts from a TSV of label<TAB>text"
+    variable_length = True
+    defaults = dict(
+        cell="gru", hidden_size=128, num_layers=1, bidirectional=True, dropout=0.1,
+        readout="hn", epochs=20, batch_size=32, lr=0.005, optimizer="adam", schedule="onecycle",
+    )
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        self.option(p, "--data", metavar="TSV", help="label<TAB>text per line (required)")
+        self.option(p, "--dev", metavar="TSV", help="validation examples; default: 10%% of --data")
+        self.option(p, "--test", metavar="TSV", help="test examples; default: 10%% of --data")
+        self.option(p, "--max-chars", type=int, default=200, help="longer texts are cut (default 200)")
+        self.option(p, "--embedding-dim", type=int, default=32, help="character embedding size (default 32)")
+
+    def data_config(self, args: argparse.Namespace) -> dict:
+        if not args.data:
+            raise DataError("textclf needs --data TSV, a file of label<TAB>text lines")
+        if args.max_chars < 1:
+            raise DataError(f"--max-chars must be at least 1; got {args.max_chars}")
+
+        def path(p: str | None) -> str | None:
+            return str(Path(p).resolve()) if p else None
+
+        return {
+            "data": path(args.data), "dev": path(args.dev), "test": path(args.test),
+            "max_chars": args.max_chars, "embedding_dim": args.embedding_dim,
+            "split_seed": 0,
+        }
+
+    def _encode(self, texts: list[str], vocab: Vocab) -> tuple[Tensor, Tensor]:
+        cut = [t[: self.preprocessing["max_chars"]] for t in texts]
+        lengths = torch.tensor([max(len(t), 1) for t in cut])
+        x = torch.zeros(len(cut), int(lengths.max()), dtype=torch.long)
+        for i, t in enumerate(cut):
+            ids = vocab.encode(t) or [1]
+            x[i, : len(ids)] = torch.tensor(ids)
+        return x, lengths
+
+    def prepare(self, data: dict) -> Prepared:
+        from rnnkit.data import stratified_split
+
+        labels, texts = read_labelled_text(data["data"])
+        parts = {}
+        rest_labels, rest_texts = np.array(labels), texts
+        need = [data["dev"] is None, data["test"] is None]
+        if any(need):
+            fv = 0.1 if need[0] else 0.0
+            ft = 0.1 if need[1] else 0.0
+            tr, va, te = stratified_split(rest_labels, (1 - fv - ft, fv, ft), data["split_seed"])
+            parts["train"] = ([labels[i] for i in tr], [texts[i] for i in tr])
+            if need[0]:
+                parts["dev"] = ([labels[i] for i in va], [texts[i] for i in va])
+            if need[1]:
+                parts["test"] = ([labels[i] for i in te], [texts[i] for i in te])
+        else:
+            parts["train"] = (labels, texts)
+        for key in ("dev", "test"):
+            if data[key] is not None:
+                parts[key] = read_labelled_text(data[key])
+        classes = sorted(set(parts["train"][0]))
+        for key in ("dev", "test"):
+            unseen = sorted(set(parts[key][0]) - set(classes))
+            if unseen:
+                raise DataError(
+                    f"the {key} examples have labels the training examples lack: {', '.join(unseen[:10])}"
+                )
+            if not parts[key][0]:
+                raise DataError(
+                    f"no {key} examples: --data holds too few examples per label to hold 10% out; "
+                    f"give --{key} TSV"
+                )
+        vocab = Vocab.build(t[: data["max_chars"]] for t in parts["train"][1])
+        self.preprocessing = {"classes": classes, "chars": vocab.itos, "max_chars": data["max_chars"]}
+        index = {c: i for i, c in enumerate(classes)}
+        splits = []
+        for key in ("train", "dev", "test"):
+            lab, txt = parts[key]
+            x, lengths = self._encode(txt, vocab)
+            splits.append(Split(x, lengths, torch.tensor([index[c] for c in lab])))
+        return Prepared(
+            *splits,
+            {"kind": "charrnn", "input_size": len(vocab), "output_size": len(classes),
+             "embedding_dim": data["embedding_dim"]},
+            self.preprocessing,
+        )
+
+    def predict(self, model: nn.Module, path: Path, device: torch.device, batch_size: int) -> str:
+        texts = read_lines(path, "text file")
+        if not texts:
+            raise DataError(f"text file {str(path)!r} holds no lines to classify")
+        vocab = Vocab(self.preprocessing["chars"][2:])
+        x, lengths = self._encode(texts, vocab)
+        out = forward_all(model, x, lengths, True, device, batch_size)
+        rows = [r + (t,) for r, t in zip(self._label_rows(out), texts)]
+        return _rows_csv(rows, ("line", "label", "probability", "text"))

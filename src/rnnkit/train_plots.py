@@ -1,0 +1,106 @@
+"""The PNG plots of a run, drawn with matplotlib's headless Agg backend."""
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg", force=True)
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    # A temporary name then a rename, so that a crash never leaves half a PNG.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def curves(history: list[dict], metric: str, title: str, path: Path) -> None:
+    """Loss (left) and ``metric`` (right) per epoch, training and validation, and the logged
+    training steps behind the training loss."""
+    epochs = [r for r in history if r.get("kind") == "epoch"]
+    steps = [r for r in history if r.get("kind") == "step"]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
+    if steps:
+        ax_loss.plot(
+            [r["epoch_float"] for r in steps], [r["loss"] for r in steps],
+            color="tab:blue", alpha=0.25, linewidth=0.8, label="train (logged steps)",
+        )
+    x = [r["epoch"] for r in epochs]
+    ax_loss.plot(x, [r["train_loss"] for r in epochs], "o-", color="tab:blue", label="train")
+    ax_loss.plot(x, [r["val_loss"] for r in epochs], "o-", color="tab:orange", label="validation")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_yscale("log")
+    ax_loss.set_title("loss")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend()
+    scale = 100.0 if metric == "accuracy" else 1.0
+    ax_metric.plot(x, [r[f"train_{metric}"] * scale for r in epochs], "o-", color="tab:blue", label="train")
+    ax_metric.plot(x, [r[f"val_{metric}"] * scale for r in epochs], "o-", color="tab:orange", label="validation")
+    ax_metric.set_xlabel("epoch")
+    ax_metric.set_ylabel("accuracy (%)" if metric == "accuracy" else metric.upper())
+    ax_metric.set_title("accuracy" if metric == "accuracy" else metric.upper())
+    ax_metric.grid(alpha=0.3)
+    ax_metric.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def confusion(matrix: np.ndarray, labels: list[str], title: str, path: Path) -> None:
+    """Counts of true class (rows) against predicted class (columns)."""
+    n = len(labels)
+    size = max(4.5, min(14.0, 0.45 * n + 2.5))
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    im = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(n), labels, rotation=90 if max(map(len, labels)) > 2 else 0)
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 20:
+        top = matrix.max() if matrix.size else 0
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    color = "white" if matrix[i, j] > top / 2 else "black"
+                    ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", color=color, fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def forecast(
+    truth: np.ndarray, model: np.ndarray, baseline: np.ndarray, steps_per_day: int, title: str, path: Path
+) -> None:
+    """The test part: the truth against the model's and the baseline's 1-step-ahead forecasts,
+    whole (top) and its first two days with the model's full horizon from every 4th window (bottom)."""
+    fig, (ax_all, ax_zoom) = plt.subplots(2, 1, figsize=(12, 7))
+    t = np.arange(len(truth))
+    ax_all.plot(t, truth[:, 0], color="black", linewidth=1.0, label="truth")
+    ax_all.plot(t, model[:, 0], color="tab:red", linewidth=0.9, label="model, 1 step ahead")
+    ax_all.plot(t, baseline[:, 0], color="tab:gray", linewidth=0.8, alpha=0.7, label="seasonal naive")
+    ax_all.set_xlabel("test step")
+    ax_all.set_title(title)
+    ax_all.grid(alpha=0.3)
+    ax_all.legend(loc="upper right")
+    n = min(len(truth), 2 * steps_per_day)
+    horizon = truth.shape[1]
+    ax_zoom.plot(t[:n], truth[:n, 0], color="black", linewidth=1.2, label="truth")
+    for i in range(0, n, 4):
+        ax_zoom.plot(
+            np.arange(i, i + horizon), model[i], color="tab:red", linewidth=1.0,
+            marker=".", label=f"model, {horizon} steps ahead" if i == 0 else None,
+        )
+    ax_zoom.plot(t[:n], baseline[:n, 0], color="tab:gray", linewidth=0.8, alpha=0.7, label="seasonal naive")
+    ax_zoom.set_xlabel("test step")
+    ax_zoom.set_title(f"first {n} steps of the test part")
+    ax_zoom.grid(alpha=0.3)
+    ax_zoom.legend(loc="upper right")
+    fig.tight_layout()
+    _save(fig, path)
