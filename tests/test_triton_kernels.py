@@ -1,0 +1,193 @@
+"""The Triton kernels equal their torch-op twins in ``engines/pointwise.py``: each kernel on its
+own, and the whole fused layer (outputs, final states and every gradient) run with either set.
+
+Without CUDA the kernels run through Triton's interpreter on tiny shapes; with CUDA the same tests
+run on the GPU at real shapes, plus bfloat16.
+"""
+
+import importlib
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    # Read by triton.jit when it decorates the kernels, so it must precede their import.
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from rnnkit.engines import pointwise  # noqa: E402
+from rnnkit.engines import triton_kernels as tk  # noqa: E402
+from rnnkit.engines.fused import FusedLayer  # noqa: E402
+
+if not CUDA and not tk._INTERPRET:
+    # Another test imported the kernels before the interpreter was asked for: build them again.
+    importlib.reload(tk)
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+KERNEL_SHAPES = [(1, 1), (3, 5), (3, 33)] + ([(64, 256), (37, 1000)] if CUDA else [])
+# (T, B, I, H, P) for the fused layer; P is the LSTM projection size.
+LAYER_SHAPE = (20, 64, 48, 256, 96) if CUDA else (4, 3, 2, 5, 3)
+TOL = {
+    torch.float64: {"atol": 1e-10, "rtol": 1e-10},
+    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
+    # One rounding to 8 (11) mantissa bits here against one per torch op in the twin.
+    torch.bfloat16: {"atol": 5e-2, "rtol": 5e-2},
+    torch.float16: {"atol": 5e-3, "rtol": 5e-3},
+}
+
+
+def _dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# name -> (function, width of each tensor argument in units of H (None: the argument is None),
+# trailing non-tensor arguments)
+KERNELS = {
+    "lstm_forward": ("lstm_forward", (4, 1, 1, 1, 1), ()),
+    "lstm_forward_no_h": ("lstm_forward", (4, 1, 1, None, 1), ()),
+    "lstm_backward": ("lstm_backward", (4, 1, 1, 1, 1, 4), ()),
+    "gru_forward": ("gru_forward", (3, 3, 1, 1), ()),
+    "gru_backward": ("gru_backward", (3, 3, 1, 1, 3, 3, 1), ()),
+    "rnn_tanh_forward": ("rnn_forward", (1, 1, 1), (False,)),
+    "rnn_relu_forward": ("rnn_forward", (1, 1, 1), (True,)),
+    "rnn_tanh_backward": ("rnn_backward", (1, 1, 1), (False,)),
+    "rnn_relu_backward": ("rnn_backward", (1, 1, 1), (True,)),
+}
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "row_strided"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=_dtype_id
+)
+@pytest.mark.parametrize("bs,H", KERNEL_SHAPES, ids=[f"bs{b}-H{h}" for b, h in KERNEL_SHAPES])
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_kernel_matches_pointwise(name, bs, H, dtype, strided):
+    fn, widths, extra = KERNELS[name]
+    gen = torch.Generator().manual_seed(0)
+    # Saved activations lie in (-1, 1); inputs in that range keep the bf16 errors small.
+    args = [
+        None if w is None else (torch.rand(bs, w * H, generator=gen) * 2 - 1).to(DEVICE, dtype)
+        for w in widths
+    ]
+    ours = [None if a is None else _copy(a, strided) for a in args]
+    args = [None if a is None else _copy(a, strided) for a in args]
+    getattr(pointwise, fn)(*args, *extra)
+    getattr(tk, fn)(*ours, *extra)
+    for want, got in zip(args, ours, strict=True):
+        if want is not None:
+            torch.testing.assert_close(got, want, **TOL[dtype])
+            if strided:
+                assert got.as_strided((bs, 2), (got.stride(0), 1), got.shape[1]).isnan().all()
+
+
+def _copy(t: torch.Tensor, strided: bool) -> torch.Tensor:
+    """A copy of ``t``; when ``strided``, its rows lie 2 elements apart more than their width, as
+    in a slice of a wider tensor, with NaN in the gaps."""
+    if not strided:
+        return t.clone()
+    wide = torch.full((t.shape[0], t.shape[1] + 2), float("nan"), dtype=t.dtype, device=t.device)
+    wide[:, : t.shape[1]] = t
+    return wide[:, : t.shape[1]]
+
+
+# mode id -> (FusedLayer mode, gates per hidden unit, LSTM projection)
+MODES = {
+    "rnn_tanh": ("RNN_TANH", 1, False),
+    "rnn_relu": ("RNN_RELU", 1, False),
+    "lstm": ("LSTM", 4, False),
+    "lstm_proj": ("LSTM", 4, True),
+    "gru": ("GRU", 3, False),
+}
+
+
+def _layer_inputs(mode_id: str, batch_sizes: tuple[int, ...], bias: bool, dtype: torch.dtype):
+    """Leaf tensors x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr for one fused layer (None where the
+    mode or ``bias`` has none), all requiring grad."""
+    mode, gates, proj = MODES[mode_id]
+    _, B, I, H, P = LAYER_SHAPE
+    R = P if proj else H
+    gen = torch.Generator().manual_seed(0)
+    scale = H**-0.5
+
+    def leaf(*shape, s: float = 1.0) -> torch.Tensor:
+        t = (torch.randn(*shape, generator=gen, dtype=torch.float64) * s).to(DEVICE, dtype)
+        return t.requires_grad_()
+
+    return (
+        leaf(sum(batch_sizes), I),
+        leaf(B, R),
+        leaf(B, H) if mode == "LSTM" else None,
+        leaf(gates * H, I, s=scale),
+        leaf(gates * H, R, s=scale),
+        leaf(gates * H, s=scale) if bias else None,
+        leaf(gates * H, s=scale) if bias else None,
+        leaf(P, H, s=scale) if proj else None,
+    )
+
+
+def _run_layer(kernels, mode_id, reverse, batch_sizes, leaves):
+    """Outputs (out, h_n, c_n) of the fused layer and the gradients of a fixed random projection
+    of them with respect to every leaf."""
+    outs = FusedLayer.apply(MODES[mode_id][0], reverse, batch_sizes, kernels, *leaves)
+    outs = [o for o in outs if o is not None]
+    gen = torch.Generator().manual_seed(1)
+    loss = sum(
+        (o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(DEVICE)).sum()
+        for o in outs
+    )
+    wrt = [t for t in leaves if t is not None]
+    return [o.detach() for o in outs], list(torch.autograd.grad(loss, wrt))
+
+
+T, B = LAYER_SHAPE[:2]
+LAYOUTS = {
+    # Sequences sorted by decreasing length, as in a PackedSequence.
+    "packed": tuple(max(1, B - (B * t) // T) for t in range(T)),
+    "padded": (B,) * T,
+}
+LAYER_DTYPES = [torch.float32, torch.float64] + ([torch.bfloat16] if CUDA else [])
+
+
+@pytest.mark.parametrize("dtype", LAYER_DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("mode_id", list(MODES))
+def test_fused_layer_with_triton_kernels_matches_pointwise(mode_id, reverse, layout, bias, dtype):
+    batch_sizes = LAYOUTS[layout]
+    leaves = _layer_inputs(mode_id, batch_sizes, bias, dtype)
+    if dtype == torch.bfloat16:
+        # bfloat16 GEMMs and states drift over T steps: hold the kernels to the float32 twin.
+        want = _run_layer(pointwise, mode_id, reverse, batch_sizes, _as_float32(leaves))
+        got = _run_layer(tk, mode_id, reverse, batch_sizes, leaves)
+        for w, g in zip(want[0] + want[1], got[0] + got[1], strict=True):
+            assert (g.float() - w).norm() <= 3e-2 * w.norm()
+        return
+    want = _run_layer(pointwise, mode_id, reverse, batch_sizes, leaves)
+    got = _run_layer(tk, mode_id, reverse, batch_sizes, leaves)
+    for w, g in zip(want[0] + want[1], got[0] + got[1], strict=True):
+        torch.testing.assert_close(g, w, **TOL[dtype])
+
+
+def _as_float32(leaves):
+    return [None if t is None else t.detach().float().requires_grad_() for t in leaves]
+
+
+def test_available_names_supported_dtypes():
+    assert tk.available(torch.float32) and tk.available(torch.bfloat16)
+    assert not tk.available(torch.int64)
+    assert "int64" in tk.unavailable_reason(torch.int64)
+
+
+def test_module_imports_and_reports_unavailable_without_triton(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    spec = importlib.util.spec_from_file_location("tk_without_triton", tk.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert not module.available(torch.float32)
+    assert "not installed" in module.unavailable_reason(torch.float32)
