@@ -206,6 +206,52 @@ def rnn_bwd_kernel(
     tl.store(dg_ptr + rows * sdg0 + cols * sdg1, dg.to(dg_ptr.dtype.element_ty), mask=mask)
 
 
+@_jit
+def lstm_persistent_fwd_kernel(
+    g_ptr, w_ptr, h0_ptr, c0_ptr, out_ptr, hn_ptr, cn_ptr, bs_ptr, off_ptr,
+    T, B, H,
+    sg0, sg1, sw0, sw1, sh00, sh01, sc00, sc01, so0, so1, shn0, shn1, scn0, scn1,
+    REVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """All T steps of one LSTM layer and direction for one block of sequences, with W_hh loaded
+    once and kept on chip; g holds x W_ih^T + b_ih + b_hh in packed layout."""
+    rows, cols, mask = _tile(B, H, BLOCK_B, BLOCK_H)
+    # The four gates' blocks of W_hh^T, (BLOCK_H, BLOCK_H) each: w_x[k, j] = W_hh[x * H + j, k].
+    k = tl.arange(0, BLOCK_H).to(tl.int64)[:, None]
+    w_mask = (k < H) & (cols < H)
+    w = w_ptr + cols * sw0 + k * sw1
+    w_i = tl.load(w, mask=w_mask, other=0.0)
+    w_f = tl.load(w + H * sw0, mask=w_mask, other=0.0)
+    w_g = tl.load(w + 2 * H * sw0, mask=w_mask, other=0.0)
+    w_o = tl.load(w + 3 * H * sw0, mask=w_mask, other=0.0)
+    # Padded rows and columns of the state start at zero and stay there.
+    h = tl.load(h0_ptr + rows * sh00 + cols * sh01, mask=mask, other=0.0).to(ACC)
+    c = tl.load(c0_ptr + rows * sc00 + cols * sc01, mask=mask, other=0.0).to(ACC)
+    for step in range(T):
+        t = T - 1 - step if REVERSE else step
+        active = rows < tl.load(bs_ptr + t)  # (BLOCK_B, 1): sequences still running at step t
+        packed = tl.load(off_ptr + t) + rows
+        m = active & (cols < H)
+        g = g_ptr + packed * sg0 + cols * sg1
+        hw = h.to(w_i.dtype)
+        i = tl.load(g, mask=m, other=0.0).to(ACC)
+        i = tl.sigmoid(tl.dot(hw, w_i, acc=i, input_precision="ieee"))
+        f = tl.load(g + H * sg1, mask=m, other=0.0).to(ACC)
+        f = tl.sigmoid(tl.dot(hw, w_f, acc=f, input_precision="ieee"))
+        gg = tl.load(g + 2 * H * sg1, mask=m, other=0.0).to(ACC)
+        gg = _tanh(tl.dot(hw, w_g, acc=gg, input_precision="ieee"))
+        o = tl.load(g + 3 * H * sg1, mask=m, other=0.0).to(ACC)
+        o = tl.sigmoid(tl.dot(hw, w_o, acc=o, input_precision="ieee"))
+        c_t = f * c + i * gg
+        h_t = o * _tanh(c_t)
+        tl.store(out_ptr + packed * so0 + cols * so1, h_t.to(out_ptr.dtype.element_ty), mask=m)
+        # A finished sequence keeps its state, which is its h_n and c_n.
+        c = tl.where(active, c_t, c)
+        h = tl.where(active, h_t, h)
+    tl.store(hn_ptr + rows * shn0 + cols * shn1, h.to(hn_ptr.dtype.element_ty), mask=mask)
+    tl.store(cn_ptr + rows * scn0 + cols * scn1, c.to(cn_ptr.dtype.element_ty), mask=mask)
+
+
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -291,3 +337,53 @@ def rnn_backward(h: Tensor, dh: Tensor, dg: Tensor, relu: bool) -> None:
     """See :func:`rnnkit.engines.pointwise.rnn_backward`."""
     B, H = h.shape
     _launch(rnn_bwd_kernel, [h, dh, dg], B, H, relu)
+
+
+PERSISTENT_MAX_H = 64
+
+
+def lstm_persistent_forward(
+    G: Tensor,
+    w_hh: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    batch_sizes: tuple[int, ...],
+    reverse: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Inference forward of one LSTM layer and direction in a single launch (no projection).
+
+    ``G`` (N, 4H) is ``x @ w_ih.T + b_ih + b_hh`` in packed layout for ``batch_sizes`` (padded
+    data is ``(B,) * T``); ``w_hh`` (4H, H); ``h0``, ``c0`` (B, H). Returns ``out`` (N, H),
+    ``h_n`` and ``c_n`` (B, H), as :class:`rnnkit.engines.fused.FusedLayer` does, without saving
+    anything for backward. One program per block of 16 sequences walks all steps with ``W_hh``
+    held on chip, so ``H`` is at most ``PERSISTENT_MAX_H``; float32 (IEEE products, no TF32),
+    float64, bfloat16 and float16, accumulating in float32 (float64 for float64).
+    """
+    N, H = G.shape[0], w_hh.shape[1]
+    if H > PERSISTENT_MAX_H:
+        raise ValueError(
+            f"lstm_persistent_forward: hidden size must be at most {PERSISTENT_MAX_H}; got {H}"
+        )
+    if w_hh.shape != (4 * H, H) or G.shape[1] != 4 * H:
+        raise ValueError(
+            f"lstm_persistent_forward: expected w_hh (4H, H) and G (N, 4H) with H={H}; "
+            f"got w_hh {tuple(w_hh.shape)} and G {tuple(G.shape)}"
+        )
+    if sum(batch_sizes) != N:
+        raise ValueError(
+            f"lstm_persistent_forward: batch_sizes sum to {sum(batch_sizes)}, but G has {N} rows"
+        )
+    B, T = h0.shape[0], len(batch_sizes)
+    out = G.new_empty(N, H)
+    h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
+    bs = torch.tensor(batch_sizes, dtype=torch.int64, device=G.device)
+    offsets = torch.cumsum(bs, 0) - bs  # (T,): first packed row of each step
+    BLOCK_B, BLOCK_H = 16, max(16, triton.next_power_of_2(H))  # tl.dot needs 16 or more
+    tensors = [G, w_hh, h0, c0, out, h_n, c_n]
+    strides = [s for t in tensors for s in t.stride()]
+    grid = (triton.cdiv(B, BLOCK_B),)
+    lstm_persistent_fwd_kernel[grid](
+        *tensors, bs, offsets, T, B, H, *strides, reverse, _acc(G.dtype),
+        BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H, num_warps=8,
+    )  # fmt: skip
+    return out, h_n, c_n
