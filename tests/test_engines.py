@@ -4,9 +4,9 @@ import itertools
 
 import pytest
 import torch
+from helpers import MODES, OURS, assert_twins_agree, packed_input
 
 import rnnkit
-from helpers import MODES, OURS, assert_twins_agree, packed_input
 from rnnkit.engines import cpu, pointwise
 
 KINDS = [
@@ -160,15 +160,15 @@ def test_cpu_kernels_match_torch_op_twins(bs, H, dtype):
     tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-6}
     torch.manual_seed(0)
     for relu in (False, True):
-        g = _rand(bs, H, dtype=dtype)
+        g, gh = _rand(bs, H, dtype=dtype), _rand(bs, H, dtype=dtype)
         outs = []
         for k in (cpu, pointwise):
             gg, h, o = g.clone(), torch.zeros(bs, H, dtype=dtype), torch.zeros(bs, H, dtype=dtype)
-            k.rnn_forward(gg, h, o, relu)
+            k.rnn_forward(gg, gh, h, o, relu)
             dg = torch.zeros(bs, H, dtype=dtype)
             k.rnn_backward(o, g, dg, relu)
             outs.append((h, o, dg))
-        for a, b in zip(*outs):
+        for a, b in zip(*outs, strict=False):
             torch.testing.assert_close(a, b, **tol)
     # LSTM: forward then backward from the saved activations.
     g, c, dh, dc = (
@@ -177,15 +177,16 @@ def test_cpu_kernels_match_torch_op_twins(bs, H, dtype):
         _rand(bs, H, dtype=dtype),
         _rand(bs, H, dtype=dtype),
     )
+    gh = _rand(bs, 4 * H, dtype=dtype)
     results = []
     for k in (cpu, pointwise):
         gg, cc, cs = g.clone(), c.clone(), torch.zeros(bs, H, dtype=dtype)
         h, o = torch.zeros(bs, H, dtype=dtype), torch.zeros(bs, H, dtype=dtype)
-        k.lstm_forward(gg, cc, cs, h, o)
+        k.lstm_forward(gg, gh, cc, cs, h, o)
         ddc, dg = dc.clone(), torch.zeros(bs, 4 * H, dtype=dtype)
         k.lstm_backward(gg, cs, c, dh, ddc, dg)
         results.append((gg, cc, cs, h, o, ddc, dg))
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=False):
         torch.testing.assert_close(a, b, **tol)
     # GRU.
     g, gh, h0, dh = (
@@ -201,7 +202,7 @@ def test_cpu_kernels_match_torch_op_twins(bs, H, dtype):
         dg, dgh, dhp = (torch.zeros(bs, n * H, dtype=dtype) for n in (3, 3, 1))
         k.gru_backward(gg, gh, h0, dh, dg, dgh, dhp)
         results.append((gg, h, o, dg, dgh, dhp))
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=False):
         torch.testing.assert_close(a, b, **tol)
 
 

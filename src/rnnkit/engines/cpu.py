@@ -91,8 +91,10 @@ def _call(name: str, ref: Tensor, H: int, *tensors: Tensor | None, extra: tuple 
     fn(ctypes.c_int64(ref.shape[0]), ctypes.c_int64(H), *_args(*tensors), *extra)
 
 
-def lstm_forward(g: Tensor, c: Tensor, c_save: Tensor, h: Tensor | None, out: Tensor) -> None:
-    _call("lstm_forward", c, c.shape[1], g, c, c_save, h, out)
+def lstm_forward(
+    g: Tensor, gh: Tensor, c: Tensor, c_save: Tensor, h: Tensor | None, out: Tensor
+) -> None:
+    _call("lstm_forward", c, c.shape[1], g, gh, c, c_save, h, out)
 
 
 def lstm_backward(g: Tensor, c: Tensor, c_prev: Tensor, dh: Tensor, dc: Tensor, dg: Tensor) -> None:
@@ -109,8 +111,8 @@ def gru_backward(
     _call("gru_backward", h_prev, h_prev.shape[1], g, gh, h_prev, dh, dg, dgh, dh_prev)
 
 
-def rnn_forward(g: Tensor, h: Tensor, out: Tensor, relu: bool) -> None:
-    _call("rnn_forward", h, h.shape[1], g, h, out, extra=(ctypes.c_int64(int(relu)),))
+def rnn_forward(g: Tensor, gh: Tensor, h: Tensor, out: Tensor, relu: bool) -> None:
+    _call("rnn_forward", h, h.shape[1], g, gh, h, out, extra=(ctypes.c_int64(int(relu)),))
 
 
 def rnn_backward(h: Tensor, dh: Tensor, dg: Tensor, relu: bool) -> None:

@@ -16,14 +16,16 @@ static inline T tanh_##SUF(T x) {                                               
     T t = ((T)1 - e) / ((T)1 + e);                                                                \
     return x >= 0 ? t : -t;                                                                       \
 }                                                                                                 \
-void lstm_forward_##SUF(int64_t bs, int64_t H, T *g, int64_t sg, T *c, int64_t sc, T *cs,        \
-                        int64_t scs, T *h, int64_t sh, T *out, int64_t so) {                      \
+void lstm_forward_##SUF(int64_t bs, int64_t H, T *g, int64_t sg, const T *gh, int64_t sgh, T *c,  \
+                        int64_t sc, T *cs, int64_t scs, T *h, int64_t sh, T *out, int64_t so) {   \
     for (int64_t r = 0; r < bs; r++) {                                                            \
         T *gr = g + r * sg, *cr = c + r * sc, *csr = cs + r * scs, *outr = out + r * so;          \
+        const T *ghr = gh + r * sgh;                                                              \
         _Pragma("omp simd")                                                                       \
         for (int64_t j = 0; j < H; j++) {                                                         \
-            T i = sigmoid_##SUF(gr[j]), f = sigmoid_##SUF(gr[H + j]);                             \
-            T gg = tanh_##SUF(gr[2 * H + j]), o = sigmoid_##SUF(gr[3 * H + j]);                   \
+            T i = sigmoid_##SUF(gr[j] + ghr[j]), f = sigmoid_##SUF(gr[H + j] + ghr[H + j]);       \
+            T gg = tanh_##SUF(gr[2 * H + j] + ghr[2 * H + j]);                                    \
+            T o = sigmoid_##SUF(gr[3 * H + j] + ghr[3 * H + j]);                                  \
             gr[j] = i; gr[H + j] = f; gr[2 * H + j] = gg; gr[3 * H + j] = o;                      \
             T cn = f * cr[j] + i * gg;                                                            \
             cr[j] = cn; csr[j] = cn;                                                              \
@@ -85,14 +87,15 @@ void gru_backward_##SUF(int64_t bs, int64_t H, const T *g, int64_t sg, const T *
         }                                                                                         \
     }                                                                                             \
 }                                                                                                 \
-void rnn_forward_##SUF(int64_t bs, int64_t H, const T *g, int64_t sg, T *h, int64_t sh, T *out,  \
-                       int64_t so, int64_t relu) {                                                \
+void rnn_forward_##SUF(int64_t bs, int64_t H, const T *g, int64_t sg, const T *gh, int64_t sgh,   \
+                       T *h, int64_t sh, T *out, int64_t so, int64_t relu) {                      \
     for (int64_t r = 0; r < bs; r++) {                                                            \
-        const T *gr = g + r * sg;                                                                 \
+        const T *gr = g + r * sg, *ghr = gh + r * sgh;                                            \
         T *hr = h + r * sh, *outr = out + r * so;                                                 \
         _Pragma("omp simd")                                                                       \
         for (int64_t j = 0; j < H; j++) {                                                         \
-            T v = relu ? (gr[j] > 0 ? gr[j] : (T)0) : tanh_##SUF(gr[j]);                          \
+            T x = gr[j] + ghr[j];                                                                 \
+            T v = relu ? (x > 0 ? x : (T)0) : tanh_##SUF(x);                                      \
             outr[j] = v; hr[j] = v;                                                               \
         }                                                                                         \
     }                                                                                             \

@@ -13,10 +13,14 @@ import torch
 from torch import Tensor
 
 
-def lstm_forward(g: Tensor, c: Tensor, c_save: Tensor, h: Tensor | None, out: Tensor) -> None:
-    """g (bs, 4H): pre-activations i, f, g, o in, activations out. c (bs, H): c_{t-1} in, c_t
-    out; c_save receives c_t. out, and h unless None, receive o * tanh(c_t)."""
+def lstm_forward(
+    g: Tensor, gh: Tensor, c: Tensor, c_save: Tensor, h: Tensor | None, out: Tensor
+) -> None:
+    """g (bs, 4H): W_ih x + b in (gates i, f, g, o), activations out; gh (bs, 4H): W_hh h,
+    added to g. c (bs, H): c_{t-1} in, c_t out; c_save receives c_t. out, and h unless None,
+    receive o * tanh(c_t)."""
     H = c.shape[1]
+    g.add_(gh)
     g[:, : 2 * H].sigmoid_()
     g[:, 2 * H : 3 * H].tanh_()
     g[:, 3 * H :].sigmoid_()
@@ -72,8 +76,9 @@ def gru_backward(
     torch.mul(dh, z, out=dh_prev)
 
 
-def rnn_forward(g: Tensor, h: Tensor, out: Tensor, relu: bool) -> None:
-    """g (bs, H): pre-activation in; h and out receive act(g)."""
+def rnn_forward(g: Tensor, gh: Tensor, h: Tensor, out: Tensor, relu: bool) -> None:
+    """g (bs, H): W_ih x + b; gh (bs, H): W_hh h. h and out receive act(g + gh)."""
+    g = g + gh
     if relu:
         torch.clamp_min(g, 0, out=out)
     else:
