@@ -47,13 +47,13 @@ def _dtype_id(dtype: torch.dtype) -> str:
 # name -> (function, width of each tensor argument in units of H (None: the argument is None),
 # trailing non-tensor arguments)
 KERNELS = {
-    "lstm_forward": ("lstm_forward", (4, 1, 1, 1, 1), ()),
-    "lstm_forward_no_h": ("lstm_forward", (4, 1, 1, None, 1), ()),
+    "lstm_forward": ("lstm_forward", (4, 4, 1, 1, 1, 1), ()),
+    "lstm_forward_no_h": ("lstm_forward", (4, 4, 1, 1, None, 1), ()),
     "lstm_backward": ("lstm_backward", (4, 1, 1, 1, 1, 4), ()),
     "gru_forward": ("gru_forward", (3, 3, 1, 1), ()),
     "gru_backward": ("gru_backward", (3, 3, 1, 1, 3, 3, 1), ()),
-    "rnn_tanh_forward": ("rnn_forward", (1, 1, 1), (False,)),
-    "rnn_relu_forward": ("rnn_forward", (1, 1, 1), (True,)),
+    "rnn_tanh_forward": ("rnn_forward", (1, 1, 1, 1), (False,)),
+    "rnn_relu_forward": ("rnn_forward", (1, 1, 1, 1), (True,)),
     "rnn_tanh_backward": ("rnn_backward", (1, 1, 1), (False,)),
     "rnn_relu_backward": ("rnn_backward", (1, 1, 1), (True,)),
 }
@@ -191,3 +191,49 @@ def test_module_imports_and_reports_unavailable_without_triton(monkeypatch):
     spec.loader.exec_module(module)
     assert not module.available(torch.float32)
     assert "not installed" in module.unavailable_reason(torch.float32)
+
+
+# (H, batch_sizes, reverse); 20 sequences take two programs of 16.
+PERSISTENT_CASES = {
+    "H5-packed-forward": (5, (3, 3, 2, 1), False),
+    "H33-packed-reverse": (33, (3, 3, 2, 1), True),
+    "H64-padded-B20-forward": (64, (20,) * 3, False),
+}
+if CUDA:
+    PERSISTENT_CASES["H64-padded-B64-T20-reverse"] = (64, (64,) * 20, True)
+PERSISTENT_DTYPES = [torch.float32, torch.float64] + ([torch.bfloat16] if CUDA else [])
+
+
+@pytest.mark.parametrize("dtype", PERSISTENT_DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("case", list(PERSISTENT_CASES))
+def test_persistent_lstm_forward_matches_fused_layer(case, dtype):
+    H, batch_sizes, reverse = PERSISTENT_CASES[case]
+    B, I = batch_sizes[0], 4
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, s: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * s).to(DEVICE, dtype)
+
+    x, h0, c0 = rand(sum(batch_sizes), I), rand(B, H), rand(B, H)
+    w_ih, w_hh = rand(4 * H, I, s=H**-0.5), rand(4 * H, H, s=H**-0.5)
+    b_ih, b_hh = rand(4 * H), rand(4 * H)
+    G = torch.addmm(b_ih + b_hh, x, w_ih.t())  # (N, 4H)
+    got = tk.lstm_persistent_forward(G, w_hh, h0, c0, batch_sizes, reverse)
+    if dtype == torch.bfloat16:
+        ref = [t.float() for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
+        want = FusedLayer.apply("LSTM", reverse, batch_sizes, pointwise, *ref, None)
+        for w, g in zip(want, got, strict=True):
+            assert (g.float() - w).norm() <= 3e-2 * w.norm()
+        return
+    want = FusedLayer.apply(
+        "LSTM", reverse, batch_sizes, pointwise, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None
+    )
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g, w, **TOL[dtype])
+
+
+def test_persistent_lstm_forward_rejects_large_hidden_size():
+    H = tk.PERSISTENT_MAX_H + 1
+    G, w_hh, h0 = torch.zeros(2, 4 * H), torch.zeros(4 * H, H), torch.zeros(1, H)
+    with pytest.raises(ValueError, match=f"at most {tk.PERSISTENT_MAX_H}; got {H}"):
+        tk.lstm_persistent_forward(G, w_hh, h0, h0, (1, 1))

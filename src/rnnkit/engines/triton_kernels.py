@@ -61,18 +61,20 @@ def _tile(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
 
 @_jit
 def lstm_fwd_kernel(
-    g_ptr, c_ptr, cs_ptr, h_ptr, out_ptr,
+    g_ptr, gh_ptr, c_ptr, cs_ptr, h_ptr, out_ptr,
     B, H,
-    sg0, sg1, sc0, sc1, scs0, scs1, sh0, sh1, so0, so1,
+    sg0, sg1, sgh0, sgh1, sc0, sc1, scs0, scs1, sh0, sh1, so0, so1,
     HAS_H: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     rows, cols, mask = _tile(B, H, BLOCK_B, BLOCK_H)
     g = g_ptr + rows * sg0 + cols * sg1
+    gh = gh_ptr + rows * sgh0 + cols * sgh1
     c = c_ptr + rows * sc0 + cols * sc1
-    i = tl.sigmoid(tl.load(g, mask=mask).to(ACC))
-    f = tl.sigmoid(tl.load(g + H * sg1, mask=mask).to(ACC))
-    gg = _tanh(tl.load(g + 2 * H * sg1, mask=mask).to(ACC))
-    o = tl.sigmoid(tl.load(g + 3 * H * sg1, mask=mask).to(ACC))
+    i = tl.load(g, mask=mask).to(ACC) + tl.load(gh, mask=mask).to(ACC)
+    f = tl.load(g + H * sg1, mask=mask).to(ACC) + tl.load(gh + H * sgh1, mask=mask).to(ACC)
+    gg = tl.load(g + 2 * H * sg1, mask=mask).to(ACC) + tl.load(gh + 2 * H * sgh1, mask=mask).to(ACC)
+    o = tl.load(g + 3 * H * sg1, mask=mask).to(ACC) + tl.load(gh + 3 * H * sgh1, mask=mask).to(ACC)
+    i, f, gg, o = tl.sigmoid(i), tl.sigmoid(f), _tanh(gg), tl.sigmoid(o)
     c_t = f * tl.load(c, mask=mask).to(ACC) + i * gg
     h_t = o * _tanh(c_t)
     dtype = g_ptr.dtype.element_ty
@@ -173,13 +175,14 @@ def gru_bwd_kernel(
 
 @_jit
 def rnn_fwd_kernel(
-    g_ptr, h_ptr, out_ptr,
+    g_ptr, gh_ptr, h_ptr, out_ptr,
     B, H,
-    sg0, sg1, sh0, sh1, so0, so1,
+    sg0, sg1, sgh0, sgh1, sh0, sh1, so0, so1,
     RELU: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     rows, cols, mask = _tile(B, H, BLOCK_B, BLOCK_H)
     x = tl.load(g_ptr + rows * sg0 + cols * sg1, mask=mask).to(ACC)
+    x += tl.load(gh_ptr + rows * sgh0 + cols * sgh1, mask=mask).to(ACC)
     if RELU:
         y = tl.maximum(x, 0.0)
     else:
@@ -301,10 +304,12 @@ def _launch(kernel, tensors: list[Tensor | None], B: int, H: int, *constexprs) -
     kernel[grid](*tensors, B, H, *strides, *constexprs, acc, BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H)
 
 
-def lstm_forward(g: Tensor, c: Tensor, c_save: Tensor, h: Tensor | None, out: Tensor) -> None:
+def lstm_forward(
+    g: Tensor, gh: Tensor, c: Tensor, c_save: Tensor, h: Tensor | None, out: Tensor
+) -> None:
     """See :func:`rnnkit.engines.pointwise.lstm_forward`."""
     B, H = c.shape
-    _launch(lstm_fwd_kernel, [g, c, c_save, h, out], B, H, h is not None)
+    _launch(lstm_fwd_kernel, [g, gh, c, c_save, h, out], B, H, h is not None)
 
 
 def lstm_backward(g: Tensor, c: Tensor, c_prev: Tensor, dh: Tensor, dc: Tensor, dg: Tensor) -> None:
@@ -327,10 +332,10 @@ def gru_backward(
     _launch(gru_bwd_kernel, [g, gh, h_prev, dh, dg, dgh, dh_prev], B, H)
 
 
-def rnn_forward(g: Tensor, h: Tensor, out: Tensor, relu: bool) -> None:
+def rnn_forward(g: Tensor, gh: Tensor, h: Tensor, out: Tensor, relu: bool) -> None:
     """See :func:`rnnkit.engines.pointwise.rnn_forward`."""
     B, H = g.shape
-    _launch(rnn_fwd_kernel, [g, h, out], B, H, relu)
+    _launch(rnn_fwd_kernel, [g, gh, h, out], B, H, relu)
 
 
 def rnn_backward(h: Tensor, dh: Tensor, dg: Tensor, relu: bool) -> None:
