@@ -211,4 +211,23 @@ def test_auto_backend_resolves_to_a_real_engine():
 
     for mode in ("LSTM", "GRU", "RNN_TANH"):
         for device in ("cpu", "cuda"):
-            assert engines.resolve("auto", mode, device).run is not None
+            assert engines.resolve("auto", mode, torch.device(device)).run is not None
+
+
+triton_kernels = pytest.importorskip("rnnkit.engines.triton_kernels")
+needs_triton = pytest.mark.skipif(
+    not triton_kernels.available(torch.float32, torch.device("cpu")),
+    reason="Triton is not installed or not in interpreter mode",
+)
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["padded_hx", "packed_unsorted_hx", "unbatched_hx"])
+def test_triton_backend_matches_reference(mode, kind):
+    check_engine("triton", mode, kind, torch.float64, T=4, H=5, num_layers=2, bidirectional=True)
+
+
+@needs_triton
+def test_triton_backend_lstm_projection_float32():
+    check_engine("triton", "lstm", "batch_first_hx", torch.float32, T=3, H=6, proj_size=2)

@@ -131,7 +131,8 @@ class RNNBase(nn.Module):
         spec = self._spec()
         weights = self._weights()
         prepared = prepare_layer_input(self._name, spec, input, hx, self.batch_first, weights[0][0])
-        engine = engines.resolve(self.backend, self.mode, prepared.x.device.type)
+        x = prepared.x
+        engine = engines.resolve(self.backend, self.mode, x.device, x.dtype, self._name)
         output, hn = engine.run(
             spec, prepared.x, prepared.hx, weights, prepared.batch_sizes, self.training
         )

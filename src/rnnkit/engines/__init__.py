@@ -17,6 +17,8 @@ direction]`` holds that layer's tensors. Layers validate and reshape; engines on
 from functools import partial
 from types import SimpleNamespace
 
+import torch
+
 from rnnkit.engines import fused, reference, torch_native
 
 BACKENDS = ("auto", "reference", "fused", "triton", "torch")
@@ -29,20 +31,30 @@ def check_backend(owner: str, backend: str) -> str:
     return backend
 
 
-def _triton_engine() -> SimpleNamespace:
+def _triton_engine(owner: str, dtype: torch.dtype, device: torch.device) -> SimpleNamespace:
     from rnnkit.engines import triton_kernels
 
+    reason = triton_kernels.unavailable_reason(dtype, device)
+    if reason:
+        raise ValueError(f"{owner}: backend='triton' cannot run: {reason}")
     return SimpleNamespace(run=partial(fused.run, kernels=triton_kernels))
 
 
-def resolve(backend: str, mode: str = "LSTM", device_type: str = "cpu"):
+def resolve(
+    backend: str,
+    mode: str = "LSTM",
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    owner: str = "rnnkit",
+):
     """The engine for ``backend``.
 
     ``"auto"`` follows the measured table in BENCHMARKS.md: the fused engine everywhere, except
     that on the CPU a plain LSTM goes to torch's oneDNN kernels, which are faster there.
     """
+    device = torch.device("cpu") if device is None else device
     if backend == "auto":
-        backend = "torch" if (device_type == "cpu" and mode == "LSTM") else "fused"
+        backend = "torch" if (device.type == "cpu" and mode == "LSTM") else "fused"
     if backend == "triton":
-        return _triton_engine()
+        return _triton_engine(owner, dtype, device)
     return {"reference": reference, "fused": fused, "torch": torch_native}[backend]

@@ -30,7 +30,7 @@ def pointwise_kernels(device: torch.device, dtype: torch.dtype) -> ModuleType:
     elif device.type == "cuda":
         from rnnkit.engines import triton_kernels
 
-        if triton_kernels.available(dtype):
+        if triton_kernels.available(dtype, device):
             return triton_kernels
     return pointwise
 
