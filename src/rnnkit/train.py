@@ -281,7 +281,9 @@ class Progress:
 
 
 def _fmt_metric(metric: str, value: float) -> str:
-    return f"{100 * value:.2f}%" if metric == "accuracy" else f"{value:.4g}"
+    if metric == "accuracy":
+        return f"{100 * value:.2f}%"
+    return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.4g}"
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -303,7 +305,7 @@ def _summary_rows(task: Task, metrics: dict) -> list[tuple[str, str]]:
             elif "mape" in k:
                 text = f"{v:.2f}%"
             else:
-                text = f"{v:.4g}" if abs(v) < 1000 else f"{v:,.1f}"
+                text = f"{v:.4g}" if abs(v) < 10 else f"{v:,.1f}"
         else:
             text = str(v)
         rows.append((k, text))
@@ -453,7 +455,7 @@ def _train(
     log_every = options["log_every"] or max(1, steps_per_epoch // 10)
 
     history: list[dict] = []
-    best = {"epoch": 0, "score": None, "state": None}
+    best = {"epoch": 0, "score": None, "key": None, "state": None}
     start_epoch, step, elapsed = 0, 0, 0.0
     if args.resume:
         state = load_checkpoint(run / CHECKPOINT, config)
@@ -485,7 +487,6 @@ def _train(
         if args.resume:
             print(f"resuming after epoch {start_epoch} of {epochs}")
     progress = Progress(loud and sys.stderr.isatty())
-    better = (lambda a, b: a > b) if task.metric == "accuracy" else (lambda a, b: a < b)
     metrics_file = open(run / METRICS, "a", encoding="utf-8") if writer else None
     try:
         for epoch in range(start_epoch, epochs):
@@ -511,7 +512,7 @@ def _train(
                 opt.step()
                 sched.step()
                 step += 1
-                sums += torch.stack([loss_sum.detach(), count.to(loss_sum.device), metric_sum]).double().cpu()
+                sums += torch.stack([loss_sum, count.to(loss_sum.device), metric_sum]).detach().double().cpu()
                 if step % log_every == 0:
                     new_records.append(
                         {"kind": "step", "step": step, "epoch": epoch + 1,
@@ -532,10 +533,12 @@ def _train(
             }
             new_records.append(record)
             history.extend(new_records)
-            improved = best["score"] is None or better(val_metric, best["score"])
+            # Ties on the metric (common for accuracy on small data) go to the lower loss.
+            key = [val_metric if task.metric == "accuracy" else -val_metric, -val_loss]
+            improved = best["key"] is None or key > best["key"]
             if improved:
                 best = {
-                    "epoch": epoch + 1, "score": val_metric,
+                    "epoch": epoch + 1, "score": val_metric, "key": key,
                     "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
                 }
             rng = [_rng_state(device)]

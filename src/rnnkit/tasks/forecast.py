@@ -38,7 +38,7 @@ class ForecastTask(Task):
     metric = "mae"
     defaults = dict(
         cell="lstm", hidden_size=64, num_layers=1, bidirectional=False, dropout=0.0,
-        readout="last", epochs=10, batch_size=64, lr=0.01, optimizer="adam", schedule="onecycle",
+        readout="last", epochs=20, batch_size=64, lr=0.01, optimizer="adam", schedule="onecycle",
     )
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
