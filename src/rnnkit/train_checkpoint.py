@@ -39,6 +39,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        kept = "the previous version is untouched" if path.exists() else "nothing was written"
+        raise CheckpointError(f"could not write {str(path)!r} ({e}); {kept}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
