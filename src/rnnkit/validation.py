@@ -113,11 +113,16 @@ class Prepared:
     """A layer's input in the engines' form, and what is needed to give results back."""
 
     x: Tensor  # (T, B, I) time-major, or packed data (N, I)
-    hx: tuple[Tensor, ...]  # (h0,) or (h0, c0), each (L * D, B, *)
+    hx: tuple[Tensor, ...]  # (h0,) or (h0, c0), or a cell's states; each (L * D, B, *)
     batch_sizes: list[int] | None
     packed: PackedSequence | None
     unbatched: bool
     batch_first: bool
+
+    @property
+    def batch(self) -> int:
+        """B: the number of sequences."""
+        return self.batch_sizes[0] if self.batch_sizes is not None else self.x.shape[1]
 
     def finish(self, output: Tensor, hn: tuple[Tensor, ...]) -> tuple[object, tuple[Tensor, ...]]:
         """Output and final states in the caller's layout."""
@@ -133,16 +138,18 @@ class Prepared:
         return output, hn
 
 
-def prepare_layer_input(
+def prepare_sequence_input(
     name: str,
-    spec: LayerSpec,
+    input_size: int,
     input: object,
-    hx: object,
     batch_first: bool,
     param: Tensor | None,
 ) -> Prepared:
-    """Validate a layer's ``(input, hx)`` and bring it to the engines' time-major, batched form."""
-    is_lstm = spec.mode == "LSTM"
+    """Validate a layer's ``input`` and bring it to the time-major, batched form.
+
+    The states are left empty (``hx=()``): ``prepare_layer_input`` fills them from a ``LayerSpec``,
+    ``rnnkit.Recurrent`` through ``prepare_states`` from its cells' zero state.
+    """
     packed = input if isinstance(input, PackedSequence) else None
     if packed is not None:
         x = _check_tensor(name, "input", packed.data, None)
@@ -168,9 +175,9 @@ def prepare_layer_input(
             x = x.transpose(0, 1)
         batch_sizes = None
         steps, batch = x.shape[0], x.shape[1]
-    if x.shape[-1] != spec.input_size:
+    if x.shape[-1] != input_size:
         raise RNNInputError(
-            f"{name}: input has {x.shape[-1]} features per step but input_size={spec.input_size}"
+            f"{name}: input has {x.shape[-1]} features per step but input_size={input_size}"
         )
     if steps == 0:
         raise RNNInputError(
@@ -181,18 +188,87 @@ def prepare_layer_input(
             f"{name}: input is an empty batch (batch=0); pass at least one sequence"
         )
     check_against_parameters(name, x, param)
+    return Prepared(x, (), batch_sizes, packed, unbatched, batch_first)
 
+
+def prepare_layer_input(
+    name: str,
+    spec: LayerSpec,
+    input: object,
+    hx: object,
+    batch_first: bool,
+    param: Tensor | None,
+) -> Prepared:
+    """Validate a layer's ``(input, hx)`` and bring it to the engines' time-major, batched form."""
+    prepared = prepare_sequence_input(name, spec.input_size, input, batch_first, param)
+    x, batch = prepared.x, prepared.batch
     rows = spec.num_layers * spec.num_directions
-    h_size = spec.out_size
     if hx is None:
-        states = [x.new_zeros(rows, batch, h_size)]
-        if is_lstm:
+        states = [x.new_zeros(rows, batch, spec.out_size)]
+        if spec.mode == "LSTM":
             states.append(x.new_zeros(rows, batch, spec.hidden_size))
     else:
-        states = _check_hx(name, spec, hx, x, batch, unbatched, packed is not None)
-        if packed is not None and packed.sorted_indices is not None:
-            states = [s.index_select(1, packed.sorted_indices) for s in states]
-    return Prepared(x, tuple(states), batch_sizes, packed, unbatched, batch_first)
+        states = _check_hx(
+            name, spec, hx, x, batch, prepared.unbatched, prepared.packed is not None
+        )
+        states = _to_sorted(prepared.packed, states)
+    prepared.hx = tuple(states)
+    return prepared
+
+
+def prepare_states(
+    name: str,
+    hx: object,
+    zeros: tuple[Tensor, ...],
+    is_tuple: bool,
+    prepared: Prepared,
+) -> tuple[Tensor, ...]:
+    """Validate a user's ``hx`` against the zero state it replaces; states in the engines' form.
+
+    ``zeros`` are ``(L * D, B, *)``, one per state tensor; ``is_tuple`` says whether the user
+    passes a tuple of them or a single tensor. Returns ``zeros`` when ``hx`` is None.
+    """
+    if hx is None:
+        return zeros
+    if is_tuple:
+        if not isinstance(hx, (tuple, list)) or len(hx) != len(zeros):
+            got = f"a {type(hx).__name__}" + (
+                f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else ""
+            )
+            raise RNNInputError(
+                f"{name}: hx must be a tuple of {len(zeros)} tensors, like the cell's state; "
+                f"got {got}"
+            )
+        names, states = [f"hx[{i}]" for i in range(len(zeros))], list(hx)
+    else:
+        if not isinstance(hx, Tensor):
+            raise RNNInputError(
+                f"{name}: hx must be a Tensor, like the cell's state; got {type(hx).__name__}"
+            )
+        names, states = ["hx"], [hx]
+    unbatched = prepared.unbatched
+    layout = "(num_layers * num_directions, " + ("" if unbatched else "batch, ") + "*state)"
+    out = []
+    for what, s, zero in zip(names, states, zeros, strict=True):
+        s = _check_tensor(name, what, s, prepared.x)
+        expected = tuple(zero.shape)
+        if unbatched:
+            expected = expected[:1] + expected[2:]
+        if tuple(s.shape) != expected:
+            raise RNNInputError(
+                f"{name}: {what} has shape {format_shape(s)}; expected {layout} = "
+                f"{format_shape(expected)}, the cells' initial_state stacked over layers and "
+                f"directions"
+            )
+        out.append(s.unsqueeze(1) if unbatched else s)
+    return tuple(_to_sorted(prepared.packed, out))
+
+
+def _to_sorted(packed: PackedSequence | None, states: list[Tensor]) -> list[Tensor]:
+    """States in the packed batch's order (sorted by decreasing length)."""
+    if packed is None or packed.sorted_indices is None:
+        return states
+    return [s.index_select(1, packed.sorted_indices) for s in states]
 
 
 def _check_hx(
