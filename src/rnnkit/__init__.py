@@ -2,6 +2,7 @@
 
 from rnnkit.layers import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from rnnkit.params import ParamCount, count_parameters, param_count
+from rnnkit.recurrent import Recurrent
 from rnnkit.validation import RNNInputError
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "ParamCount",
     "RNNCell",
     "RNNInputError",
+    "Recurrent",
     "count_parameters",
     "param_count",
 ]
