@@ -46,7 +46,7 @@ def test_stratified_split_keeps_class_shares_and_covers_every_index():
     assert np.bincount(y[te]).tolist() == [10, 6, 4]
     assert np.bincount(y[va]).tolist() == [5, 3, 2]
     again = stratified_split(y, (0.7, 0.1, 0.2), seed=3)
-    assert all((a == b).all() for a, b in zip((tr, va, te), again))
+    assert all((a == b).all() for a, b in zip((tr, va, te), again, strict=True))
 
 
 def test_chronological_split_is_consecutive():
@@ -66,7 +66,9 @@ def test_truncated_idx_says_what_the_header_promised(tmp_path):
     write_idx(tmp_path / "a", np.zeros((10, 28, 28), dtype=np.uint8))
     data = (tmp_path / "a").read_bytes()
     (tmp_path / "a").write_bytes(data[:-100])
-    with pytest.raises(DataError, match=r"promises shape \(10, 28, 28\) = 7,840 bytes.*holds 7,740"):
+    with pytest.raises(
+        DataError, match=r"promises shape \(10, 28, 28\) = 7,840 bytes.*holds 7,740"
+    ):
         read_idx(tmp_path / "a")
 
 
@@ -80,13 +82,13 @@ def test_truncated_gzip_idx_is_named(tmp_path):
 
 def test_a_non_idx_file_is_refused_with_its_first_bytes(tmp_path):
     (tmp_path / "a").write_text("hello world")
-    with pytest.raises(DataError, match="does not start with an IDX header.*68 65 6c 6c"):
+    with pytest.raises(DataError, match=r"does not start with an IDX header.*68 65 6c 6c"):
         read_idx(tmp_path / "a")
 
 
 def test_mnist_folder_reports_the_missing_files(tmp_path):
     write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((4, 28, 28), dtype=np.uint8))
-    with pytest.raises(DataError, match="lacks train-labels-idx1-ubyte.*t10k-images"):
+    with pytest.raises(DataError, match=r"lacks train-labels-idx1-ubyte.*t10k-images"):
         load_mnist(tmp_path)
     with pytest.raises(DataError, match="does not exist or is not a folder"):
         load_mnist(tmp_path / "nope")
@@ -133,7 +135,7 @@ def test_conllu_reader_skips_comments_ranges_and_empty_nodes(tmp_path):
 def test_conllu_reader_names_the_bad_line(tmp_path):
     p = tmp_path / "a.conllu"
     p.write_text("1\tDo\tdo\tAUX\t_\t_\t0\troot\t_\t_\n2 go VERB\n")
-    with pytest.raises(DataError, match="line 2: expected 10 tab-separated columns.*found 1"):
+    with pytest.raises(DataError, match=r"line 2: expected 10 tab-separated columns.*found 1"):
         read_conllu(p)
     p.write_text("1\tDo\tdo\t_\t_\t_\t0\troot\t_\t_\n")
     with pytest.raises(DataError, match="line 1: the UPOS column is empty"):

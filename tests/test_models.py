@@ -47,7 +47,9 @@ def test_readouts_match_hand_computation_on_packed_batch(bidirectional):
         want_last = outs[b][n - 1]
         want_hn = torch.cat([hns[b][k] for k in range(L * D)])
         want_mean = outs[b][n - 1].view(D, H).mean(0)
-        got = {k: readout(k, output, h_n, torch.tensor(lengths), D)[b] for k in ("last", "hn", "mean")}
+        got = {
+            k: readout(k, output, h_n, torch.tensor(lengths), D)[b] for k in ("last", "hn", "mean")
+        }
         torch.testing.assert_close(got["last"], want_last, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got["hn"], want_hn, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got["mean"], want_mean, rtol=1e-5, atol=1e-6)
@@ -113,7 +115,10 @@ def test_every_head_runs_on_every_cell_with_packed_lengths(cell):
     assert SequenceRegressor(2, 4, cell, 8)(x).shape == (3, 4)
     ids = torch.randint(2, 10, (3, 4))
     assert Tagger(10, 6, 4, cell, 8)(ids, lengths).shape == (3, 4, 6)
-    assert CharRNN(10, 3, 4, cell, 8, readout="mean", bidirectional=True)(ids, lengths).shape == (3, 3)
+    assert CharRNN(10, 3, 4, cell, 8, readout="mean", bidirectional=True)(ids, lengths).shape == (
+        3,
+        3,
+    )
 
 
 def test_padding_never_changes_a_prediction():

@@ -54,7 +54,13 @@ def digits_run(tmp_path_factory) -> Path:
 
 def test_digits_writes_the_whole_run_folder(digits_run):
     run = digits_run
-    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "model.safetensors", "summary.json"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "checkpoint.pt",
+        "model.safetensors",
+        "summary.json",
+    ):
         assert (run / name).is_file(), name
     config = json.loads((run / "config.json").read_text())
     assert config["task"] == "digits" and config["options"]["hidden_size"] == 16
@@ -73,8 +79,21 @@ def test_digits_writes_the_whole_run_folder(digits_run):
 
 
 def test_digits_console_ends_with_a_table_and_the_run_folder(tmp_path, capsys):
-    rc, out, _ = run_cli(capsys, "train", "digits", "--out", tmp_path / "r", "--epochs", "1",
-                         "--hidden-size", "8", "--cell", "gru", "--readout", "hn")
+    rc, out, _ = run_cli(
+        capsys,
+        "train",
+        "digits",
+        "--out",
+        tmp_path / "r",
+        "--epochs",
+        "1",
+        "--hidden-size",
+        "8",
+        "--cell",
+        "gru",
+        "--readout",
+        "hn",
+    )
     assert rc == 0
     assert "epoch 1/1" in out and "train loss" in out
     assert "test_accuracy" in out and f"run folder: {tmp_path / 'r'}/" in out
@@ -102,7 +121,9 @@ def test_predict_digits_from_csv_matches_evaluate(digits_run, capsys, tmp_path):
     assert lines[0] == "row,label,probability" and len(lines) == 21
     labels = np.array([int(line.split(",")[1]) for line in lines[1:]])
     assert (labels == y[:20]).mean() > 0.5
-    rc, _, _ = run_cli(capsys, "predict", digits_run, tmp_path / "in.csv", "--output", tmp_path / "p.csv")
+    rc, _, _ = run_cli(
+        capsys, "predict", digits_run, tmp_path / "in.csv", "--output", tmp_path / "p.csv"
+    )
     assert rc == 0 and (tmp_path / "p.csv").read_text() == out
 
 
@@ -139,9 +160,24 @@ def test_forecast_on_bundled_load_beats_seasonal_naive(tmp_path, capsys):
 def test_forecast_scaling_is_fitted_on_the_training_part_only(tmp_path, capsys):
     series = np.concatenate([np.full(700, 10.0) + np.arange(700) % 5, np.full(300, 1000.0)])
     (tmp_path / "s.csv").write_text("v\n" + "\n".join(map(str, series)) + "\n")
-    rc, _, err = run_cli(capsys, "train", "forecast", "--data", tmp_path / "s.csv", "--out",
-                         tmp_path / "r", "--epochs", "1", "--window", "8", "--period", "5",
-                         "--horizon", "2", *TINY)
+    rc, _, err = run_cli(
+        capsys,
+        "train",
+        "forecast",
+        "--data",
+        tmp_path / "s.csv",
+        "--out",
+        tmp_path / "r",
+        "--epochs",
+        "1",
+        "--window",
+        "8",
+        "--period",
+        "5",
+        "--horizon",
+        "2",
+        *TINY,
+    )
     assert rc == 0, err
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     assert config["data"]["column"] is None
@@ -168,10 +204,26 @@ def test_tagger_on_the_bundled_sample_and_predict(tmp_path, capsys):
     rows = [line.split("\t") for line in out.splitlines() if line]
     assert [r[1] for r in rows] == "The dog sleeps . Zorblax visited Qwerty in 2024 !".split()
     tags = set(json.loads((run / "config.json").read_text()) and s and [r[2] for r in rows])
-    assert tags <= {"ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART",
-                    "PRON", "PROPN", "PUNCT", "VERB"}
+    assert tags <= {
+        "ADJ",
+        "ADP",
+        "ADV",
+        "AUX",
+        "CCONJ",
+        "DET",
+        "INTJ",
+        "NOUN",
+        "NUM",
+        "PART",
+        "PRON",
+        "PROPN",
+        "PUNCT",
+        "VERB",
+    }
     conllu = tmp_path / "in.conllu"
-    conllu.write_text("# text = The dog\n1\tThe\t_\t_\t_\t_\t_\t_\t_\t_\n2\tdog\t_\t_\t_\t_\t_\t_\t_\t_\n\n")
+    conllu.write_text(
+        "# text = The dog\n1\tThe\t_\t_\t_\t_\t_\t_\t_\t_\n2\tdog\t_\t_\t_\t_\t_\t_\t_\t_\n\n"
+    )
     rc, out, _ = run_cli(capsys, "predict", run, conllu)
     assert rc == 0
     lines = out.splitlines()
@@ -199,8 +251,18 @@ def _write_tsv(path: Path, n: int = 120) -> None:
 def test_textclf_trains_on_a_tsv_and_predicts_lines(tmp_path, capsys):
     _write_tsv(tmp_path / "d.tsv")
     run = tmp_path / "c"
-    rc, _, err = run_cli(capsys, "train", "textclf", "--data", tmp_path / "d.tsv", "--out", run,
-                         "--epochs", "3", *TINY)
+    rc, _, err = run_cli(
+        capsys,
+        "train",
+        "textclf",
+        "--data",
+        tmp_path / "d.tsv",
+        "--out",
+        run,
+        "--epochs",
+        "3",
+        *TINY,
+    )
     assert rc == 0, err
     s = json.loads((run / "summary.json").read_text())
     assert s["test_examples"] == 12 and s["test_accuracy"] > 0.6
@@ -229,8 +291,20 @@ def _write_mnist(folder: Path, gz: bool) -> None:
 def test_mnist_from_idx_files(tmp_path, capsys, gz):
     _write_mnist(tmp_path / "mnist", gz)
     run = tmp_path / "m"
-    rc, _, err = run_cli(capsys, "train", "mnist", "--data", tmp_path / "mnist", "--out", run,
-                         "--epochs", "6", "--batch-size", "8", *TINY)
+    rc, _, err = run_cli(
+        capsys,
+        "train",
+        "mnist",
+        "--data",
+        tmp_path / "mnist",
+        "--out",
+        run,
+        "--epochs",
+        "6",
+        "--batch-size",
+        "8",
+        *TINY,
+    )
     assert rc == 0, err
     s = json.loads((run / "summary.json").read_text())
     assert s["test_examples"] == 30
@@ -243,8 +317,19 @@ def test_mnist_from_idx_files(tmp_path, capsys, gz):
 # ---- resume and checkpoints
 
 
-RESUMABLE = ["--epochs", "4", "--hidden-size", "12", "--num-layers", "2", "--dropout", "0.3",
-             "--batch-size", "64", "--quiet"]
+RESUMABLE = [
+    "--epochs",
+    "4",
+    "--hidden-size",
+    "12",
+    "--num-layers",
+    "2",
+    "--dropout",
+    "0.3",
+    "--batch-size",
+    "64",
+    "--quiet",
+]
 
 
 def _interrupt_after_epoch(monkeypatch, n: int) -> None:
@@ -368,7 +453,9 @@ def test_bad_data_files_give_clear_errors(tmp_path, capsys, digits_run):
     rc, _, err = run_cli(capsys, "train", "forecast", "--data", tmp_path / "none.csv", *out)
     assert_clear_error(rc, err, "CSV file", "none.csv", "does not exist")
     (tmp_path / "s.csv").write_text("a,b\n1,2\n")
-    rc, _, err = run_cli(capsys, "train", "forecast", "--data", tmp_path / "s.csv", "--column", "c", *out)
+    rc, _, err = run_cli(
+        capsys, "train", "forecast", "--data", tmp_path / "s.csv", "--column", "c", *out
+    )
     assert_clear_error(rc, err, "has no column 'c'; its columns are a, b")
     rc, _, err = run_cli(capsys, "train", "forecast", "--data", tmp_path / "s.csv", *out)
     assert_clear_error(rc, err, "1 values are too few")
@@ -381,7 +468,9 @@ def test_bad_data_files_give_clear_errors(tmp_path, capsys, digits_run):
     assert_clear_error(rc, err, "mnist needs --data DIR")
     bad = tmp_path / "bad.conllu"
     bad.write_text("1\tThe\tthe\tDET\n")
-    rc, _, err = run_cli(capsys, "train", "tagger", "--train", bad, "--dev", bad, "--test", bad, *out)
+    rc, _, err = run_cli(
+        capsys, "train", "tagger", "--train", bad, "--dev", bad, "--test", bad, *out
+    )
     assert_clear_error(rc, err, "bad.conllu', line 1: expected 10 tab-separated columns")
     (tmp_path / "bad.tsv").write_text("pos\tgood\nneg bad\n")
     rc, _, err = run_cli(capsys, "train", "textclf", "--data", tmp_path / "bad.tsv", *out)
@@ -406,8 +495,25 @@ def test_train_help_explains_each_shared_option(capsys):
     with pytest.raises(SystemExit):
         main(["train", "forecast", "--help"])
     out = capsys.readouterr().out
-    for option in ("--cell", "--hidden-size", "--num-layers", "--bidirectional", "--dropout",
-                   "--readout", "--backend", "--epochs", "--batch-size", "--lr", "--optimizer",
-                   "--device", "--seed", "--out", "--resume", "--quiet", "--window", "--horizon"):
+    for option in (
+        "--cell",
+        "--hidden-size",
+        "--num-layers",
+        "--bidirectional",
+        "--dropout",
+        "--readout",
+        "--backend",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--optimizer",
+        "--device",
+        "--seed",
+        "--out",
+        "--resume",
+        "--quiet",
+        "--window",
+        "--horizon",
+    ):
         assert option in out, option
     assert "h_n of every layer and direction" in " ".join(out.split())

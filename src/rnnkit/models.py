@@ -67,10 +67,11 @@ def readout(
       sequence beside the backward state after only its last step, exactly seed 003's
       ``output[:, -1, :]``. ``(B, D * H)``.
     - ``hn``: ``h_n`` of every layer and direction side by side, rows in torch's order
-      ``layer * D + direction``: ``torch.cat([h_n[i] for i in range(L * D)], -1)``. ``(B, L * D * H)``.
+      ``layer * D + direction``: ``torch.cat([h_n[i] for i in range(L * D)], -1)``.
+      ``(B, L * D * H)``.
     - ``mean``: ``last`` with the two directions averaged instead of concatenated. ``(B, H)``.
     """
-    B, T, _ = output.shape
+    B = output.shape[0]
     if kind == "hn":
         return h_n.transpose(0, 1).reshape(B, -1)  # (B, L * D * H)
     if kind not in ("last", "mean"):
@@ -85,9 +86,7 @@ def readout(
     return at_last.view(B, num_directions, -1).mean(dim=1)  # (B, H)
 
 
-def _run_encoder(
-    encoder: nn.Module, x: Tensor, lengths: Tensor | None
-) -> tuple[Tensor, Tensor]:
+def _run_encoder(encoder: nn.Module, x: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
     """``(output (B, T, D * H), h_n (L * D, B, H))``; padded steps of ``output`` are zeros."""
     if lengths is None:
         output, hidden = encoder(x)
@@ -165,8 +164,16 @@ class SequenceClassifier(_Encoded):
         backend: str = "auto",
     ) -> None:
         config = ModelConfig(
-            "classifier", input_size, num_classes, cell, hidden_size, num_layers,
-            bidirectional, dropout, readout, backend,
+            "classifier",
+            input_size,
+            num_classes,
+            cell,
+            hidden_size,
+            num_layers,
+            bidirectional,
+            dropout,
+            readout,
+            backend,
         )
         super().__init__(config, input_size)
         self.fc = nn.Linear(self.head_size(), num_classes)
@@ -194,8 +201,17 @@ class SequenceRegressor(_Encoded):
         if horizon < 1:
             raise ValueError(f"SequenceRegressor: horizon must be at least 1; got {horizon}")
         config = ModelConfig(
-            "regressor", input_size, horizon, cell, hidden_size, num_layers,
-            bidirectional, dropout, readout, backend, horizon=horizon,
+            "regressor",
+            input_size,
+            horizon,
+            cell,
+            hidden_size,
+            num_layers,
+            bidirectional,
+            dropout,
+            readout,
+            backend,
+            horizon=horizon,
         )
         super().__init__(config, input_size)
         self.fc = nn.Linear(self.head_size(), horizon)
@@ -222,8 +238,17 @@ class Tagger(nn.Module):
     ) -> None:
         super().__init__()
         self.config = ModelConfig(
-            "tagger", vocab_size, num_tags, cell, hidden_size, num_layers, bidirectional,
-            dropout, "last", backend, embedding_dim,
+            "tagger",
+            vocab_size,
+            num_tags,
+            cell,
+            hidden_size,
+            num_layers,
+            bidirectional,
+            dropout,
+            "last",
+            backend,
+            embedding_dim,
         )
         self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
         self.encoder = make_encoder(
@@ -256,8 +281,17 @@ class CharRNN(_Encoded):
         backend: str = "auto",
     ) -> None:
         config = ModelConfig(
-            "charrnn", vocab_size, num_classes, cell, hidden_size, num_layers, bidirectional,
-            dropout, readout, backend, embedding_dim,
+            "charrnn",
+            vocab_size,
+            num_classes,
+            cell,
+            hidden_size,
+            num_layers,
+            bidirectional,
+            dropout,
+            readout,
+            backend,
+            embedding_dim,
         )
         super().__init__(config, embedding_dim)
         self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=0)

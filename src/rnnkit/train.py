@@ -51,7 +51,13 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 # Options every task shares, with the defaults that no task overrides.
 GLOBAL_DEFAULTS = dict(
-    backend="auto", device="auto", seed=0, momentum=0.9, weight_decay=0.0, clip_grad=1.0, log_every=0,
+    backend="auto",
+    device="auto",
+    seed=0,
+    momentum=0.9,
+    weight_decay=0.0,
+    clip_grad=1.0,
+    log_every=0,
 )
 # Options that may differ between a run and its --resume.
 RESUME_FREE = {"device", "quiet", "resume", "out"}
@@ -71,58 +77,105 @@ def _shared_options(p: argparse.ArgumentParser, task: Task) -> None:
     d = {**GLOBAL_DEFAULTS, **task.defaults}
     g = p.add_argument_group("model")
     g.add_argument("--cell", choices=CELLS, help=f"recurrent cell type (default {d['cell']})")
-    g.add_argument("--hidden-size", type=int, metavar="H", help=f"features of the hidden state (default {d['hidden_size']})")
-    g.add_argument("--num-layers", type=int, metavar="L", help=f"stacked recurrent layers (default {d['num_layers']})")
     g.add_argument(
-        "--bidirectional", action=argparse.BooleanOptionalAction,
+        "--hidden-size",
+        type=int,
+        metavar="H",
+        help=f"features of the hidden state (default {d['hidden_size']})",
+    )
+    g.add_argument(
+        "--num-layers",
+        type=int,
+        metavar="L",
+        help=f"stacked recurrent layers (default {d['num_layers']})",
+    )
+    g.add_argument(
+        "--bidirectional",
+        action=argparse.BooleanOptionalAction,
         help=f"read each sequence both ways (default {'on' if d['bidirectional'] else 'off'})",
     )
     g.add_argument(
-        "--dropout", type=float, metavar="P",
+        "--dropout",
+        type=float,
+        metavar="P",
         help=f"dropout between layers and before the output layer (default {d['dropout']})",
     )
     if task.name != "tagger":
         g.add_argument(
-            "--readout", choices=READOUTS,
-            help="how a sequence becomes one vector: 'last' = the output at each sequence's own last "
+            "--readout",
+            choices=READOUTS,
+            help="how a sequence becomes one vector: 'last' = the output at each sequence's own "
+            "last "
             "step, 'hn' = h_n of every layer and direction concatenated, 'mean' = the last output "
             f"with both directions averaged (default {d['readout']})",
         )
     g.add_argument(
-        "--backend", choices=engines.BACKENDS,
+        "--backend",
+        choices=engines.BACKENDS,
         help="the engine that runs the recurrent layers (default auto)",
     )
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, help=f"passes over the training part (default {d['epochs']})")
-    g.add_argument("--batch-size", type=int, metavar="B", help=f"sequences per step, per process (default {d['batch_size']})")
+    g.add_argument(
+        "--epochs", type=int, help=f"passes over the training part (default {d['epochs']})"
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="B",
+        help=f"sequences per step, per process (default {d['batch_size']})",
+    )
     g.add_argument("--lr", type=float, help=f"(peak) learning rate (default {d['lr']})")
-    g.add_argument("--optimizer", choices=("sgd", "adam"), help=f"default {d['optimizer']}; sgd uses --momentum")
+    g.add_argument(
+        "--optimizer",
+        choices=("sgd", "adam"),
+        help=f"default {d['optimizer']}; sgd uses --momentum",
+    )
     g.add_argument("--momentum", type=float, help=f"SGD momentum (default {d['momentum']})")
     g.add_argument("--weight-decay", type=float, help=f"L2 penalty (default {d['weight_decay']})")
     g.add_argument(
-        "--schedule", choices=("onecycle", "cosine", "constant"),
+        "--schedule",
+        choices=("onecycle", "cosine", "constant"),
         help=f"learning-rate schedule over all steps (default {d['schedule']})",
     )
     g.add_argument(
-        "--clip-grad", type=float, metavar="NORM",
+        "--clip-grad",
+        type=float,
+        metavar="NORM",
         help=f"clip the gradient norm to this; 0 = off (default {d['clip_grad']})",
     )
-    g.add_argument("--seed", type=int, help="seeds the weights, the batch order and dropout (default 0)")
-    g.add_argument("--device", choices=("cpu", "cuda", "auto"), help="auto = cuda when there is one (default auto)")
-    g = p.add_argument_group("run folder and output")
-    g.add_argument("--out", metavar="DIR", help=f"run folder (default runs/{task.name}-<timestamp>)")
     g.add_argument(
-        "--resume", action="store_true",
+        "--seed", type=int, help="seeds the weights, the batch order and dropout (default 0)"
+    )
+    g.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        help="auto = cuda when there is one (default auto)",
+    )
+    g = p.add_argument_group("run folder and output")
+    g.add_argument(
+        "--out", metavar="DIR", help=f"run folder (default runs/{task.name}-<timestamp>)"
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
         help="continue the interrupted run in --out from its last checkpoint; options must match",
     )
-    g.add_argument("--log-every", type=int, metavar="N", help="log the training loss every N steps (default: ~10 per epoch)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines, only the final table")
+    g.add_argument(
+        "--log-every",
+        type=int,
+        metavar="N",
+        help="log the training loss every N steps (default: ~10 per epoch)",
+    )
+    g.add_argument(
+        "--quiet", action="store_true", help="no progress bar or epoch lines, only the final table"
+    )
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``train``, ``evaluate`` and ``predict`` on the ``rnnkit`` command."""
     p = sub.add_parser(
-        "train", help="train a model on a task (digits, mnist, forecast, tagger, textclf)",
+        "train",
+        help="train a model on a task (digits, mnist, forecast, tagger, textclf)",
         description="Train a recurrent model on a task and write a run folder.",
     )
     tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
@@ -134,13 +187,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         tp.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", help="evaluate a trained run's model on its test part again")
     p.add_argument("run", metavar="RUN", help="a run folder written by rnnkit train")
-    p.add_argument("--split", choices=("test", "val", "train"), default="test", help="which part (default test)")
+    p.add_argument(
+        "--split",
+        choices=("test", "val", "train"),
+        default="test",
+        help="which part (default test)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--output", metavar="FILE", help="also write the metrics as JSON to FILE")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser(
-        "predict", help="predict with a trained run's model",
+        "predict",
+        help="predict with a trained run's model",
         description="Predict with a trained model. INPUT by task: digits: CSV of 64 pixel values "
         "(0..16) per row; mnist: IDX image file; forecast: CSV of the series (the model's column, "
         "else the last), forecast follows its end; tagger: CoNLL-U (UPOS filled in) or text, one "
@@ -343,8 +402,12 @@ def _epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> torch.
     return order[rank:total:world]
 
 
-def _evaluate_split(task: Task, net: nn.Module, split: Split, device: torch.device, batch_size: int):
-    out = forward_all(net, split.x, split.lengths, task.variable_length, device, max(batch_size, 256))
+def _evaluate_split(
+    task: Task, net: nn.Module, split: Split, device: torch.device, batch_size: int
+):
+    out = forward_all(
+        net, split.x, split.lengths, task.variable_length, device, max(batch_size, 256)
+    )
     loss, count, metric = task.scores(out, split.y)
     return out, float(loss / count), task.metric_value(float(metric), float(count))
 
@@ -380,7 +443,8 @@ def train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if rank == 0:
             print(
-                f"\ninterrupted; the checkpoint of the last finished epoch is in {run}. Continue with:\n"
+                f"\ninterrupted; the checkpoint of the last finished epoch is in {run}. "
+                "Continue with:\n"
                 f"  rnnkit train {task.name} --out {run} --resume",
                 file=sys.stderr,
             )
@@ -391,8 +455,14 @@ def train(args: argparse.Namespace) -> int:
 
 
 def _train(
-    args: argparse.Namespace, run: Path, task: Task, options: dict, given: set[str], rank: int,
-    world: int, device: torch.device,
+    args: argparse.Namespace,
+    run: Path,
+    task: Task,
+    options: dict,
+    given: set[str],
+    rank: int,
+    world: int,
+    device: torch.device,
 ) -> int:
     writer = rank == 0
     loud = writer and not args.quiet
@@ -412,13 +482,15 @@ def _train(
         options = {**saved["options"], "device": options["device"]}
         if saved.get("world_size", 1) != world:
             raise RunError(
-                f"the run was started with {saved.get('world_size', 1)} process(es); resume it with "
+                f"the run was started with {saved.get('world_size', 1)} process(es); "
+                "resume it with "
                 f"the same number (this is {world})"
             )
     else:
         if (run / CONFIG).exists() or (run / CHECKPOINT).exists():
             raise RunError(
-                f"{str(run)!r} already holds a run; pass --resume to continue it, or choose another --out"
+                f"{str(run)!r} already holds a run; pass --resume to continue it, "
+                "or choose another --out"
             )
     if world > 1:
         # No process may see the folder rank 0 is about to fill as someone else's run.
@@ -428,9 +500,13 @@ def _train(
     prepared = task.prepare(data_config)
     mc = ModelConfig(
         **prepared.model,
-        cell=options["cell"], hidden_size=options["hidden_size"], num_layers=options["num_layers"],
-        bidirectional=options["bidirectional"], dropout=options["dropout"],
-        readout=options.get("readout", "last"), backend=options["backend"],
+        cell=options["cell"],
+        hidden_size=options["hidden_size"],
+        num_layers=options["num_layers"],
+        bidirectional=options["bidirectional"],
+        dropout=options["dropout"],
+        readout=options.get("readout", "last"),
+        backend=options["backend"],
     )
     config = {
         "task": task.name,
@@ -473,16 +549,20 @@ def _train(
         write_text(run / METRICS, "")
     model: nn.Module = net
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device] if device.type == "cuda" else None
+        )
 
     if loud:
         what = "continuing" if args.resume else "training"
         print(
-            f"rnnkit train {task.name}: {what} {mc.cell.upper()} H={mc.hidden_size} L={mc.num_layers}"
+            f"rnnkit train {task.name}: {what} {mc.cell.upper()} "
+            f"H={mc.hidden_size} L={mc.num_layers}"
             + (" bidirectional" if mc.bidirectional else "")
             + f" ({count_parameters(net):,} parameters) on {device}"
             + (f" x {world} processes" if world > 1 else "")
-            + f"; {len(train_split)} train / {len(val_split)} val / {len(test_split)} test; run folder {run}"
+            + f"; {len(train_split)} train / {len(val_split)} val / {len(test_split)} test; "
+            + f"run folder {run}"
         )
         if args.resume:
             print(f"resuming after epoch {start_epoch} of {epochs}")
@@ -512,12 +592,22 @@ def _train(
                 opt.step()
                 sched.step()
                 step += 1
-                sums += torch.stack([loss_sum, count.to(loss_sum.device), metric_sum]).detach().double().cpu()
+                sums += (
+                    torch.stack([loss_sum, count.to(loss_sum.device), metric_sum])
+                    .detach()
+                    .double()
+                    .cpu()
+                )
                 if step % log_every == 0:
                     new_records.append(
-                        {"kind": "step", "step": step, "epoch": epoch + 1,
-                         "epoch_float": round(epoch + (b + 1) / steps_per_epoch, 4),
-                         "loss": float(loss.detach()), "lr": sched.get_last_lr()[0]}
+                        {
+                            "kind": "step",
+                            "step": step,
+                            "epoch": epoch + 1,
+                            "epoch_float": round(epoch + (b + 1) / steps_per_epoch, 4),
+                            "loss": float(loss.detach()),
+                            "lr": sched.get_last_lr()[0],
+                        }
                     )
                 progress.update(epoch + 1, epochs, b + 1, steps_per_epoch, float(loss.detach()))
             if world > 1:
@@ -525,11 +615,15 @@ def _train(
             _, val_loss, val_metric = _evaluate_split(task, net, val_split, device, bs)
             elapsed += time.perf_counter() - t0
             record = {
-                "kind": "epoch", "epoch": epoch + 1, "step": step,
+                "kind": "epoch",
+                "epoch": epoch + 1,
+                "step": step,
                 "train_loss": float(sums[0] / sums[1]),
                 f"train_{task.metric}": task.metric_value(float(sums[2]), float(sums[1])),
-                "val_loss": val_loss, f"val_{task.metric}": val_metric,
-                "lr": sched.get_last_lr()[0], "seconds": round(elapsed, 3),
+                "val_loss": val_loss,
+                f"val_{task.metric}": val_metric,
+                "lr": sched.get_last_lr()[0],
+                "seconds": round(elapsed, 3),
             }
             new_records.append(record)
             history.extend(new_records)
@@ -538,7 +632,9 @@ def _train(
             improved = best["key"] is None or key > best["key"]
             if improved:
                 best = {
-                    "epoch": epoch + 1, "score": val_metric, "key": key,
+                    "epoch": epoch + 1,
+                    "score": val_metric,
+                    "key": key,
                     "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
                 }
             rng = [_rng_state(device)]
@@ -550,20 +646,31 @@ def _train(
             if writer:
                 metrics_file.write("".join(json.dumps(r) + "\n" for r in new_records))
                 metrics_file.flush()
-                save_checkpoint(run / CHECKPOINT, {
-                    **{k: config[k] for k in ("task", "options", "model_config")},
-                    "epoch": epoch + 1, "step": step, "elapsed": elapsed,
-                    "model": net.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "rng": rng, "history": history, "best": best,
-                })
+                save_checkpoint(
+                    run / CHECKPOINT,
+                    {
+                        **{k: config[k] for k in ("task", "options", "model_config")},
+                        "epoch": epoch + 1,
+                        "step": step,
+                        "elapsed": elapsed,
+                        "model": net.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "rng": rng,
+                        "history": history,
+                        "best": best,
+                    },
+                )
                 if improved:
                     _save_model(run, best, task, config)
             if loud:
                 m = task.metric
                 print(
-                    f"epoch {epoch + 1:>{len(str(epochs))}}/{epochs}  train loss {record['train_loss']:.4f} "
+                    f"epoch {epoch + 1:>{len(str(epochs))}}/{epochs}  "
+                    f"train loss {record['train_loss']:.4f} "
                     f"{m} {_fmt_metric(m, record[f'train_{m}'])}  val loss {val_loss:.4f} "
-                    f"{m} {_fmt_metric(m, val_metric)}  {elapsed:.1f}s" + ("  *" if improved else ""),
+                    f"{m} {_fmt_metric(m, val_metric)}  {elapsed:.1f}s"
+                    + ("  *" if improved else ""),
                     flush=True,
                 )
     finally:
@@ -572,7 +679,9 @@ def _train(
             metrics_file.close()
 
     net.load_state_dict(best["state"])
-    out = forward_all(net, test_split.x, test_split.lengths, task.variable_length, device, max(bs, 256))
+    out = forward_all(
+        net, test_split.x, test_split.lengths, task.variable_length, device, max(bs, 256)
+    )
     report = task.report(out, test_split)
     checksums = [_checksum(net)]
     if world > 1:
@@ -598,17 +707,20 @@ def _train(
     from rnnkit import train_plots
 
     train_plots.curves(
-        history, task.metric,
+        history,
+        task.metric,
         f"{task.name}: {mc.cell.upper()} H={mc.hidden_size} L={mc.num_layers}"
-        + (" bidirectional" if mc.bidirectional else "") + f", best epoch {best['epoch']}",
+        + (" bidirectional" if mc.bidirectional else "")
+        + f", best epoch {best['epoch']}",
         run / "curves.png",
     )
-    files += ["curves.png"] + task.plots(report, run)
+    files += ["curves.png", *task.plots(report, run)]
     summary["files"] = files
     write_json(run / SUMMARY, summary)
     m = task.metric
     print(
-        f"\nrnnkit train {task.name}: done, {epochs} epochs in {elapsed:.1f} s; test uses the weights "
+        f"\nrnnkit train {task.name}: done, {epochs} epochs in {elapsed:.1f} s; "
+        "test uses the weights "
         f"of epoch {best['epoch']} (best validation {m} {_fmt_metric(m, best['score'])})"
     )
     print(_table(_summary_rows(task, {k: v for k, v in summary.items() if k in report.metrics})))
@@ -649,9 +761,14 @@ def evaluate(args: argparse.Namespace) -> int:
     device = _device(args.device, 0)
     prepared = task.prepare(meta["data"])
     if prepared.preprocessing != meta["preprocessing"]:
-        diff = sorted(k for k in meta["preprocessing"] if prepared.preprocessing.get(k) != meta["preprocessing"][k])
+        diff = sorted(
+            k
+            for k in meta["preprocessing"]
+            if prepared.preprocessing.get(k) != meta["preprocessing"][k]
+        )
         raise DataError(
-            f"the data files of this run changed since it was trained (their {', '.join(diff)} differ "
+            "the data files of this run changed since it was trained "
+            f"(their {', '.join(diff)} differ "
             "from the model's); evaluate cannot reproduce its splits"
         )
     split = {"test": prepared.test, "val": prepared.val, "train": prepared.train}[args.split]
@@ -660,7 +777,9 @@ def evaluate(args: argparse.Namespace) -> int:
     metrics = task.report(out, split).metrics
     if args.split != "test":
         metrics = {k.replace("test_", f"{args.split}_"): v for k, v in metrics.items()}
-    print(f"rnnkit evaluate {run}: {task.name}, {args.split} part, weights of epoch {meta['epoch']}")
+    print(
+        f"rnnkit evaluate {run}: {task.name}, {args.split} part, weights of epoch {meta['epoch']}"
+    )
     print(_table(_summary_rows(task, metrics)))
     if args.output:
         write_json(Path(args.output), {"split": args.split, **metrics})
@@ -668,13 +787,15 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
-    run, model, meta, task = _load_run(args.run)
+    _, model, _, task = _load_run(args.run)
     device = _device(args.device, 0)
     model.to(device)
     text = task.predict(model, Path(args.input), device, args.batch_size)
     if args.output:
         write_text(Path(args.output), text)
-        print(f"rnnkit predict: wrote {text.count(chr(10))} lines to {args.output}", file=sys.stderr)
+        print(
+            f"rnnkit predict: wrote {text.count(chr(10))} lines to {args.output}", file=sys.stderr
+        )
     else:
         sys.stdout.write(text)
     return 0

@@ -63,7 +63,9 @@ def read_json(path: Path, what: str) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{what} {str(path)!r} is not valid JSON ({e}); truncated?") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{what} {str(path)!r} holds a {type(data).__name__}, expected an object")
+        raise CheckpointError(
+            f"{what} {str(path)!r} holds a {type(data).__name__}, expected an object"
+        )
     return data
 
 
@@ -109,9 +111,11 @@ def save_model(path: Path, state: dict, meta: dict) -> None:
 
 
 def load_model(path: Path) -> tuple[nn.Module, dict]:
-    """The model saved in ``path`` and its metadata (``task``, ``model_config``, ``preprocessing``...)."""
+    """The model saved in ``path`` and its metadata (``task``, ``model_config``, ...)."""
     if not path.is_file():
-        raise CheckpointError(f"model file {str(path)!r} does not exist; did the run finish an epoch?")
+        raise CheckpointError(
+            f"model file {str(path)!r} does not exist; did the run finish an epoch?"
+        )
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
@@ -130,17 +134,24 @@ def load_model(path: Path) -> tuple[nn.Module, dict]:
     if want != have:
         missing = sorted(set(want) - set(have))
         extra = sorted(set(have) - set(want))
-        shapes = [f"{k} {have[k]} vs {want[k]}" for k in sorted(set(want) & set(have)) if want[k] != have[k]]
+        shapes = [
+            f"{k} {have[k]} vs {want[k]}"
+            for k in sorted(set(want) & set(have))
+            if want[k] != have[k]
+        ]
         detail = "; ".join(
-            part for part in (
+            part
+            for part in (
                 f"missing {', '.join(missing[:5])}" if missing else "",
                 f"unexpected {', '.join(extra[:5])}" if extra else "",
                 f"shapes differ: {', '.join(shapes[:5])}" if shapes else "",
-            ) if part
+            )
+            if part
         )
         raise CheckpointError(
             f"model file {str(path)!r} does not match the model its metadata describes "
-            f"({meta['model_config']['cell']}, hidden_size {meta['model_config']['hidden_size']}): {detail}"
+            f"({meta['model_config']['cell']}, "
+            f"hidden_size {meta['model_config']['hidden_size']}): {detail}"
         )
     model.load_state_dict(tensors)
     return model, meta

@@ -7,8 +7,8 @@ import matplotlib
 
 matplotlib.use("Agg", force=True)
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -27,8 +27,12 @@ def curves(history: list[dict], metric: str, title: str, path: Path) -> None:
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
     if steps:
         ax_loss.plot(
-            [r["epoch_float"] for r in steps], [r["loss"] for r in steps],
-            color="tab:blue", alpha=0.25, linewidth=0.8, label="train (logged steps)",
+            [r["epoch_float"] for r in steps],
+            [r["loss"] for r in steps],
+            color="tab:blue",
+            alpha=0.25,
+            linewidth=0.8,
+            label="train (logged steps)",
         )
     x = [r["epoch"] for r in epochs]
     ax_loss.plot(x, [r["train_loss"] for r in epochs], "o-", color="tab:blue", label="train")
@@ -40,8 +44,16 @@ def curves(history: list[dict], metric: str, title: str, path: Path) -> None:
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
     scale = 100.0 if metric == "accuracy" else 1.0
-    ax_metric.plot(x, [r[f"train_{metric}"] * scale for r in epochs], "o-", color="tab:blue", label="train")
-    ax_metric.plot(x, [r[f"val_{metric}"] * scale for r in epochs], "o-", color="tab:orange", label="validation")
+    ax_metric.plot(
+        x, [r[f"train_{metric}"] * scale for r in epochs], "o-", color="tab:blue", label="train"
+    )
+    ax_metric.plot(
+        x,
+        [r[f"val_{metric}"] * scale for r in epochs],
+        "o-",
+        color="tab:orange",
+        label="validation",
+    )
     ax_metric.set_xlabel("epoch")
     ax_metric.set_ylabel("accuracy (%)" if metric == "accuracy" else metric.upper())
     ax_metric.set_title("accuracy" if metric == "accuracy" else metric.upper())
@@ -68,7 +80,15 @@ def confusion(matrix: np.ndarray, labels: list[str], title: str, path: Path) -> 
             for j in range(n):
                 if matrix[i, j]:
                     color = "white" if matrix[i, j] > top / 2 else "black"
-                    ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", color=color, fontsize=8)
+                    ax.text(
+                        j,
+                        i,
+                        str(int(matrix[i, j])),
+                        ha="center",
+                        va="center",
+                        color=color,
+                        fontsize=8,
+                    )
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title(title)
     fig.tight_layout()
@@ -76,15 +96,23 @@ def confusion(matrix: np.ndarray, labels: list[str], title: str, path: Path) -> 
 
 
 def forecast(
-    truth: np.ndarray, model: np.ndarray, baseline: np.ndarray, steps_per_day: int, title: str, path: Path
+    truth: np.ndarray,
+    model: np.ndarray,
+    baseline: np.ndarray,
+    steps_per_day: int,
+    title: str,
+    path: Path,
 ) -> None:
     """The test part: the truth against the model's and the baseline's 1-step-ahead forecasts,
-    whole (top) and its first two days with the model's full horizon from every 4th window (bottom)."""
+    whole (top), and its first two days with the model's full horizon from every 4th window
+    (bottom)."""
     fig, (ax_all, ax_zoom) = plt.subplots(2, 1, figsize=(12, 7))
     t = np.arange(len(truth))
     ax_all.plot(t, truth[:, 0], color="black", linewidth=1.0, label="truth")
     ax_all.plot(t, model[:, 0], color="tab:red", linewidth=0.9, label="model, 1 step ahead")
-    ax_all.plot(t, baseline[:, 0], color="tab:gray", linewidth=0.8, alpha=0.7, label="seasonal naive")
+    ax_all.plot(
+        t, baseline[:, 0], color="tab:gray", linewidth=0.8, alpha=0.7, label="seasonal naive"
+    )
     ax_all.set_xlabel("test step")
     ax_all.set_title(title)
     ax_all.grid(alpha=0.3)
@@ -94,10 +122,16 @@ def forecast(
     ax_zoom.plot(t[:n], truth[:n, 0], color="black", linewidth=1.2, label="truth")
     for i in range(0, n, 4):
         ax_zoom.plot(
-            np.arange(i, i + horizon), model[i], color="tab:red", linewidth=1.0,
-            marker=".", label=f"model, {horizon} steps ahead" if i == 0 else None,
+            np.arange(i, i + horizon),
+            model[i],
+            color="tab:red",
+            linewidth=1.0,
+            marker=".",
+            label=f"model, {horizon} steps ahead" if i == 0 else None,
         )
-    ax_zoom.plot(t[:n], baseline[:n, 0], color="tab:gray", linewidth=0.8, alpha=0.7, label="seasonal naive")
+    ax_zoom.plot(
+        t[:n], baseline[:n, 0], color="tab:gray", linewidth=0.8, alpha=0.7, label="seasonal naive"
+    )
     ax_zoom.set_xlabel("test step")
     ax_zoom.set_title(f"first {n} steps of the test part")
     ax_zoom.grid(alpha=0.3)

@@ -21,9 +21,9 @@ from rnnkit.data.split import chronological_split, stratified_split
 from rnnkit.data.vocab import PAD, UNK, Vocab
 
 __all__ = [
-    "DataError",
     "PAD",
     "UNK",
+    "DataError",
     "Vocab",
     "chronological_split",
     "load_digits",

@@ -105,7 +105,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             f"IDX file {str(p)!r}: header promises shape {tuple(shape)} = {expected:,} bytes of "
             f"data, but the file holds {len(data) - header:,} (truncated or not an IDX file?)"
         )
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    return (
+        np.frombuffer(data, dtype=dtype, offset=header)
+        .reshape(shape)
+        .astype(dtype.newbyteorder("="))
+    )
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -113,7 +117,9 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     a = np.asarray(array)
     code = _IDX_CODES.get(a.dtype.newbyteorder("="))
     if code is None:
-        raise ValueError(f"write_idx: IDX has no type for {a.dtype}; use uint8, int8/16/32, float32/64")
+        raise ValueError(
+            f"write_idx: IDX has no type for {a.dtype}; use uint8, int8/16/32, float32/64"
+        )
     body = bytes([0, 0, code, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape)
     body += a.astype(_IDX_TYPES[code]).tobytes()
     p = Path(path)
@@ -222,7 +228,10 @@ def read_series(path: str | os.PathLike, column: str | None = None) -> np.ndarra
 
 
 def load_taylor() -> np.ndarray:
-    """The 4,032 half-hourly loads (MW) of England and Wales, 5 June - 27 August 2000 (Taylor 2003)."""
+    """The 4,032 half-hourly loads (MW) of England and Wales, 5 June - 27 August 2000.
+
+    Taylor (2003); see ``README.md`` beside this module.
+    """
     return read_series(_bundled("taylor.csv"), "load_mw")
 
 
@@ -237,7 +246,7 @@ def read_conllu(path: str | os.PathLike) -> list[tuple[list[str], list[str]]]:
     sentences: list[tuple[list[str], list[str]]] = []
     words: list[str] = []
     tags: list[str] = []
-    for k, line in enumerate(_read_text(p, "CoNLL-U file").splitlines() + [""], 1):
+    for k, line in enumerate([*_read_text(p, "CoNLL-U file").splitlines(), ""], 1):
         if not line.strip():
             if words:
                 sentences.append((words, tags))
@@ -279,7 +288,8 @@ def read_labelled_text(path: str | os.PathLike) -> tuple[list[str], list[str]]:
         label, tab, text = line.partition("\t")
         if not tab:
             raise DataError(
-                f"TSV file {str(p)!r}, line {k}: expected label<TAB>text, found no tab in {line[:40]!r}"
+                f"TSV file {str(p)!r}, line {k}: expected label<TAB>text, "
+                f"found no tab in {line[:40]!r}"
             )
         if not label.strip() or not text:
             raise DataError(f"TSV file {str(p)!r}, line {k}: the label or the text is empty")

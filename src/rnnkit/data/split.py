@@ -16,8 +16,8 @@ def stratified_split(
     total = sum(fractions)
     for label in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == label))
-        n_val = int(round(len(idx) * fractions[1] / total))
-        n_test = int(round(len(idx) * fractions[2] / total))
+        n_val = round(len(idx) * fractions[1] / total)
+        n_test = round(len(idx) * fractions[2] / total)
         n_train = len(idx) - n_val - n_test
         parts[0].append(idx[:n_train])
         parts[1].append(idx[n_train : n_train + n_val])
@@ -26,9 +26,11 @@ def stratified_split(
     return train, val, test
 
 
-def chronological_split(n: int, fractions: tuple[float, float, float]) -> tuple[slice, slice, slice]:
+def chronological_split(
+    n: int, fractions: tuple[float, float, float]
+) -> tuple[slice, slice, slice]:
     """Consecutive slices of ``n`` time steps, oldest first: train, validation, test."""
     total = sum(fractions)
-    a = int(round(n * fractions[0] / total))
-    b = a + int(round(n * fractions[1] / total))
+    a = round(n * fractions[0] / total)
+    b = a + round(n * fractions[1] / total)
     return slice(0, a), slice(a, b), slice(b, n)

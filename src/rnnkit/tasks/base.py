@@ -8,6 +8,7 @@ training data was read). The trainer does the rest, the same for every task.
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +42,7 @@ class Prepared:
 
 @dataclass
 class Report:
-    """The final evaluation of one split: flat metrics for summary.json and the arrays behind them."""
+    """The final evaluation of one split: flat metrics for summary.json, the arrays behind them."""
 
     metrics: dict
     arrays: dict = field(default_factory=dict)
@@ -55,7 +56,7 @@ class Task:
     variable_length = False
     # the targets have a time axis (tagging): batches trim it with the inputs'
     per_step_targets = False
-    defaults: dict = {}
+    defaults: ClassVar[dict] = {}
 
     def __init__(self) -> None:
         self.preprocessing: dict = {}
@@ -72,7 +73,7 @@ class Task:
         """The task's own options (its data files), registered with :meth:`option`."""
 
     def data_config(self, args: argparse.Namespace) -> dict:
-        """The task's options as a JSON-able dict, saved in config.json and used to reload the data."""
+        """The task's options as a JSON-able dict, saved in config.json to reload the data."""
         return {}
 
     def prepare(self, data: dict) -> Prepared:
@@ -101,7 +102,9 @@ class Task:
         return metric_sum / max(count, 1)
 
 
-def trim(x: Tensor, lengths: Tensor, y: Tensor | None, per_step: bool) -> tuple[Tensor, Tensor | None]:
+def trim(
+    x: Tensor, lengths: Tensor, y: Tensor | None, per_step: bool
+) -> tuple[Tensor, Tensor | None]:
     """Drop the padding columns no sequence of this batch needs."""
     t = int(lengths.max())
     x = x[:, :t]

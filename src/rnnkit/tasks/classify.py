@@ -4,6 +4,7 @@ import argparse
 import csv
 import io
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -17,7 +18,9 @@ from rnnkit.tasks.base import Prepared, Report, Split, Task, forward_all
 
 def _split(x: np.ndarray, y: np.ndarray, idx: np.ndarray) -> Split:
     xt = torch.as_tensor(x[idx])
-    return Split(xt, torch.full((len(idx),), xt.shape[1], dtype=torch.long), torch.as_tensor(y[idx]))
+    return Split(
+        xt, torch.full((len(idx),), xt.shape[1], dtype=torch.long), torch.as_tensor(y[idx])
+    )
 
 
 def _confusion(pred: np.ndarray, true: np.ndarray, n: int) -> np.ndarray:
@@ -55,7 +58,7 @@ class ClassificationTask(Task):
         metrics = {
             "test_accuracy": float((pred == true).mean()),
             "test_loss": loss,
-            "test_examples": int(len(true)),
+            "test_examples": len(true),
             "test_errors": int((pred != true).sum()),
             "test_accuracy_per_class": per_class,
         }
@@ -64,8 +67,10 @@ class ClassificationTask(Task):
     def plots(self, report: Report, run_dir: Path) -> list[str]:
         acc = report.metrics["test_accuracy"]
         train_plots.confusion(
-            report.arrays["confusion"], list(self.preprocessing["classes"]),
-            f"{self.name}: test confusion matrix (accuracy {100 * acc:.2f}%)", run_dir / "confusion.png",
+            report.arrays["confusion"],
+            list(self.preprocessing["classes"]),
+            f"{self.name}: test confusion matrix (accuracy {100 * acc:.2f}%)",
+            run_dir / "confusion.png",
         )
         return ["confusion.png"]
 
@@ -73,20 +78,34 @@ class ClassificationTask(Task):
         classes = self.preprocessing["classes"]
         prob = out.softmax(-1)
         p, k = prob.max(-1)
-        return [(i, classes[int(j)], f"{float(q):.4f}") for i, (j, q) in enumerate(zip(k, p))]
+        return [
+            (i, classes[int(j)], f"{float(q):.4f}")
+            for i, (j, q) in enumerate(zip(k, p, strict=True))
+        ]
 
 
 class DigitsTask(ClassificationTask):
     name = "digits"
     help = "the 1,797 8x8 handwritten digits (bundled), read as 8 steps of 8 pixels"
-    defaults = dict(
-        cell="lstm", hidden_size=128, num_layers=1, bidirectional=False, dropout=0.0,
-        readout="last", epochs=30, batch_size=32, lr=0.01, optimizer="adam", schedule="onecycle",
+    defaults: ClassVar[dict] = dict(
+        cell="lstm",
+        hidden_size=128,
+        num_layers=1,
+        bidirectional=False,
+        dropout=0.0,
+        readout="last",
+        epochs=30,
+        batch_size=32,
+        lr=0.01,
+        optimizer="adam",
+        schedule="onecycle",
     )
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         self.option(
-            p, "--data", metavar="CSV",
+            p,
+            "--data",
+            metavar="CSV",
             help="a digits CSV of 64 pixel values (0..16) and the label per row; "
             "default: the bundled copy of scikit-learn's digits",
         )
@@ -105,7 +124,9 @@ class DigitsTask(ClassificationTask):
         tr, va, te = stratified_split(y, tuple(data["split"]), data["split_seed"])
         self.preprocessing = {"classes": [str(c) for c in range(10)], "pixel_max": 16.0}
         return Prepared(
-            _split(x, y, tr), _split(x, y, va), _split(x, y, te),
+            _split(x, y, tr),
+            _split(x, y, va),
+            _split(x, y, te),
             {"kind": "classifier", "input_size": 8, "output_size": 10},
             self.preprocessing,
         )
@@ -124,7 +145,9 @@ class DigitsTask(ClassificationTask):
             except ValueError:
                 if k == 1:
                     continue
-                raise DataError(f"digits CSV {str(path)!r}, line {k}: a value is not a number") from None
+                raise DataError(
+                    f"digits CSV {str(path)!r}, line {k}: a value is not a number"
+                ) from None
         if not rows:
             raise DataError(f"digits CSV {str(path)!r} holds no rows of pixels")
         x = torch.tensor(rows, dtype=torch.float32).view(-1, 8, 8) / self.preprocessing["pixel_max"]
@@ -135,20 +158,35 @@ class DigitsTask(ClassificationTask):
 class MnistTask(ClassificationTask):
     name = "mnist"
     help = "sequential MNIST: 28 steps of 28 pixels, from IDX files in a folder you name"
-    defaults = dict(
-        cell="lstm", hidden_size=128, num_layers=1, bidirectional=False, dropout=0.0,
-        readout="hn", epochs=5, batch_size=128, lr=0.005, optimizer="adam", schedule="onecycle",
+    defaults: ClassVar[dict] = dict(
+        cell="lstm",
+        hidden_size=128,
+        num_layers=1,
+        bidirectional=False,
+        dropout=0.0,
+        readout="hn",
+        epochs=5,
+        batch_size=128,
+        lr=0.005,
+        optimizer="adam",
+        schedule="onecycle",
     )
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         self.option(
-            p, "--data", metavar="DIR", required=False,
+            p,
+            "--data",
+            metavar="DIR",
+            required=False,
             help="folder with train-images-idx3-ubyte, train-labels-idx1-ubyte, "
             "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (each may end in .gz); "
             "nothing is downloaded",
         )
         self.option(
-            p, "--val-fraction", type=float, default=0.1,
+            p,
+            "--val-fraction",
+            type=float,
+            default=0.1,
             help="share of the training images held out for validation (default 0.1)",
         )
 
@@ -157,7 +195,11 @@ class MnistTask(ClassificationTask):
             raise DataError("mnist needs --data DIR, the folder holding the MNIST IDX files")
         if not 0 < args.val_fraction < 1:
             raise DataError(f"--val-fraction must be between 0 and 1; got {args.val_fraction}")
-        return {"data": str(Path(args.data).resolve()), "val_fraction": args.val_fraction, "split_seed": 0}
+        return {
+            "data": str(Path(args.data).resolve()),
+            "val_fraction": args.val_fraction,
+            "split_seed": 0,
+        }
 
     def prepare(self, data: dict) -> Prepared:
         from rnnkit.data import stratified_split
@@ -173,7 +215,9 @@ class MnistTask(ClassificationTask):
         }
         all_test = np.arange(len(d["test_labels"]))
         return Prepared(
-            _split(x, y, tr), _split(x, y, va), _split(d["test_images"], d["test_labels"], all_test),
+            _split(x, y, tr),
+            _split(x, y, va),
+            _split(d["test_images"], d["test_labels"], all_test),
             {"kind": "classifier", "input_size": int(x.shape[2]), "output_size": classes},
             self.preprocessing,
         )
@@ -196,17 +240,30 @@ class TextClassificationTask(ClassificationTask):
     name = "textclf"
     help = "char-level classification of short texts from a TSV of label<TAB>text"
     variable_length = True
-    defaults = dict(
-        cell="gru", hidden_size=128, num_layers=1, bidirectional=True, dropout=0.1,
-        readout="hn", epochs=20, batch_size=32, lr=0.005, optimizer="adam", schedule="onecycle",
+    defaults: ClassVar[dict] = dict(
+        cell="gru",
+        hidden_size=128,
+        num_layers=1,
+        bidirectional=True,
+        dropout=0.1,
+        readout="hn",
+        epochs=20,
+        batch_size=32,
+        lr=0.005,
+        optimizer="adam",
+        schedule="onecycle",
     )
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         self.option(p, "--data", metavar="TSV", help="label<TAB>text per line (required)")
         self.option(p, "--dev", metavar="TSV", help="validation examples; default: 10%% of --data")
         self.option(p, "--test", metavar="TSV", help="test examples; default: 10%% of --data")
-        self.option(p, "--max-chars", type=int, default=200, help="longer texts are cut (default 200)")
-        self.option(p, "--embedding-dim", type=int, default=32, help="character embedding size (default 32)")
+        self.option(
+            p, "--max-chars", type=int, default=200, help="longer texts are cut (default 200)"
+        )
+        self.option(
+            p, "--embedding-dim", type=int, default=32, help="character embedding size (default 32)"
+        )
 
     def data_config(self, args: argparse.Namespace) -> dict:
         if not args.data:
@@ -218,8 +275,11 @@ class TextClassificationTask(ClassificationTask):
             return str(Path(p).resolve()) if p else None
 
         return {
-            "data": path(args.data), "dev": path(args.dev), "test": path(args.test),
-            "max_chars": args.max_chars, "embedding_dim": args.embedding_dim,
+            "data": path(args.data),
+            "dev": path(args.dev),
+            "test": path(args.test),
+            "max_chars": args.max_chars,
+            "embedding_dim": args.embedding_dim,
             "split_seed": 0,
         }
 
@@ -237,7 +297,7 @@ class TextClassificationTask(ClassificationTask):
 
         labels, texts = read_labelled_text(data["data"])
         parts = {}
-        rest_labels, rest_texts = np.array(labels), texts
+        rest_labels = np.array(labels)
         need = [data["dev"] is None, data["test"] is None]
         if any(need):
             fv = 0.1 if need[0] else 0.0
@@ -258,7 +318,8 @@ class TextClassificationTask(ClassificationTask):
             unseen = sorted(set(parts[key][0]) - set(classes))
             if unseen:
                 raise DataError(
-                    f"the {key} examples have labels the training examples lack: {', '.join(unseen[:10])}"
+                    f"the {key} examples have labels the training examples lack: "
+                    f"{', '.join(unseen[:10])}"
                 )
             if not parts[key][0]:
                 raise DataError(
@@ -266,7 +327,11 @@ class TextClassificationTask(ClassificationTask):
                     f"give --{key} TSV"
                 )
         vocab = Vocab.build(t[: data["max_chars"]] for t in parts["train"][1])
-        self.preprocessing = {"classes": classes, "chars": vocab.itos, "max_chars": data["max_chars"]}
+        self.preprocessing = {
+            "classes": classes,
+            "chars": vocab.itos,
+            "max_chars": data["max_chars"],
+        }
         index = {c: i for i, c in enumerate(classes)}
         splits = []
         for key in ("train", "dev", "test"):
@@ -275,8 +340,12 @@ class TextClassificationTask(ClassificationTask):
             splits.append(Split(x, lengths, torch.tensor([index[c] for c in lab])))
         return Prepared(
             *splits,
-            {"kind": "charrnn", "input_size": len(vocab), "output_size": len(classes),
-             "embedding_dim": data["embedding_dim"]},
+            {
+                "kind": "charrnn",
+                "input_size": len(vocab),
+                "output_size": len(classes),
+                "embedding_dim": data["embedding_dim"],
+            },
             self.preprocessing,
         )
 
@@ -287,5 +356,5 @@ class TextClassificationTask(ClassificationTask):
         vocab = Vocab(self.preprocessing["chars"][2:])
         x, lengths = self._encode(texts, vocab)
         out = forward_all(model, x, lengths, True, device, batch_size)
-        rows = [r + (t,) for r, t in zip(self._label_rows(out), texts)]
+        rows = [(*r, t) for r, t in zip(self._label_rows(out), texts, strict=True)]
         return _rows_csv(rows, ("line", "label", "probability", "text"))

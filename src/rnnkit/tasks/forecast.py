@@ -10,6 +10,7 @@ import argparse
 import csv
 import io
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -36,22 +37,46 @@ class ForecastTask(Task):
     name = "forecast"
     help = "electricity load: 24 h of half-hourly history -> the next 2 h (Taylor 2003, bundled)"
     metric = "mae"
-    defaults = dict(
-        cell="lstm", hidden_size=64, num_layers=1, bidirectional=False, dropout=0.0,
-        readout="last", epochs=20, batch_size=64, lr=0.01, optimizer="adam", schedule="onecycle",
+    defaults: ClassVar[dict] = dict(
+        cell="lstm",
+        hidden_size=64,
+        num_layers=1,
+        bidirectional=False,
+        dropout=0.0,
+        readout="last",
+        epochs=20,
+        batch_size=64,
+        lr=0.01,
+        optimizer="adam",
+        schedule="onecycle",
     )
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         self.option(
-            p, "--data", metavar="CSV",
+            p,
+            "--data",
+            metavar="CSV",
             help="a CSV with a header, one row per time step; default: the bundled half-hourly "
             "demand of England and Wales, 5 June - 27 August 2000 (4,032 points, Taylor 2003)",
         )
-        self.option(p, "--column", help="the column to forecast, by name or 0-based index (default: the last)")
-        self.option(p, "--window", type=int, default=48, help="steps of history per window (default 48 = 24 h)")
+        self.option(
+            p,
+            "--column",
+            help="the column to forecast, by name or 0-based index (default: the last)",
+        )
+        self.option(
+            p,
+            "--window",
+            type=int,
+            default=48,
+            help="steps of history per window (default 48 = 24 h)",
+        )
         self.option(p, "--horizon", type=int, default=4, help="steps predicted (default 4 = 2 h)")
         self.option(
-            p, "--period", type=int, default=48,
+            p,
+            "--period",
+            type=int,
+            default=48,
             help="the seasonal-naive baseline's lag in steps (default 48 = one day of half-hours)",
         )
 
@@ -61,7 +86,8 @@ class ForecastTask(Task):
                 raise DataError(f"--{name} must be at least 1; got {getattr(args, name)}")
         if args.horizon > args.period:
             raise DataError(
-                f"--horizon {args.horizon} is longer than --period {args.period}: the seasonal-naive "
+                f"--horizon {args.horizon} is longer than --period {args.period}: "
+                "the seasonal-naive "
                 "baseline would need values from the future"
             )
         return {
@@ -74,25 +100,35 @@ class ForecastTask(Task):
         }
 
     def prepare(self, data: dict) -> Prepared:
-        series = load_taylor() if data["data"] is None else read_series(data["data"], data["column"])
+        series = (
+            load_taylor() if data["data"] is None else read_series(data["data"], data["column"])
+        )
         w, h, period = data["window"], data["horizon"], data["period"]
         parts = chronological_split(len(series), tuple(data["split"]))
         first = max(w, period)
-        # Every part needs a few windows, and the first target must have a full history and baseline.
+        # Every part needs a few windows; the first target needs a full history and a baseline.
         need = first + h + 3 * (h + 1)
         if len(series) < need or parts[0].stop <= first + h:
             raise DataError(
-                f"{data['data'] or 'the load series'}: {len(series)} values are too few for windows of "
+                f"{data['data'] or 'the load series'}: {len(series)} values are too few for "
+                f"windows of "
                 f"{w} steps predicting {h} with a baseline {period} steps back; need at least "
                 f"{max(need, int(np.ceil((first + h + 1) / 0.7)))}"
             )
         train = series[parts[0]]
         mean, std = float(train.mean()), float(train.std())
         if std == 0:
-            raise DataError("the training part of the series is constant; there is nothing to learn")
+            raise DataError(
+                "the training part of the series is constant; there is nothing to learn"
+            )
         self.preprocessing = {
-            "mean": mean, "std": std, "window": w, "horizon": h, "period": period,
-            "column": data["column"], "steps": int(len(series)),
+            "mean": mean,
+            "std": std,
+            "window": w,
+            "horizon": h,
+            "period": period,
+            "column": data["column"],
+            "steps": len(series),
         }
         z = ((series - mean) / std).astype(np.float32)
         splits = []
@@ -103,7 +139,9 @@ class ForecastTask(Task):
             x = np.stack([z[t - w : t] for t in starts])[..., None]  # (N, W, 1)
             y = np.stack([z[t : t + h] for t in starts])  # (N, horizon)
             lengths = torch.full((len(starts),), w)
-            splits.append(Split(torch.from_numpy(x), lengths, torch.from_numpy(y), torch.from_numpy(starts)))
+            splits.append(
+                Split(torch.from_numpy(x), lengths, torch.from_numpy(y), torch.from_numpy(starts))
+            )
         self._series = series
         return Prepared(
             *splits,
@@ -131,18 +169,23 @@ class ForecastTask(Task):
             "baseline_mape": base["mape"],
             "mae_per_step": [float(v) for v in np.abs(pred - true).mean(axis=0)],
             "test_loss": float(nn.functional.mse_loss(out, split.y)),
-            "test_windows": int(len(true)),
+            "test_windows": len(true),
         }
         return Report(metrics, {"pred": pred, "true": true, "baseline": baseline})
 
     def plots(self, report: Report, run_dir: Path) -> list[str]:
         m = report.metrics
         title = (
-            f"forecast, test part: model MAE {m['mae']:.0f}, seasonal naive MAE {m['baseline_mae']:.0f}"
+            f"forecast, test part: model MAE {m['mae']:.0f}, "
+            f"seasonal naive MAE {m['baseline_mae']:.0f}"
         )
         train_plots.forecast(
-            report.arrays["true"], report.arrays["pred"], report.arrays["baseline"],
-            self.preprocessing["period"], title, run_dir / "forecast.png",
+            report.arrays["true"],
+            report.arrays["pred"],
+            report.arrays["baseline"],
+            self.preprocessing["period"],
+            title,
+            run_dir / "forecast.png",
         )
         return ["forecast.png"]
 

@@ -9,6 +9,7 @@ probability ``--word-dropout`` so that the classes are learnt.
 import argparse
 import re
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -50,18 +51,38 @@ class TaggerTask(Task):
     metric = "accuracy"
     variable_length = True
     per_step_targets = True
-    defaults = dict(
-        cell="lstm", hidden_size=64, num_layers=1, bidirectional=True, dropout=0.1,
-        readout="last", epochs=30, batch_size=8, lr=0.01, optimizer="adam", schedule="onecycle",
+    defaults: ClassVar[dict] = dict(
+        cell="lstm",
+        hidden_size=64,
+        num_layers=1,
+        bidirectional=True,
+        dropout=0.1,
+        readout="last",
+        epochs=30,
+        batch_size=8,
+        lr=0.01,
+        optimizer="adam",
+        schedule="onecycle",
     )
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        self.option(p, "--train", metavar="CONLLU", help="training sentences (default: the bundled sample)")
-        self.option(p, "--dev", metavar="CONLLU", help="validation sentences (default: the bundled sample)")
-        self.option(p, "--test", metavar="CONLLU", help="test sentences (default: the bundled sample)")
-        self.option(p, "--embedding-dim", type=int, default=64, help="word embedding size (default 64)")
         self.option(
-            p, "--word-dropout", type=float, default=0.3,
+            p, "--train", metavar="CONLLU", help="training sentences (default: the bundled sample)"
+        )
+        self.option(
+            p, "--dev", metavar="CONLLU", help="validation sentences (default: the bundled sample)"
+        )
+        self.option(
+            p, "--test", metavar="CONLLU", help="test sentences (default: the bundled sample)"
+        )
+        self.option(
+            p, "--embedding-dim", type=int, default=64, help="word embedding size (default 64)"
+        )
+        self.option(
+            p,
+            "--word-dropout",
+            type=float,
+            default=0.3,
             help="chance that a word seen once in training is replaced by its unknown-word class "
             "(default 0.3)",
         )
@@ -69,10 +90,12 @@ class TaggerTask(Task):
     def data_config(self, args: argparse.Namespace) -> dict:
         given = [args.train, args.dev, args.test]
         if any(given) and not all(given):
-            raise DataError("tagger: give all of --train, --dev and --test, or none for the bundled sample")
+            raise DataError(
+                "tagger: give all of --train, --dev and --test, or none for the bundled sample"
+            )
         paths = {
             k: str(Path(v).resolve()) if v else str(sample_conllu(k))
-            for k, v in zip(("train", "dev", "test"), given)
+            for k, v in zip(("train", "dev", "test"), given, strict=True)
         }
         if not 0 <= args.word_dropout < 1:
             raise DataError(f"--word-dropout must be in [0, 1); got {args.word_dropout}")
@@ -116,8 +139,12 @@ class TaggerTask(Task):
         splits = [self._tensors(s, vocab) for s in (train, dev, test)]
         return Prepared(
             *splits,
-            {"kind": "tagger", "input_size": len(vocab), "output_size": len(tags),
-             "embedding_dim": data["embedding_dim"]},
+            {
+                "kind": "tagger",
+                "input_size": len(vocab),
+                "output_size": len(tags),
+                "embedding_dim": data["embedding_dim"],
+            },
             self.preprocessing,
         )
 
@@ -149,16 +176,19 @@ class TaggerTask(Task):
             "test_accuracy": float(right.sum() / mask.sum()),
             "test_loss": float(loss / count),
             "test_tokens": int(mask.sum()),
-            "test_sentences": int(len(split)),
+            "test_sentences": len(split),
             "test_unknown_tokens": int(unknown.sum()),
-            "test_unknown_accuracy": float((right & unknown).sum() / unknown.sum()) if unknown.any() else None,
+            "test_unknown_accuracy": float((right & unknown).sum() / unknown.sum())
+            if unknown.any()
+            else None,
         }
         return Report(metrics, {"confusion": matrix})
 
     def plots(self, report: Report, run_dir: Path) -> list[str]:
         acc = report.metrics["test_accuracy"]
         train_plots.confusion(
-            report.arrays["confusion"], list(self.preprocessing["tags"]),
+            report.arrays["confusion"],
+            list(self.preprocessing["tags"]),
             f"tagger: test confusion matrix of UPOS tags (token accuracy {100 * acc:.2f}%)",
             run_dir / "confusion.png",
         )
@@ -173,7 +203,7 @@ class TaggerTask(Task):
         conllu = any(len(line.split("\t")) == 10 for line in lines)
         if conllu:
             sentences, rows = [], []
-            for k, line in enumerate(lines + [""], 1):
+            for k, line in enumerate([*lines, ""], 1):
                 cols = line.split("\t")
                 if not line.strip():
                     if rows:
@@ -197,17 +227,22 @@ class TaggerTask(Task):
         for i, ws in enumerate(token_words):
             x[i, : len(ws)] = torch.tensor(encode_words(ws, vocab))
         out = forward_all(model, x, lengths, True, device, batch_size)
-        tags = [[self.preprocessing["tags"][int(k)] for k in out[i, : len(ws)].argmax(-1)]
-                for i, ws in enumerate(token_words)]
+        tags = [
+            [self.preprocessing["tags"][int(k)] for k in out[i, : len(ws)].argmax(-1)]
+            for i, ws in enumerate(token_words)
+        ]
         if conllu:
             lines = list(lines)
-            for rows, ts in zip(sentences, tags):
-                for i, t in zip(rows, ts):
+            for rows, ts in zip(sentences, tags, strict=True):
+                for i, t in zip(rows, ts, strict=True):
                     cols = lines[i].split("\t")
                     cols[3] = t
                     lines[i] = "\t".join(cols)
             return "\n".join(lines) + "\n"
         out_lines = []
-        for ws, ts in zip(token_words, tags):
-            out_lines += [f"{i}\t{w}\t{t}" for i, (w, t) in enumerate(zip(ws, ts), 1)] + [""]
+        for ws, ts in zip(token_words, tags, strict=True):
+            out_lines += [
+                *(f"{i}\t{w}\t{t}" for i, (w, t) in enumerate(zip(ws, ts, strict=True), 1)),
+                "",
+            ]
         return "\n".join(out_lines)
