@@ -517,3 +517,33 @@ def test_train_help_explains_each_shared_option(capsys):
     ):
         assert option in out, option
     assert "h_n of every layer and direction" in " ".join(out.split())
+
+
+def test_resume_refuses_data_that_changed(tmp_path, capsys, monkeypatch):
+    series = 100 + 10 * np.sin(np.arange(400) * 2 * np.pi / 8)
+    csv = tmp_path / "s.csv"
+    csv.write_text("v\n" + "\n".join(map(str, series)) + "\n")
+    argv = [
+        "train",
+        "forecast",
+        "--data",
+        csv,
+        "--window",
+        "8",
+        "--period",
+        "8",
+        "--out",
+        tmp_path / "r",
+        "--epochs",
+        "2",
+        *TINY,
+    ]
+    with monkeypatch.context() as m:
+        _interrupt_after_epoch(m, 1)
+        assert run_cli(capsys, *argv)[0] == 130
+    csv.write_text("v\n" + "\n".join(map(str, series * 2)) + "\n")
+    rc, _, err = run_cli(capsys, *argv, "--resume")
+    assert_clear_error(rc, err, "changed since the run started")
+    csv.write_text("v\n" + "\n".join(map(str, series)) + "\n")
+    rc, _, err = run_cli(capsys, *argv, "--resume")
+    assert rc == 0, err

@@ -323,10 +323,14 @@ class Progress:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.stream = sys.stderr
+        self.drawn = 0.0
 
-    def update(self, epoch: int, epochs: int, done: int, total: int, loss: float) -> None:
-        if not self.enabled:
+    def update(self, epoch: int, epochs: int, done: int, total: int, loss: torch.Tensor) -> None:
+        # At most ~10 redraws a second: a terminal write per step would slow small models down.
+        if not self.enabled or (time.monotonic() - self.drawn < 0.1 and done < total):
             return
+        self.drawn = time.monotonic()
+        loss = float(loss)
         width = 24
         filled = int(width * done / max(total, 1))
         bar = "#" * filled + "." * (width - filled)
@@ -508,17 +512,29 @@ def _train(
         readout=options.get("readout", "last"),
         backend=options["backend"],
     )
+    fingerprint = {
+        "sizes": [len(prepared.train), len(prepared.val), len(prepared.test)],
+        "preprocessing": hashlib.sha256(
+            json.dumps(prepared.preprocessing, sort_keys=True).encode()
+        ).hexdigest()[:16],
+    }
     config = {
         "task": task.name,
-        "options": options,
+        "options": {k: v for k, v in options.items() if k != "device"},
+        "device": options["device"],
         "data": data_config,
+        "data_fingerprint": fingerprint,
         "model_config": mc.to_dict(),
         "world_size": world,
         "rnnkit_version": __version__,
         "torch_version": torch.__version__,
     }
-    config["options"] = {k: v for k, v in options.items() if k != "device"}
-    config["device"] = options["device"]
+    if args.resume and saved.get("data_fingerprint") != fingerprint:
+        raise DataError(
+            f"the data of {str(run)!r} changed since the run started (split sizes or "
+            f"preprocessing differ: {saved.get('data_fingerprint')} then, {fingerprint} now); "
+            "it cannot be resumed on different data"
+        )
 
     torch.manual_seed(options["seed"])
     net = build_model(mc).to(device)
@@ -609,7 +625,7 @@ def _train(
                             "lr": sched.get_last_lr()[0],
                         }
                     )
-                progress.update(epoch + 1, epochs, b + 1, steps_per_epoch, float(loss.detach()))
+                progress.update(epoch + 1, epochs, b + 1, steps_per_epoch, loss.detach())
             if world > 1:
                 dist.all_reduce(sums)
             _, val_loss, val_metric = _evaluate_split(task, net, val_split, device, bs)
@@ -649,7 +665,10 @@ def _train(
                 save_checkpoint(
                     run / CHECKPOINT,
                     {
-                        **{k: config[k] for k in ("task", "options", "model_config")},
+                        **{
+                            k: config[k]
+                            for k in ("task", "options", "model_config", "data_fingerprint")
+                        },
                         "epoch": epoch + 1,
                         "step": step,
                         "elapsed": elapsed,

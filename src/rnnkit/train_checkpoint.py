@@ -89,7 +89,7 @@ def load_checkpoint(path: Path, config: dict) -> dict:
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not an rnnkit training checkpoint")
-    for key in ("task", "options", "model_config"):
+    for key in ("task", "options", "model_config", "data_fingerprint"):
         if state.get(key) != config.get(key):
             raise CheckpointError(
                 f"checkpoint {str(path)!r} belongs to a different run: its {key} is "
