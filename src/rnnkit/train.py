@@ -738,7 +738,7 @@ def _train(
     write_json(run / SUMMARY, summary)
     m = task.metric
     print(
-        f"\nrnnkit train {task.name}: done, {epochs} epochs in {elapsed:.1f} s; "
+        f"\nrnnkit train {task.name}: done, {epochs} epoch{'s' if epochs != 1 else ''} in {elapsed:.1f} s; "
         "test uses the weights "
         f"of epoch {best['epoch']} (best validation {m} {_fmt_metric(m, best['score'])})"
     )
