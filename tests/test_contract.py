@@ -107,9 +107,10 @@ def test_functional_call_uses_the_given_parameters():
     torch.testing.assert_close(hn, ref_hn, rtol=1e-10, atol=1e-10)
 
 
-def test_torch_compile_runs_and_gives_equal_results():
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_torch_compile_runs_and_gives_equal_results(backend):
     torch._dynamo.reset()
-    layer = rnnkit.LSTM(4, 6, 2, bidirectional=True, batch_first=True)
+    layer = rnnkit.LSTM(4, 6, 2, bidirectional=True, batch_first=True, backend=backend)
     x = torch.randn(2, 3, 4)
     expected, (h, c) = layer(x)
     compiled = torch.compile(layer, backend="aot_eager")

@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 
 from rnnkit.engines import pointwise  # noqa: E402
 from rnnkit.engines import triton_kernels as tk  # noqa: E402
-from rnnkit.engines.fused import FusedLayer  # noqa: E402
+from rnnkit.engines.fused import run_layer as fused_layer  # noqa: E402
 
 if not CUDA and not tk._INTERPRET:
     # Another test imported the kernels before the interpreter was asked for: build them again.
@@ -132,7 +132,7 @@ def _layer_inputs(mode_id: str, batch_sizes: tuple[int, ...], bias: bool, dtype:
 def _run_layer(kernels, mode_id, reverse, batch_sizes, leaves):
     """Outputs (out, h_n, c_n) of the fused layer and the gradients of a fixed random projection
     of them with respect to every leaf."""
-    outs = FusedLayer.apply(MODES[mode_id][0], reverse, batch_sizes, kernels, *leaves)
+    outs = fused_layer(MODES[mode_id][0], reverse, batch_sizes, kernels, *leaves)
     outs = [o for o in outs if o is not None]
     gen = torch.Generator().manual_seed(1)
     loss = sum(
@@ -221,11 +221,11 @@ def test_persistent_lstm_forward_matches_fused_layer(case, dtype):
     got = tk.lstm_persistent_forward(G, w_hh, h0, c0, batch_sizes, reverse)
     if dtype == torch.bfloat16:
         ref = [t.float() for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
-        want = FusedLayer.apply("LSTM", reverse, batch_sizes, pointwise, *ref, None)
+        want = fused_layer("LSTM", reverse, batch_sizes, pointwise, *ref, None)
         for w, g in zip(want, got, strict=True):
             assert (g.float() - w).norm() <= 3e-2 * w.norm()
         return
-    want = FusedLayer.apply(
+    want = fused_layer(
         "LSTM", reverse, batch_sizes, pointwise, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None
     )
     for w, g in zip(want, got, strict=True):

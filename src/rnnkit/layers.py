@@ -15,6 +15,7 @@ from rnnkit import engines
 from rnnkit import functional as F
 from rnnkit.engines.spec import LayerSpec, Weights
 from rnnkit.validation import check_constructor, prepare_cell_input, prepare_layer_input
+from rnnkit.variants import Variants, draw_step_variants
 
 
 class RNNBase(nn.Module):
@@ -35,9 +36,12 @@ class RNNBase(nn.Module):
         dtype: torch.dtype | None = None,
         *,
         backend: str = "auto",
+        variants: Variants | None = None,
     ) -> None:
         super().__init__()
         name = {"RNN_TANH": "RNN", "RNN_RELU": "RNN"}.get(mode, mode)
+        self.variants = variants or Variants()
+        self.variants.check(name, mode, bias)
         if proj_size and mode != "LSTM":
             raise ValueError(
                 f"{name}: proj_size argument is only supported for LSTM, not RNN or GRU"
@@ -79,7 +83,26 @@ class RNNBase(nn.Module):
                     names.append(base + suffix)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
+        # Variant parameters come after torch.nn's, so that those draw the same random numbers.
+        if self.variants.layer_norm:
+            for layer in range(num_layers):
+                for direction in range(num_directions):
+                    suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                    for part, size in self._layer_norm_parts():
+                        for kind in ("weight", "bias"):
+                            p = nn.Parameter(torch.empty(size, **factory))
+                            self.register_parameter(f"ln_{part}_{kind}{suffix}", p)
+        if self.variants.learn_init:
+            rows = num_layers * num_directions
+            self.init_h = nn.Parameter(torch.empty(rows, real_hidden, **factory))
+            if mode == "LSTM":
+                self.init_c = nn.Parameter(torch.empty(rows, hidden_size, **factory))
         self.reset_parameters()
+
+    def _layer_norm_parts(self) -> list[tuple[str, int]]:
+        gates = self._spec().gates * self.hidden_size
+        parts = [("ih", gates), ("hh", gates)]
+        return [*parts, ("c", self.hidden_size)] if self.mode == "LSTM" else parts
 
     @property
     def _name(self) -> str:
@@ -102,6 +125,18 @@ class RNNBase(nn.Module):
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
         for name in self._flat_weights_names:
             nn.init.uniform_(getattr(self, name), -stdv, stdv)
+        v = self.variants
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.startswith("ln_"):
+                    p.fill_(1.0 if "_weight_" in name else 0.0)
+                elif name in ("init_h", "init_c"):
+                    p.zero_()
+            if v.forget_bias is not None:
+                H = self.hidden_size
+                for name in self._flat_weights_names:
+                    if name.startswith("bias_"):
+                        getattr(self, name)[H : 2 * H] = v.forget_bias / 2
 
     def flatten_parameters(self) -> None:
         """Accepted for torch.nn compatibility; rnnkit needs no flat weight buffer."""
@@ -128,15 +163,57 @@ class RNNBase(nn.Module):
         return out
 
     def _run(self, input: Tensor | PackedSequence, hx: object) -> tuple[object, tuple[Tensor, ...]]:
-        spec = self._spec()
+        spec, v = self._spec(), self.variants
         weights = self._weights()
         prepared = prepare_layer_input(self._name, spec, input, hx, self.batch_first, weights[0][0])
         x = prepared.x
-        engine = engines.resolve(self.backend, self.mode, x.device, x.dtype, self._name)
+        if hx is None and v.learn_init:
+            batch = prepared.hx[0].shape[1]
+            inits = (self.init_h, self.init_c) if self.mode == "LSTM" else (self.init_h,)
+            prepared.hx = tuple(s.unsqueeze(1).expand(-1, batch, -1) for s in inits)
+        if v.weight_drop > 0 and self.training:
+            weights = [
+                (w_ih, nn.functional.dropout(w_hh, v.weight_drop), b_ih, b_hh, w_hr)
+                for w_ih, w_hh, b_ih, b_hh, w_hr in weights
+            ]
+        backend, extra = self.backend, {}
+        if v.per_step:
+            if backend == "torch":
+                raise ValueError(
+                    f"{self._name}: backend='torch' cannot run layer_norm, zoneout or "
+                    "recurrent_dropout; use backend='fused' or 'reference'"
+                )
+            backend = "fused" if backend == "auto" else backend
+            extra["variants"] = draw_step_variants(
+                v,
+                self._layer_norm_params() if v.layer_norm else None,
+                x,
+                prepared.hx[0].shape[1],
+                len(weights),
+                spec.out_size,
+                self.hidden_size,
+                self.mode == "LSTM",
+                self.training,
+            )
+        engine = engines.resolve(backend, self.mode, x.device, x.dtype, self._name)
         output, hn = engine.run(
-            spec, prepared.x, prepared.hx, weights, prepared.batch_sizes, self.training
+            spec, x, prepared.hx, weights, prepared.batch_sizes, self.training, **extra
         )
         return prepared.finish(output, hn)
+
+    def _layer_norm_params(self) -> list[tuple[Tensor, ...]]:
+        """(g_ih, b_ih, g_hh, b_hh[, g_c, b_c]) of every layer and direction."""
+        out = []
+        for layer in range(self.num_layers):
+            for direction in range(2 if self.bidirectional else 1):
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                names = [
+                    f"ln_{part}_{kind}{suffix}"
+                    for part, _ in self._layer_norm_parts()
+                    for kind in ("weight", "bias")
+                ]
+                out.append(tuple(getattr(self, name) for name in names))
+        return out
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -154,6 +231,10 @@ class RNNBase(nn.Module):
             s += f", bidirectional={self.bidirectional}"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
+        for field, default in Variants().__dict__.items():
+            value = getattr(self.variants, field)
+            if value != default:
+                s += f", {field}={value!r}"
         return s
 
 
@@ -232,7 +313,16 @@ class LSTM(RNNBase):
         dtype: torch.dtype | None = None,
         *,
         backend: str = "auto",
+        layer_norm: bool = False,
+        recurrent_dropout: float = 0.0,
+        zoneout: float = 0.0,
+        weight_drop: float = 0.0,
+        learn_init: bool = False,
+        forget_bias: float | None = None,
     ) -> None:
+        variants = Variants(
+            layer_norm, recurrent_dropout, zoneout, weight_drop, learn_init, forget_bias
+        )
         super().__init__(
             "LSTM",
             input_size,
@@ -246,6 +336,7 @@ class LSTM(RNNBase):
             device,
             dtype,
             backend=backend,
+            variants=variants,
         )
 
     def forward(self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None):
@@ -273,7 +364,13 @@ class GRU(RNNBase):
         dtype: torch.dtype | None = None,
         *,
         backend: str = "auto",
+        layer_norm: bool = False,
+        recurrent_dropout: float = 0.0,
+        zoneout: float = 0.0,
+        weight_drop: float = 0.0,
+        learn_init: bool = False,
     ) -> None:
+        variants = Variants(layer_norm, recurrent_dropout, zoneout, weight_drop, learn_init)
         super().__init__(
             "GRU",
             input_size,
@@ -287,6 +384,7 @@ class GRU(RNNBase):
             device,
             dtype,
             backend=backend,
+            variants=variants,
         )
 
     def forward(self, input: Tensor | PackedSequence, hx: Tensor | None = None):

@@ -13,26 +13,38 @@ import torch
 from torch import Tensor
 
 Carry = tuple[Tensor, ...]
-Step = Callable[[Tensor, Carry], tuple[Tensor, Carry]]
+# A step's input is a tensor, or a tuple of tensors sliced alike (the input and its masks).
+Inputs = Tensor | tuple[Tensor, ...]
+Step = Callable[[Inputs, Carry], tuple[Tensor, Carry]]
+
+
+def _take(xs: Inputs, index: int | slice) -> Inputs:
+    return tuple(x[index] for x in xs) if isinstance(xs, tuple) else xs[index]
+
+
+def _length(xs: Inputs) -> int:
+    return (xs[0] if isinstance(xs, tuple) else xs).shape[0]
 
 
 def scan(
     step: Step,
-    xs: Tensor,
+    xs: Inputs,
     carry: Carry,
     reverse: bool = False,
     batch_sizes: Sequence[int] | None = None,
 ) -> tuple[Tensor, Carry]:
     """Run ``step`` over time.
 
-    ``xs`` is ``(T, B, I)``, or packed data ``(N, I)`` when ``batch_sizes`` is given. Returns the
-    outputs laid out like ``xs`` (``(T, B, Y)`` or ``(N, Y)``) and the final carry ``(B, *)``.
+    ``xs`` is ``(T, B, I)``, or packed data ``(N, I)`` when ``batch_sizes`` is given (or a tuple
+    of such tensors, sliced alike). Returns the outputs laid out like ``xs`` (``(T, B, Y)`` or
+    ``(N, Y)``) and the final carry ``(B, *)``.
     """
     if batch_sizes is None:
-        steps = range(xs.shape[0] - 1, -1, -1) if reverse else range(xs.shape[0])
-        ys: list[Tensor] = [xs.new_empty(0)] * xs.shape[0]
+        T = _length(xs)
+        steps = range(T - 1, -1, -1) if reverse else range(T)
+        ys: list[Tensor | None] = [None] * T
         for t in steps:
-            ys[t], carry = step(xs[t], carry)
+            ys[t], carry = step(_take(xs, t), carry)
         return torch.stack(ys), carry
     if reverse:
         return _scan_packed_reverse(step, xs, carry, batch_sizes)
@@ -40,12 +52,12 @@ def scan(
 
 
 def _scan_packed_forward(
-    step: Step, xs: Tensor, carry: Carry, batch_sizes: Sequence[int]
+    step: Step, xs: Inputs, carry: Carry, batch_sizes: Sequence[int]
 ) -> tuple[Tensor, Carry]:
     ys = []
     offset = 0
     for bs in batch_sizes:
-        y, alive = step(xs[offset : offset + bs], tuple(s[:bs] for s in carry))
+        y, alive = step(_take(xs, slice(offset, offset + bs)), tuple(s[:bs] for s in carry))
         ys.append(y)
         # Sequences that ended keep their last state: that is their h_n.
         carry = tuple(torch.cat((a, s[bs:])) for a, s in zip(alive, carry, strict=False))
@@ -54,12 +66,12 @@ def _scan_packed_forward(
 
 
 def _scan_packed_reverse(
-    step: Step, xs: Tensor, carry0: Carry, batch_sizes: Sequence[int]
+    step: Step, xs: Inputs, carry0: Carry, batch_sizes: Sequence[int]
 ) -> tuple[Tensor, Carry]:
     offsets = [0]
     for bs in batch_sizes[:-1]:
         offsets.append(offsets[-1] + bs)
-    ys: list[Tensor] = [xs.new_empty(0)] * len(batch_sizes)
+    ys: list[Tensor | None] = [None] * len(batch_sizes)
     carry = tuple(s[: batch_sizes[-1]] for s in carry0)
     for t in range(len(batch_sizes) - 1, -1, -1):
         bs, alive = batch_sizes[t], carry[0].shape[0]
@@ -68,7 +80,7 @@ def _scan_packed_reverse(
             carry = tuple(
                 torch.cat((s, s0[alive:bs])) for s, s0 in zip(carry, carry0, strict=False)
             )
-        ys[t], carry = step(xs[offsets[t] : offsets[t] + bs], carry)
+        ys[t], carry = step(_take(xs, slice(offsets[t], offsets[t] + bs)), carry)
     return torch.cat(ys), carry
 
 
@@ -81,6 +93,7 @@ def stack(
     dropout: float = 0.0,
     training: bool = False,
     batch_sizes: Sequence[int] | None = None,
+    extras_for: Callable[[int, int], tuple[Tensor, ...]] | None = None,
 ) -> tuple[Tensor, Carry]:
     """Run ``num_layers`` stacked layers of ``num_directions`` scans each.
 
@@ -88,15 +101,18 @@ def stack(
     ``(L * D, B, *)`` initial states indexed ``layer * D + direction`` as in torch.nn. Dropout
     applies to the output of every layer but the last. Returns the last layer's output, the
     directions concatenated on the feature dimension, and the final states ``(L * D, B, *)``.
+    ``extras_for(layer, direction)``, when given, returns tensors laid out like ``xs`` (per-step
+    masks) that the step then receives beside its input, as ``(x_t, *extras_t)``.
     """
     finals: list[Carry] = []
     for layer in range(num_layers):
         outs = []
         for direction in range(num_directions):
             k = layer * num_directions + direction
+            inputs = xs if extras_for is None else (xs, *extras_for(layer, direction))
             y, last = scan(
                 step_for(layer, direction),
-                xs,
+                inputs,
                 tuple(s[k] for s in hx),
                 reverse=direction == 1,
                 batch_sizes=batch_sizes,

@@ -49,12 +49,15 @@ def resolve(
 ):
     """The engine for ``backend``.
 
-    ``"auto"`` follows the measured table in BENCHMARKS.md: the fused engine everywhere, except
-    that on the CPU a plain LSTM goes to torch's oneDNN kernels, which are faster there.
+    ``"auto"`` follows the measured tables in BENCHMARKS.md: on the CPU the fused engine (faster
+    than torch.nn's oneDNN for forward+backward at every measured shape); on CUDA torch's cuDNN
+    kernels for plain layers, because the fused engine's per-step launches have not yet been
+    measured against cuDNN (no GPU was available to the issue that built them). Layers with
+    per-step variants always take the fused engine.
     """
     device = torch.device("cpu") if device is None else device
     if backend == "auto":
-        backend = "torch" if (device.type == "cpu" and mode == "LSTM") else "fused"
+        backend = "fused" if device.type == "cpu" else "torch"
     if backend == "triton":
         return _triton_engine(owner, dtype, device)
     return {"reference": reference, "fused": fused, "torch": torch_native}[backend]

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from rnnkit.engines import pointwise
-from rnnkit.engines.spec import LayerSpec, Weights
+from rnnkit.engines.spec import LayerSpec, StepVariants, Weights
 from rnnkit.scan import Carry
 
 
@@ -55,8 +55,11 @@ def _offsets(batch_sizes: Sequence[int]) -> list[int]:
     return offsets
 
 
-def _prev_rows(batch_sizes: Sequence[int], reverse: bool, device: torch.device) -> Tensor:
-    """For every row of the packed data, the row of ``cat(out, h0)`` that held its h_{t-1}."""
+def _prev_rows(
+    batch_sizes: Sequence[int], reverse: bool, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """For every row of the packed data, the row of ``cat(out, h0)`` that held its h_{t-1},
+    and the sequence (batch row) it belongs to."""
     bs = torch.tensor(batch_sizes, device=device)
     T, N = len(batch_sizes), int(bs.sum())
     off = torch.cumsum(bs, 0) - bs  # (T,)
@@ -67,11 +70,41 @@ def _prev_rows(batch_sizes: Sequence[int], reverse: bool, device: torch.device) 
     inside = (src >= 0) & (src < T)
     src = src.clamp(0, T - 1)
     valid = inside & (b < bs[src])
-    return torch.where(valid, off[src] + b, N + b)
+    return torch.where(valid, off[src] + b, N + b), b
+
+
+_LN_EPS = 1e-5
+
+
+def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Layer norm over the last dimension: (y, mean, rstd)."""
+    return torch.native_layer_norm(x, (x.shape[1],), weight, bias, _LN_EPS)
+
+
+def _layer_norm_input_grad(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor):
+    mask = [True, False, False]
+    return torch.ops.aten.native_layer_norm_backward(
+        dy, x, (x.shape[1],), mean, rstd, weight, None, mask
+    )[0]
+
+
+def _layer_norm_param_grads(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor):
+    """Gain and bias gradients of a layer norm over all rows at once."""
+    return (dy * ((x - mean) * rstd)).sum(0), dy.sum(0)
+
+
+def _zone(keep: Tensor | float, rows: slice) -> Tensor | float:
+    return keep if isinstance(keep, float) else keep[rows]
 
 
 class FusedLayer(torch.autograd.Function):
-    """One layer and direction over packed-layout data ``x`` (N, I) with ``batch_sizes``."""
+    """One layer and direction over packed-layout data ``x`` (N, I) with ``batch_sizes``.
+
+    ``ln`` holds the layer-norm gains and biases (input side, hidden side, and for LSTM the cell),
+    ``rmask`` the recurrent-dropout mask (B, R), ``zh``/``zc`` the zoneout masks (N, *) or, in
+    eval, the zoneout probability (given through ``zoneout_p``). All optional; see
+    ``rnnkit.variants`` for the equations and ``engines/README.md`` for the backward pass.
+    """
 
     @staticmethod
     def forward(
@@ -80,6 +113,7 @@ class FusedLayer(torch.autograd.Function):
         reverse: bool,
         batch_sizes: tuple[int, ...],
         kernels: ModuleType,
+        zoneout_p: float | None,
         x: Tensor,
         h0: Tensor,
         c0: Tensor | None,
@@ -88,96 +122,348 @@ class FusedLayer(torch.autograd.Function):
         b_ih: Tensor | None,
         b_hh: Tensor | None,
         w_hr: Tensor | None,
+        ln_ih_w: Tensor | None = None,
+        ln_ih_b: Tensor | None = None,
+        ln_hh_w: Tensor | None = None,
+        ln_hh_b: Tensor | None = None,
+        ln_c_w: Tensor | None = None,
+        ln_c_b: Tensor | None = None,
+        rmask: Tensor | None = None,
+        zh: Tensor | None = None,
+        zc: Tensor | None = None,
     ):
         N, H = x.shape[0], w_hh.shape[0] // {"LSTM": 4, "GRU": 3}.get(mode, 1)
+        lstm, gru, relu = mode == "LSTM", mode == "GRU", mode == "RNN_RELU"
+        ln = ln_ih_w is not None
+        keep_h = zh if zh is not None else zoneout_p
+        keep_c = zc if zc is not None else zoneout_p
+        zoneout = keep_h is not None
         offsets = _offsets(batch_sizes)
         steps = range(len(batch_sizes) - 1, -1, -1) if reverse else range(len(batch_sizes))
-        gru = mode == "GRU"
-        if gru or b_ih is None:
-            G = x @ w_ih.t() if b_ih is None else torch.addmm(b_ih, x, w_ih.t())  # (N, G*H)
-        else:
-            G = torch.addmm(b_ih + b_hh, x, w_ih.t())  # (N, G*H)
+        G = x @ w_ih.t()  # (N, G*H)
+        P = mu_i = rs_i = None
+        if ln:
+            P = G
+            G, mu_i, rs_i = _layer_norm(P, ln_ih_w, ln_ih_b)
+        if b_ih is not None:
+            G += b_ih if gru else b_ih + b_hh
         out = x.new_empty(N, h0.shape[1])
         h = h0.clone()
-        c = c0.clone() if c0 is not None else None
-        C = x.new_empty(N, H) if mode == "LSTM" else None
+        c = c0.clone() if lstm else None
+        C = x.new_empty(N, H) if lstm else None
+        CZ = x.new_empty(N, H) if lstm and zoneout else None
         GH = x.new_empty(N, 3 * H) if gru else None
         R = x.new_empty(N, H) if w_hr is not None else None
-        relu = mode == "RNN_RELU"
+        GHraw = x.new_empty(N, G.shape[1]) if ln else None
+        mu_h, rs_h = (x.new_empty(N, 1), x.new_empty(N, 1)) if ln else (None, None)
+        CN = x.new_empty(N, H) if ln and lstm else None
+        mu_c, rs_c = (x.new_empty(N, 1), x.new_empty(N, 1)) if ln and lstm else (None, None)
         recurrent = _matmul_by(w_hh, h0.shape[0])  # h -> h @ W_hh^T
         for t in steps:
             bs, rows = batch_sizes[t], slice(offsets[t], offsets[t + 1])
             g, hs = G[rows], h[:bs]
-            gh = recurrent(hs)  # (bs, G*H)
-            if mode == "LSTM":
-                if w_hr is None:
-                    kernels.lstm_forward(g, gh, c[:bs], C[rows], hs, out[rows])
+            h_prev = hs.clone() if zoneout else None
+            c_prev = c[:bs].clone() if zoneout and lstm else None
+            gh = recurrent(hs if rmask is None else hs * rmask[:bs])  # (bs, G*H)
+            if ln:
+                GHraw[rows] = gh
+                gh, mu_h[rows], rs_h[rows] = _layer_norm(gh, ln_hh_w, ln_hh_b)
+            if lstm:
+                target = out[rows] if w_hr is None else R[rows]
+                if ln:
+                    _ln_lstm_forward(
+                        g,
+                        gh,
+                        c[:bs],
+                        C[rows],
+                        CN[rows],
+                        mu_c[rows],
+                        rs_c[rows],
+                        ln_c_w,
+                        ln_c_b,
+                        target,
+                    )
                 else:
-                    kernels.lstm_forward(g, gh, c[:bs], C[rows], None, R[rows])
+                    direct = hs if w_hr is None and not zoneout else None
+                    kernels.lstm_forward(g, gh, c[:bs], C[rows], direct, target)
+                if w_hr is not None:
                     torch.mm(R[rows], w_hr.t(), out=out[rows])
-                    hs.copy_(out[rows])
+                if zoneout:
+                    kc = _zone(keep_c, rows)
+                    c[:bs] = kc * c_prev + (1 - kc) * c[:bs]
+                    CZ[rows] = c[:bs]
             elif gru:
                 if b_hh is not None:
-                    gh.add_(b_hh)
+                    gh = gh + b_hh
                 GH[rows] = gh
                 kernels.gru_forward(g, gh, hs, out[rows])
             else:
                 kernels.rnn_forward(g, gh, hs, out[rows], relu)
+            if zoneout:
+                kh = _zone(keep_h, rows)
+                out[rows] = kh * h_prev + (1 - kh) * out[rows]
+            if zoneout or (lstm and (ln or w_hr is not None)):
+                hs.copy_(out[rows])
         ctx.mode, ctx.reverse, ctx.batch_sizes, ctx.kernels = mode, reverse, batch_sizes, kernels
-        ctx.has_c0, ctx.has_bias = c0 is not None, b_ih is not None
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, G, out, C, GH)
+        ctx.has_bias, ctx.zoneout_p = b_ih is not None, zoneout_p
+        ctx.save_for_backward(
+            x,
+            h0,
+            c0,
+            w_ih,
+            w_hh,
+            w_hr,
+            G,
+            out,
+            C,
+            GH,
+            CZ,
+            P,
+            mu_i,
+            rs_i,
+            GHraw,
+            mu_h,
+            rs_h,
+            CN,
+            mu_c,
+            rs_c,
+            ln_ih_w,
+            ln_hh_w,
+            ln_c_w,
+            rmask,
+            zh,
+            zc,
+        )
         ctx.mark_non_differentiable()
         return out, h, c
 
     @staticmethod
     def backward(ctx, d_out: Tensor | None, d_hn: Tensor | None, d_cn: Tensor | None):
-        x, h0, c0, w_ih, w_hh, w_hr, G, out, C, GH = ctx.saved_tensors
+        (
+            x,
+            h0,
+            c0,
+            w_ih,
+            w_hh,
+            w_hr,
+            G,
+            out,
+            C,
+            GH,
+            CZ,
+            P,
+            mu_i,
+            rs_i,
+            GHraw,
+            mu_h,
+            rs_h,
+            CN,
+            mu_c,
+            rs_c,
+            ln_ih_w,
+            ln_hh_w,
+            ln_c_w,
+            rmask,
+            zh,
+            zc,
+        ) = ctx.saved_tensors
         mode, reverse, batch_sizes, kernels = ctx.mode, ctx.reverse, ctx.batch_sizes, ctx.kernels
+        lstm, gru, relu = mode == "LSTM", mode == "GRU", mode == "RNN_RELU"
+        ln = ln_ih_w is not None
+        keep_h = zh if zh is not None else ctx.zoneout_p
+        keep_c = zc if zc is not None else ctx.zoneout_p
+        zoneout = keep_h is not None
         H = G.shape[1] // {"LSTM": 4, "GRU": 3}.get(mode, 1)
         offsets = _offsets(batch_sizes)
         steps = range(len(batch_sizes)) if reverse else range(len(batch_sizes) - 1, -1, -1)
         d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
         dh = torch.zeros_like(h0) if d_hn is None else d_hn.clone()
         dc = None
-        prev = _prev_rows(batch_sizes, reverse, x.device)
+        prev, batch_row = _prev_rows(batch_sizes, reverse, x.device)
         H_prev = torch.cat((out, h0)).index_select(0, prev)  # (N, R)
         dG = torch.empty_like(G)
-        dGH = torch.empty_like(GH) if GH is not None else None
-        if mode == "LSTM":
+        dGH = torch.empty_like(GH) if gru else None
+        # Gradient of the recurrent product before its layer norm, when there is one.
+        dZ = torch.empty_like(GHraw) if ln else None
+        dCN = torch.empty_like(CN) if CN is not None else None
+        if lstm:
             dc = torch.zeros_like(c0) if d_cn is None else d_cn.clone()
-            C_prev = torch.cat((C, c0)).index_select(0, prev)  # (N, H)
+            C_prev = torch.cat((CZ if zoneout else C, c0)).index_select(0, prev)  # (N, H)
             if w_hr is not None:
-                R = G[:, 3 * H :] * torch.tanh(C)  # (N, H): o * tanh(c), before projection
+                # o * tanh(c) (or of the normalised c), before the projection.
+                R = G[:, 3 * H :] * torch.tanh(CN if ln else C)  # (N, H)
                 dH = torch.empty_like(out)  # (N, P)
-        relu = mode == "RNN_RELU"
         recurrent = _matmul_by(w_hh.t().contiguous(), dh.shape[0])  # dg -> dg @ W_hh
         for t in steps:
             bs, rows = batch_sizes[t], slice(offsets[t], offsets[t + 1])
             dht = dh[:bs] + d_out[rows]
-            if mode == "LSTM":
+            carry_h = None
+            if zoneout:
+                kh = _zone(keep_h, rows)
+                carry_h = kh * dht
+                dht = (1 - kh) * dht
+            if lstm:
+                carry_c = None
+                if zoneout:
+                    kc = _zone(keep_c, rows)
+                    carry_c = kc * dc[:bs]
+                    dc[:bs] *= 1 - kc
                 if w_hr is not None:
                     dH[rows] = dht
                     dht = dht @ w_hr  # (bs, H)
-                kernels.lstm_backward(G[rows], C[rows], C_prev[rows], dht, dc[:bs], dG[rows])
-                dh[:bs] = recurrent(dG[rows])
-            elif mode == "GRU":
+                if ln:
+                    _ln_lstm_backward(
+                        G[rows],
+                        C[rows],
+                        C_prev[rows],
+                        CN[rows],
+                        mu_c[rows],
+                        rs_c[rows],
+                        ln_c_w,
+                        dht,
+                        dc[:bs],
+                        dG[rows],
+                        dCN[rows],
+                    )
+                else:
+                    kernels.lstm_backward(G[rows], C[rows], C_prev[rows], dht, dc[:bs], dG[rows])
+                if carry_c is not None:
+                    dc[:bs] += carry_c
+                d_rec = dG[rows]
+            elif gru:
                 kernels.gru_backward(
                     G[rows], GH[rows], H_prev[rows], dht, dG[rows], dGH[rows], dh[:bs]
                 )
-                dh[:bs] += recurrent(dGH[rows])
+                d_rec = dGH[rows]
             else:
                 kernels.rnn_backward(out[rows], dht, dG[rows], relu)
-                dh[:bs] = recurrent(dG[rows])
+                d_rec = dG[rows]
+            if ln:
+                d_rec = _layer_norm_input_grad(d_rec, GHraw[rows], mu_h[rows], rs_h[rows], ln_hh_w)
+                dZ[rows] = d_rec
+            dh_rec = recurrent(d_rec)
+            if rmask is not None:
+                dh_rec *= rmask[:bs]
+            if gru:
+                dh[:bs] += dh_rec
+            else:
+                dh[:bs] = dh_rec
+            if carry_h is not None:
+                dh[:bs] += carry_h
         needs = ctx.needs_input_grad
-        dx = dG @ w_ih if needs[4] else None
-        dw_ih = dG.t() @ x if needs[7] else None
-        dw_hh = (dGH if dGH is not None else dG).t() @ H_prev if needs[8] else None
+        d_rec_all = dZ if ln else (dGH if gru else dG)
+        rec_in = H_prev if rmask is None else H_prev * rmask.index_select(0, batch_row)
+        dw_hh = d_rec_all.t() @ rec_in if needs[9] else None
+        d_ln = [None] * 6
+        dP = dG
+        if ln:
+            d_ln[0], d_ln[1] = _layer_norm_param_grads(dG, P, mu_i, rs_i)
+            dP = _layer_norm_input_grad(dG, P, mu_i, rs_i, ln_ih_w)
+            d_ln[2], d_ln[3] = _layer_norm_param_grads(dGH if gru else dG, GHraw, mu_h, rs_h)
+            if lstm:
+                d_ln[4], d_ln[5] = _layer_norm_param_grads(dCN, C, mu_c, rs_c)
+        dx = dP @ w_ih if needs[5] else None
+        dw_ih = dP.t() @ x if needs[8] else None
         db_ih = db_hh = None
         if ctx.has_bias:
             db_ih = dG.sum(0)
-            db_hh = dGH.sum(0) if dGH is not None else db_ih
-        dw_hr = dH.t() @ R if w_hr is not None and needs[11] else None
-        return None, None, None, None, dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr
+            db_hh = dGH.sum(0) if gru else db_ih
+        dw_hr = dH.t() @ R if w_hr is not None and needs[12] else None
+        return (
+            None,
+            None,
+            None,
+            None,
+            None,
+            dx,
+            dh,
+            dc,
+            dw_ih,
+            dw_hh,
+            db_ih,
+            db_hh,
+            dw_hr,
+            *d_ln,
+            None,
+            None,
+            None,
+        )
+
+
+def _ln_lstm_forward(g, gh, c, c_save, cn_save, mu, rs, ln_w, ln_b, out) -> None:
+    """The LSTM step with a layer-normed cell: h = o * tanh(LN(c)). Torch ops."""
+    H = c.shape[1]
+    g.add_(gh)
+    g[:, : 2 * H].sigmoid_()
+    g[:, 2 * H : 3 * H].tanh_()
+    g[:, 3 * H :].sigmoid_()
+    i, f, gg, o = g.split(H, dim=1)
+    c.mul_(f).addcmul_(i, gg)
+    c_save.copy_(c)
+    cn, mu[:], rs[:] = _layer_norm(c, ln_w, ln_b)
+    cn_save.copy_(cn)
+    torch.mul(o, torch.tanh(cn), out=out)
+
+
+def _ln_lstm_backward(g, c, c_prev, cn, mu, rs, ln_w, dh, dc, dg, dcn_save) -> None:
+    """Backward of :func:`_ln_lstm_forward`; dc in/out as in the plain kernel."""
+    H = c.shape[1]
+    i, f, gg, o = g.split(H, dim=1)
+    tc = torch.tanh(cn)
+    dcn = dh * o * (1 - tc * tc)
+    dcn_save.copy_(dcn)
+    dct = dc + _layer_norm_input_grad(dcn, c, mu, rs, ln_w)
+    dg[:, :H] = dct * gg * i * (1 - i)
+    dg[:, H : 2 * H] = dct * c_prev * f * (1 - f)
+    dg[:, 2 * H : 3 * H] = dct * i * (1 - gg * gg)
+    dg[:, 3 * H :] = dh * tc * o * (1 - o)
+    torch.mul(dct, f, out=dc)
+
+
+def run_layer(
+    mode: str,
+    reverse: bool,
+    batch_sizes: tuple[int, ...],
+    kernels: ModuleType,
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    w_hr: Tensor | None,
+    variants: StepVariants | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One layer and direction: ``(out (N, R), h_n (B, R), c_n (B, H) or None)``."""
+    v = variants or StepVariants()
+    ln = v.layer_norm or ()
+    zoneout_p = v.zoneout_h if isinstance(v.zoneout_h, float) else None
+    zh = v.zoneout_h if isinstance(v.zoneout_h, Tensor) else None
+    zc = v.zoneout_c if isinstance(v.zoneout_c, Tensor) else None
+    if zh is not None:
+        zh = zh.reshape(x.shape[0], -1)  # padded (T, B, R) -> (T*B, R)
+        zc = None if zc is None else zc.reshape(x.shape[0], -1)
+    return FusedLayer.apply(
+        mode,
+        reverse,
+        batch_sizes,
+        kernels,
+        zoneout_p,
+        x,
+        h0,
+        c0,
+        w_ih,
+        w_hh,
+        b_ih,
+        b_hh,
+        w_hr,
+        *ln,
+        *([None] * (6 - len(ln))),
+        v.recurrent_mask,
+        zh,
+        zc,
+    )
 
 
 def run(
@@ -187,6 +473,7 @@ def run(
     weights: Sequence[Weights],
     batch_sizes: Sequence[int] | None,
     training: bool,
+    variants: Sequence[StepVariants] | None = None,
     kernels: ModuleType | None = None,
 ) -> tuple[Tensor, Carry]:
     """Run a whole layer stack; see ``rnnkit.engines`` for the contract. ``kernels`` forces a
@@ -212,7 +499,7 @@ def run(
             outs = []
             for direction in range(D):
                 k = layer * D + direction
-                out, h, c = FusedLayer.apply(
+                out, h, c = run_layer(
                     spec.mode,
                     direction == 1,
                     batch_sizes,
@@ -221,6 +508,7 @@ def run(
                     hx[0][k],
                     hx[1][k] if spec.mode == "LSTM" else None,
                     *weights[k],
+                    variants=None if variants is None else variants[k],
                 )
                 outs.append(out)
                 h_n.append(h)

@@ -8,12 +8,16 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from rnnkit import functional as F
-from rnnkit.engines.spec import LayerSpec, Weights
+from rnnkit import variants as V
+from rnnkit.engines.spec import LayerSpec, StepVariants, Weights
 from rnnkit.scan import Carry, Step, stack
 
 
-def cell_step(mode: str, w: Weights) -> Step:
-    """The step ``(x_t, carry) -> (y_t, carry)`` of one layer and direction."""
+def cell_step(mode: str, w: Weights, v: StepVariants | None = None) -> Step:
+    """The step ``(x_t, carry) -> (y_t, carry)`` of one layer and direction. With per-step
+    zoneout masks the step's input is ``(x_t, zh_t[, zc_t])``."""
+    if v is not None:
+        return _variant_step(mode, w, v)
     w_ih, w_hh, b_ih, b_hh, w_hr = w
     if mode == "LSTM":
 
@@ -31,6 +35,28 @@ def cell_step(mode: str, w: Weights) -> Step:
     return step
 
 
+def _variant_step(mode: str, w: Weights, v: StepVariants) -> Step:
+    masks = isinstance(v.zoneout_h, Tensor)
+    zh = None if masks else v.zoneout_h
+    zc = None if masks else v.zoneout_c
+    if mode == "LSTM":
+
+        def lstm_step(inputs, carry: Carry) -> tuple[Tensor, Carry]:
+            x, kh, kc = inputs if masks else (inputs, zh, zc)
+            h, c = V.lstm_cell(x, carry[0], carry[1], *w, v, kh, kc)
+            return h, (h, c)
+
+        return lstm_step
+    w_ih, w_hh, b_ih, b_hh, _ = w
+
+    def gru_step(inputs, carry: Carry) -> tuple[Tensor, Carry]:
+        x, kh = inputs if masks else (inputs, zh)
+        h = V.gru_cell(x, carry[0], w_ih, w_hh, b_ih, b_hh, v, kh)
+        return h, (h,)
+
+    return gru_step
+
+
 def run(
     spec: LayerSpec,
     x: Tensor,
@@ -38,17 +64,30 @@ def run(
     weights: Sequence[Weights],
     batch_sizes: Sequence[int] | None,
     training: bool,
+    variants: Sequence[StepVariants] | None = None,
 ) -> tuple[Tensor, Carry]:
     """Run a whole layer stack; see ``rnnkit.engines`` for the contract."""
+    D = spec.num_directions
+
+    def step_for(layer: int, direction: int) -> Step:
+        k = layer * D + direction
+        return cell_step(spec.mode, weights[k], None if variants is None else variants[k])
+
+    extras_for = None
+    if variants is not None and isinstance(variants[0].zoneout_h, Tensor):
+
+        def extras_for(layer: int, direction: int) -> tuple[Tensor, ...]:
+            v = variants[layer * D + direction]
+            return (v.zoneout_h,) if v.zoneout_c is None else (v.zoneout_h, v.zoneout_c)
+
     return stack(
-        lambda layer, direction: cell_step(
-            spec.mode, weights[layer * spec.num_directions + direction]
-        ),
+        step_for,
         x,
         hx,
         spec.num_layers,
-        spec.num_directions,
+        D,
         dropout=spec.dropout,
         training=training,
         batch_sizes=batch_sizes,
+        extras_for=extras_for,
     )

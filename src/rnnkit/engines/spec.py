@@ -29,3 +29,20 @@ class LayerSpec:
     def out_size(self) -> int:
         """Features of the hidden state h of one direction."""
         return self.proj_size or self.hidden_size
+
+
+@dataclass(frozen=True)
+class StepVariants:
+    """The per-step variants of one layer and direction (see ``rnnkit.variants``).
+
+    Masks are drawn by the layer before it picks an engine, so that every engine sees the same.
+    """
+
+    # Layer-norm gains and biases: (g_ih, b_ih, g_hh, b_hh) and, for LSTM, (g_c, b_c).
+    layer_norm: tuple[Tensor, ...] | None = None
+    # (B, R): the already scaled dropout mask on h where it enters W_hh.
+    recurrent_mask: Tensor | None = None
+    # Zoneout of h and c: 1 keeps the previous value. Masks laid out like the input rows
+    # ((T, B, *) padded or (N, *) packed) in training; the probability p itself in eval.
+    zoneout_h: Tensor | float | None = None
+    zoneout_c: Tensor | float | None = None
