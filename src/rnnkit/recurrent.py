@@ -42,10 +42,15 @@ class Recurrent(nn.Module):
     LSTM's ``(h_n, c_n)``. ``dropout`` applies to the outputs of every layer but the last.
 
     ``compile=True`` runs each cell step through ``torch.compile`` (falling back to eager, with a
-    warning, if compilation fails). It pays when a step is many small pointwise ops on small
-    tensors (a hand-written gated cell, hidden sizes in the tens to hundreds), which the compiler
-    fuses into one kernel; the first call compiles (seconds to a minute), and with large hidden
-    sizes the matmuls dominate and it gains little. Measure on your own shapes.
+    warning, if compilation fails); the first call compiles (seconds to a minute). A compiled call
+    costs tens of microseconds of overhead per step, so it pays only when a step has enough
+    pointwise work to fuse: on a shared 2-core CPU, training a hand-written LSTM cell (B=16 to
+    256, H=32 to 64) measured from 1.7x faster to 1.5x slower, and no faster under ``no_grad``.
+    On CUDA, where fusing also saves kernel launches, it should help more (not measured yet).
+    Each variant of a step
+    (a new batch size, as packed input makes; inputs with and without ``requires_grad``) is one
+    more compilation, and past torch's ``recompile_limit`` (8 per cell class) torch runs the
+    remaining variants eagerly: same numbers, less speed. Measure on your own shapes.
     """
 
     def __init__(
