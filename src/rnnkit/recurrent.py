@@ -47,10 +47,10 @@ class Recurrent(nn.Module):
     pointwise work to fuse: on a shared 2-core CPU, training a hand-written LSTM cell (B=16 to
     256, H=32 to 64) measured from 1.7x faster to 1.5x slower, and no faster under ``no_grad``.
     On CUDA, where fusing also saves kernel launches, it should help more (not measured yet).
-    Each variant of a step
-    (a new batch size, as packed input makes; inputs with and without ``requires_grad``) is one
-    more compilation, and past torch's ``recompile_limit`` (8 per cell class) torch runs the
-    remaining variants eagerly: same numbers, less speed. Measure on your own shapes.
+    Each variant of a step (a new batch size, as packed input makes; inputs with and without
+    ``requires_grad``) is one more compilation, and past torch's ``recompile_limit`` (8 per cell
+    class) torch runs the remaining variants eagerly: same numbers, less speed. Measure on your
+    own shapes.
     """
 
     def __init__(
