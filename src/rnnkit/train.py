@@ -728,6 +728,7 @@ def _train(
     train_plots.curves(
         history,
         task.metric,
+        task.loss_name,
         f"{task.name}: {mc.cell.upper()} H={mc.hidden_size} L={mc.num_layers}"
         + (" bidirectional" if mc.bidirectional else "")
         + f", best epoch {best['epoch']}",
@@ -738,7 +739,8 @@ def _train(
     write_json(run / SUMMARY, summary)
     m = task.metric
     print(
-        f"\nrnnkit train {task.name}: done, {epochs} epoch{'s' if epochs != 1 else ''} in {elapsed:.1f} s; "
+        f"\nrnnkit train {task.name}: done, {epochs} epoch{'s' if epochs != 1 else ''} "
+        f"in {elapsed:.1f} s; "
         "test uses the weights "
         f"of epoch {best['epoch']} (best validation {m} {_fmt_metric(m, best['score'])})"
     )

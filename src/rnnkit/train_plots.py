@@ -19,7 +19,7 @@ def _save(fig: plt.Figure, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def curves(history: list[dict], metric: str, title: str, path: Path) -> None:
+def curves(history: list[dict], metric: str, loss_name: str, title: str, path: Path) -> None:
     """Loss (left) and ``metric`` (right) per epoch, training and validation, and the logged
     training steps behind the training loss."""
     epochs = [r for r in history if r.get("kind") == "epoch"]
@@ -38,7 +38,7 @@ def curves(history: list[dict], metric: str, title: str, path: Path) -> None:
     ax_loss.plot(x, [r["train_loss"] for r in epochs], "o-", color="tab:blue", label="train")
     ax_loss.plot(x, [r["val_loss"] for r in epochs], "o-", color="tab:orange", label="validation")
     ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("loss")
+    ax_loss.set_ylabel(loss_name)
     ax_loss.set_yscale("log")
     ax_loss.set_title("loss")
     ax_loss.grid(alpha=0.3)
@@ -55,7 +55,9 @@ def curves(history: list[dict], metric: str, title: str, path: Path) -> None:
         label="validation",
     )
     ax_metric.set_xlabel("epoch")
-    ax_metric.set_ylabel("accuracy (%)" if metric == "accuracy" else metric.upper())
+    ax_metric.set_ylabel(
+        "accuracy (%)" if metric == "accuracy" else f"{metric.upper()} (data units)"
+    )
     ax_metric.set_title("accuracy" if metric == "accuracy" else metric.upper())
     ax_metric.grid(alpha=0.3)
     ax_metric.legend()

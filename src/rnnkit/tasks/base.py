@@ -53,6 +53,7 @@ class Task:
     help = ""
     # "accuracy" (higher is better) or "mae" (lower is better), reported per epoch on both splits
     metric = "accuracy"
+    loss_name = "cross-entropy"
     variable_length = False
     # the targets have a time axis (tagging): batches trim it with the inputs'
     per_step_targets = False

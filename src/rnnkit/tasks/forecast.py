@@ -37,6 +37,7 @@ class ForecastTask(Task):
     name = "forecast"
     help = "electricity load: 24 h of half-hourly history -> the next 2 h (Taylor 2003, bundled)"
     metric = "mae"
+    loss_name = "MSE of the standardised series"
     defaults: ClassVar[dict] = dict(
         cell="lstm",
         hidden_size=64,

@@ -49,6 +49,7 @@ class TaggerTask(Task):
     name = "tagger"
     help = "part-of-speech tagging from CoNLL-U files (UPOS); token accuracy"
     metric = "accuracy"
+    loss_name = "cross-entropy per token"
     variable_length = True
     per_step_targets = True
     defaults: ClassVar[dict] = dict(
