@@ -83,7 +83,8 @@ def zone(keep: Tensor | float, prev: Tensor, new: Tensor) -> Tensor:
 
 
 def _projections(x, h, w_ih, w_hh, v: StepVariants) -> tuple[Tensor, Tensor]:
-    h_in = h if v.recurrent_mask is None else h * v.recurrent_mask
+    # Packed input runs the first bs sequences at a step; the mask has a row per sequence.
+    h_in = h if v.recurrent_mask is None else h * v.recurrent_mask[: h.shape[0]]
     gi, gh = x @ w_ih.t(), h_in @ w_hh.t()
     if v.layer_norm is not None:
         g_ih, b_ih, g_hh, b_hh = v.layer_norm[:4]
