@@ -441,17 +441,20 @@ def train(args: argparse.Namespace) -> int:
     task = TASKS[args.task]()
     options, given = _resolve_options(args, task)
     rank, world, device = _init_distributed(options["device"])
+    run = None
     try:
         run = _run_dir(args, task, rank, world)
         return _train(args, run, task, options, given, rank, world, device)
     except KeyboardInterrupt:
-        if rank == 0:
+        if rank == 0 and run is not None and (run / CHECKPOINT).exists():
             print(
                 f"\ninterrupted; the checkpoint of the last finished epoch is in {run}. "
                 "Continue with:\n"
                 f"  rnnkit train {task.name} --out {run} --resume",
                 file=sys.stderr,
             )
+        elif rank == 0:
+            print("\ninterrupted before the first epoch ended; nothing to resume", file=sys.stderr)
         return 130
     finally:
         if world > 1 and dist.is_initialized():
