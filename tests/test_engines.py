@@ -206,6 +206,33 @@ def test_cpu_kernels_match_torch_op_twins(bs, H, dtype):
         torch.testing.assert_close(a, b, **tol)
 
 
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("bs, H", [(1, 1), (3, 5), (2, 33)])
+def test_cpu_layer_norm_lstm_kernels_match_torch_op_twins(bs, H, dtype):
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.manual_seed(0)
+    g, z = _rand(bs, 4 * H, dtype=dtype), _rand(bs, 4 * H, dtype=dtype)
+    c0, c_prev = _rand(bs, H, dtype=dtype), _rand(bs, H, dtype=dtype)
+    hw, hb = _rand(4 * H, dtype=dtype), _rand(4 * H, dtype=dtype)
+    cw, cb = _rand(H, dtype=dtype), _rand(H, dtype=dtype)
+    dh, dc0 = _rand(bs, H, dtype=dtype), _rand(bs, H, dtype=dtype)
+    results = []
+    for k in (cpu, pointwise):
+        gg, c = g.clone(), c0.clone()
+        new = [torch.zeros(bs, n, dtype=dtype) for n in (1, 1, H, H, 1, 1, H)]
+        mu_h, rs_h, cs, cn, mu_c, rs_c, out = new
+        k.ln_lstm_forward(gg, z, hw, hb, mu_h, rs_h, c, cs, cn, mu_c, rs_c, cw, cb, out, 1e-5)
+        dc = dc0.clone()
+        dg, dcn, dz = (torch.zeros(bs, n, dtype=dtype) for n in (4 * H, H, 4 * H))
+        k.ln_lstm_backward(
+            gg, cs, c_prev, cn, mu_c, rs_c, cw, z, mu_h, rs_h, hw, dh, dc, dg, dcn, dz
+        )
+        results.append((gg, c, *new, dc, dg, dcn, dz))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
 def test_auto_backend_resolves_to_a_real_engine():
     from rnnkit import engines
 

@@ -122,6 +122,20 @@ def gru_cell(x, h, w_ih, w_hh, b_ih, b_hh, v: StepVariants, zh=None):
     return h_new if zh is None else zone(zh, h, h_new)
 
 
+def zoneout_mask(shape: tuple[int, ...], p: float, like: Tensor) -> Tensor:
+    """A 0/1 mask with P(1) = p (to 1/65536), drawn from torch's generator four 16-bit numbers
+    per 64-bit draw: zoneout needs one per unit and step, and ``torch.rand`` is the slowest part
+    of a CPU step otherwise."""
+    n = 1
+    for d in shape:
+        n *= d
+    bits = torch.randint(
+        -(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=like.device
+    )
+    keep = bits.view(torch.int16)[:n] < round(p * 65536) - 32768
+    return keep.to(like.dtype).view(shape)
+
+
 def draw_step_variants(
     v: Variants,
     ln_params: list[tuple[Tensor, ...]] | None,
@@ -149,9 +163,9 @@ def draw_step_variants(
         zh = zc = None
         if v.zoneout > 0:
             if training:
-                zh = torch.bernoulli(torch.full((*shape, h_size), v.zoneout, **like))
+                zh = zoneout_mask((*shape, h_size), v.zoneout, rows_like)
                 if lstm:
-                    zc = torch.bernoulli(torch.full((*shape, hidden_size), v.zoneout, **like))
+                    zc = zoneout_mask((*shape, hidden_size), v.zoneout, rows_like)
             else:
                 zh = float(v.zoneout)
                 zc = zh if lstm else None

@@ -56,7 +56,7 @@ def _build() -> ctypes.CDLL | None:
             )
             return None
     lib = ctypes.CDLL(str(target))
-    for op in ("lstm", "gru", "rnn"):
+    for op in ("lstm", "gru", "rnn", "ln_lstm"):
         for step in ("forward", "backward"):
             for suffix in _SUFFIX.values():
                 getattr(lib, f"{op}_{step}_{suffix}").restype = None
@@ -117,3 +117,30 @@ def rnn_forward(g: Tensor, gh: Tensor, h: Tensor, out: Tensor, relu: bool) -> No
 
 def rnn_backward(h: Tensor, dh: Tensor, dg: Tensor, relu: bool) -> None:
     _call("rnn_backward", h, h.shape[1], h, dh, dg, extra=(ctypes.c_int64(int(relu)),))
+
+
+def _vec(t: Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def ln_lstm_forward(
+    g, z, ln_hw, ln_hb, mu_h, rs_h, c, c_save, cn_save, mu_c, rs_c, ln_cw, ln_cb, out, eps
+) -> None:
+    fn = getattr(_lib, f"ln_lstm_forward_{_SUFFIX[c.dtype]}")
+    scalar = ctypes.c_float if c.dtype == torch.float32 else ctypes.c_double
+    fn(
+        ctypes.c_int64(c.shape[0]), ctypes.c_int64(c.shape[1]), scalar(eps),
+        *_args(g, z), _vec(ln_hw), _vec(ln_hb), *_args(mu_h, rs_h, c, c_save, cn_save, mu_c, rs_c),
+        _vec(ln_cw), _vec(ln_cb), *_args(out),
+    )  # fmt: skip
+
+
+def ln_lstm_backward(
+    g, c, c_prev, cn, mu_c, rs_c, ln_cw, z, mu_h, rs_h, ln_hw, dh, dc, dg, dcn, dz
+) -> None:
+    fn = getattr(_lib, f"ln_lstm_backward_{_SUFFIX[c.dtype]}")
+    fn(
+        ctypes.c_int64(c.shape[0]), ctypes.c_int64(c.shape[1]),
+        *_args(g, c, c_prev, cn, mu_c, rs_c), _vec(ln_cw), *_args(z, mu_h, rs_h), _vec(ln_hw),
+        *_args(dh, dc, dg, dcn, dz),
+    )  # fmt: skip

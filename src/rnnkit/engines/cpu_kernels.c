@@ -113,3 +113,101 @@ void rnn_backward_##SUF(int64_t bs, int64_t H, const T *h, int64_t sh, const T *
 
 KERNELS(float, f32, expf)
 KERNELS(double, f64, exp)
+
+/* Layer-norm LSTM (rnnkit.variants): gates = g + LN(z) with z = W_hh h, h = o * tanh(LN(c)).
+ * mu/rs are (bs, 1) with row strides smu/srs. */
+#define LN_KERNELS(T, SUF, SQRT)                                                                  \
+void ln_lstm_forward_##SUF(int64_t bs, int64_t H, T eps, T *g, int64_t sg, const T *z,           \
+                           int64_t sz, const T *wh, const T *bh, T *muh, int64_t smuh, T *rsh,    \
+                           int64_t srsh, T *c, int64_t sc, T *cs, int64_t scs, T *cn, int64_t scn,\
+                           T *muc, int64_t smuc, T *rsc, int64_t srsc, const T *wc, const T *bc,  \
+                           T *out, int64_t so) {                                                  \
+    int64_t W = 4 * H;                                                                            \
+    for (int64_t r = 0; r < bs; r++) {                                                            \
+        T *gr = g + r * sg, *cr = c + r * sc, *csr = cs + r * scs, *cnr = cn + r * scn;           \
+        T *outr = out + r * so;                                                                   \
+        const T *zr = z + r * sz;                                                                 \
+        T m = 0, v = 0;                                                                           \
+        _Pragma("omp simd reduction(+:m)")                                                        \
+        for (int64_t j = 0; j < W; j++) m += zr[j];                                               \
+        m /= (T)W;                                                                                \
+        _Pragma("omp simd reduction(+:v)")                                                        \
+        for (int64_t j = 0; j < W; j++) v += (zr[j] - m) * (zr[j] - m);                           \
+        T rs = (T)1 / SQRT(v / (T)W + eps);                                                       \
+        muh[r * smuh] = m; rsh[r * srsh] = rs;                                                    \
+        T mc = 0;                                                                                 \
+        _Pragma("omp simd reduction(+:mc)")                                                       \
+        for (int64_t j = 0; j < H; j++) {                                                         \
+            T a_i = gr[j] + (zr[j] - m) * rs * wh[j] + bh[j];                                     \
+            T a_f = gr[H + j] + (zr[H + j] - m) * rs * wh[H + j] + bh[H + j];                     \
+            T a_g = gr[2 * H + j] + (zr[2 * H + j] - m) * rs * wh[2 * H + j] + bh[2 * H + j];     \
+            T a_o = gr[3 * H + j] + (zr[3 * H + j] - m) * rs * wh[3 * H + j] + bh[3 * H + j];     \
+            T i = sigmoid_##SUF(a_i), f = sigmoid_##SUF(a_f);                                     \
+            T gg = tanh_##SUF(a_g), o = sigmoid_##SUF(a_o);                                       \
+            gr[j] = i; gr[H + j] = f; gr[2 * H + j] = gg; gr[3 * H + j] = o;                      \
+            T cv = f * cr[j] + i * gg;                                                            \
+            cr[j] = cv; csr[j] = cv; mc += cv;                                                    \
+        }                                                                                         \
+        mc /= (T)H;                                                                               \
+        T vc = 0;                                                                                 \
+        _Pragma("omp simd reduction(+:vc)")                                                       \
+        for (int64_t j = 0; j < H; j++) vc += (cr[j] - mc) * (cr[j] - mc);                        \
+        T rc = (T)1 / SQRT(vc / (T)H + eps);                                                      \
+        muc[r * smuc] = mc; rsc[r * srsc] = rc;                                                   \
+        _Pragma("omp simd")                                                                       \
+        for (int64_t j = 0; j < H; j++) {                                                         \
+            T n = (cr[j] - mc) * rc * wc[j] + bc[j];                                              \
+            cnr[j] = n;                                                                           \
+            outr[j] = gr[3 * H + j] * tanh_##SUF(n);                                              \
+        }                                                                                         \
+    }                                                                                             \
+}                                                                                                 \
+void ln_lstm_backward_##SUF(int64_t bs, int64_t H, const T *g, int64_t sg, const T *c,           \
+                            int64_t sc, const T *cp, int64_t scp, const T *cn, int64_t scn,       \
+                            const T *muc, int64_t smuc, const T *rsc, int64_t srsc, const T *wc,  \
+                            const T *z, int64_t sz, const T *muh, int64_t smuh, const T *rsh,     \
+                            int64_t srsh, const T *wh, const T *dh, int64_t sdh, T *dc,           \
+                            int64_t sdc, T *dg, int64_t sdg, T *dcn, int64_t sdcn, T *dz,         \
+                            int64_t sdz) {                                                        \
+    int64_t W = 4 * H;                                                                            \
+    for (int64_t r = 0; r < bs; r++) {                                                            \
+        const T *gr = g + r * sg, *cr = c + r * sc, *cpr = cp + r * scp, *cnr = cn + r * scn;     \
+        const T *dhr = dh + r * sdh, *zr = z + r * sz;                                            \
+        T *dcr = dc + r * sdc, *dgr = dg + r * sdg, *dcnr = dcn + r * sdcn, *dzr = dz + r * sdz;  \
+        T mc = muc[r * smuc], rc = rsc[r * srsc];                                                 \
+        T sa = 0, sax = 0;                                                                        \
+        _Pragma("omp simd reduction(+:sa, sax)")                                                  \
+        for (int64_t j = 0; j < H; j++) {                                                         \
+            T o = gr[3 * H + j], t = tanh_##SUF(cnr[j]);                                          \
+            T d = dhr[j] * o * ((T)1 - t * t);                                                    \
+            dcnr[j] = d;                                                                          \
+            T a = d * wc[j], xh = (cr[j] - mc) * rc;                                              \
+            sa += a; sax += a * xh;                                                               \
+            dgr[3 * H + j] = dhr[j] * t * o * ((T)1 - o);                                         \
+        }                                                                                         \
+        sa /= (T)H; sax /= (T)H;                                                                  \
+        _Pragma("omp simd")                                                                       \
+        for (int64_t j = 0; j < H; j++) {                                                         \
+            T i = gr[j], f = gr[H + j], gg = gr[2 * H + j];                                       \
+            T xh = (cr[j] - mc) * rc;                                                             \
+            T dct = dcr[j] + rc * (dcnr[j] * wc[j] - sa - xh * sax);                              \
+            dgr[j] = dct * gg * i * ((T)1 - i);                                                   \
+            dgr[H + j] = dct * cpr[j] * f * ((T)1 - f);                                           \
+            dgr[2 * H + j] = dct * i * ((T)1 - gg * gg);                                          \
+            dcr[j] = dct * f;                                                                     \
+        }                                                                                         \
+        T mh = muh[r * smuh], rh = rsh[r * srsh], sb = 0, sbx = 0;                                \
+        _Pragma("omp simd reduction(+:sb, sbx)")                                                  \
+        for (int64_t j = 0; j < W; j++) {                                                         \
+            T b = dgr[j] * wh[j];                                                                 \
+            sb += b; sbx += b * (zr[j] - mh) * rh;                                                \
+        }                                                                                         \
+        sb /= (T)W; sbx /= (T)W;                                                                  \
+        _Pragma("omp simd")                                                                       \
+        for (int64_t j = 0; j < W; j++)                                                           \
+            dzr[j] = rh * (dgr[j] * wh[j] - sb - (zr[j] - mh) * rh * sbx);                        \
+    }                                                                                             \
+}
+
+LN_KERNELS(float, f32, sqrtf)
+LN_KERNELS(double, f64, sqrt)

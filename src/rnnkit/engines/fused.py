@@ -88,9 +88,13 @@ def _layer_norm_input_grad(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, we
     )[0]
 
 
-def _layer_norm_param_grads(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor):
+def _layer_norm_param_grads(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor):
     """Gain and bias gradients of a layer norm over all rows at once."""
-    return (dy * ((x - mean) * rstd)).sum(0), dy.sum(0)
+    mask = [False, True, True]
+    _, dw, db = torch.ops.aten.native_layer_norm_backward(
+        dy, x, (x.shape[1],), mean, rstd, weight, weight, mask
+    )
+    return dw, db
 
 
 def _zone(keep: Tensor | float, rows: slice) -> Tensor | float:
@@ -135,6 +139,7 @@ class FusedLayer(torch.autograd.Function):
         N, H = x.shape[0], w_hh.shape[0] // {"LSTM": 4, "GRU": 3}.get(mode, 1)
         lstm, gru, relu = mode == "LSTM", mode == "GRU", mode == "RNN_RELU"
         ln = ln_ih_w is not None
+        ln_kernels = kernels if hasattr(kernels, "ln_lstm_forward") else pointwise
         keep_h = zh if zh is not None else zoneout_p
         keep_c = zc if zc is not None else zoneout_p
         zoneout = keep_h is not None
@@ -162,35 +167,29 @@ class FusedLayer(torch.autograd.Function):
         for t in steps:
             bs, rows = batch_sizes[t], slice(offsets[t], offsets[t + 1])
             g, hs = G[rows], h[:bs]
-            h_prev = hs.clone() if zoneout else None
+            # The LSTM kernel leaves hs alone under zoneout; the others overwrite it.
+            h_prev = (hs if lstm else hs.clone()) if zoneout else None
             c_prev = c[:bs].clone() if zoneout and lstm else None
             gh = recurrent(hs if rmask is None else hs * rmask[:bs])  # (bs, G*H)
             if ln:
                 GHraw[rows] = gh
-                gh, mu_h[rows], rs_h[rows] = _layer_norm(gh, ln_hh_w, ln_hh_b)
+                if not lstm:
+                    gh, mu_h[rows], rs_h[rows] = _layer_norm(gh, ln_hh_w, ln_hh_b)
             if lstm:
                 target = out[rows] if w_hr is None else R[rows]
                 if ln:
-                    _ln_lstm_forward(
-                        g,
-                        gh,
-                        c[:bs],
-                        C[rows],
-                        CN[rows],
-                        mu_c[rows],
-                        rs_c[rows],
-                        ln_c_w,
-                        ln_c_b,
-                        target,
-                    )
+                    ln_kernels.ln_lstm_forward(
+                        g, GHraw[rows], ln_hh_w, ln_hh_b, mu_h[rows], rs_h[rows], c[:bs],
+                        C[rows], CN[rows], mu_c[rows], rs_c[rows], ln_c_w, ln_c_b, target,
+                        _LN_EPS,
+                    )  # fmt: skip
                 else:
                     direct = hs if w_hr is None and not zoneout else None
                     kernels.lstm_forward(g, gh, c[:bs], C[rows], direct, target)
                 if w_hr is not None:
                     torch.mm(R[rows], w_hr.t(), out=out[rows])
                 if zoneout:
-                    kc = _zone(keep_c, rows)
-                    c[:bs] = kc * c_prev + (1 - kc) * c[:bs]
+                    c[:bs].lerp_(c_prev, _zone(keep_c, rows))  # keep * c_prev + (1 - keep) * c~
                     CZ[rows] = c[:bs]
             elif gru:
                 if b_hh is not None:
@@ -200,8 +199,7 @@ class FusedLayer(torch.autograd.Function):
             else:
                 kernels.rnn_forward(g, gh, hs, out[rows], relu)
             if zoneout:
-                kh = _zone(keep_h, rows)
-                out[rows] = kh * h_prev + (1 - kh) * out[rows]
+                out[rows].lerp_(h_prev, _zone(keep_h, rows))
             if zoneout or (lstm and (ln or w_hr is not None)):
                 hs.copy_(out[rows])
         ctx.mode, ctx.reverse, ctx.batch_sizes, ctx.kernels = mode, reverse, batch_sizes, kernels
@@ -270,6 +268,7 @@ class FusedLayer(torch.autograd.Function):
         mode, reverse, batch_sizes, kernels = ctx.mode, ctx.reverse, ctx.batch_sizes, ctx.kernels
         lstm, gru, relu = mode == "LSTM", mode == "GRU", mode == "RNN_RELU"
         ln = ln_ih_w is not None
+        ln_kernels = kernels if hasattr(kernels, "ln_lstm_backward") else pointwise
         keep_h = zh if zh is not None else ctx.zoneout_p
         keep_c = zc if zc is not None else ctx.zoneout_p
         zoneout = keep_h is not None
@@ -299,32 +298,22 @@ class FusedLayer(torch.autograd.Function):
             dht = dh[:bs] + d_out[rows]
             carry_h = None
             if zoneout:
-                kh = _zone(keep_h, rows)
-                carry_h = kh * dht
-                dht = (1 - kh) * dht
+                carry_h = dht * _zone(keep_h, rows)
+                dht = dht - carry_h
             if lstm:
                 carry_c = None
                 if zoneout:
-                    kc = _zone(keep_c, rows)
-                    carry_c = kc * dc[:bs]
-                    dc[:bs] *= 1 - kc
+                    carry_c = dc[:bs] * _zone(keep_c, rows)
+                    dc[:bs] -= carry_c
                 if w_hr is not None:
                     dH[rows] = dht
                     dht = dht @ w_hr  # (bs, H)
                 if ln:
-                    _ln_lstm_backward(
-                        G[rows],
-                        C[rows],
-                        C_prev[rows],
-                        CN[rows],
-                        mu_c[rows],
-                        rs_c[rows],
-                        ln_c_w,
-                        dht,
-                        dc[:bs],
-                        dG[rows],
-                        dCN[rows],
-                    )
+                    ln_kernels.ln_lstm_backward(
+                        G[rows], C[rows], C_prev[rows], CN[rows], mu_c[rows], rs_c[rows],
+                        ln_c_w, GHraw[rows], mu_h[rows], rs_h[rows], ln_hh_w, dht, dc[:bs],
+                        dG[rows], dCN[rows], dZ[rows],
+                    )  # fmt: skip
                 else:
                     kernels.lstm_backward(G[rows], C[rows], C_prev[rows], dht, dc[:bs], dG[rows])
                 if carry_c is not None:
@@ -339,8 +328,13 @@ class FusedLayer(torch.autograd.Function):
                 kernels.rnn_backward(out[rows], dht, dG[rows], relu)
                 d_rec = dG[rows]
             if ln:
-                d_rec = _layer_norm_input_grad(d_rec, GHraw[rows], mu_h[rows], rs_h[rows], ln_hh_w)
-                dZ[rows] = d_rec
+                if lstm:
+                    d_rec = dZ[rows]
+                else:
+                    d_rec = _layer_norm_input_grad(
+                        d_rec, GHraw[rows], mu_h[rows], rs_h[rows], ln_hh_w
+                    )
+                    dZ[rows] = d_rec
             dh_rec = recurrent(d_rec)
             if rmask is not None:
                 dh_rec *= rmask[:bs]
@@ -357,11 +351,14 @@ class FusedLayer(torch.autograd.Function):
         d_ln = [None] * 6
         dP = dG
         if ln:
-            d_ln[0], d_ln[1] = _layer_norm_param_grads(dG, P, mu_i, rs_i)
-            dP = _layer_norm_input_grad(dG, P, mu_i, rs_i, ln_ih_w)
-            d_ln[2], d_ln[3] = _layer_norm_param_grads(dGH if gru else dG, GHraw, mu_h, rs_h)
+            dP, d_ln[0], d_ln[1] = torch.ops.aten.native_layer_norm_backward(
+                dG, P, (P.shape[1],), mu_i, rs_i, ln_ih_w, ln_ih_w, [True, True, True]
+            )
+            d_ln[2], d_ln[3] = _layer_norm_param_grads(
+                dGH if gru else dG, GHraw, mu_h, rs_h, ln_hh_w
+            )
             if lstm:
-                d_ln[4], d_ln[5] = _layer_norm_param_grads(dCN, C, mu_c, rs_c)
+                d_ln[4], d_ln[5] = _layer_norm_param_grads(dCN, C, mu_c, rs_c, ln_c_w)
         dx = dP @ w_ih if needs[5] else None
         dw_ih = dP.t() @ x if needs[8] else None
         db_ih = db_hh = None
@@ -388,36 +385,6 @@ class FusedLayer(torch.autograd.Function):
             None,
             None,
         )
-
-
-def _ln_lstm_forward(g, gh, c, c_save, cn_save, mu, rs, ln_w, ln_b, out) -> None:
-    """The LSTM step with a layer-normed cell: h = o * tanh(LN(c)). Torch ops."""
-    H = c.shape[1]
-    g.add_(gh)
-    g[:, : 2 * H].sigmoid_()
-    g[:, 2 * H : 3 * H].tanh_()
-    g[:, 3 * H :].sigmoid_()
-    i, f, gg, o = g.split(H, dim=1)
-    c.mul_(f).addcmul_(i, gg)
-    c_save.copy_(c)
-    cn, mu[:], rs[:] = _layer_norm(c, ln_w, ln_b)
-    cn_save.copy_(cn)
-    torch.mul(o, torch.tanh(cn), out=out)
-
-
-def _ln_lstm_backward(g, c, c_prev, cn, mu, rs, ln_w, dh, dc, dg, dcn_save) -> None:
-    """Backward of :func:`_ln_lstm_forward`; dc in/out as in the plain kernel."""
-    H = c.shape[1]
-    i, f, gg, o = g.split(H, dim=1)
-    tc = torch.tanh(cn)
-    dcn = dh * o * (1 - tc * tc)
-    dcn_save.copy_(dcn)
-    dct = dc + _layer_norm_input_grad(dcn, c, mu, rs, ln_w)
-    dg[:, :H] = dct * gg * i * (1 - i)
-    dg[:, H : 2 * H] = dct * c_prev * f * (1 - f)
-    dg[:, 2 * H : 3 * H] = dct * i * (1 - gg * gg)
-    dg[:, 3 * H :] = dh * tc * o * (1 - o)
-    torch.mul(dct, f, out=dc)
 
 
 def run_layer(

@@ -92,3 +92,82 @@ def rnn_backward(h: Tensor, dh: Tensor, dg: Tensor, relu: bool) -> None:
         torch.mul(dh, h > 0, out=dg)
     else:
         torch.mul(dh, 1 - h * h, out=dg)
+
+
+def _ln(x: Tensor, weight: Tensor, bias: Tensor, eps: float):
+    return torch.native_layer_norm(x, (x.shape[1],), weight, bias, eps)
+
+
+def _ln_input_grad(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor) -> Tensor:
+    mask = [True, False, False]
+    return torch.ops.aten.native_layer_norm_backward(
+        dy, x, (x.shape[1],), mean, rstd, weight, None, mask
+    )[0]
+
+
+def ln_lstm_forward(
+    g: Tensor,
+    z: Tensor,
+    ln_hw: Tensor,
+    ln_hb: Tensor,
+    mu_h: Tensor,
+    rs_h: Tensor,
+    c: Tensor,
+    c_save: Tensor,
+    cn_save: Tensor,
+    mu_c: Tensor,
+    rs_c: Tensor,
+    ln_cw: Tensor,
+    ln_cb: Tensor,
+    out: Tensor,
+    eps: float,
+) -> None:
+    """The layer-norm LSTM step (``rnnkit.variants``). g (bs, 4H): input side in, activations
+    out; z (bs, 4H): W_hh h before its norm; mu_h, rs_h (bs, 1) receive that norm's statistics.
+    c: c_{t-1} in, c_t out, also into c_save; cn_save receives LN(c_t) and mu_c, rs_c its
+    statistics; out receives o * tanh(LN(c_t))."""
+    H = c.shape[1]
+    zn, mu_h[:], rs_h[:] = _ln(z, ln_hw, ln_hb, eps)
+    g.add_(zn)
+    g[:, : 2 * H].sigmoid_()
+    g[:, 2 * H : 3 * H].tanh_()
+    g[:, 3 * H :].sigmoid_()
+    i, f, gg, o = g.split(H, dim=1)
+    c.mul_(f).addcmul_(i, gg)
+    c_save.copy_(c)
+    cn, mu_c[:], rs_c[:] = _ln(c, ln_cw, ln_cb, eps)
+    cn_save.copy_(cn)
+    torch.mul(o, torch.tanh(cn), out=out)
+
+
+def ln_lstm_backward(
+    g: Tensor,
+    c: Tensor,
+    c_prev: Tensor,
+    cn: Tensor,
+    mu_c: Tensor,
+    rs_c: Tensor,
+    ln_cw: Tensor,
+    z: Tensor,
+    mu_h: Tensor,
+    rs_h: Tensor,
+    ln_hw: Tensor,
+    dh: Tensor,
+    dc: Tensor,
+    dg: Tensor,
+    dcn: Tensor,
+    dz: Tensor,
+) -> None:
+    """Backward of :func:`ln_lstm_forward`: dc in/out as in :func:`lstm_backward`; dg receives
+    the gradient of the gates' pre-activations, dcn that of LN(c_t), dz that of z."""
+    H = c.shape[1]
+    i, f, gg, o = g.split(H, dim=1)
+    tc = torch.tanh(cn)
+    dcn.copy_(dh * o * (1 - tc * tc))
+    dct = dc + _ln_input_grad(dcn, c, mu_c, rs_c, ln_cw)
+    dg[:, :H] = dct * gg * i * (1 - i)
+    dg[:, H : 2 * H] = dct * c_prev * f * (1 - f)
+    dg[:, 2 * H : 3 * H] = dct * i * (1 - gg * gg)
+    dg[:, 3 * H :] = dh * tc * o * (1 - o)
+    torch.mul(dct, f, out=dc)
+    dz.copy_(_ln_input_grad(dg, z, mu_h, rs_h, ln_hw))
