@@ -107,7 +107,7 @@ def test_functional_call_uses_the_given_parameters():
     torch.testing.assert_close(hn, ref_hn, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("backend", ["reference", "fused", "torch"])
 def test_torch_compile_runs_and_gives_equal_results(backend):
     torch._dynamo.reset()
     layer = rnnkit.LSTM(4, 6, 2, bidirectional=True, batch_first=True, backend=backend)

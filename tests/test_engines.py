@@ -233,12 +233,21 @@ def test_cpu_layer_norm_lstm_kernels_match_torch_op_twins(bs, H, dtype):
         torch.testing.assert_close(a, b, **tol)
 
 
-def test_auto_backend_resolves_to_a_real_engine():
+def test_auto_backend_follows_the_documented_rule():
     from rnnkit import engines
+    from rnnkit.engines import fused, torch_native
 
-    for mode in ("LSTM", "GRU", "RNN_TANH"):
-        for device in ("cpu", "cuda"):
-            assert engines.resolve("auto", mode, torch.device(device)).run is not None
+    cpu_, cuda = torch.device("cpu"), torch.device("cuda")
+    assert engines.resolve("auto", "LSTM", cpu_) is torch_native
+    assert engines.resolve("auto", "GRU", cpu_) is fused
+    assert engines.resolve("auto", "RNN_RELU", cpu_) is fused
+    assert all(engines.resolve("auto", m, cuda) is torch_native for m in ("LSTM", "GRU"))
+    # Per-step variants go to the fused engine whatever the rule says.
+    layer = rnnkit.LSTM(3, 4, layer_norm=True, dtype=torch.float64)
+    ref = rnnkit.LSTM(3, 4, layer_norm=True, dtype=torch.float64, backend="fused")
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 1, 3, dtype=torch.float64)
+    torch.testing.assert_close(layer(x)[0], ref(x)[0], rtol=0, atol=0)
 
 
 triton_kernels = pytest.importorskip("rnnkit.engines.triton_kernels")

@@ -20,6 +20,9 @@ _VF_FUNCTIONS = {
 }
 
 
+# torch.compile does not trace torch's own RNN kernels (dynamo skips nn.LSTM for the same
+# reason); they run eagerly between the compiled parts.
+@torch.compiler.disable
 def run(
     spec: LayerSpec,
     x: Tensor,
@@ -31,7 +34,7 @@ def run(
     """Run a whole layer stack; see ``rnnkit.engines`` for the contract."""
     flat = [w for layer in weights for w in layer if w is not None]
     fn = _VF_FUNCTIONS[spec.mode]
-    state = list(hx) if spec.mode == "LSTM" else hx[0]
+    state = tuple(hx) if spec.mode == "LSTM" else hx[0]
     options = (spec.bias, spec.num_layers, spec.dropout, training, spec.num_directions == 2)
     if batch_sizes is None:
         result = fn(x, state, flat, *options, False)
