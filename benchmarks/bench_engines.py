@@ -70,6 +70,17 @@ def measure(layer, x, device, repeats):
     return fwd, both, peak
 
 
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return f"{names[0]} x{len(names)}"
+    except (OSError, IndexError):
+        return platform.processor() or platform.machine()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -89,12 +100,13 @@ def main() -> None:
     args = p.parse_args()
     device = args.device
     print(
-        f"device: {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or platform.machine()}, "
+        f"device: {_device_name(device)}, "
         f"threads: {torch.get_num_threads()}, torch {torch.__version__}, "
         f"TF32: {torch.backends.cuda.matmul.allow_tf32}\n"
     )
     print(
-        "| mode | T | B | I=H | dtype | engine | fwd ms | fwd+bwd ms | peak MiB | fwd / torch.nn | fwd+bwd / torch.nn |"
+        "| mode | T | B | I=H | dtype | engine | fwd ms | fwd+bwd ms | peak MiB "
+        "| fwd / torch.nn | fwd+bwd / torch.nn |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype_name in args.dtype:
@@ -116,7 +128,8 @@ def main() -> None:
                 for name, (fwd, both, peak) in rows:
                     mem = f"{peak:.0f}" if peak is not None else "n/a"
                     print(
-                        f"| {mode} | {T} | {B} | {H} | {dtype_name} | {name} | {fwd:.2f} | {both:.2f} | "
+                        f"| {mode} | {T} | {B} | {H} | {dtype_name} | {name} "
+                        f"| {fwd:.2f} | {both:.2f} | "
                         f"{mem} | {fwd / base[0]:.2f} | {both / base[1]:.2f} |",
                         flush=True,
                     )

@@ -162,13 +162,11 @@ def test_cell_wrong_features_and_state_shape():
     with raises("GRUCell: h has shape (1, 20); expected (hidden_size,) = (20,)"):
         rnnkit.GRUCell(10, 20)(torch.randn(10), torch.zeros(1, 20))
     with raises(
-        "RNNCell: input must be 2-D (batch, input_size) or 1-D (input_size,); "
-        "got a 3-D tensor"
+        "RNNCell: input must be 2-D (batch, input_size) or 1-D (input_size,); got a 3-D tensor"
     ):
         rnnkit.RNNCell(10, 20)(torch.randn(1, 4, 10))
     with raises(
-        "R"
-        "NNCell: input has dtype torch.float64 but the parameters have dtype torch.float32"
+        "RNNCell: input has dtype torch.float64 but the parameters have dtype torch.float32"
     ):
         rnnkit.RNNCell(10, 20)(torch.randn(4, 10, dtype=torch.float64))
 
