@@ -233,6 +233,46 @@ def test_cpu_layer_norm_lstm_kernels_match_torch_op_twins(bs, H, dtype):
         torch.testing.assert_close(a, b, **tol)
 
 
+@needs_cpu_kernels
+@pytest.mark.parametrize("eval_mode", [False, True], ids=["masks", "eval-p"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("bs, H", [(1, 1), (3, 5), (2, 33)])
+def test_cpu_zoneout_kernels_match_torch_op_twins(bs, H, dtype, eval_mode):
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-6}
+    torch.manual_seed(0)
+
+    def keep():
+        return 0.3 if eval_mode else torch.bernoulli(torch.full((bs, H), 0.4, dtype=dtype))
+
+    zh, zc = keep(), keep()
+    g, gh = _rand(bs, 4 * H, dtype=dtype), _rand(bs, 4 * H, dtype=dtype)
+    c0, h0, dh, dc0 = (_rand(bs, H, dtype=dtype) for _ in range(4))
+    results = []
+    for k in (cpu, pointwise):
+        gg, c, h = g.clone(), c0.clone(), h0.clone()
+        cs, cz, out = (torch.zeros(bs, H, dtype=dtype) for _ in range(3))
+        k.lstm_forward_zoneout(gg, gh, c, cs, cz, h, out, zh, zc)
+        dc, dg, carry = (
+            dc0.clone(),
+            torch.zeros(bs, 4 * H, dtype=dtype),
+            torch.zeros(bs, H, dtype=dtype),
+        )
+        k.lstm_backward_zoneout(gg, cs, c0, dh, dc, dg, carry, zh, zc)
+        results.append((gg, c, h, cs, cz, out, dc, dg, carry))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    g3, gh3 = _rand(bs, 3 * H, dtype=dtype), _rand(bs, 3 * H, dtype=dtype)
+    results = []
+    for k in (cpu, pointwise):
+        gg, h, out = g3.clone(), h0.clone(), torch.zeros(bs, H, dtype=dtype)
+        k.gru_forward_zoneout(gg, gh3, h, out, zh)
+        dg, dgh, dhp = (torch.zeros(bs, n * H, dtype=dtype) for n in (3, 3, 1))
+        k.gru_backward_zoneout(gg, gh3, h0, dh, dg, dgh, dhp, zh)
+        results.append((gg, h, out, dg, dgh, dhp))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
 def test_auto_backend_follows_the_documented_rule():
     from rnnkit import engines
     from rnnkit.engines import fused, torch_native

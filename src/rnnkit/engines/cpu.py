@@ -56,8 +56,10 @@ def _build() -> ctypes.CDLL | None:
             )
             return None
     lib = ctypes.CDLL(str(target))
-    for op in ("lstm", "gru", "rnn", "ln_lstm"):
-        for step in ("forward", "backward"):
+    for op in ("lstm", "gru", "rnn", "ln_lstm", "lstm", "gru"):
+        for step in ("forward", "backward", "forward_zoneout", "backward_zoneout"):
+            if op in ("rnn", "ln_lstm") and step.endswith("zoneout"):
+                continue
             for suffix in _SUFFIX.values():
                 getattr(lib, f"{op}_{step}_{suffix}").restype = None
     return lib
@@ -143,4 +145,49 @@ def ln_lstm_backward(
         ctypes.c_int64(c.shape[0]), ctypes.c_int64(c.shape[1]),
         *_args(g, c, c_prev, cn, mu_c, rs_c), _vec(ln_cw), *_args(z, mu_h, rs_h), _vec(ln_hw),
         *_args(dh, dc, dg, dcn, dz),
+    )  # fmt: skip
+
+
+def _zone_args(ref: Tensor, *masks: Tensor | float) -> list:
+    """Mask pointers (NULL in eval) and the probability used where they are NULL."""
+    out, p = [], 0.0
+    for keep in masks:
+        if isinstance(keep, Tensor):
+            out += _args(keep)
+        else:
+            out += [None, 0]
+            p = keep
+    scalar = ctypes.c_float if ref.dtype == torch.float32 else ctypes.c_double
+    return [*out, scalar(p)]
+
+
+def lstm_forward_zoneout(g, gh, c, c_save, cz_save, h, out, zh, zc) -> None:
+    fn = getattr(_lib, f"lstm_forward_zoneout_{_SUFFIX[c.dtype]}")
+    fn(
+        ctypes.c_int64(c.shape[0]), ctypes.c_int64(c.shape[1]),
+        *_args(g, gh, c, c_save, cz_save, h, out), *_zone_args(c, zh, zc),
+    )  # fmt: skip
+
+
+def lstm_backward_zoneout(g, c, c_prev, dh, dc, dg, dh_carry, zh, zc) -> None:
+    fn = getattr(_lib, f"lstm_backward_zoneout_{_SUFFIX[c.dtype]}")
+    fn(
+        ctypes.c_int64(c.shape[0]), ctypes.c_int64(c.shape[1]),
+        *_args(g, c, c_prev, dh, dc, dg, dh_carry), *_zone_args(c, zh, zc),
+    )  # fmt: skip
+
+
+def gru_forward_zoneout(g, gh, h, out, zh) -> None:
+    fn = getattr(_lib, f"gru_forward_zoneout_{_SUFFIX[h.dtype]}")
+    fn(
+        ctypes.c_int64(h.shape[0]), ctypes.c_int64(h.shape[1]),
+        *_args(g, gh, h, out), *_zone_args(h, zh),
+    )  # fmt: skip
+
+
+def gru_backward_zoneout(g, gh, h_prev, dh, dg, dgh, dh_prev, zh) -> None:
+    fn = getattr(_lib, f"gru_backward_zoneout_{_SUFFIX[h_prev.dtype]}")
+    fn(
+        ctypes.c_int64(h_prev.shape[0]), ctypes.c_int64(h_prev.shape[1]),
+        *_args(g, gh, h_prev, dh, dg, dgh, dh_prev), *_zone_args(h_prev, zh),
     )  # fmt: skip

@@ -211,3 +211,97 @@ void ln_lstm_backward_##SUF(int64_t bs, int64_t H, const T *g, int64_t sg, const
 
 LN_KERNELS(float, f32, sqrtf)
 LN_KERNELS(double, f64, sqrt)
+
+/* Zoneout (rnnkit.variants) inside the LSTM and GRU steps: k = mask (1 keeps the previous
+ * value) from zh/zc, or the probability p where the mask pointer is NULL (eval). */
+#define ZONEOUT_KERNELS(T, SUF)                                                                   \
+void lstm_forward_zoneout_##SUF(int64_t bs, int64_t H, T *g, int64_t sg, const T *gh,            \
+                                int64_t sgh, T *c, int64_t sc, T *cs, int64_t scs, T *cz,         \
+                                int64_t scz, T *h, int64_t sh, T *out, int64_t so, const T *zh,   \
+                                int64_t szh, const T *zc, int64_t szc, T p) {                     \
+    for (int64_t r = 0; r < bs; r++) {                                                            \
+        T *gr = g + r * sg, *cr = c + r * sc, *csr = cs + r * scs, *czr = cz + r * scz;           \
+        T *hr = h + r * sh, *outr = out + r * so;                                                 \
+        const T *ghr = gh + r * sgh, *zhr = zh ? zh + r * szh : 0, *zcr = zc ? zc + r * szc : 0;  \
+        _Pragma("omp simd")                                                                       \
+        for (int64_t j = 0; j < H; j++) {                                                         \
+            T i = sigmoid_##SUF(gr[j] + ghr[j]), f = sigmoid_##SUF(gr[H + j] + ghr[H + j]);       \
+            T gg = tanh_##SUF(gr[2 * H + j] + ghr[2 * H + j]);                                    \
+            T o = sigmoid_##SUF(gr[3 * H + j] + ghr[3 * H + j]);                                  \
+            gr[j] = i; gr[H + j] = f; gr[2 * H + j] = gg; gr[3 * H + j] = o;                      \
+            T kh = zhr ? zhr[j] : p, kc = zcr ? zcr[j] : p;                                       \
+            T cn = f * cr[j] + i * gg;                                                            \
+            csr[j] = cn;                                                                          \
+            T cnew = kc * cr[j] + ((T)1 - kc) * cn;                                               \
+            cr[j] = cnew; czr[j] = cnew;                                                          \
+            T hnew = kh * hr[j] + ((T)1 - kh) * o * tanh_##SUF(cn);                               \
+            hr[j] = hnew; outr[j] = hnew;                                                         \
+        }                                                                                         \
+    }                                                                                             \
+}                                                                                                 \
+void lstm_backward_zoneout_##SUF(int64_t bs, int64_t H, const T *g, int64_t sg, const T *c,      \
+                                 int64_t sc, const T *cp, int64_t scp, const T *dh, int64_t sdh,  \
+                                 T *dc, int64_t sdc, T *dg, int64_t sdg, T *dhc, int64_t sdhc,    \
+                                 const T *zh, int64_t szh, const T *zc, int64_t szc, T p) {       \
+    for (int64_t r = 0; r < bs; r++) {                                                            \
+        const T *gr = g + r * sg, *cr = c + r * sc, *cpr = cp + r * scp, *dhr = dh + r * sdh;     \
+        const T *zhr = zh ? zh + r * szh : 0, *zcr = zc ? zc + r * szc : 0;                       \
+        T *dcr = dc + r * sdc, *dgr = dg + r * sdg, *dhcr = dhc + r * sdhc;                       \
+        _Pragma("omp simd")                                                                       \
+        for (int64_t j = 0; j < H; j++) {                                                         \
+            T i = gr[j], f = gr[H + j], gg = gr[2 * H + j], o = gr[3 * H + j];                    \
+            T kh = zhr ? zhr[j] : p, kc = zcr ? zcr[j] : p;                                       \
+            T d = ((T)1 - kh) * dhr[j], dcz = dcr[j];                                             \
+            T tc = tanh_##SUF(cr[j]);                                                             \
+            T dct = ((T)1 - kc) * dcz + d * o * ((T)1 - tc * tc);                                 \
+            dgr[j] = dct * gg * i * ((T)1 - i);                                                   \
+            dgr[H + j] = dct * cpr[j] * f * ((T)1 - f);                                           \
+            dgr[2 * H + j] = dct * i * ((T)1 - gg * gg);                                          \
+            dgr[3 * H + j] = d * tc * o * ((T)1 - o);                                             \
+            dcr[j] = dct * f + kc * dcz;                                                          \
+            dhcr[j] = kh * dhr[j];                                                                \
+        }                                                                                         \
+    }                                                                                             \
+}                                                                                                 \
+void gru_forward_zoneout_##SUF(int64_t bs, int64_t H, T *g, int64_t sg, const T *gh,             \
+                               int64_t sgh, T *h, int64_t sh, T *out, int64_t so, const T *zh,    \
+                               int64_t szh, T p) {                                                \
+    for (int64_t r = 0; r < bs; r++) {                                                            \
+        T *gr = g + r * sg, *hr = h + r * sh, *outr = out + r * so;                               \
+        const T *ghr = gh + r * sgh, *zhr = zh ? zh + r * szh : 0;                                \
+        _Pragma("omp simd")                                                                       \
+        for (int64_t j = 0; j < H; j++) {                                                         \
+            T rg = sigmoid_##SUF(gr[j] + ghr[j]);                                                 \
+            T z = sigmoid_##SUF(gr[H + j] + ghr[H + j]);                                          \
+            T n = tanh_##SUF(gr[2 * H + j] + rg * ghr[2 * H + j]);                                \
+            gr[j] = rg; gr[H + j] = z; gr[2 * H + j] = n;                                         \
+            T kh = zhr ? zhr[j] : p;                                                              \
+            T hnew = kh * hr[j] + ((T)1 - kh) * (n + z * (hr[j] - n));                            \
+            outr[j] = hnew; hr[j] = hnew;                                                         \
+        }                                                                                         \
+    }                                                                                             \
+}                                                                                                 \
+void gru_backward_zoneout_##SUF(int64_t bs, int64_t H, const T *g, int64_t sg, const T *gh,      \
+                                int64_t sgh, const T *hp, int64_t shp, const T *dh, int64_t sdh,  \
+                                T *dg, int64_t sdg, T *dgh, int64_t sdgh, T *dhp, int64_t sdhp,   \
+                                const T *zh, int64_t szh, T p) {                                  \
+    for (int64_t r = 0; r < bs; r++) {                                                            \
+        const T *gr = g + r * sg, *ghr = gh + r * sgh, *hpr = hp + r * shp, *dhr = dh + r * sdh;  \
+        const T *zhr = zh ? zh + r * szh : 0;                                                     \
+        T *dgr = dg + r * sdg, *dghr = dgh + r * sdgh, *dhpr = dhp + r * sdhp;                    \
+        _Pragma("omp simd")                                                                       \
+        for (int64_t j = 0; j < H; j++) {                                                         \
+            T rg = gr[j], z = gr[H + j], n = gr[2 * H + j];                                       \
+            T kh = zhr ? zhr[j] : p, d = ((T)1 - kh) * dhr[j];                                    \
+            T dn = d * ((T)1 - z) * ((T)1 - n * n);                                               \
+            T dz = d * (hpr[j] - n) * z * ((T)1 - z);                                             \
+            T dr = dn * ghr[2 * H + j] * rg * ((T)1 - rg);                                        \
+            dgr[j] = dr; dgr[H + j] = dz; dgr[2 * H + j] = dn;                                    \
+            dghr[j] = dr; dghr[H + j] = dz; dghr[2 * H + j] = dn * rg;                            \
+            dhpr[j] = d * z + kh * dhr[j];                                                        \
+        }                                                                                         \
+    }                                                                                             \
+}
+
+ZONEOUT_KERNELS(float, f32)
+ZONEOUT_KERNELS(double, f64)

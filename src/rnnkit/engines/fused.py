@@ -101,6 +101,13 @@ def _zone(keep: Tensor | float, rows: slice) -> Tensor | float:
     return keep if isinstance(keep, float) else keep[rows]
 
 
+def _zoneout_in_kernel(kernels: ModuleType, mode: str, ln: bool, projected: bool) -> bool:
+    """Whether the kernels apply zoneout themselves (else the host does, with torch ops)."""
+    if mode == "LSTM":
+        return hasattr(kernels, "lstm_forward_zoneout") and not ln and not projected
+    return mode == "GRU" and hasattr(kernels, "gru_forward_zoneout")
+
+
 class FusedLayer(torch.autograd.Function):
     """One layer and direction over packed-layout data ``x`` (N, I) with ``batch_sizes``.
 
@@ -143,6 +150,8 @@ class FusedLayer(torch.autograd.Function):
         keep_h = zh if zh is not None else zoneout_p
         keep_c = zc if zc is not None else zoneout_p
         zoneout = keep_h is not None
+        zk = zoneout and _zoneout_in_kernel(kernels, mode, ln, w_hr is not None)
+        host_zoneout = zoneout and not zk
         offsets = _offsets(batch_sizes)
         steps = range(len(batch_sizes) - 1, -1, -1) if reverse else range(len(batch_sizes))
         G = x @ w_ih.t()  # (N, G*H)
@@ -168,8 +177,8 @@ class FusedLayer(torch.autograd.Function):
             bs, rows = batch_sizes[t], slice(offsets[t], offsets[t + 1])
             g, hs = G[rows], h[:bs]
             # The LSTM kernel leaves hs alone under zoneout; the others overwrite it.
-            h_prev = (hs if lstm else hs.clone()) if zoneout else None
-            c_prev = c[:bs].clone() if zoneout and lstm else None
+            h_prev = (hs if lstm else hs.clone()) if host_zoneout else None
+            c_prev = c[:bs].clone() if host_zoneout and lstm else None
             gh = recurrent(hs if rmask is None else hs * rmask[:bs])  # (bs, G*H)
             if ln:
                 GHraw[rows] = gh
@@ -183,24 +192,32 @@ class FusedLayer(torch.autograd.Function):
                         C[rows], CN[rows], mu_c[rows], rs_c[rows], ln_c_w, ln_c_b, target,
                         _LN_EPS,
                     )  # fmt: skip
+                elif zk:
+                    kh, kc = _zone(keep_h, rows), _zone(keep_c, rows)
+                    kernels.lstm_forward_zoneout(
+                        g, gh, c[:bs], C[rows], CZ[rows], hs, target, kh, kc
+                    )
                 else:
                     direct = hs if w_hr is None and not zoneout else None
                     kernels.lstm_forward(g, gh, c[:bs], C[rows], direct, target)
                 if w_hr is not None:
                     torch.mm(R[rows], w_hr.t(), out=out[rows])
-                if zoneout:
+                if host_zoneout:
                     c[:bs].lerp_(c_prev, _zone(keep_c, rows))  # keep * c_prev + (1 - keep) * c~
                     CZ[rows] = c[:bs]
             elif gru:
                 if b_hh is not None:
                     gh = gh + b_hh
                 GH[rows] = gh
-                kernels.gru_forward(g, gh, hs, out[rows])
+                if zk:
+                    kernels.gru_forward_zoneout(g, gh, hs, out[rows], _zone(keep_h, rows))
+                else:
+                    kernels.gru_forward(g, gh, hs, out[rows])
             else:
                 kernels.rnn_forward(g, gh, hs, out[rows], relu)
-            if zoneout:
+            if host_zoneout:
                 out[rows].lerp_(h_prev, _zone(keep_h, rows))
-            if zoneout or (lstm and (ln or w_hr is not None)):
+            if host_zoneout or (lstm and (ln or w_hr is not None)):
                 hs.copy_(out[rows])
         ctx.mode, ctx.reverse, ctx.batch_sizes, ctx.kernels = mode, reverse, batch_sizes, kernels
         ctx.has_bias, ctx.zoneout_p = b_ih is not None, zoneout_p
@@ -272,6 +289,8 @@ class FusedLayer(torch.autograd.Function):
         keep_h = zh if zh is not None else ctx.zoneout_p
         keep_c = zc if zc is not None else ctx.zoneout_p
         zoneout = keep_h is not None
+        zk = zoneout and _zoneout_in_kernel(kernels, mode, ln, w_hr is not None)
+        host_zoneout = zoneout and not zk
         H = G.shape[1] // {"LSTM": 4, "GRU": 3}.get(mode, 1)
         offsets = _offsets(batch_sizes)
         steps = range(len(batch_sizes)) if reverse else range(len(batch_sizes) - 1, -1, -1)
@@ -297,12 +316,12 @@ class FusedLayer(torch.autograd.Function):
             bs, rows = batch_sizes[t], slice(offsets[t], offsets[t + 1])
             dht = dh[:bs] + d_out[rows]
             carry_h = None
-            if zoneout:
+            if host_zoneout:
                 carry_h = dht * _zone(keep_h, rows)
                 dht = dht - carry_h
             if lstm:
                 carry_c = None
-                if zoneout:
+                if host_zoneout:
                     carry_c = dc[:bs] * _zone(keep_c, rows)
                     dc[:bs] -= carry_c
                 if w_hr is not None:
@@ -314,15 +333,27 @@ class FusedLayer(torch.autograd.Function):
                         ln_c_w, GHraw[rows], mu_h[rows], rs_h[rows], ln_hh_w, dht, dc[:bs],
                         dG[rows], dCN[rows], dZ[rows],
                     )  # fmt: skip
+                elif zk:
+                    # Writes zoneout's carried share of dL/dh_{t-1} into dh; the GEMM adds on.
+                    kernels.lstm_backward_zoneout(
+                        G[rows], C[rows], C_prev[rows], dht, dc[:bs], dG[rows], dh[:bs],
+                        _zone(keep_h, rows), _zone(keep_c, rows),
+                    )  # fmt: skip
                 else:
                     kernels.lstm_backward(G[rows], C[rows], C_prev[rows], dht, dc[:bs], dG[rows])
                 if carry_c is not None:
                     dc[:bs] += carry_c
                 d_rec = dG[rows]
             elif gru:
-                kernels.gru_backward(
-                    G[rows], GH[rows], H_prev[rows], dht, dG[rows], dGH[rows], dh[:bs]
-                )
+                if zk:
+                    kernels.gru_backward_zoneout(
+                        G[rows], GH[rows], H_prev[rows], dht, dG[rows], dGH[rows], dh[:bs],
+                        _zone(keep_h, rows),
+                    )  # fmt: skip
+                else:
+                    kernels.gru_backward(
+                        G[rows], GH[rows], H_prev[rows], dht, dG[rows], dGH[rows], dh[:bs]
+                    )
                 d_rec = dGH[rows]
             else:
                 kernels.rnn_backward(out[rows], dht, dG[rows], relu)
@@ -338,7 +369,7 @@ class FusedLayer(torch.autograd.Function):
             dh_rec = recurrent(d_rec)
             if rmask is not None:
                 dh_rec *= rmask[:bs]
-            if gru:
+            if gru or zk:
                 dh[:bs] += dh_rec
             else:
                 dh[:bs] = dh_rec

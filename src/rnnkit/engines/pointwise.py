@@ -171,3 +171,70 @@ def ln_lstm_backward(
     dg[:, 3 * H :] = dh * tc * o * (1 - o)
     torch.mul(dct, f, out=dc)
     dz.copy_(_ln_input_grad(dg, z, mu_h, rs_h, ln_hw))
+
+
+def lstm_forward_zoneout(
+    g: Tensor,
+    gh: Tensor,
+    c: Tensor,
+    c_save: Tensor,
+    cz_save: Tensor,
+    h: Tensor,
+    out: Tensor,
+    zh: Tensor | float,
+    zc: Tensor | float,
+) -> None:
+    """:func:`lstm_forward` with zoneout: c_save receives c~ (the cell's own new value), c and
+    cz_save the zoned c_t = zc * c_{t-1} + (1 - zc) * c~, h and out the zoned h_t (zh and zc:
+    masks where 1 keeps the previous value, or the probability p in eval)."""
+    c_prev, h_prev = c.clone(), h.clone()
+    lstm_forward(g, gh, c, c_save, None, out)
+    c.lerp_(c_prev, zc)
+    cz_save.copy_(c)
+    out.lerp_(h_prev, zh)
+    h.copy_(out)
+
+
+def lstm_backward_zoneout(
+    g: Tensor,
+    c: Tensor,
+    c_prev: Tensor,
+    dh: Tensor,
+    dc: Tensor,
+    dg: Tensor,
+    dh_carry: Tensor,
+    zh: Tensor | float,
+    zc: Tensor | float,
+) -> None:
+    """Backward of :func:`lstm_forward_zoneout`: c is c~, c_prev the zoned c_{t-1}; dc in/out;
+    dh_carry receives the part of dL/dh_{t-1} that zoneout carries past the cell (zh * dh)."""
+    carry_c = dc * zc
+    dc -= carry_c
+    torch.mul(dh, zh, out=dh_carry)
+    lstm_backward(g, c, c_prev, dh - dh_carry, dc, dg)
+    dc += carry_c
+
+
+def gru_forward_zoneout(g: Tensor, gh: Tensor, h: Tensor, out: Tensor, zh: Tensor | float) -> None:
+    """:func:`gru_forward` with zoneout on h."""
+    h_prev = h.clone()
+    gru_forward(g, gh, h, out)
+    out.lerp_(h_prev, zh)
+    h.copy_(out)
+
+
+def gru_backward_zoneout(
+    g: Tensor,
+    gh: Tensor,
+    h_prev: Tensor,
+    dh: Tensor,
+    dg: Tensor,
+    dgh: Tensor,
+    dh_prev: Tensor,
+    zh: Tensor | float,
+) -> None:
+    """Backward of :func:`gru_forward_zoneout`; dh_prev receives the direct part of dL/dh_{t-1},
+    through the interpolation and through zoneout."""
+    carry = dh * zh
+    gru_backward(g, gh, h_prev, dh - carry, dg, dgh, dh_prev)
+    dh_prev += carry
