@@ -307,3 +307,17 @@ def test_triton_backend_matches_reference(mode, kind):
 @needs_triton
 def test_triton_backend_lstm_projection_float32():
     check_engine("triton", "lstm", "batch_first_hx", torch.float32, T=3, H=6, proj_size=2)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_fused_runs_under_cpu_autocast_in_bfloat16(mode):
+    cls, extra = MODES[mode]
+    layer = OURS[cls](8, 16, 2, backend="fused", **extra)
+    x = torch.randn(5, 3, 8, requires_grad=True)
+    expected = layer(x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)[0]
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - expected).abs().max() < 5e-2
+    out.float().sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in layer.parameters())

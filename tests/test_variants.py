@@ -294,3 +294,38 @@ def test_repr_names_the_variants():
     assert repr(rnnkit.GRU(I, H, layer_norm=True, zoneout=0.1)) == (
         f"GRU({I}, {H}, layer_norm=True, zoneout=0.1)"
     )
+
+
+@pytest.mark.parametrize("unbatched", [False, True], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("cls", [rnnkit.LSTM, rnnkit.GRU], ids=["lstm", "gru"])
+def test_layer_norm_cell_is_one_step_of_the_layer_norm_layer(cls, unbatched):
+    cell_cls = rnnkit.LSTMCell if cls is rnnkit.LSTM else rnnkit.GRUCell
+    layer = cls(I, H, layer_norm=True, dtype=torch.float64)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.uniform_(-1, 1)
+    cell = cell_cls(I, H, dtype=torch.float64, layer_norm=True)
+    cell.load_state_dict({n.removesuffix("_l0"): p for n, p in layer.state_dict().items()})
+    x = torch.randn(*(() if unbatched else (B,)), I, dtype=torch.float64)
+    h0 = torch.randn(*(() if unbatched else (B,)), H, dtype=torch.float64)
+    c0 = torch.randn_like(h0)
+    state = (h0, c0) if cls is rnnkit.LSTM else h0
+    got = cell(x, state)
+    layer_state = (h0[None], c0[None]) if cls is rnnkit.LSTM else h0[None]
+    _, want = layer(x[None], layer_state)
+    if cls is rnnkit.LSTM:
+        torch.testing.assert_close(got[0], want[0][0])
+        torch.testing.assert_close(got[1], want[1][0])
+    else:
+        torch.testing.assert_close(got, want[0])
+    assert "layer_norm=True" in repr(cell)
+
+
+def test_lstm_cell_forget_bias_and_plain_cell_unchanged():
+    torch.manual_seed(0)
+    cell = rnnkit.LSTMCell(I, H, forget_bias=2.0)
+    torch.manual_seed(0)
+    ref = nn.LSTMCell(I, H)
+    assert torch.equal(cell.bias_ih[H : 2 * H], torch.ones(H))
+    assert torch.equal(cell.weight_ih, ref.weight_ih)
+    assert list(rnnkit.GRUCell(I, H).state_dict()) == list(nn.GRUCell(I, H).state_dict())

@@ -13,9 +13,11 @@ from torch.nn.utils.rnn import PackedSequence
 
 from rnnkit import engines
 from rnnkit import functional as F
-from rnnkit.engines.spec import LayerSpec, Weights
+from rnnkit.engines.spec import LayerSpec, StepVariants, Weights
 from rnnkit.validation import check_constructor, prepare_cell_input, prepare_layer_input
 from rnnkit.variants import Variants, draw_step_variants
+from rnnkit.variants import gru_cell as gru_variant_cell
+from rnnkit.variants import lstm_cell as lstm_variant_cell
 
 
 class RNNBase(nn.Module):
@@ -404,12 +406,19 @@ class RNNCellBase(nn.Module):
         num_chunks: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        layer_norm: bool = False,
+        forget_bias: float | None = None,
     ) -> None:
         super().__init__()
-        check_constructor(type(self).__name__, input_size, hidden_size)
+        name = type(self).__name__
+        check_constructor(name, input_size, hidden_size)
+        if forget_bias is not None and not bias:
+            raise ValueError(f"{name}: forget_bias needs bias=True")
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
+        self.layer_norm = layer_norm
+        self.forget_bias = forget_bias
         factory = {"device": device, "dtype": dtype}
         self.weight_ih = nn.Parameter(torch.empty(num_chunks * hidden_size, input_size, **factory))
         self.weight_hh = nn.Parameter(torch.empty(num_chunks * hidden_size, hidden_size, **factory))
@@ -419,12 +428,37 @@ class RNNCellBase(nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
+        # Layer-norm gains and biases (rnnkit.variants), after torch.nn's parameters.
+        self._ln_names: list[str] = []
+        if layer_norm:
+            parts = [("ih", num_chunks), ("hh", num_chunks)]
+            if num_chunks == 4:
+                parts.append(("c", 1))
+            for part, chunks in parts:
+                for kind in ("weight", "bias"):
+                    p = nn.Parameter(torch.empty(chunks * hidden_size, **factory))
+                    self.register_parameter(f"ln_{part}_{kind}", p)
+                    self._ln_names.append(f"ln_{part}_{kind}")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """torch.nn's U(-1/sqrt(H), 1/sqrt(H)) for its tensors; layer-norm gains 1, biases 0."""
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
+        for name, weight in self.named_parameters():
+            if name not in self._ln_names:
+                nn.init.uniform_(weight, -stdv, stdv)
+        with torch.no_grad():
+            for name in self._ln_names:
+                getattr(self, name).fill_(1.0 if "weight" in name else 0.0)
+            if self.forget_bias is not None:
+                H = self.hidden_size
+                self.bias_ih[H : 2 * H] = self.forget_bias / 2
+                self.bias_hh[H : 2 * H] = self.forget_bias / 2
+
+    def _variants(self) -> StepVariants | None:
+        if not self.layer_norm:
+            return None
+        return StepVariants(tuple(getattr(self, name) for name in self._ln_names))
 
     def _prepare(self, input: Tensor, hx: object, states: int):
         return prepare_cell_input(
@@ -442,6 +476,10 @@ class RNNCellBase(nn.Module):
             s += f", bias={self.bias}"
         if getattr(self, "nonlinearity", "tanh") != "tanh":
             s += f", nonlinearity={self.nonlinearity}"
+        if self.layer_norm:
+            s += ", layer_norm=True"
+        if self.forget_bias is not None:
+            s += f", forget_bias={self.forget_bias}"
         return s
 
 
@@ -477,7 +515,9 @@ class RNNCell(RNNCellBase):
 class LSTMCell(RNNCellBase):
     """One LSTM step, a drop-in for ``torch.nn.LSTMCell``; see ``rnnkit.functional.lstm_cell``.
 
-    ``forward(input, hx=None) -> (h', c')`` with input ``(B, I)`` or ``(I,)``.
+    ``forward(input, hx=None) -> (h', c')`` with input ``(B, I)`` or ``(I,)``. Beyond torch.nn
+    (off by default): ``layer_norm`` and ``forget_bias`` as on ``rnnkit.LSTM``
+    (``rnnkit.variants``); the parameters are then named ``ln_ih_weight``, ``ln_c_bias``, ...
     """
 
     def __init__(
@@ -487,21 +527,30 @@ class LSTMCell(RNNCellBase):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        layer_norm: bool = False,
+        forget_bias: float | None = None,
     ) -> None:
-        super().__init__(input_size, hidden_size, bias, 4, device, dtype)
+        super().__init__(input_size, hidden_size, bias, 4, device, dtype, layer_norm, forget_bias)
 
     def forward(
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
         x, (h, c), unbatched = self._prepare(input, hx, 2)
-        h, c = F.lstm_cell(x, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        w = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        v = self._variants()
+        if v is None:
+            h, c = F.lstm_cell(x, h, c, *w)
+        else:
+            h, c = lstm_variant_cell(x, h, c, *w, None, v)
         return (h.squeeze(0), c.squeeze(0)) if unbatched else (h, c)
 
 
 class GRUCell(RNNCellBase):
     """One GRU step, a drop-in for ``torch.nn.GRUCell``; see ``rnnkit.functional.gru_cell``.
 
-    ``forward(input, hx=None) -> h'`` with input ``(B, I)`` or ``(I,)``.
+    ``forward(input, hx=None) -> h'`` with input ``(B, I)`` or ``(I,)``. Beyond torch.nn (off by
+    default): ``layer_norm`` as on ``rnnkit.GRU`` (``rnnkit.variants``).
     """
 
     def __init__(
@@ -511,10 +560,14 @@ class GRUCell(RNNCellBase):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        layer_norm: bool = False,
     ) -> None:
-        super().__init__(input_size, hidden_size, bias, 3, device, dtype)
+        super().__init__(input_size, hidden_size, bias, 3, device, dtype, layer_norm)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         x, (h,), unbatched = self._prepare(input, hx, 1)
-        h = F.gru_cell(x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        w = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        v = self._variants()
+        h = F.gru_cell(x, h, *w) if v is None else gru_variant_cell(x, h, *w, v)
         return h.squeeze(0) if unbatched else h
