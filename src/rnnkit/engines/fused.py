@@ -10,6 +10,7 @@ the state and a finished sequence keeps its state, which is its ``h_n``. Derivat
 """
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -108,6 +109,30 @@ def _zoneout_in_kernel(kernels: ModuleType, mode: str, ln: bool, projected: bool
     return mode == "GRU" and hasattr(kernels, "gru_forward_zoneout")
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """How one layer's steps run; decided once in forward, reused by backward."""
+
+    lstm: bool
+    gru: bool
+    relu: bool
+    ln: bool
+    ln_kernels: ModuleType  # the layer-norm LSTM kernels (the torch-op twins when absent)
+    zoneout: bool
+    zoneout_in_kernel: bool  # else the host applies zoneout with torch ops
+
+    @staticmethod
+    def make(mode, kernels, ln: bool, zoneout: bool, projected: bool) -> "_Plan":
+        in_kernel = zoneout and _zoneout_in_kernel(kernels, mode, ln, projected)
+        ln_kernels = kernels if hasattr(kernels, "ln_lstm_forward") else pointwise
+        lstm, gru, relu = mode == "LSTM", mode == "GRU", mode == "RNN_RELU"
+        return _Plan(lstm, gru, relu, ln, ln_kernels, zoneout, in_kernel)
+
+    @property
+    def host_zoneout(self) -> bool:
+        return self.zoneout and not self.zoneout_in_kernel
+
+
 class FusedLayer(torch.autograd.Function):
     """One layer and direction over packed-layout data ``x`` (N, I) with ``batch_sizes``.
 
@@ -144,14 +169,11 @@ class FusedLayer(torch.autograd.Function):
         zc: Tensor | None = None,
     ):
         N, H = x.shape[0], w_hh.shape[0] // {"LSTM": 4, "GRU": 3}.get(mode, 1)
-        lstm, gru, relu = mode == "LSTM", mode == "GRU", mode == "RNN_RELU"
-        ln = ln_ih_w is not None
-        ln_kernels = kernels if hasattr(kernels, "ln_lstm_forward") else pointwise
         keep_h = zh if zh is not None else zoneout_p
         keep_c = zc if zc is not None else zoneout_p
-        zoneout = keep_h is not None
-        zk = zoneout and _zoneout_in_kernel(kernels, mode, ln, w_hr is not None)
-        host_zoneout = zoneout and not zk
+        plan = _Plan.make(mode, kernels, ln_ih_w is not None, keep_h is not None, w_hr is not None)
+        lstm, gru, relu, ln = plan.lstm, plan.gru, plan.relu, plan.ln
+        zoneout, zk, host_zoneout = plan.zoneout, plan.zoneout_in_kernel, plan.host_zoneout
         offsets = _offsets(batch_sizes)
         steps = range(len(batch_sizes) - 1, -1, -1) if reverse else range(len(batch_sizes))
         G = x @ w_ih.t()  # (N, G*H)
@@ -187,7 +209,7 @@ class FusedLayer(torch.autograd.Function):
             if lstm:
                 target = out[rows] if w_hr is None else R[rows]
                 if ln:
-                    ln_kernels.ln_lstm_forward(
+                    plan.ln_kernels.ln_lstm_forward(
                         g, GHraw[rows], ln_hh_w, ln_hh_b, mu_h[rows], rs_h[rows], c[:bs],
                         C[rows], CN[rows], mu_c[rows], rs_c[rows], ln_c_w, ln_c_b, target,
                         _LN_EPS,
@@ -220,77 +242,26 @@ class FusedLayer(torch.autograd.Function):
             if host_zoneout or (lstm and (ln or w_hr is not None)):
                 hs.copy_(out[rows])
         ctx.mode, ctx.reverse, ctx.batch_sizes, ctx.kernels = mode, reverse, batch_sizes, kernels
-        ctx.has_bias, ctx.zoneout_p = b_ih is not None, zoneout_p
+        ctx.has_bias, ctx.zoneout_p, ctx.plan = b_ih is not None, zoneout_p, plan
         ctx.save_for_backward(
-            x,
-            h0,
-            c0,
-            w_ih,
-            w_hh,
-            w_hr,
-            G,
-            out,
-            C,
-            GH,
-            CZ,
-            P,
-            mu_i,
-            rs_i,
-            GHraw,
-            mu_h,
-            rs_h,
-            CN,
-            mu_c,
-            rs_c,
-            ln_ih_w,
-            ln_hh_w,
-            ln_c_w,
-            rmask,
-            zh,
-            zc,
-        )
+            x, h0, c0, w_ih, w_hh, w_hr, G, out, C, GH, CZ, P, mu_i, rs_i, GHraw, mu_h, rs_h,
+            CN, mu_c, rs_c, ln_ih_w, ln_hh_w, ln_c_w, rmask, zh, zc,
+        )  # fmt: skip
         ctx.mark_non_differentiable()
         return out, h, c
 
     @staticmethod
     def backward(ctx, d_out: Tensor | None, d_hn: Tensor | None, d_cn: Tensor | None):
         (
-            x,
-            h0,
-            c0,
-            w_ih,
-            w_hh,
-            w_hr,
-            G,
-            out,
-            C,
-            GH,
-            CZ,
-            P,
-            mu_i,
-            rs_i,
-            GHraw,
-            mu_h,
-            rs_h,
-            CN,
-            mu_c,
-            rs_c,
-            ln_ih_w,
-            ln_hh_w,
-            ln_c_w,
-            rmask,
-            zh,
-            zc,
-        ) = ctx.saved_tensors
+            x, h0, c0, w_ih, w_hh, w_hr, G, out, C, GH, CZ, P, mu_i, rs_i, GHraw, mu_h, rs_h,
+            CN, mu_c, rs_c, ln_ih_w, ln_hh_w, ln_c_w, rmask, zh, zc,
+        ) = ctx.saved_tensors  # fmt: skip
         mode, reverse, batch_sizes, kernels = ctx.mode, ctx.reverse, ctx.batch_sizes, ctx.kernels
-        lstm, gru, relu = mode == "LSTM", mode == "GRU", mode == "RNN_RELU"
-        ln = ln_ih_w is not None
-        ln_kernels = kernels if hasattr(kernels, "ln_lstm_backward") else pointwise
+        plan = ctx.plan
+        lstm, gru, relu, ln = plan.lstm, plan.gru, plan.relu, plan.ln
+        zoneout, zk, host_zoneout = plan.zoneout, plan.zoneout_in_kernel, plan.host_zoneout
         keep_h = zh if zh is not None else ctx.zoneout_p
         keep_c = zc if zc is not None else ctx.zoneout_p
-        zoneout = keep_h is not None
-        zk = zoneout and _zoneout_in_kernel(kernels, mode, ln, w_hr is not None)
-        host_zoneout = zoneout and not zk
         H = G.shape[1] // {"LSTM": 4, "GRU": 3}.get(mode, 1)
         offsets = _offsets(batch_sizes)
         steps = range(len(batch_sizes)) if reverse else range(len(batch_sizes) - 1, -1, -1)
@@ -328,7 +299,7 @@ class FusedLayer(torch.autograd.Function):
                     dH[rows] = dht
                     dht = dht @ w_hr  # (bs, H)
                 if ln:
-                    ln_kernels.ln_lstm_backward(
+                    plan.ln_kernels.ln_lstm_backward(
                         G[rows], C[rows], C_prev[rows], CN[rows], mu_c[rows], rs_c[rows],
                         ln_c_w, GHraw[rows], mu_h[rows], rs_h[rows], ln_hh_w, dht, dc[:bs],
                         dG[rows], dCN[rows], dZ[rows],
