@@ -305,6 +305,35 @@ def test_triton_backend_matches_reference(mode, kind):
 
 
 @needs_triton
+@pytest.mark.parametrize("kind", ["padded_hx", "packed_unsorted_hx"])
+def test_triton_lstm_inference_takes_the_persistent_kernel_and_matches_reference(kind):
+    from rnnkit.engines.fused import _persistent_applies
+
+    w = torch.zeros(4 * 5, 5)
+    assert _persistent_applies(triton_kernels, "LSTM", None, w, None, w)
+    assert not _persistent_applies(triton_kernels, "LSTM", None, w.requires_grad_(), None)
+    ref, fast = engine_twins(
+        "LSTM",
+        "triton",
+        torch.float64,
+        input_size=4,
+        hidden_size=5,
+        num_layers=2,
+        bidirectional=True,
+    )
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    h0, c0 = torch.randn(2, 4, 3, 5, dtype=torch.float64).unbind(0)
+    inp = packed_input(x, [3, 6, 5], enforce_sorted=False) if kind.startswith("packed") else x
+    with torch.no_grad():
+        got, (h, c) = fast(inp, (h0, c0))
+        want, (h_ref, c_ref) = ref(inp, (h0, c0))
+    if kind.startswith("packed"):
+        got, want = got.data, want.data
+    for a, b in ((got, want), (h, h_ref), (c, c_ref)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@needs_triton
 def test_triton_backend_lstm_projection_float32():
     check_engine("triton", "lstm", "batch_first_hx", torch.float32, T=3, H=6, proj_size=2)
 

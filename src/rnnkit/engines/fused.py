@@ -389,6 +389,21 @@ class FusedLayer(torch.autograd.Function):
         )
 
 
+def _persistent_applies(kernels, mode, variants, w_hh, w_hr, *tensors) -> bool:
+    """Inference only (nothing needs a gradient), plain LSTM, H within the kernel's limit."""
+    return (
+        hasattr(kernels, "lstm_persistent_forward")
+        and mode == "LSTM"
+        and variants is None
+        and w_hr is None
+        and w_hh.shape[1] <= kernels.PERSISTENT_MAX_H
+        and not (
+            torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in (w_hh, *tensors))
+        )
+    )
+
+
 def run_layer(
     mode: str,
     reverse: bool,
@@ -404,7 +419,16 @@ def run_layer(
     w_hr: Tensor | None,
     variants: StepVariants | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """One layer and direction: ``(out (N, R), h_n (B, R), c_n (B, H) or None)``."""
+    """One layer and direction: ``(out (N, R), h_n (B, R), c_n (B, H) or None)``.
+
+    Plain LSTM inference at small hidden sizes goes to the kernels' persistent forward where
+    they have one (Triton): one launch for all steps, ``W_hh`` kept on chip.
+    """
+    if _persistent_applies(kernels, mode, variants, w_hh, w_hr, x, h0, c0, w_ih, b_ih, b_hh):
+        G = x @ w_ih.t()  # (N, 4H)
+        if b_ih is not None:
+            G += b_ih + b_hh
+        return kernels.lstm_persistent_forward(G, w_hh, h0, c0, batch_sizes, reverse)
     v = variants or StepVariants()
     ln = v.layer_norm or ()
     zoneout_p = v.zoneout_h if isinstance(v.zoneout_h, float) else None
