@@ -14,6 +14,7 @@ from torch.nn.utils.rnn import PackedSequence
 from rnnkit import engines
 from rnnkit import functional as F
 from rnnkit.engines.spec import LayerSpec, StepVariants, Weights
+from rnnkit.params import param_suffix
 from rnnkit.validation import check_constructor, prepare_cell_input, prepare_layer_input
 from rnnkit.variants import Variants, draw_step_variants
 from rnnkit.variants import gru_cell as gru_variant_cell
@@ -68,7 +69,7 @@ class RNNBase(nn.Module):
         for layer in range(num_layers):
             for direction in range(num_directions):
                 layer_input = input_size if layer == 0 else real_hidden * num_directions
-                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                suffix = param_suffix(layer, direction)
                 shapes = [
                     ("weight_ih", (gate_size, layer_input)),
                     ("weight_hh", (gate_size, real_hidden)),
@@ -89,7 +90,7 @@ class RNNBase(nn.Module):
         if self.variants.layer_norm:
             for layer in range(num_layers):
                 for direction in range(num_directions):
-                    suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                    suffix = param_suffix(layer, direction)
                     for part, size in self._layer_norm_parts():
                         for kind in ("weight", "bias"):
                             p = nn.Parameter(torch.empty(size, **factory))
@@ -152,7 +153,7 @@ class RNNBase(nn.Module):
         out = []
         for layer in range(self.num_layers):
             for direction in range(2 if self.bidirectional else 1):
-                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                suffix = param_suffix(layer, direction)
                 out.append(
                     (
                         getattr(self, "weight_ih" + suffix),
@@ -208,7 +209,7 @@ class RNNBase(nn.Module):
         out = []
         for layer in range(self.num_layers):
             for direction in range(2 if self.bidirectional else 1):
-                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                suffix = param_suffix(layer, direction)
                 names = [
                     f"ln_{part}_{kind}{suffix}"
                     for part, _ in self._layer_norm_parts()

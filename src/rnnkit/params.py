@@ -7,6 +7,11 @@ from torch import nn
 _GATES = {"rnn": 1, "rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 
 
+def param_suffix(layer: int, direction: int) -> str:
+    """torch.nn's suffix of one layer and direction's parameter names: ``_l1_reverse``."""
+    return f"_l{layer}" + ("_reverse" if direction == 1 else "")
+
+
 @dataclass(frozen=True)
 class ParamCount:
     """The total and one row per tensor: ``(name, shape, count)`` in registration order."""
@@ -51,7 +56,7 @@ def param_count(
         start = len(rows)
         i = input_size if layer == 0 else d * r
         for direction in range(d):
-            suffix = f"_l{layer}" + ("_reverse" if direction else "")
+            suffix = param_suffix(layer, direction)
             shapes = [("weight_ih", (g * h, i)), ("weight_hh", (g * h, r))]
             if bias:
                 shapes += [("bias_ih", (g * h,)), ("bias_hh", (g * h,))]

@@ -36,9 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rnnkit.engines.spec import StepVariants
-
-LN_EPS = 1e-5
+from rnnkit.engines.spec import LN_EPS, StepVariants
 
 
 @dataclass(frozen=True)

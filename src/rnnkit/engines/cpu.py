@@ -22,6 +22,10 @@ from torch import Tensor
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+# Every function of cpu_kernels.c, each in an _f32 and an _f64 version.
+_KERNELS = [
+    f"{op}_{step}" for op in ("lstm", "gru", "rnn", "ln_lstm") for step in ("forward", "backward")
+] + ["lstm_forward_zoneout", "lstm_backward_zoneout", "gru_forward_zoneout", "gru_backward_zoneout"]
 _lib: ctypes.CDLL | None = None
 _failed = False
 
@@ -56,12 +60,9 @@ def _build() -> ctypes.CDLL | None:
             )
             return None
     lib = ctypes.CDLL(str(target))
-    for op in ("lstm", "gru", "rnn", "ln_lstm", "lstm", "gru"):
-        for step in ("forward", "backward", "forward_zoneout", "backward_zoneout"):
-            if op in ("rnn", "ln_lstm") and step.endswith("zoneout"):
-                continue
-            for suffix in _SUFFIX.values():
-                getattr(lib, f"{op}_{step}_{suffix}").restype = None
+    for name in _KERNELS:
+        for suffix in _SUFFIX.values():
+            getattr(lib, f"{name}_{suffix}").restype = None
     return lib
 
 

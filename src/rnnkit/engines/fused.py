@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from rnnkit.engines import pointwise
-from rnnkit.engines.spec import LayerSpec, StepVariants, Weights
+from rnnkit.engines.spec import LN_EPS, LayerSpec, StepVariants, Weights
 from rnnkit.scan import Carry
 
 
@@ -72,21 +72,6 @@ def _prev_rows(
     src = src.clamp(0, T - 1)
     valid = inside & (b < bs[src])
     return torch.where(valid, off[src] + b, N + b), b
-
-
-_LN_EPS = 1e-5
-
-
-def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Layer norm over the last dimension: (y, mean, rstd)."""
-    return torch.native_layer_norm(x, (x.shape[1],), weight, bias, _LN_EPS)
-
-
-def _layer_norm_input_grad(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor):
-    mask = [True, False, False]
-    return torch.ops.aten.native_layer_norm_backward(
-        dy, x, (x.shape[1],), mean, rstd, weight, None, mask
-    )[0]
 
 
 def _layer_norm_param_grads(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor):
@@ -180,7 +165,7 @@ class FusedLayer(torch.autograd.Function):
         P = mu_i = rs_i = None
         if ln:
             P = G
-            G, mu_i, rs_i = _layer_norm(P, ln_ih_w, ln_ih_b)
+            G, mu_i, rs_i = pointwise.layer_norm(P, ln_ih_w, ln_ih_b)
         if b_ih is not None:
             G += b_ih if gru else b_ih + b_hh
         out = x.new_empty(N, h0.shape[1])
@@ -205,14 +190,14 @@ class FusedLayer(torch.autograd.Function):
             if ln:
                 GHraw[rows] = gh
                 if not lstm:
-                    gh, mu_h[rows], rs_h[rows] = _layer_norm(gh, ln_hh_w, ln_hh_b)
+                    gh, mu_h[rows], rs_h[rows] = pointwise.layer_norm(gh, ln_hh_w, ln_hh_b)
             if lstm:
                 target = out[rows] if w_hr is None else R[rows]
                 if ln:
                     plan.ln_kernels.ln_lstm_forward(
                         g, GHraw[rows], ln_hh_w, ln_hh_b, mu_h[rows], rs_h[rows], c[:bs],
                         C[rows], CN[rows], mu_c[rows], rs_c[rows], ln_c_w, ln_c_b, target,
-                        _LN_EPS,
+                        LN_EPS,
                     )  # fmt: skip
                 elif zk:
                     kh, kc = _zone(keep_h, rows), _zone(keep_c, rows)
@@ -333,7 +318,7 @@ class FusedLayer(torch.autograd.Function):
                 if lstm:
                     d_rec = dZ[rows]
                 else:
-                    d_rec = _layer_norm_input_grad(
+                    d_rec = pointwise.layer_norm_input_grad(
                         d_rec, GHraw[rows], mu_h[rows], rs_h[rows], ln_hh_w
                     )
                     dZ[rows] = d_rec

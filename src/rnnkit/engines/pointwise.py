@@ -12,6 +12,8 @@ and write the gradients of the pre-activations. The derivations are in ``engines
 import torch
 from torch import Tensor
 
+from rnnkit.engines.spec import LN_EPS
+
 
 def lstm_forward(
     g: Tensor, gh: Tensor, c: Tensor, c_save: Tensor, h: Tensor | None, out: Tensor
@@ -94,11 +96,14 @@ def rnn_backward(h: Tensor, dh: Tensor, dg: Tensor, relu: bool) -> None:
         torch.mul(dh, 1 - h * h, out=dg)
 
 
-def _ln(x: Tensor, weight: Tensor, bias: Tensor, eps: float):
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = LN_EPS):
+    """Layer norm of each row: ``(y, mean (bs, 1), rstd (bs, 1))``."""
     return torch.native_layer_norm(x, (x.shape[1],), weight, bias, eps)
 
 
-def _ln_input_grad(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor) -> Tensor:
+def layer_norm_input_grad(
+    dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor
+) -> Tensor:
     mask = [True, False, False]
     return torch.ops.aten.native_layer_norm_backward(
         dy, x, (x.shape[1],), mean, rstd, weight, None, mask
@@ -127,7 +132,7 @@ def ln_lstm_forward(
     c: c_{t-1} in, c_t out, also into c_save; cn_save receives LN(c_t) and mu_c, rs_c its
     statistics; out receives o * tanh(LN(c_t))."""
     H = c.shape[1]
-    zn, mu_h[:], rs_h[:] = _ln(z, ln_hw, ln_hb, eps)
+    zn, mu_h[:], rs_h[:] = layer_norm(z, ln_hw, ln_hb, eps)
     g.add_(zn)
     g[:, : 2 * H].sigmoid_()
     g[:, 2 * H : 3 * H].tanh_()
@@ -135,7 +140,7 @@ def ln_lstm_forward(
     i, f, gg, o = g.split(H, dim=1)
     c.mul_(f).addcmul_(i, gg)
     c_save.copy_(c)
-    cn, mu_c[:], rs_c[:] = _ln(c, ln_cw, ln_cb, eps)
+    cn, mu_c[:], rs_c[:] = layer_norm(c, ln_cw, ln_cb, eps)
     cn_save.copy_(cn)
     torch.mul(o, torch.tanh(cn), out=out)
 
@@ -164,13 +169,13 @@ def ln_lstm_backward(
     i, f, gg, o = g.split(H, dim=1)
     tc = torch.tanh(cn)
     dcn.copy_(dh * o * (1 - tc * tc))
-    dct = dc + _ln_input_grad(dcn, c, mu_c, rs_c, ln_cw)
+    dct = dc + layer_norm_input_grad(dcn, c, mu_c, rs_c, ln_cw)
     dg[:, :H] = dct * gg * i * (1 - i)
     dg[:, H : 2 * H] = dct * c_prev * f * (1 - f)
     dg[:, 2 * H : 3 * H] = dct * i * (1 - gg * gg)
     dg[:, 3 * H :] = dh * tc * o * (1 - o)
     torch.mul(dct, f, out=dc)
-    dz.copy_(_ln_input_grad(dg, z, mu_h, rs_h, ln_hw))
+    dz.copy_(layer_norm_input_grad(dg, z, mu_h, rs_h, ln_hw))
 
 
 def lstm_forward_zoneout(

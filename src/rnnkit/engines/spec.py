@@ -9,6 +9,9 @@ Weights = tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]
 
 MODES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")
 
+# The epsilon of every layer norm in rnnkit (torch.nn.LayerNorm's default).
+LN_EPS = 1e-5
+
 
 @dataclass(frozen=True)
 class LayerSpec:
