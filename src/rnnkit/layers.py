@@ -13,15 +13,21 @@ from torch.nn.utils.rnn import PackedSequence
 
 from rnnkit import engines
 from rnnkit import functional as F
+from rnnkit.deploy import TorchNNInterop
 from rnnkit.engines.spec import LayerSpec, StepVariants, Weights
 from rnnkit.params import param_suffix
-from rnnkit.validation import check_constructor, prepare_cell_input, prepare_layer_input
+from rnnkit.validation import (
+    check_cell_constructor,
+    check_constructor,
+    prepare_cell_input,
+    prepare_layer_input,
+)
 from rnnkit.variants import Variants, draw_step_variants
 from rnnkit.variants import gru_cell as gru_variant_cell
 from rnnkit.variants import lstm_cell as lstm_variant_cell
 
 
-class RNNBase(nn.Module):
+class RNNBase(TorchNNInterop, nn.Module):
     """Shared machinery of ``RNN``, ``LSTM`` and ``GRU``; use those."""
 
     def __init__(
@@ -49,7 +55,9 @@ class RNNBase(nn.Module):
             raise ValueError(
                 f"{name}: proj_size argument is only supported for LSTM, not RNN or GRU"
             )
-        check_constructor(name, input_size, hidden_size, num_layers, dropout, proj_size)
+        check_constructor(
+            name, input_size, hidden_size, num_layers, dropout, proj_size, bias, batch_first
+        )
         self.mode = mode
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -198,7 +206,19 @@ class RNNBase(nn.Module):
                 self.mode == "LSTM",
                 self.training,
             )
-        engine = engines.resolve(backend, self.mode, x.device, x.dtype, self._name)
+        if prepared.batch == 0:
+            # An empty batch has nothing to compute; the reference engine returns torch.nn's
+            # empty outputs and zero gradients without asking kernels for zero-row matrices.
+            backend = "reference"
+        engine = engines.resolve(
+            backend,
+            self.mode,
+            x.device,
+            x.dtype,
+            self._name,
+            per_step=v.per_step,
+            projected=self.proj_size > 0,
+        )
         output, hn = engine.run(
             spec, x, prepared.hx, weights, prepared.batch_sizes, self.training, **extra
         )
@@ -241,6 +261,15 @@ class RNNBase(nn.Module):
         return s
 
 
+_NOT_GIVEN = object()
+
+
+def _refuse_proj_size(name: str, proj_size: object) -> None:
+    # torch.nn's RNN and GRU take **kwargs and refuse proj_size with a ValueError, even 0.
+    if proj_size is not _NOT_GIVEN:
+        raise ValueError(f"{name}: proj_size argument is only supported for LSTM, not RNN or GRU")
+
+
 class RNN(RNNBase):
     """Elman RNN, a drop-in for ``torch.nn.RNN``: h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh).
 
@@ -262,7 +291,9 @@ class RNN(RNNBase):
         dtype: torch.dtype | None = None,
         *,
         backend: str = "auto",
+        proj_size: object = _NOT_GIVEN,
     ) -> None:
+        _refuse_proj_size("RNN", proj_size)
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(
                 f"RNN: unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
@@ -372,7 +403,9 @@ class GRU(RNNBase):
         zoneout: float = 0.0,
         weight_drop: float = 0.0,
         learn_init: bool = False,
+        proj_size: object = _NOT_GIVEN,
     ) -> None:
+        _refuse_proj_size("GRU", proj_size)
         variants = Variants(layer_norm, recurrent_dropout, zoneout, weight_drop, learn_init)
         super().__init__(
             "GRU",
@@ -395,7 +428,7 @@ class GRU(RNNBase):
         return output, hn
 
 
-class RNNCellBase(nn.Module):
+class RNNCellBase(TorchNNInterop, nn.Module):
     """Shared machinery of the cells: torch.nn's parameters ``weight_ih``, ``weight_hh``,
     ``bias_ih``, ``bias_hh`` and initialisation."""
 
@@ -412,7 +445,7 @@ class RNNCellBase(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        check_constructor(name, input_size, hidden_size)
+        check_cell_constructor(name, input_size, hidden_size, bias)
         if forget_bias is not None and not bias:
             raise ValueError(f"{name}: forget_bias needs bias=True")
         self.input_size = input_size

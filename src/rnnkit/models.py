@@ -9,6 +9,8 @@ The readouts are seed 003's three ways of turning a whole sequence into one vect
 (see :func:`readout`): ``last``, ``hn`` and ``mean``.
 """
 
+import numbers
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -16,10 +18,114 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rnnkit.layers import GRU, LSTM, RNN
+from rnnkit.validation import RNNInputError, format_shape
 
 CELLS = ("rnn", "lstm", "gru")
 READOUTS = ("last", "hn", "mean")
 KINDS = ("classifier", "regressor", "tagger", "charrnn")
+
+
+def check_size(owner: str, name: str, value: object) -> None:
+    """``value`` is an int of at least 1 (TypeError for another type, ValueError below 1)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be an int; got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{owner}: {name} must be at least 1; got {value}")
+
+
+def check_dropout(owner: str, dropout: object) -> None:
+    """``dropout`` is a probability in [0, 1], as torch.nn.Dropout takes it."""
+    if (
+        not isinstance(dropout, numbers.Real)
+        or isinstance(dropout, bool)
+        or not 0 <= dropout <= 1  # NaN fails this too
+    ):
+        raise ValueError(f"{owner}: dropout must be a probability in [0, 1]; got {dropout!r}")
+
+
+def check_lengths(owner: str, lengths: object, x: Tensor) -> Tensor | None:
+    """``lengths`` of a padded batch ``x`` (``(B, T, ...)``) as a 1-D int64 tensor on the CPU or
+    ``x``'s device, each in ``1..T``; a list or tuple of ints is converted, like
+    ``pack_padded_sequence`` does."""
+    if lengths is None:
+        return None
+    B, T = x.shape[0], x.shape[1]
+    if isinstance(lengths, Sequence) and not isinstance(lengths, (str, bytes)):
+        bad = [v for v in lengths if not isinstance(v, numbers.Integral) or isinstance(v, bool)]
+        if bad:
+            raise RNNInputError(
+                f"{owner}: lengths must be whole numbers of steps; got {bad[0]!r} in {lengths!r}"
+            )
+        lengths = torch.tensor([int(v) for v in lengths], dtype=torch.long)
+    if not isinstance(lengths, Tensor):
+        raise RNNInputError(
+            f"{owner}: lengths must be a 1-D tensor (or list) of ints, one per sequence; "
+            f"got {type(lengths).__name__}"
+        )
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise RNNInputError(
+            f"{owner}: lengths must be an integer tensor (steps per sequence); got dtype "
+            f"{lengths.dtype}"
+        )
+    if lengths.dim() != 1 or lengths.shape[0] != B:
+        raise RNNInputError(
+            f"{owner}: lengths must hold one length per sequence, shape ({B},) for a batch of {B}; "
+            f"got shape {format_shape(lengths)}"
+        )
+    if lengths.device.type != "cpu" and lengths.device != x.device:
+        raise RNNInputError(
+            f"{owner}: lengths is on {lengths.device} but the input is on {x.device}; keep lengths "
+            "on the CPU or on the input's device"
+        )
+    if B:
+        low, high = (int(v) for v in torch.aminmax(lengths))
+        if low < 1 or high > T:
+            bad = low if low < 1 else high
+            raise RNNInputError(
+                f"{owner}: every length must be between 1 and the padded length T={T}; "
+                f"got {bad} (lengths {_preview(lengths)})"
+            )
+    return lengths.long()
+
+
+def check_tokens(owner: str, tokens: object, vocab_size: int) -> Tensor:
+    """``tokens`` is a ``(B, T)`` integer tensor of ids in ``0..vocab_size - 1``."""
+    if not isinstance(tokens, Tensor):
+        raise RNNInputError(
+            f"{owner}: the input must be a (B, T) tensor of token ids; got {type(tokens).__name__}"
+        )
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise RNNInputError(
+            f"{owner}: the input must hold integer token ids (torch.long); got dtype {tokens.dtype}"
+        )
+    if tokens.dim() != 2:
+        raise RNNInputError(
+            f"{owner}: the input must be a padded batch of token ids (B, T); "
+            f"got shape {format_shape(tokens)}"
+        )
+    if tokens.numel():
+        low, high = (int(v) for v in torch.aminmax(tokens))
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise RNNInputError(
+                f"{owner}: token id {bad} is outside the vocabulary of vocab_size={vocab_size} "
+                f"(ids 0..{vocab_size - 1})"
+            )
+    return tokens
+
+
+def _check_features(owner: str, x: object) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        what = format_shape(x) if isinstance(x, Tensor) else type(x).__name__
+        raise RNNInputError(
+            f"{owner}: the input must be a padded batch of sequences (B, T, input_size); "
+            f"got {what}"
+        )
+
+
+def _preview(t: Tensor) -> str:
+    values = t.flatten()[:8].tolist()
+    return str(values)[:-1] + (", ...]" if t.numel() > 8 else "]")
 
 
 def make_encoder(
@@ -119,6 +225,16 @@ class ModelConfig:
         return asdict(self)
 
 
+def _check_config(owner: str, c: ModelConfig, input_name: str, output_name: str) -> None:
+    check_size(owner, input_name, c.input_size)
+    check_size(owner, output_name, c.output_size)
+    check_size(owner, "hidden_size", c.hidden_size)
+    check_size(owner, "num_layers", c.num_layers)
+    check_dropout(owner, c.dropout)
+    if c.kind in ("tagger", "charrnn"):
+        check_size(owner, "embedding_dim", c.embedding_dim)
+
+
 class _Encoded(nn.Module):
     def __init__(self, config: ModelConfig, input_size: int) -> None:
         super().__init__()
@@ -175,10 +291,13 @@ class SequenceClassifier(_Encoded):
             readout,
             backend,
         )
+        _check_config("SequenceClassifier", config, "input_size", "num_classes")
         super().__init__(config, input_size)
         self.fc = nn.Linear(self.head_size(), num_classes)
 
-    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, lengths: Tensor | Sequence[int] | None = None) -> Tensor:
+        _check_features("SequenceClassifier", x)
+        lengths = check_lengths("SequenceClassifier", lengths, x)
         return self.fc(self.encode(x, lengths))  # (B, C)
 
 
@@ -198,8 +317,7 @@ class SequenceRegressor(_Encoded):
         readout: str = "last",
         backend: str = "auto",
     ) -> None:
-        if horizon < 1:
-            raise ValueError(f"SequenceRegressor: horizon must be at least 1; got {horizon}")
+        check_size("SequenceRegressor", "horizon", horizon)
         config = ModelConfig(
             "regressor",
             input_size,
@@ -213,10 +331,13 @@ class SequenceRegressor(_Encoded):
             backend,
             horizon=horizon,
         )
+        _check_config("SequenceRegressor", config, "input_size", "horizon")
         super().__init__(config, input_size)
         self.fc = nn.Linear(self.head_size(), horizon)
 
-    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, lengths: Tensor | Sequence[int] | None = None) -> Tensor:
+        _check_features("SequenceRegressor", x)
+        lengths = check_lengths("SequenceRegressor", lengths, x)
         return self.fc(self.encode(x, lengths))  # (B, horizon)
 
 
@@ -250,6 +371,7 @@ class Tagger(nn.Module):
             backend,
             embedding_dim,
         )
+        _check_config("Tagger", self.config, "vocab_size", "num_tags")
         self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
         self.encoder = make_encoder(
             cell, embedding_dim, hidden_size, num_layers, bidirectional, dropout, backend
@@ -257,7 +379,9 @@ class Tagger(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear((2 if bidirectional else 1) * hidden_size, num_tags)
 
-    def forward(self, tokens: Tensor, lengths: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, lengths: Tensor | Sequence[int] | None = None) -> Tensor:
+        tokens = check_tokens("Tagger", tokens, self.embedding.num_embeddings)
+        lengths = check_lengths("Tagger", lengths, tokens)
         x = self.drop(self.embedding(tokens))  # (B, T, E)
         output, _ = _run_encoder(self.encoder, x, lengths)  # (B, T, D * H)
         return self.fc(self.drop(output))  # (B, T, num_tags)
@@ -293,11 +417,14 @@ class CharRNN(_Encoded):
             backend,
             embedding_dim,
         )
+        _check_config("CharRNN", config, "vocab_size", "num_classes")
         super().__init__(config, embedding_dim)
         self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
         self.fc = nn.Linear(self.head_size(), num_classes)
 
-    def forward(self, chars: Tensor, lengths: Tensor | None = None) -> Tensor:
+    def forward(self, chars: Tensor, lengths: Tensor | Sequence[int] | None = None) -> Tensor:
+        chars = check_tokens("CharRNN", chars, self.embedding.num_embeddings)
+        lengths = check_lengths("CharRNN", lengths, chars)
         return self.fc(self.encode(self.embedding(chars), lengths))  # (B, C)
 
 

@@ -5,6 +5,7 @@ documentation. ``RNNInputError`` subclasses both ``ValueError`` and ``RuntimeErr
 written against torch.nn (which raises ``RuntimeError`` for most of these) keeps working.
 """
 
+import itertools
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -25,6 +26,27 @@ def format_shape(t: Tensor | tuple[int, ...]) -> str:
     return str(tuple(t.shape) if isinstance(t, Tensor) else tuple(t))
 
 
+def _check_flag(name: str, arg: str, value: object) -> None:
+    # torch.nn refuses 0/1 and strings here: 'False' is truthy and would silently mean True.
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: {arg} should be of type bool, got: {type(value).__name__}")
+
+
+def _check_size(name: str, arg: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name}: {arg} should be of type int, got: {type(value).__name__}")
+    if value < minimum:
+        must = "greater than zero" if minimum == 1 else "zero or greater"
+        raise ValueError(f"{name}: {arg} must be {must}, got {value}")
+
+
+def check_cell_constructor(name: str, input_size: int, hidden_size: int, bias: bool) -> None:
+    """A cell's arguments. torch.nn's cells accept zero sizes (empty weights), so rnnkit does."""
+    _check_size(name, "input_size", input_size, 0)
+    _check_size(name, "hidden_size", hidden_size, 0)
+    _check_flag(name, "bias", bias)
+
+
 def check_constructor(
     name: str,
     input_size: int,
@@ -32,19 +54,10 @@ def check_constructor(
     num_layers: int = 1,
     dropout: float = 0.0,
     proj_size: int = 0,
+    bias: bool = True,
+    batch_first: bool = False,
 ) -> None:
     """The checks torch.nn makes on constructor arguments, with the same exception types."""
-    for arg, value in (("input_size", input_size), ("hidden_size", hidden_size)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name}: {arg} should be of type int, got: {type(value).__name__}")
-        if value <= 0:
-            raise ValueError(f"{name}: {arg} must be greater than zero, got {value}")
-    if not isinstance(num_layers, int) or isinstance(num_layers, bool):
-        raise TypeError(
-            f"{name}: num_layers should be of type int, got: {type(num_layers).__name__}"
-        )
-    if num_layers <= 0:
-        raise ValueError(f"{name}: num_layers must be greater than zero, got {num_layers}")
     if (
         not isinstance(dropout, numbers.Number)
         or isinstance(dropout, bool)
@@ -61,6 +74,11 @@ def check_constructor(
             f"num_layers={num_layers}",
             stacklevel=3,
         )
+    _check_flag(name, "bias", bias)
+    _check_flag(name, "batch_first", batch_first)
+    _check_size(name, "input_size", input_size, 1)
+    _check_size(name, "hidden_size", hidden_size, 1)
+    _check_size(name, "num_layers", num_layers, 1)
     if not isinstance(proj_size, int) or isinstance(proj_size, bool):
         raise TypeError(f"{name}: proj_size should be of type int, got: {type(proj_size).__name__}")
     if proj_size < 0:
@@ -158,8 +176,8 @@ def prepare_sequence_input(
                 f"{name}: packed input data must be 2-D (total steps, input_size); "
                 f"got shape {format_shape(x)}"
             )
-        batch_sizes = packed.batch_sizes.tolist()
-        batch, steps, unbatched = batch_sizes[0], len(batch_sizes), False
+        batch_sizes = _check_batch_sizes(name, packed, x.shape[0])
+        steps, unbatched = len(batch_sizes), False
     else:
         x = _check_tensor(name, "input", input, None)
         layout = "(batch, seq_len, input_size)" if batch_first else "(seq_len, batch, input_size)"
@@ -174,7 +192,7 @@ def prepare_sequence_input(
         elif batch_first:
             x = x.transpose(0, 1)
         batch_sizes = None
-        steps, batch = x.shape[0], x.shape[1]
+        steps = x.shape[0]
     if x.shape[-1] != input_size:
         raise RNNInputError(
             f"{name}: input has {x.shape[-1]} features per step but input_size={input_size}"
@@ -183,12 +201,73 @@ def prepare_sequence_input(
         raise RNNInputError(
             f"{name}: input has 0 time steps (seq_len=0); each sequence needs at least one step"
         )
-    if batch == 0:
-        raise RNNInputError(
-            f"{name}: input is an empty batch (batch=0); pass at least one sequence"
-        )
     check_against_parameters(name, x, param)
     return Prepared(x, (), batch_sizes, packed, unbatched, batch_first)
+
+
+def _check_batch_sizes(name: str, packed: PackedSequence, rows: int) -> list[int]:
+    """``batch_sizes`` and the permutations of a PackedSequence, as the engines rely on them.
+
+    PackedSequence is a plain tuple that anyone can build by hand, so nothing in it is trusted:
+    the kernels index the data rows by these numbers.
+    """
+    sizes = packed.batch_sizes
+    if not isinstance(sizes, Tensor):
+        raise RNNInputError(
+            f"{name}: packed input's batch_sizes must be a Tensor; got {type(sizes).__name__}"
+        )
+    if sizes.dim() != 1 or sizes.dtype != torch.int64 or sizes.device.type != "cpu":
+        raise RNNInputError(
+            f"{name}: packed input's batch_sizes must be a 1-D int64 tensor on the CPU, as "
+            f"pack_padded_sequence makes it; got a {sizes.dim()}-D {sizes.dtype} tensor on "
+            f"{sizes.device}"
+        )
+    if sizes.numel() == 0:
+        raise RNNInputError(
+            f"{name}: packed input's batch_sizes is empty; each sequence needs at least one step"
+        )
+    values = sizes.tolist()
+    if min(values) < 1:
+        raise RNNInputError(
+            f"{name}: packed input's batch_sizes must be positive (sequences alive at each "
+            f"step); got {_brief(values)}"
+        )
+    if any(b > a for a, b in itertools.pairwise(values)):
+        raise RNNInputError(
+            f"{name}: packed input's batch_sizes must not increase over time (sequences sorted "
+            f"by decreasing length); got {_brief(values)}"
+        )
+    if sum(values) != rows:
+        raise RNNInputError(
+            f"{name}: packed input's batch_sizes sum to {sum(values)} steps but its data has "
+            f"{rows} rows; they must be equal"
+        )
+    for what in ("sorted_indices", "unsorted_indices"):
+        index = getattr(packed, what)
+        if index is None:
+            continue
+        if (
+            not isinstance(index, Tensor)
+            or index.dim() != 1
+            or index.dtype != torch.int64
+            or index.numel() != values[0]
+            or index.device != packed.data.device
+            or not torch.equal(index.sort().values.cpu(), torch.arange(values[0], device="cpu"))
+        ):
+            got = (
+                f"shape {format_shape(index)}, dtype {index.dtype} on {index.device}"
+                if isinstance(index, Tensor)
+                else type(index).__name__
+            )
+            raise RNNInputError(
+                f"{name}: packed input's {what} must be a permutation of 0..{values[0] - 1} "
+                f"(one entry per sequence, int64, on the data's device); got {got}"
+            )
+    return values
+
+
+def _brief(values: list[int]) -> str:
+    return str(values) if len(values) <= 8 else f"[{', '.join(map(str, values[:8]))}, ...]"
 
 
 def prepare_layer_input(
@@ -345,8 +424,6 @@ def prepare_cell_input(
         x = x.unsqueeze(0)
     if x.shape[1] != input_size:
         raise RNNInputError(f"{name}: input has {x.shape[1]} features but input_size={input_size}")
-    if x.shape[0] == 0:
-        raise RNNInputError(f"{name}: input is an empty batch (batch=0); pass at least one row")
     check_against_parameters(name, x, param)
     batch = x.shape[0]
     names = ("h", "c")[: len(state_sizes)]

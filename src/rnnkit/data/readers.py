@@ -75,14 +75,55 @@ def load_digits(path: str | os.PathLike | None = None) -> tuple[np.ndarray, np.n
                 f"(64 pixels and the label), found {len(fields)}"
             )
         try:
-            rows.append([float(v) for v in fields])
+            values = [float(v) for v in fields]
         except ValueError:
             raise DataError(f"digits file {str(p)!r}, line {k}: a value is not a number") from None
+        for j, v in enumerate(values[:64]):
+            if not math.isfinite(v):
+                raise DataError(
+                    f"digits file {str(p)!r}, line {k}: pixel {j + 1} is {fields[j].strip()!r}; "
+                    "every pixel must be a finite number (0..16)"
+                )
+        label = values[64]
+        if not (math.isfinite(label) and label == int(label) and 0 <= label <= 9):
+            raise DataError(
+                f"digits file {str(p)!r}, line {k}: the label is {fields[64].strip()!r}; "
+                "expected a whole number from 0 to 9"
+            )
+        rows.append(values)
     if not rows:
         raise DataError(f"digits file {str(p)!r} holds no rows")
-    table = np.asarray(rows, dtype=np.float32)
+    table = np.asarray(rows, dtype=np.float64)
     images = (table[:, :64] / 16.0).reshape(-1, 8, 8)
     return images.astype(np.float32), table[:, 64].astype(np.int64)
+
+
+def check_finite_images(images: np.ndarray, path: Path, what: str) -> None:
+    """Refuse an image array holding NaN or infinity, naming the first such image and value."""
+    if images.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(images.reshape(len(images), -1)).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        value = images[i][~np.isfinite(images[i])].flat[0]
+        raise DataError(
+            f"{what} {str(path)!r}, image {i} (0-based): holds the pixel value {value}; "
+            "every pixel must be a finite number"
+        )
+
+
+def check_labels(labels: np.ndarray, path: Path) -> None:
+    """Refuse labels that are not whole numbers >= 0, naming the first bad one."""
+    if labels.dtype.kind == "u":
+        return
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(labels) | (labels < 0) | (labels != np.round(labels))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"IDX file {str(path)!r}, label {i} (0-based): {labels[i]}; a label must be a whole "
+            "number, 0 or more"
+        )
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -175,6 +216,8 @@ def load_mnist(folder: str | os.PathLike) -> dict[str, np.ndarray]:
                 f"{found[f'{part}_labels']}: expected {len(images)} labels, one per image of "
                 f"{found[f'{part}_images'].name}; found shape {labels.shape}"
             )
+        check_finite_images(images, found[f"{part}_images"], "IDX file")
+        check_labels(labels, found[f"{part}_labels"])
         scale = 255.0 if images.dtype == np.uint8 else 1.0
         out[f"{part}_images"] = (images.astype(np.float32) / scale).astype(np.float32)
         out[f"{part}_labels"] = labels.astype(np.int64)
@@ -193,8 +236,8 @@ def read_series(path: str | os.PathLike, column: str | None = None) -> np.ndarra
     last column. Empty or non-numeric cells are errors naming the line.
     """
     p = _existing(path, "CSV file")
-    lines = _read_text(p, "CSV file").splitlines()
-    rows = list(csv.reader(lines))
+    text = _read_text(p, "CSV file")
+    rows = _csv_rows(text, p)
     if not rows or not any(r for r in rows):
         raise DataError(f"CSV file {str(p)!r} is empty")
     header = [h.strip() for h in rows[0]]
@@ -222,9 +265,26 @@ def read_series(path: str | os.PathLike, column: str | None = None) -> np.ndarra
                 f"{row[index]!r}, expected a number"
             ) from None
         if not math.isfinite(v):
-            raise DataError(f"CSV file {str(p)!r}, line {k}: column {header[index]!r} is {v}")
+            raise DataError(
+                f"CSV file {str(p)!r}, line {k}: column {header[index]!r} holds {row[index]!r}; "
+                "expected a finite number"
+            )
         values.append(v)
     return np.asarray(values, dtype=np.float64)
+
+
+def _csv_rows(text: str, path: Path) -> list[list[str]]:
+    """The rows of a CSV text. Python's csv module refuses fields over 128 KiB by default; a field
+    can be no longer than the whole file, so the limit is raised to that while reading."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text) + 1))
+    reader = csv.reader(text.splitlines())
+    try:
+        return list(reader)
+    except csv.Error as e:
+        raise DataError(f"CSV file {str(path)!r}, line {reader.line_num}: {e}") from None
+    finally:
+        csv.field_size_limit(limit)
 
 
 def load_taylor() -> np.ndarray:

@@ -40,24 +40,48 @@ def _triton_engine(owner: str, dtype: torch.dtype, device: torch.device) -> Simp
     return SimpleNamespace(run=partial(fused.run, kernels=triton_kernels))
 
 
+def capturing_graph() -> str | None:
+    """``"onnx"`` while ``torch.onnx.export`` runs (either exporter), ``"graph"`` under
+    ``torch.jit.trace`` or ``torch.export``, else ``None``: a graph is being recorded that has
+    to be made of torch's own operators."""
+    if torch.onnx.is_in_onnx_export():
+        return "onnx"
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        return "graph"
+    return None
+
+
 def resolve(
     backend: str,
     mode: str = "LSTM",
     device: torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     owner: str = "rnnkit",
+    *,
+    per_step: bool = False,
+    projected: bool = False,
 ):
     """The engine for ``backend``.
 
-    ``"auto"`` follows the measured tables in BENCHMARKS.md (per-step variants never reach
-    here: layers send them to the fused engine):
+    ``"auto"`` follows the measured tables in BENCHMARKS.md (layers send per-step variants to
+    the fused engine before they get here):
 
     - CPU, GRU and RNN: the fused engine, faster than torch.nn for forward+backward at every
       measured shape (0.59x to 1.05x of its time).
     - CPU, LSTM: torch's kernels (oneDNN), which beat the fused engine at every measured shape
       (the fused one takes 1.0x to 2.1x their time).
     - CUDA: torch's cuDNN kernels; the Triton path has not been timed on a GPU yet.
+
+    While a graph is recorded (:func:`capturing_graph`), every backend gives way, because the
+    fused engine's C and Triton kernels are opaque to tracers and exporters: plain layers run on
+    torch's kernels (``torch._VF.lstm`` etc., which the ONNX exporters write as ONNX's own
+    LSTM, GRU and RNN operators), layers with ``per_step`` variants on the reference engine
+    (an unrolled graph of plain torch ops), and so does a ``projected`` LSTM under ONNX export,
+    since ONNX's LSTM has no projection.
     """
+    capture = capturing_graph()
+    if capture is not None:
+        return reference if per_step or (projected and capture == "onnx") else torch_native
     device = torch.device("cpu") if device is None else device
     if backend == "auto":
         backend = "fused" if device.type == "cpu" and mode != "LSTM" else "torch"

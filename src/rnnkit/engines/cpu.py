@@ -2,14 +2,20 @@
 called through ctypes; the same functions and contract as ``pointwise.py``.
 
 The library is built once per machine into ``$RNNKIT_CACHE`` (default ``~/.cache/rnnkit``),
-named by a hash of the source and flags, and renamed into place so that concurrent processes
-never load a half-written file. Without a compiler, :func:`available` is False and the fused
-engine uses the torch-op kernels instead (correct, slower).
+named by a hash of the source, the flags and the CPU's features (``-march=native`` code must not
+be loaded on another CPU sharing the cache), and renamed into place so that concurrent processes
+never load a half-written file. Whatever goes wrong (no compiler, no source, a failed build or
+load), :func:`available` is False after one warning and the fused engine uses the torch-op
+kernels instead (correct, slower).
+
+The C code trusts its pointers, so every call checks here that each matrix is a CPU tensor of
+the kernel's dtype with unit column stride and at least the rows and columns the kernel touches.
 """
 
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -20,7 +26,13 @@ import torch
 from torch import Tensor
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared"]
+# No -ffast-math: it lets the compiler assume there is no NaN or inf, and torch.nn propagates
+# them. The two -fno flags only drop errno and trap semantics, which keeps NaN exact and lets
+# the loops vectorise.
+_FLAGS = [
+    "-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd",
+    "-fPIC", "-shared",
+]  # fmt: skip
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 # Every function of cpu_kernels.c, each in an _f32 and an _f64 version.
 _KERNELS = [
@@ -30,12 +42,24 @@ _lib: ctypes.CDLL | None = None
 _failed = False
 
 
-def _build() -> ctypes.CDLL | None:
+def _cpu_features() -> str:
+    """What ``-march=native`` depends on: the CPU model and its feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    keep = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(sorted(set(keep))) or f"{platform.machine()} {platform.processor()}"
+
+
+def _build() -> ctypes.CDLL:
+    """Build (or find in the cache) and load the library; raises on any failure."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        return None
+        raise OSError("no C compiler found (set CC, or install cc or gcc)")
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
+    fingerprint = " ".join([compiler, *_FLAGS, _cpu_features()]).encode()
+    key = hashlib.sha256(source + fingerprint).hexdigest()[:16]
     cache = Path(os.environ.get("RNNKIT_CACHE", Path.home() / ".cache" / "rnnkit"))
     target = cache / f"cpu_kernels-{key}.so"
     if not target.exists():
@@ -50,15 +74,10 @@ def _build() -> ctypes.CDLL | None:
                 text=True,
             )
             os.replace(tmp, target)
-        except (OSError, subprocess.CalledProcessError) as e:
+        except subprocess.CalledProcessError as e:
+            raise OSError(f"{compiler} failed: {e.stderr.strip()[:300]}") from e
+        finally:
             Path(tmp).unlink(missing_ok=True)
-            detail = getattr(e, "stderr", "") or str(e)
-            warnings.warn(
-                f"rnnkit: could not build the CPU kernels ({detail.strip()[:200]}); "
-                "the fused engine falls back to torch ops",
-                stacklevel=3,
-            )
-            return None
     lib = ctypes.CDLL(str(target))
     for name in _KERNELS:
         for suffix in _SUFFIX.values():
@@ -72,9 +91,17 @@ def available(dtype: torch.dtype) -> bool:
     if dtype not in _SUFFIX or _failed or os.environ.get("RNNKIT_NO_CPU_KERNELS") == "1":
         return False
     if _lib is None:
-        _lib = _build()
-        _failed = _lib is None
-    return _lib is not None
+        try:
+            _lib = _build()
+        except (OSError, AttributeError) as e:
+            _failed = True
+            warnings.warn(
+                f"rnnkit: the CPU kernels are unavailable ({e}); the fused engine runs the same "
+                "steps with torch ops (correct, slower)",
+                stacklevel=4,
+            )
+            return False
+    return True
 
 
 def _args(*tensors: Tensor | None) -> list:
@@ -83,43 +110,86 @@ def _args(*tensors: Tensor | None) -> list:
         if t is None:
             out += [None, 0]
         else:
-            if t.stride(1) != 1:
-                raise ValueError("rnnkit CPU kernels need rows with unit column stride")
             out += [ctypes.c_void_p(t.data_ptr()), ctypes.c_int64(t.stride(0))]
     return out
 
 
-def _call(name: str, ref: Tensor, H: int, *tensors: Tensor | None, extra: tuple = ()) -> None:
-    fn = getattr(_lib, f"{name}_{_SUFFIX[ref.dtype]}")
-    fn(ctypes.c_int64(ref.shape[0]), ctypes.c_int64(H), *_args(*tensors), *extra)
+def _guard(name: str, rows: int, dtype: torch.dtype, *shapes: tuple[Tensor | None, int]) -> None:
+    """Refuse, before C sees them, matrices the kernel would read or write out of bounds."""
+    for t, cols in shapes:
+        if t is None:
+            continue
+        if (
+            t.device.type != "cpu"
+            or t.dtype != dtype
+            or t.dim() != 2
+            or t.shape[0] < rows
+            or t.shape[1] < cols
+            or (cols > 1 and t.stride(1) != 1)
+            or (rows > 1 and t.stride(0) < 1)
+        ):
+            raise RuntimeError(
+                f"rnnkit CPU kernel {name}: needs {dtype} CPU matrices of at least ({rows}, "
+                f"{cols}) with unit column stride; got {t.dtype} {tuple(t.shape)} on {t.device} "
+                f"with strides {t.stride()} (an rnnkit bug: please report it)"
+            )
+
+
+def _guard_vectors(name: str, dtype: torch.dtype, *vectors: tuple[Tensor, int]) -> None:
+    for t, size in vectors:
+        if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous() or t.numel() < size:
+            raise RuntimeError(
+                f"rnnkit CPU kernel {name}: needs contiguous {dtype} CPU vectors of {size} "
+                f"elements; got {t.dtype} {tuple(t.shape)} on {t.device} (an rnnkit bug: please "
+                "report it)"
+            )
+
+
+def _fn(name: str, ref: Tensor):
+    return getattr(_lib, f"{name}_{_SUFFIX[ref.dtype]}")
+
+
+def _call(name: str, ref: Tensor, H: int, *tensors: Tensor | None, widths: tuple, extra=()) -> None:
+    """``name(bs, H, (pointer, row stride) per matrix, *extra)`` after the bounds guard."""
+    _guard(name, ref.shape[0], ref.dtype, *zip(tensors, widths, strict=True))
+    _fn(name, ref)(ctypes.c_int64(ref.shape[0]), ctypes.c_int64(H), *_args(*tensors), *extra)
 
 
 def lstm_forward(
     g: Tensor, gh: Tensor, c: Tensor, c_save: Tensor, h: Tensor | None, out: Tensor
 ) -> None:
-    _call("lstm_forward", c, c.shape[1], g, gh, c, c_save, h, out)
+    H = c.shape[1]
+    _call("lstm_forward", c, H, g, gh, c, c_save, h, out, widths=(4 * H, 4 * H, H, H, H, H))
 
 
 def lstm_backward(g: Tensor, c: Tensor, c_prev: Tensor, dh: Tensor, dc: Tensor, dg: Tensor) -> None:
-    _call("lstm_backward", c, c.shape[1], g, c, c_prev, dh, dc, dg)
+    H = c.shape[1]
+    _call("lstm_backward", c, H, g, c, c_prev, dh, dc, dg, widths=(4 * H, H, H, H, H, 4 * H))
 
 
 def gru_forward(g: Tensor, gh: Tensor, h: Tensor, out: Tensor) -> None:
-    _call("gru_forward", h, h.shape[1], g, gh, h, out)
+    H = h.shape[1]
+    _call("gru_forward", h, H, g, gh, h, out, widths=(3 * H, 3 * H, H, H))
 
 
 def gru_backward(
     g: Tensor, gh: Tensor, h_prev: Tensor, dh: Tensor, dg: Tensor, dgh: Tensor, dh_prev: Tensor
 ) -> None:
-    _call("gru_backward", h_prev, h_prev.shape[1], g, gh, h_prev, dh, dg, dgh, dh_prev)
+    H = h_prev.shape[1]
+    widths = (3 * H, 3 * H, H, H, 3 * H, 3 * H, H)
+    _call("gru_backward", h_prev, H, g, gh, h_prev, dh, dg, dgh, dh_prev, widths=widths)
 
 
 def rnn_forward(g: Tensor, gh: Tensor, h: Tensor, out: Tensor, relu: bool) -> None:
-    _call("rnn_forward", h, h.shape[1], g, gh, h, out, extra=(ctypes.c_int64(int(relu)),))
+    H = h.shape[1]
+    relu_arg = (ctypes.c_int64(int(relu)),)
+    _call("rnn_forward", h, H, g, gh, h, out, widths=(H,) * 4, extra=relu_arg)
 
 
 def rnn_backward(h: Tensor, dh: Tensor, dg: Tensor, relu: bool) -> None:
-    _call("rnn_backward", h, h.shape[1], h, dh, dg, extra=(ctypes.c_int64(int(relu)),))
+    H = h.shape[1]
+    relu_arg = (ctypes.c_int64(int(relu)),)
+    _call("rnn_backward", h, H, h, dh, dg, widths=(H,) * 3, extra=relu_arg)
 
 
 def _vec(t: Tensor) -> ctypes.c_void_p:
@@ -129,10 +199,14 @@ def _vec(t: Tensor) -> ctypes.c_void_p:
 def ln_lstm_forward(
     g, z, ln_hw, ln_hb, mu_h, rs_h, c, c_save, cn_save, mu_c, rs_c, ln_cw, ln_cb, out, eps
 ) -> None:
-    fn = getattr(_lib, f"ln_lstm_forward_{_SUFFIX[c.dtype]}")
+    bs, H = c.shape
+    name = "ln_lstm_forward"
+    _guard(name, bs, c.dtype, (g, 4 * H), (z, 4 * H), (mu_h, 1), (rs_h, 1), (c, H), (c_save, H),
+           (cn_save, H), (mu_c, 1), (rs_c, 1), (out, H))  # fmt: skip
+    _guard_vectors(name, c.dtype, (ln_hw, 4 * H), (ln_hb, 4 * H), (ln_cw, H), (ln_cb, H))
     scalar = ctypes.c_float if c.dtype == torch.float32 else ctypes.c_double
-    fn(
-        ctypes.c_int64(c.shape[0]), ctypes.c_int64(c.shape[1]), scalar(eps),
+    _fn(name, c)(
+        ctypes.c_int64(bs), ctypes.c_int64(H), scalar(eps),
         *_args(g, z), _vec(ln_hw), _vec(ln_hb), *_args(mu_h, rs_h, c, c_save, cn_save, mu_c, rs_c),
         _vec(ln_cw), _vec(ln_cb), *_args(out),
     )  # fmt: skip
@@ -141,9 +215,14 @@ def ln_lstm_forward(
 def ln_lstm_backward(
     g, c, c_prev, cn, mu_c, rs_c, ln_cw, z, mu_h, rs_h, ln_hw, dh, dc, dg, dcn, dz
 ) -> None:
-    fn = getattr(_lib, f"ln_lstm_backward_{_SUFFIX[c.dtype]}")
-    fn(
-        ctypes.c_int64(c.shape[0]), ctypes.c_int64(c.shape[1]),
+    bs, H = c.shape
+    name = "ln_lstm_backward"
+    _guard(name, bs, c.dtype, (g, 4 * H), (c, H), (c_prev, H), (cn, H), (mu_c, 1), (rs_c, 1),
+           (z, 4 * H), (mu_h, 1), (rs_h, 1), (dh, H), (dc, H), (dg, 4 * H), (dcn, H),
+           (dz, 4 * H))  # fmt: skip
+    _guard_vectors(name, c.dtype, (ln_cw, H), (ln_hw, 4 * H))
+    _fn(name, c)(
+        ctypes.c_int64(bs), ctypes.c_int64(H),
         *_args(g, c, c_prev, cn, mu_c, rs_c), _vec(ln_cw), *_args(z, mu_h, rs_h), _vec(ln_hw),
         *_args(dh, dc, dg, dcn, dz),
     )  # fmt: skip
@@ -162,33 +241,33 @@ def _zone_args(ref: Tensor, *masks: Tensor | float) -> list:
     return [*out, scalar(p)]
 
 
+def _zoneout_call(name: str, ref: Tensor, tensors: tuple, widths: tuple, masks: tuple) -> None:
+    H = ref.shape[1]
+    mask_shapes = [(m, H) for m in masks if isinstance(m, Tensor)]
+    _guard(name, ref.shape[0], ref.dtype, *zip(tensors, widths, strict=True), *mask_shapes)
+    _fn(name, ref)(
+        ctypes.c_int64(ref.shape[0]), ctypes.c_int64(H), *_args(*tensors), *_zone_args(ref, *masks)
+    )
+
+
 def lstm_forward_zoneout(g, gh, c, c_save, cz_save, h, out, zh, zc) -> None:
-    fn = getattr(_lib, f"lstm_forward_zoneout_{_SUFFIX[c.dtype]}")
-    fn(
-        ctypes.c_int64(c.shape[0]), ctypes.c_int64(c.shape[1]),
-        *_args(g, gh, c, c_save, cz_save, h, out), *_zone_args(c, zh, zc),
-    )  # fmt: skip
+    H = c.shape[1]
+    widths = (4 * H, 4 * H, H, H, H, H, H)
+    _zoneout_call("lstm_forward_zoneout", c, (g, gh, c, c_save, cz_save, h, out), widths, (zh, zc))
 
 
 def lstm_backward_zoneout(g, c, c_prev, dh, dc, dg, dh_carry, zh, zc) -> None:
-    fn = getattr(_lib, f"lstm_backward_zoneout_{_SUFFIX[c.dtype]}")
-    fn(
-        ctypes.c_int64(c.shape[0]), ctypes.c_int64(c.shape[1]),
-        *_args(g, c, c_prev, dh, dc, dg, dh_carry), *_zone_args(c, zh, zc),
-    )  # fmt: skip
+    H = c.shape[1]
+    tensors, widths = (g, c, c_prev, dh, dc, dg, dh_carry), (4 * H, H, H, H, H, 4 * H, H)
+    _zoneout_call("lstm_backward_zoneout", c, tensors, widths, (zh, zc))
 
 
 def gru_forward_zoneout(g, gh, h, out, zh) -> None:
-    fn = getattr(_lib, f"gru_forward_zoneout_{_SUFFIX[h.dtype]}")
-    fn(
-        ctypes.c_int64(h.shape[0]), ctypes.c_int64(h.shape[1]),
-        *_args(g, gh, h, out), *_zone_args(h, zh),
-    )  # fmt: skip
+    H = h.shape[1]
+    _zoneout_call("gru_forward_zoneout", h, (g, gh, h, out), (3 * H, 3 * H, H, H), (zh,))
 
 
 def gru_backward_zoneout(g, gh, h_prev, dh, dg, dgh, dh_prev, zh) -> None:
-    fn = getattr(_lib, f"gru_backward_zoneout_{_SUFFIX[h_prev.dtype]}")
-    fn(
-        ctypes.c_int64(h_prev.shape[0]), ctypes.c_int64(h_prev.shape[1]),
-        *_args(g, gh, h_prev, dh, dg, dgh, dh_prev), *_zone_args(h_prev, zh),
-    )  # fmt: skip
+    H = h_prev.shape[1]
+    tensors, widths = (g, gh, h_prev, dh, dg, dgh, dh_prev), (3 * H, 3 * H, H, H, 3 * H, 3 * H, H)
+    _zoneout_call("gru_backward_zoneout", h_prev, tensors, widths, (zh,))

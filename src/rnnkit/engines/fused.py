@@ -16,9 +16,9 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from rnnkit.engines import pointwise
+from rnnkit.engines import pointwise, reference
 from rnnkit.engines.spec import LN_EPS, LayerSpec, StepVariants, Weights
-from rnnkit.scan import Carry
+from rnnkit.scan import Carry, scan
 
 
 def pointwise_kernels(device: torch.device, dtype: torch.dtype) -> ModuleType:
@@ -40,6 +40,7 @@ def _matmul_by(w: Tensor, batch: int) -> Callable[[Tensor], Tensor]:
     """``x -> x @ w.t()`` for the per-step recurrent products. On the CPU in float32 it uses
     MKL's packed GEMM, which packs ``w`` once per call instead of once per step."""
     if w.device.type == "cpu" and w.dtype == torch.float32 and _MKL_PACKED:
+        w = w.contiguous()
         packed = torch.ops.mkl._mkl_reorder_linear_weight(w, batch)
         return lambda x: torch.ops.mkl._mkl_linear(x, packed, w, None, batch)
     wt = w.t()
@@ -169,8 +170,9 @@ class FusedLayer(torch.autograd.Function):
         if b_ih is not None:
             G += b_ih if gru else b_ih + b_hh
         out = x.new_empty(N, h0.shape[1])
-        h = h0.clone()
-        c = c0.clone() if lstm else None
+        # Own, contiguous copies: the kernels write the state in place, row by row.
+        h = h0.clone(memory_format=torch.contiguous_format)
+        c = c0.clone(memory_format=torch.contiguous_format) if lstm else None
         C = x.new_empty(N, H) if lstm else None
         CZ = x.new_empty(N, H) if lstm and zoneout else None
         GH = x.new_empty(N, 3 * H) if gru else None
@@ -231,6 +233,7 @@ class FusedLayer(torch.autograd.Function):
         ctx.save_for_backward(
             x, h0, c0, w_ih, w_hh, w_hr, G, out, C, GH, CZ, P, mu_i, rs_i, GHraw, mu_h, rs_h,
             CN, mu_c, rs_c, ln_ih_w, ln_hh_w, ln_c_w, rmask, zh, zc,
+            b_ih, b_hh, ln_ih_b, ln_hh_b, ln_c_b,
         )  # fmt: skip
         ctx.mark_non_differentiable()
         return out, h, c
@@ -240,7 +243,18 @@ class FusedLayer(torch.autograd.Function):
         (
             x, h0, c0, w_ih, w_hh, w_hr, G, out, C, GH, CZ, P, mu_i, rs_i, GHraw, mu_h, rs_h,
             CN, mu_c, rs_c, ln_ih_w, ln_hh_w, ln_c_w, rmask, zh, zc,
+            b_ih, b_hh, ln_ih_b, ln_hh_b, ln_c_b,
         ) = ctx.saved_tensors  # fmt: skip
+        if torch.is_grad_enabled() or _functorch_active() or _batched(d_out, d_hn, d_cn):
+            # The kernels' backward is not itself differentiable, nor batchable under vmap:
+            # double backward (create_graph=True) and batched gradients (jacobian(vectorize=
+            # True)) differentiate the reference steps of this layer instead; same numbers.
+            layer = (
+                x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
+            )  # fmt: skip
+            grads = _vjp_by_reference(ctx, layer, rmask, zh, zc, (d_out, d_hn, d_cn))
+            return (None,) * 5 + grads + (None,) * 3
         mode, reverse, batch_sizes, kernels = ctx.mode, ctx.reverse, ctx.batch_sizes, ctx.kernels
         plan = ctx.plan
         lstm, gru, relu, ln = plan.lstm, plan.gru, plan.relu, plan.ln
@@ -251,7 +265,7 @@ class FusedLayer(torch.autograd.Function):
         offsets = _offsets(batch_sizes)
         steps = range(len(batch_sizes)) if reverse else range(len(batch_sizes) - 1, -1, -1)
         d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
-        dh = torch.zeros_like(h0) if d_hn is None else d_hn.clone()
+        dh = torch.zeros_like(h0) if d_hn is None else d_hn.clone(memory_format=_CONTIGUOUS)
         dc = None
         prev, batch_row = _prev_rows(batch_sizes, reverse, x.device)
         H_prev = torch.cat((out, h0)).index_select(0, prev)  # (N, R)
@@ -261,7 +275,7 @@ class FusedLayer(torch.autograd.Function):
         dZ = torch.empty_like(GHraw) if ln else None
         dCN = torch.empty_like(CN) if CN is not None else None
         if lstm:
-            dc = torch.zeros_like(c0) if d_cn is None else d_cn.clone()
+            dc = torch.zeros_like(c0) if d_cn is None else d_cn.clone(memory_format=_CONTIGUOUS)
             C_prev = torch.cat((CZ if zoneout else C, c0)).index_select(0, prev)  # (N, H)
             if w_hr is not None:
                 # o * tanh(c) (or of the normalised c), before the projection.
@@ -374,6 +388,72 @@ class FusedLayer(torch.autograd.Function):
         )
 
 
+_CONTIGUOUS = torch.contiguous_format
+
+
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap) is running around this call."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _batched(*grads: Tensor | None) -> bool:
+    """Whether backward runs under torch.autograd's own vmap (``is_grads_batched``, used by
+    ``jacobian(vectorize=True)``): its tensors have no storage for the kernels."""
+    return any(g is not None and torch._C._functorch.is_legacy_batchedtensor(g) for g in grads)
+
+
+def _reference_layer(
+    mode: str,
+    reverse: bool,
+    batch_sizes: tuple[int, ...],
+    zoneout_p: float | None,
+    layer: tuple[Tensor | None, ...],
+    rmask: Tensor | None,
+    zh: Tensor | None,
+    zc: Tensor | None,
+) -> tuple[Tensor, ...]:
+    """The same layer and direction as :class:`FusedLayer`, stepped by the reference cells.
+
+    ``layer`` is ``(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *six layer-norm tensors)``.
+    Returns ``(out, h_n)`` or, for LSTM, ``(out, h_n, c_n)``.
+    """
+    x, h0, c0, *weights = layer
+    ln = tuple(t for t in weights[5:] if t is not None)
+    lstm = mode == "LSTM"
+    if ln or rmask is not None or zh is not None or zoneout_p is not None:
+        keep_c = zc if zc is not None else zoneout_p
+        v = StepVariants(ln or None, rmask, zh if zh is not None else zoneout_p, keep_c)
+    else:
+        v = None
+    step = reference.cell_step(mode, tuple(weights[:5]), v)
+    xs = x if zh is None else ((x, zh, zc) if lstm else (x, zh))
+    out, last = scan(step, xs, (h0, c0) if lstm else (h0,), reverse, batch_sizes)
+    return (out, *last)
+
+
+def _vjp_by_reference(ctx, layer, rmask, zh, zc, cotangents) -> tuple[Tensor | None, ...]:
+    """Gradients of ``layer``'s tensors (None where not needed) through :func:`_reference_layer`,
+    differentiable themselves when the caller asked for ``create_graph``."""
+    needs = ctx.needs_input_grad[5 : 5 + len(layer)]
+    wanted = [i for i, n in enumerate(needs) if n and layer[i] is not None]
+
+    def f(*diff: Tensor) -> tuple[Tensor, ...]:
+        tensors = list(layer)
+        for i, t in zip(wanted, diff, strict=True):
+            tensors[i] = t
+        args = (ctx.batch_sizes, ctx.zoneout_p, tuple(tensors), rmask, zh, zc)
+        return _reference_layer(ctx.mode, ctx.reverse, *args)
+
+    outputs, vjp = torch.func.vjp(f, *(layer[i] for i in wanted))
+    cots = tuple(
+        torch.zeros_like(o) if g is None else g for o, g in zip(outputs, cotangents, strict=False)
+    )
+    grads = [None] * len(layer)
+    for i, g in zip(wanted, vjp(cots), strict=True):
+        grads[i] = g
+    return tuple(grads)
+
+
 def _persistent_applies(kernels, mode, variants, w_hh, w_hr, *tensors) -> bool:
     """Inference only (nothing needs a gradient), plain LSTM, H within the kernel's limit."""
     return (
@@ -415,32 +495,23 @@ def run_layer(
             G += b_ih + b_hh
         return kernels.lstm_persistent_forward(G, w_hh, h0, c0, batch_sizes, reverse)
     v = variants or StepVariants()
-    ln = v.layer_norm or ()
+    ln = tuple(t.contiguous() for t in v.layer_norm or ())
     zoneout_p = v.zoneout_h if isinstance(v.zoneout_h, float) else None
     zh = v.zoneout_h if isinstance(v.zoneout_h, Tensor) else None
     zc = v.zoneout_c if isinstance(v.zoneout_c, Tensor) else None
     if zh is not None:
-        zh = zh.reshape(x.shape[0], -1)  # padded (T, B, R) -> (T*B, R)
-        zc = None if zc is None else zc.reshape(x.shape[0], -1)
+        zh = zh.reshape(x.shape[0], -1).contiguous()  # padded (T, B, R) -> (T*B, R)
+        zc = None if zc is None else zc.reshape(x.shape[0], -1).contiguous()
+    layer = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *ln, *([None] * (6 - len(ln))))
+    if _functorch_active():
+        # torch.func transforms (grad, jacrev, vmap) cannot look inside the kernels; the
+        # reference steps of the same layer are plain torch ops that they can.
+        out, h, *c = _reference_layer(
+            mode, reverse, batch_sizes, zoneout_p, layer, v.recurrent_mask, zh, zc
+        )
+        return out, h, (c[0] if c else None)
     return FusedLayer.apply(
-        mode,
-        reverse,
-        batch_sizes,
-        kernels,
-        zoneout_p,
-        x,
-        h0,
-        c0,
-        w_ih,
-        w_hh,
-        b_ih,
-        b_hh,
-        w_hr,
-        *ln,
-        *([None] * (6 - len(ln))),
-        v.recurrent_mask,
-        zh,
-        zc,
+        mode, reverse, batch_sizes, kernels, zoneout_p, *layer, v.recurrent_mask, zh, zc
     )
 
 

@@ -1,7 +1,9 @@
 """The ``torch`` engine: torch's own fused kernels (cuDNN on CUDA, oneDNN or ATen on CPU).
 
 rnnkit still validates, owns the parameters and reshapes; only the computation is torch's. Useful
-where torch's kernels are the fastest (see the README's rule for ``backend="auto"``).
+where torch's kernels are the fastest (see the README's rule for ``backend="auto"``), and the
+engine every plain layer runs on while a graph is traced or exported (``engines.resolve``): the
+exporters know ``torch._VF.lstm``, ``gru``, ``rnn_tanh`` and ``rnn_relu``.
 """
 
 from collections.abc import Sequence
@@ -20,10 +22,7 @@ _VF_FUNCTIONS = {
 }
 
 
-# torch.compile does not trace torch's own RNN kernels (dynamo skips nn.LSTM for the same
-# reason); they run eagerly between the compiled parts.
-@torch.compiler.disable
-def run(
+def _run_vf(
     spec: LayerSpec,
     x: Tensor,
     hx: Carry,
@@ -31,7 +30,6 @@ def run(
     batch_sizes: Sequence[int] | None,
     training: bool,
 ) -> tuple[Tensor, Carry]:
-    """Run a whole layer stack; see ``rnnkit.engines`` for the contract."""
     flat = [w for layer in weights for w in layer if w is not None]
     fn = _VF_FUNCTIONS[spec.mode]
     state = tuple(hx) if spec.mode == "LSTM" else hx[0]
@@ -42,3 +40,24 @@ def run(
         sizes = torch.tensor(batch_sizes, dtype=torch.int64)
         result = fn(x, sizes, state, flat, *options)
     return result[0], tuple(result[1:])
+
+
+# torch.compile does not trace torch's own RNN kernels (dynamo skips nn.LSTM for the same
+# reason); they run eagerly between the compiled parts.
+_run_between_compiled_parts = torch.compiler.disable(_run_vf)
+
+
+def run(
+    spec: LayerSpec,
+    x: Tensor,
+    hx: Carry,
+    weights: Sequence[Weights],
+    batch_sizes: Sequence[int] | None,
+    training: bool,
+) -> tuple[Tensor, Carry]:
+    """Run a whole layer stack; see ``rnnkit.engines`` for the contract."""
+    # torch.export needs the kernels in its graph (as torch.nn.LSTM puts them there), and an
+    # exported graph cannot have a part that runs eagerly outside it.
+    if torch.compiler.is_exporting():
+        return _run_vf(spec, x, hx, weights, batch_sizes, training)
+    return _run_between_compiled_parts(spec, x, hx, weights, batch_sizes, training)

@@ -184,7 +184,8 @@ def rnn_fwd_kernel(
     x = tl.load(g_ptr + rows * sg0 + cols * sg1, mask=mask).to(ACC)
     x += tl.load(gh_ptr + rows * sgh0 + cols * sgh1, mask=mask).to(ACC)
     if RELU:
-        y = tl.maximum(x, 0.0)
+        # Not tl.maximum, which may return 0 for NaN: torch.nn's relu propagates it.
+        y = tl.where(x < 0.0, 0.0, x)
     else:
         y = _tanh(x)
     dtype = out_ptr.dtype.element_ty

@@ -3,6 +3,7 @@
 import argparse
 import csv
 import io
+import math
 from pathlib import Path
 from typing import ClassVar
 
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 
 from rnnkit import train_plots
 from rnnkit.data import DataError, Vocab, load_digits, load_mnist, read_idx, read_labelled_text
-from rnnkit.data.readers import read_lines
+from rnnkit.data.readers import check_finite_images, read_lines
 from rnnkit.tasks.base import Prepared, Report, Split, Task, forward_all
 
 
@@ -141,13 +142,20 @@ class DigitsTask(ClassificationTask):
                     f"optionally followed by the label; found {len(fields)} values"
                 )
             try:
-                rows.append([float(v) for v in fields[:64]])
+                values = [float(v) for v in fields[:64]]
             except ValueError:
                 if k == 1:
                     continue
                 raise DataError(
                     f"digits CSV {str(path)!r}, line {k}: a value is not a number"
                 ) from None
+            for j, v in enumerate(values):
+                if not math.isfinite(v):
+                    raise DataError(
+                        f"digits CSV {str(path)!r}, line {k}: pixel {j + 1} is "
+                        f"{fields[j].strip()!r}; every pixel must be a finite number (0..16)"
+                    )
+            rows.append(values)
         if not rows:
             raise DataError(f"digits CSV {str(path)!r} holds no rows of pixels")
         x = torch.tensor(rows, dtype=torch.float32).view(-1, 8, 8) / self.preprocessing["pixel_max"]
@@ -230,6 +238,7 @@ class MnistTask(ClassificationTask):
                 f"IDX file {str(path)!r}: expected images of shape (N, {want[0]}, {want[1]}) "
                 f"like the training images; found {images.shape}"
             )
+        check_finite_images(images, path, "IDX file")
         scale = 255.0 if images.dtype == np.uint8 else 1.0
         x = torch.as_tensor(images.astype(np.float32) / scale)
         out = forward_all(model, x, torch.full((len(x),), x.shape[1]), False, device, batch_size)

@@ -9,6 +9,7 @@ The baseline is the seasonal naive forecast: the same half-hour one period (a da
 import argparse
 import csv
 import io
+import math
 from pathlib import Path
 from typing import ClassVar
 
@@ -117,7 +118,17 @@ class ForecastTask(Task):
                 f"{max(need, int(np.ceil((first + h + 1) / 0.7)))}"
             )
         train = series[parts[0]]
-        mean, std = float(train.mean()), float(train.std())
+        source = data["data"] or "the load series"
+        with np.errstate(over="ignore", invalid="ignore"):
+            mean, std = float(train.mean()), float(train.std())
+            z = ((series - mean) / std).astype(np.float32)
+        if not (math.isfinite(mean) and math.isfinite(std) and np.isfinite(z).all()):
+            i = int(np.argmax(np.abs(series)))
+            raise DataError(
+                f"{source}: the values are too large to standardise (the mean or standard "
+                f"deviation of the training part overflows); the largest is {series[i]:g}, at "
+                f"step {i + 1} of the series; rescale the column (e.g. to thousands)"
+            )
         if std == 0:
             raise DataError(
                 "the training part of the series is constant; there is nothing to learn"
@@ -131,7 +142,6 @@ class ForecastTask(Task):
             "column": data["column"],
             "steps": len(series),
         }
-        z = ((series - mean) / std).astype(np.float32)
         splits = []
         for part in parts:
             starts = np.arange(max(part.start, first), part.stop - h + 1)
@@ -206,6 +216,11 @@ class ForecastTask(Task):
                 f"to forecast the next {h}"
             )
         x = torch.tensor((series[-w:] - p["mean"]) / p["std"], dtype=torch.float32).view(1, w, 1)
+        if not torch.isfinite(x).all():
+            raise DataError(
+                f"CSV file {str(path)!r}: its last {w} values are too large for the model, which "
+                f"was trained on values of mean {p['mean']:g} and standard deviation {p['std']:g}"
+            )
         out = forward_all(model, x, torch.tensor([w]), False, device, batch_size)
         pred = out[0].numpy() * p["std"] + p["mean"]
         buf = io.StringIO()

@@ -1,0 +1,216 @@
+"""Smoke test of an installed rnnkit: run it with the python of a venv that has the wheel installed,
+from a folder outside the checkout (tests/test_packaging.py does both).
+
+Every layer and cell runs forward and backward on every CPU backend, the plain ones against
+torch.nn with the same weights, the variants against the reference engine; then the installed
+``rnnkit`` command trains one epoch of each bundled task. Exits non-zero on the first failure.
+
+    VENV/bin/python scripts/wheel_smoke.py WORKDIR
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import rnnkit
+
+BACKENDS = ("auto", "fused", "reference")
+TOL = 1e-5
+T, B, I, H, P = 5, 3, 4, 6, 3
+
+
+def check_installed() -> None:
+    """rnnkit is the installed copy, with its C source beside it, not the checkout's src/."""
+    package = Path(rnnkit.__file__).resolve().parent
+    site = Path(sysconfig.get_paths()["purelib"]).resolve()
+    assert package.is_relative_to(site), f"rnnkit imported from {package}, not from {site}"
+    sources = sorted(p.name for p in package.rglob("*.c"))
+    assert sources, f"no C source in the installed package {package}"
+    print(f"rnnkit {rnnkit.__version__} from {package}; C sources: {', '.join(sources)}")
+
+
+def close(name: str, got: torch.Tensor | None, want: torch.Tensor | None) -> None:
+    assert got is not None and want is not None, f"{name}: a gradient is missing"
+    err = (got - want).abs().max().item() if got.numel() else 0.0
+    assert err <= TOL, f"{name}: differs from torch.nn by {err:.2e} (tolerance {TOL})"
+
+
+def _flat(state) -> list[torch.Tensor]:
+    return list(state) if isinstance(state, tuple) else [state]
+
+
+def layer_matches_torch(kind: str, backend: str, **kw) -> None:
+    """An rnnkit layer with torch.nn's weights gives torch.nn's outputs and gradients."""
+    name = f"{kind}({kw}) backend={backend}"
+    torch.manual_seed(0)
+    ref = getattr(nn, kind)(I, H, num_layers=2, bidirectional=True, **kw)
+    ours = getattr(rnnkit, kind)(I, H, num_layers=2, bidirectional=True, backend=backend, **kw)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(T, B, I)
+    outs = []
+    for module in (ref, ours):
+        xi = x.clone().requires_grad_()
+        out, state = module(xi)
+        (out.square().sum() + sum(s.sum() for s in _flat(state))).backward()
+        outs.append((out, _flat(state), xi.grad, dict(module.named_parameters())))
+    (o_ref, s_ref, gx_ref, p_ref), (o, s, gx, p) = outs
+    close(f"{name} output", o, o_ref)
+    for k, (a, b) in enumerate(zip(s, s_ref, strict=True)):
+        close(f"{name} final state {k}", a, b)
+    close(f"{name} input grad", gx, gx_ref)
+    for pname, param in p_ref.items():
+        close(f"{name} {pname}.grad", p[pname].grad, param.grad)
+
+
+def cell_matches_torch(kind: str, **kw) -> None:
+    name = f"{kind}({kw})"
+    torch.manual_seed(0)
+    ref = getattr(nn, kind)(I, H, **kw)
+    ours = getattr(rnnkit, kind)(I, H, **kw)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(B, I)
+    outs = []
+    for module in (ref, ours):
+        xi = x.clone().requires_grad_()
+        state = module(xi)
+        sum(s.square().sum() for s in _flat(state)).backward()
+        outs.append((_flat(state), xi.grad, dict(module.named_parameters())))
+    (s_ref, gx_ref, p_ref), (s, gx, p) = outs
+    for k, (a, b) in enumerate(zip(s, s_ref, strict=True)):
+        close(f"{name} state {k}", a, b)
+    close(f"{name} input grad", gx, gx_ref)
+    for pname, param in p_ref.items():
+        close(f"{name} {pname}.grad", p[pname].grad, param.grad)
+
+
+def variant_runs(kind: str, backend: str, **kw) -> None:
+    """Training mode: forward and backward give finite values and a gradient for every parameter.
+    Eval mode (deterministic): the same outputs as the reference engine."""
+    name = f"{kind}({kw}) backend={backend}"
+    torch.manual_seed(0)
+    layer = getattr(rnnkit, kind)(I, H, num_layers=2, backend=backend, **kw)
+    x = torch.randn(T, B, I, requires_grad=True)
+    out, state = layer(x)
+    (out.square().sum() + sum(s.sum() for s in _flat(state))).backward()
+    assert torch.isfinite(out).all(), f"{name}: non-finite output"
+    for pname, param in [("input", x), *layer.named_parameters()]:
+        assert param.grad is not None, f"{name}: no gradient for {pname}"
+        assert torch.isfinite(param.grad).all(), f"{name}: non-finite gradient for {pname}"
+    reference = getattr(rnnkit, kind)(I, H, num_layers=2, backend="reference", **kw)
+    reference.load_state_dict(layer.state_dict(), strict=True)
+    layer.eval()
+    reference.eval()
+    with torch.no_grad():
+        close(f"{name} eval output vs reference", layer(x)[0], reference(x)[0])
+
+
+def cell_variant_runs(kind: str, **kw) -> None:
+    name = f"{kind}({kw})"
+    torch.manual_seed(0)
+    cell = getattr(rnnkit, kind)(I, H, **kw)
+    x = torch.randn(B, I, requires_grad=True)
+    sum(s.square().sum() for s in _flat(cell(x))).backward()
+    for pname, param in [("input", x), *cell.named_parameters()]:
+        assert param.grad is not None, f"{name}: no gradient for {pname}"
+        assert torch.isfinite(param.grad).all(), f"{name}: non-finite gradient for {pname}"
+
+
+def check_layers() -> int:
+    plain = [
+        ("RNN", {"nonlinearity": "tanh"}),
+        ("RNN", {"nonlinearity": "relu"}),
+        ("LSTM", {}),
+        ("LSTM", {"proj_size": P}),
+        ("GRU", {}),
+    ]
+    variants = [
+        {"layer_norm": True},
+        {"zoneout": 0.1},
+        {"recurrent_dropout": 0.2},
+        {"weight_drop": 0.2},
+        {"learn_init": True},
+    ]
+    n = 0
+    for backend in BACKENDS:
+        for kind, kw in plain:
+            layer_matches_torch(kind, backend, **kw)
+            n += 1
+        for kind in ("LSTM", "GRU"):
+            for kw in variants:
+                variant_runs(kind, backend, **kw)
+                n += 1
+        variant_runs("LSTM", backend, forget_bias=1.0)
+        n += 1
+    for kind, kw in [
+        ("RNNCell", {"nonlinearity": "tanh"}),
+        ("RNNCell", {"nonlinearity": "relu"}),
+        ("LSTMCell", {}),
+        ("GRUCell", {}),
+    ]:
+        cell_matches_torch(kind, **kw)
+        n += 1
+    for kind, kw in [
+        ("LSTMCell", {"layer_norm": True}),
+        ("LSTMCell", {"forget_bias": 1.0}),
+        ("GRUCell", {"layer_norm": True}),
+    ]:
+        cell_variant_runs(kind, **kw)
+        n += 1
+    return n
+
+
+def check_kernels_built(cache: Path) -> None:
+    """With a C compiler here, the fused runs above built the installed C source into the cache
+    (a missing source would only show as a warning and a fallback to torch ops)."""
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        print("no C compiler: the CPU kernels were not built (the fused engine uses torch ops)")
+        return
+    built = sorted(p.name for p in cache.glob("*") if p.is_file())
+    assert built, f"the CPU kernels were not built into RNNKIT_CACHE={cache}"
+    print(f"CPU kernels built from the installed source: {', '.join(built)}")
+
+
+def train(work: Path, task: str, *args: str) -> None:
+    """One epoch with the installed ``rnnkit`` command; it must exit 0 and write summary.json."""
+    out = work / "runs" / "-".join([task, *(a.lstrip("-") for a in args)])
+    command = Path(sys.executable).with_name("rnnkit")
+    cmd = [str(command), "train", task, *args, "--epochs", "1", "--device", "cpu"]
+    cmd += ["--quiet", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{' '.join(cmd)} exited {done.returncode}:\n{done.stderr}"
+    summary = json.loads((out / "summary.json").read_text())
+    print(f"rnnkit train {task} {' '.join(args)}: exit 0, summary.json with {len(summary)} keys")
+
+
+def texts(path: Path) -> Path:
+    """A small label<TAB>text file for ``train textclf``: two classes a character model can tell."""
+    lines = [f"vowel\t{'aeiou'[k % 5] * (3 + k % 4)}" for k in range(40)]
+    lines += [f"consonant\t{'bcdfg'[k % 5] * (3 + k % 4)}" for k in range(40)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main() -> int:
+    work = Path(sys.argv[1]).resolve()
+    cache = Path(os.environ.setdefault("RNNKIT_CACHE", str(work / "kernel-cache")))
+    check_installed()
+    n = check_layers()
+    print(f"{n} layer and cell checks passed on backends {', '.join(BACKENDS)}")
+    check_kernels_built(cache)
+    train(work, "digits")
+    train(work, "digits", "--cell", "gru")
+    train(work, "tagger")
+    train(work, "textclf", "--data", str(texts(work / "texts.tsv")))
+    print("wheel smoke test passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
