@@ -149,11 +149,6 @@ def test_empty_sequence():
         lstm()(torch.randn(0, 3, 10))
 
 
-def test_empty_batch():
-    with raises("GRU: input is an empty batch (batch=0)"):
-        rnnkit.GRU(10, 20, batch_first=True)(torch.randn(0, 5, 10))
-
-
 def test_cell_wrong_features_and_state_shape():
     with raises("LSTMCell: input has 3 features but input_size=10"):
         rnnkit.LSTMCell(10, 20)(torch.randn(4, 3))
@@ -202,7 +197,7 @@ def test_cell_wrong_features_and_state_shape():
             "unknown nonlinearity 'gelu'",
         ),
         (lambda: rnnkit.GRU(10, 20, backend="cudnn"), ValueError, "backend must be one of"),
-        (lambda: rnnkit.LSTMCell(0, 20), ValueError, "input_size must be greater than zero"),
+        (lambda: rnnkit.LSTMCell(-1, 20), ValueError, "input_size must be zero or greater"),
     ],
     ids=[
         "hidden-float",

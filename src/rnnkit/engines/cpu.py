@@ -52,16 +52,20 @@ def _cpu_features() -> str:
     return "\n".join(sorted(set(keep))) or f"{platform.machine()} {platform.processor()}"
 
 
+def library_path(compiler: str, cache: Path) -> Path:
+    """Where the library built from this source, compiler, flags and CPU lives in ``cache``."""
+    fingerprint = " ".join([compiler, *_FLAGS, _cpu_features()]).encode()
+    key = hashlib.sha256(_SOURCE.read_bytes() + fingerprint).hexdigest()[:16]
+    return cache / f"cpu_kernels-{key}.so"
+
+
 def _build() -> ctypes.CDLL:
     """Build (or find in the cache) and load the library; raises on any failure."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler found (set CC, or install cc or gcc)")
-    source = _SOURCE.read_bytes()
-    fingerprint = " ".join([compiler, *_FLAGS, _cpu_features()]).encode()
-    key = hashlib.sha256(source + fingerprint).hexdigest()[:16]
     cache = Path(os.environ.get("RNNKIT_CACHE", Path.home() / ".cache" / "rnnkit"))
-    target = cache / f"cpu_kernels-{key}.so"
+    target = library_path(compiler, cache)
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")

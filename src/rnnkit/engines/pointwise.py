@@ -91,7 +91,7 @@ def rnn_forward(g: Tensor, gh: Tensor, h: Tensor, out: Tensor, relu: bool) -> No
 def rnn_backward(h: Tensor, dh: Tensor, dg: Tensor, relu: bool) -> None:
     """h: saved h_t; dh: dL/dh_t; dg receives dL/d(pre-activation)."""
     if relu:
-        torch.where(h > 0, dh, 0, out=dg)
+        torch.where(h > 0, dh, dh.new_zeros(()), out=dg)
     else:
         torch.mul(dh, 1 - h * h, out=dg)
 
