@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-# Where the qconfig property keeps its value (an instance attribute would bypass the setter).
+# Where the qconfig property below keeps its value.
 _QCONFIG_KEY = "_rnnkit_qconfig"
 
 
@@ -32,7 +32,7 @@ class TorchNNInterop:
             f"torch.jit.script cannot compile rnnkit.{name}: its forward is Python (rnnkit's "
             "validation and engines) outside TorchScript's subset. Use "
             "torch.jit.trace(model, example_inputs), which records torch's own kernels, or "
-            f"script torch.nn's class: torch.jit.script(rnnkit.to_torch(model)) (plain layers "
+            "script torch.nn's class: torch.jit.script(rnnkit.to_torch(model)) (plain layers "
             "and cells; one with variants such as layer_norm can only be traced)"
         )
 
@@ -51,7 +51,7 @@ class TorchNNInterop:
         name = type(self).__name__
         warnings.warn(
             f"torch.ao.quantization leaves rnnkit.{name} unquantised: it finds modules by type, "
-            f"and rnnkit.{name} is not torch.nn.{name}. Convert first with "
+            f"and rnnkit.{name} is not torch.nn.{name}. Convert plain layers first with "
             "rnnkit.to_torch(model) (same weights, same numbers), then quantise",
             UserWarning,
             stacklevel=3,
