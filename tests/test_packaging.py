@@ -1,7 +1,7 @@
-"""rnnkit as a user gets it: the sdist holds the whole project, the wheel built from that sdist
-holds every file the package reads at run time, and the wheel installed in a fresh venv outside
-the checkout passes scripts/wheel_smoke.py (every layer on every CPU backend, one epoch of each
-task).
+"""rnnkit as a user gets it: the sdist holds the whole project; the wheel, built from the tree (as
+``pip install .`` builds it) or from the sdist, holds every file the package reads at run time and
+the licence; and that wheel, installed in a fresh venv outside the checkout, passes
+scripts/wheel_smoke.py (every layer on the CPU backends, one epoch of three tasks).
 """
 
 import os
@@ -44,13 +44,18 @@ def _run(cmd: list[str], timeout: int, **kw) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory) -> Path:
-    """The sdist, and the wheel that ``build`` makes from it, of a copy of the working tree (so
-    that concurrent builds never share the checkout's egg-info)."""
+    """The sdist and the wheel built from a copy of the working tree (so that concurrent builds
+    never share the checkout's egg-info), as ``pip install .`` builds it, and in from-sdist/ the
+    wheel built from that sdist, as ``pip install rnnkit-*.tar.gz`` builds it."""
     tmp = tmp_path_factory.mktemp("packaging")
-    tree = tmp / "tree"
+    tree, out = tmp / "tree", tmp / "dist"
     shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(*_NOT_SOURCE))
-    out = tmp / "dist"
-    _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(tree)], 300)
+    build = [sys.executable, "-m", "build", "--no-isolation"]
+    _run([*build, "--sdist", "--wheel", "--outdir", str(out), str(tree)], 300)
+    sdist = _only(out, "rnnkit-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        archive.extractall(tmp, filter="data")
+    _run([*build, "--wheel", "--outdir", str(out / "from-sdist"), str(tmp / sdist.name[:-7])], 300)
     return out
 
 
@@ -81,14 +86,16 @@ def test_sdist_holds_the_whole_project(dist):
     assert not wanted - names, f"missing from the sdist: {sorted(wanted - names)}"
 
 
-def test_wheel_holds_every_file_the_package_reads_and_the_licence(dist):
-    with zipfile.ZipFile(_only(dist, "rnnkit-*.whl")) as wheel:
+@pytest.mark.parametrize("where", ["", "from-sdist"], ids=["built_from_tree", "built_from_sdist"])
+def test_wheel_holds_every_file_the_package_reads_and_the_licence(dist, where):
+    with zipfile.ZipFile(_only(dist / where, "rnnkit-*.whl")) as wheel:
         names = set(wheel.namelist())
-        metadata = wheel.read("rnnkit-0.1.0.dist-info/METADATA").decode()
+        (info,) = {n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA")}
+        metadata = wheel.read(f"{info}/METADATA").decode()
     package = {n.removeprefix("src/") for n in _files("src/rnnkit")}
     assert "rnnkit/engines/cpu_kernels.c" in package
     assert {"rnnkit/data/digits.csv.gz", "rnnkit/data/taylor.csv"} <= package
-    wanted = package | {"rnnkit-0.1.0.dist-info/licenses/LICENSE"}
+    wanted = package | {f"{info}/licenses/LICENSE"}
     assert not wanted - names, f"missing from the wheel: {sorted(wanted - names)}"
     assert "License-Expression: MIT" in metadata.splitlines()
 
@@ -97,14 +104,39 @@ def test_wheel_installed_in_a_fresh_venv_passes_the_smoke_test(dist, tmp_path):
     venv, work = tmp_path / "venv", tmp_path / "work"
     work.mkdir()
     python = venv / "bin" / "python"
-    _run([sys.executable, "-m", "venv", str(venv)], 120)
-    # The pinned CPU build, as scripts/setup-venv installs it; an unpinned torch is a CUDA build.
-    _run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"], 600)
-    _run([str(python), "-m", "pip", "install", "-q", str(_only(dist, "rnnkit-*.whl"))], 600)
-    # Run from a copy, in a folder outside the checkout, so that nothing of src/ is on sys.path.
-    script = shutil.copy(ROOT / "scripts" / "wheel_smoke.py", work)
-    cmd = [str(python), str(script), str(work)]
-    env = {**_env(), "RNNKIT_CACHE": str(tmp_path / "kernel-cache")}
-    done = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=900, env=env)
+    try:
+        _run([sys.executable, "-m", "venv", str(venv)], 120)
+        # Without byte-compiling all of torch (a third of the time): python compiles what the
+        # smoke test imports. torch pinned to the CPU build, as scripts/setup-venv installs it.
+        pip = [str(python), "-m", "pip", "install", "-q", "--no-compile"]
+        _run([*pip, "torch==2.13.0"], 600)
+        _run([*pip, str(_only(dist, "rnnkit-*.whl"))], 600)
+        # Run from a copy, in a folder outside the checkout, so that nothing of src/ is on
+        # sys.path; with an empty kernel cache, so that the installed C source is built.
+        script = shutil.copy(ROOT / "scripts" / "wheel_smoke.py", work)
+        env = {**_env(), "RNNKIT_CACHE": str(tmp_path / "kernel-cache")}
+        cmd = [str(python), str(script), str(work)]
+        done = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=900, env=env)
+    finally:
+        # The venv is about 1 GB; pytest keeps the last three runs' temporary folders.
+        shutil.rmtree(venv, ignore_errors=True)
+    print(done.stdout)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "wheel smoke test passed" in done.stdout
+
+
+def test_readme_commands_run_programs_that_a_fresh_checkout_has():
+    """Every ``$ `` line of the README starts with ./run, ./run-tests or a program in .venv/bin
+    (a bare ``torchrun`` is not on PATH after ./run)."""
+    commands = [
+        line[2:].split()[0]
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("$ ")
+    ]
+    assert ".venv/bin/torchrun" in commands
+    venv_bin = Path(sys.executable).parent
+    for command in commands:
+        if command in ("./run", "./run-tests"):
+            continue
+        assert command.startswith(".venv/bin/"), f"README runs {command!r}, not from .venv/bin"
+        assert (venv_bin / command.removeprefix(".venv/bin/")).exists(), f"no {command} in the venv"
