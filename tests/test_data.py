@@ -158,3 +158,67 @@ def test_vocab_reserves_padding_and_unknown():
     v = Vocab.build([["b", "a", "b"], ["c"]])
     assert v.itos[:2] == ["<pad>", "<unk>"] and v.itos[2] == "b"
     assert v.encode(["b", "zzz"]) == [2, 1]
+
+
+def _digits_csv(path, rows: list[list[str]]) -> None:
+    path.write_text("\n".join(",".join(r) for r in rows) + "\n")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_digits_reader_names_the_file_line_and_value_of_a_non_finite_pixel(tmp_path, value):
+    good = ["0"] * 64 + ["3"]
+    bad = ["0"] * 10 + [value] + ["0"] * 53 + ["3"]
+    _digits_csv(tmp_path / "d.csv", [good, good, bad])
+    with pytest.raises(DataError, match=rf"d.csv', line 3: pixel 11 is '{value}'; every pixel"):
+        load_digits(tmp_path / "d.csv")
+
+
+@pytest.mark.parametrize("label", ["3.7", "42", "-1", "nan"])
+def test_digits_reader_refuses_a_label_that_is_not_a_digit(tmp_path, label):
+    _digits_csv(tmp_path / "d.csv", [["0"] * 64 + ["3"], ["0"] * 64 + [label]])
+    with pytest.raises(
+        DataError, match=rf"line 2: the label is '{label}'; expected a whole number"
+    ):
+        load_digits(tmp_path / "d.csv")
+
+
+def _mnist(folder, images: np.ndarray, labels: np.ndarray) -> None:
+    folder.mkdir(exist_ok=True)
+    write_idx(folder / "train-images-idx3-ubyte", images)
+    write_idx(folder / "train-labels-idx1-ubyte", labels)
+    write_idx(folder / "t10k-images-idx3-ubyte", np.zeros((2, 4, 4), dtype=np.uint8))
+    write_idx(folder / "t10k-labels-idx1-ubyte", np.zeros(2, dtype=np.uint8))
+
+
+def test_mnist_reader_names_a_non_finite_image_and_a_bad_label(tmp_path):
+    images = np.zeros((3, 4, 4), dtype=np.float32)
+    images[2, 1, 3] = np.nan
+    _mnist(tmp_path, images, np.zeros(3, dtype=np.uint8))
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte', image 2 .*nan; every pixel"):
+        load_mnist(tmp_path)
+    _mnist(tmp_path, np.zeros((3, 4, 4), dtype=np.float32), np.array([0, -1, 2], dtype=np.int8))
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte', label 1 \(0-based\): -1"):
+        load_mnist(tmp_path)
+    _mnist(tmp_path, np.zeros((3, 4, 4), dtype=np.uint8), np.array([0, 1, 2.5]))
+    with pytest.raises(DataError, match=r"label 2 \(0-based\): 2.5; a label must be a whole"):
+        load_mnist(tmp_path)
+
+
+def test_series_reader_names_an_infinite_cell(tmp_path):
+    p = tmp_path / "s.csv"
+    p.write_text("v\n1\n1e309\n")
+    with pytest.raises(
+        DataError, match=r"s.csv', line 3: column 'v' holds '1e309'; expected a finite"
+    ):
+        read_series(p)
+
+
+def test_series_reader_takes_a_field_longer_than_128_kib(tmp_path):
+    import csv
+
+    p = tmp_path / "s.csv"
+    note = "x" * 200_000
+    p.write_text(f"note,v\n{note},1.5\nshort,2.5\n")
+    assert read_series(p, "v").tolist() == [1.5, 2.5]
+    # The reader leaves the csv module's process-wide limit as it found it.
+    assert csv.field_size_limit() == 131072

@@ -156,3 +156,94 @@ def test_bad_model_arguments_name_the_choices():
         SequenceClassifier(2, 3, cell="transformer")
     with pytest.raises(ValueError, match="horizon must be at least 1"):
         SequenceRegressor(1, 0)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "message"),
+    [
+        (
+            torch.tensor([5, 2]),
+            r"one length per sequence, shape \(3,\) for a batch of 3; got shape \(2,\)",
+        ),
+        (torch.tensor([5, 2, 9]), r"between 1 and the padded length T=5; got 9"),
+        (torch.tensor([5, 0, 1]), r"between 1 and the padded length T=5; got 0"),
+        (torch.tensor([[5, 2, 1]]), r"shape \(3,\) for a batch of 3; got shape \(1, 3\)"),
+        (torch.tensor([5.0, 2.5, 1.0]), r"must be an integer tensor .* got dtype torch.float32"),
+        ([5, 2.5, 1], r"whole numbers of steps; got 2.5"),
+        (torch.tensor([5, 2, 1], device="meta"), r"lengths is on meta but the input is on cpu"),
+        ("5,2,1", r"a 1-D tensor \(or list\) of ints"),
+    ],
+    ids=["too-few", "beyond-T", "zero", "2-D", "fractional", "fractional-list", "device", "str"],
+)
+def test_classifier_refuses_lengths_that_do_not_fit_the_batch(lengths, message):
+    model = SequenceClassifier(3, 4)
+    with pytest.raises(rnnkit.RNNInputError, match=message) as caught:
+        model(torch.randn(3, 5, 3), lengths)
+    assert isinstance(caught.value, ValueError) and isinstance(caught.value, RuntimeError)
+
+
+def test_lengths_as_a_list_or_tuple_of_ints_equal_a_tensor():
+    torch.manual_seed(0)
+    model = SequenceClassifier(3, 4).eval()
+    x = torch.randn(3, 5, 3)
+    want = model(x, torch.tensor([5, 2, 4]))
+    torch.testing.assert_close(model(x, [5, 2, 4]), want)
+    torch.testing.assert_close(model(x, (5, 2, 4)), want)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: Tagger(10, 3, 4), lambda: CharRNN(10, 3, 4)], ids=["tagger", "charrnn"]
+)
+def test_token_ids_outside_the_vocabulary_are_named(make):
+    model = make()
+    with pytest.raises(rnnkit.RNNInputError, match=r"token id 10 is outside .* vocab_size=10"):
+        model(torch.tensor([[1, 2, 10]]))
+    with pytest.raises(rnnkit.RNNInputError, match=r"token id -2 is outside"):
+        model(torch.tensor([[1, -2, 3]]), torch.tensor([3]))
+    with pytest.raises(rnnkit.RNNInputError, match=r"integer token ids .* got dtype torch.float32"):
+        model(torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(rnnkit.RNNInputError, match=r"padded batch of token ids \(B, T\)"):
+        model(torch.tensor([1, 2]))
+
+
+def test_classifier_refuses_an_unbatched_input():
+    with pytest.raises(rnnkit.RNNInputError, match=r"\(B, T, input_size\); got \(5, 3\)"):
+        SequenceClassifier(3, 4)(torch.randn(5, 3))
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: SequenceClassifier(3, 0), ValueError, "num_classes must be at least 1; got 0"),
+        (lambda: SequenceClassifier(0, 2), ValueError, "input_size must be at least 1; got 0"),
+        (
+            lambda: SequenceClassifier(3, 2, hidden_size=2.5),
+            TypeError,
+            "hidden_size must be an int",
+        ),
+        (
+            lambda: SequenceClassifier(3, 2, num_layers=0),
+            ValueError,
+            "num_layers must be at least 1",
+        ),
+        (lambda: SequenceClassifier(3, 2, dropout=float("nan")), ValueError, "dropout must be"),
+        (lambda: SequenceRegressor(3, horizon=0), ValueError, "horizon must be at least 1"),
+        (lambda: Tagger(0, 3), ValueError, "Tagger: vocab_size must be at least 1"),
+        (lambda: Tagger(10, 0), ValueError, "Tagger: num_tags must be at least 1"),
+        (lambda: CharRNN(10, 3, embedding_dim=0), ValueError, "embedding_dim must be at least 1"),
+    ],
+    ids=[
+        "classes",
+        "input",
+        "hidden-float",
+        "layers",
+        "dropout-nan",
+        "horizon",
+        "vocab",
+        "tags",
+        "embedding",
+    ],
+)
+def test_model_constructors_refuse_bad_sizes_by_name(make, error, message):
+    with pytest.raises(error, match=message):
+        make()

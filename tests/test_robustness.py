@@ -274,3 +274,12 @@ def test_cpu_kernel_cache_is_keyed_by_the_cpu(monkeypatch, tmp_path):
         monkeypatch.setattr(cpu, "_cpu_features", lambda f=features: f)
         names.append(cpu.library_path("cc", tmp_path).name)
     assert names[0] != names[1]
+
+
+@pytest.mark.parametrize("build", [rnnkit.LSTM, rnnkit.LSTMCell])
+def test_variant_arguments_are_checked(build):
+    for bad in (float("nan"), float("inf"), "1.0"):
+        with pytest.raises(ValueError, match="forget_bias must be a finite number"):
+            build(3, 4, forget_bias=bad)
+    with pytest.raises(TypeError, match="layer_norm should be of type bool"):
+        build(3, 4, layer_norm=1)

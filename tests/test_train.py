@@ -23,9 +23,11 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
-def assert_clear_error(rc: int, err: str, *fragments: str) -> None:
-    assert rc == 2, err
+def assert_clear_error(rc: int, err: str, *fragments: str, status: int = 2) -> None:
+    """One line on stderr naming the fragments; status 2 for usage errors, 1 for failures."""
+    assert rc == status, err
     assert err.startswith("rnnkit ") and "Traceback" not in err, err
+    assert err.strip().count("\n") == 0, err
     for f in fragments:
         assert f in err, err
 
@@ -343,6 +345,18 @@ def _interrupt_after_epoch(monkeypatch, n: int) -> None:
     monkeypatch.setattr(rnnkit.train, "save_checkpoint", save_then_stop)
 
 
+def _interrupt_before_checkpoint(monkeypatch, n: int) -> None:
+    """Ctrl-C in epoch ``n`` just before its checkpoint: epoch n - 1 is committed whole."""
+    real = rnnkit.train.save_checkpoint
+
+    def stop_or_save(path, state):
+        if state["epoch"] == n:
+            raise KeyboardInterrupt
+        real(path, state)
+
+    monkeypatch.setattr(rnnkit.train, "save_checkpoint", stop_or_save)
+
+
 def test_resume_ends_exactly_where_an_uninterrupted_run_does(tmp_path, capsys, monkeypatch):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert main(["train", "digits", "--out", str(whole), *RESUMABLE]) == 0
@@ -393,7 +407,9 @@ def test_checkpoint_write_is_atomic(tmp_path, capsys, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(rnnkit.train_checkpoint.torch, "save", crash_on_second)
         rc, _, err = run_cli(capsys, "train", "digits", "--out", run, *RESUMABLE)
-    assert_clear_error(rc, err, "could not write", "No space left", "previous version is untouched")
+    assert_clear_error(
+        rc, err, "could not write", "No space left", "previous version is untouched", status=1
+    )
     # The epoch-1 checkpoint survived whole, and no temporary file is left behind.
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
@@ -406,7 +422,7 @@ def test_missing_truncated_and_mismatched_checkpoints(tmp_path, capsys, monkeypa
     assert_clear_error(rc, err, "run config", "does not exist")
     run = tmp_path / "r"
     with monkeypatch.context() as m:
-        _interrupt_after_epoch(m, 1)
+        _interrupt_before_checkpoint(m, 2)
         assert run_cli(capsys, "train", "digits", "--out", run, *RESUMABLE)[0] == 130
     good = (run / "checkpoint.pt").read_bytes()
     (run / "checkpoint.pt").write_bytes(good[: len(good) // 3])
@@ -439,6 +455,11 @@ def test_damaged_model_files_give_clear_errors(tmp_path, capsys, digits_run):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors["fc.weight"] = torch.zeros(10, 99)
     save_file(tensors, str(model), metadata=meta)
+    # Swapped tensors under the old metadata no longer match its checksum.
+    rc, _, err = run_cli(capsys, "evaluate", run)
+    assert_clear_error(rc, err, "model.safetensors", "is damaged", "SHA-256")
+    # A whole file (its checksum right) whose weights do not fit the architecture it names.
+    rnnkit.train_checkpoint.save_model(model, tensors, json.loads(meta["rnnkit"]))
     rc, _, err = run_cli(capsys, "evaluate", run)
     assert_clear_error(rc, err, "does not match the model", "fc.weight (10, 99) vs (10, 16)")
     model.unlink()

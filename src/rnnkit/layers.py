@@ -448,6 +448,15 @@ class RNNCellBase(TorchNNInterop, nn.Module):
         check_cell_constructor(name, input_size, hidden_size, bias)
         if forget_bias is not None and not bias:
             raise ValueError(f"{name}: forget_bias needs bias=True")
+        if forget_bias is not None and (
+            isinstance(forget_bias, bool)
+            or not isinstance(forget_bias, (int, float))
+            or not math.isfinite(forget_bias)
+        ):
+            raise ValueError(f"{name}: forget_bias must be a finite number, got {forget_bias!r}")
+        if not isinstance(layer_norm, bool):
+            got = type(layer_norm).__name__
+            raise TypeError(f"{name}: layer_norm should be of type bool, got: {got}")
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias

@@ -118,8 +118,7 @@ def _check_features(owner: str, x: object) -> None:
     if not isinstance(x, Tensor) or x.dim() != 3:
         what = format_shape(x) if isinstance(x, Tensor) else type(x).__name__
         raise RNNInputError(
-            f"{owner}: the input must be a padded batch of sequences (B, T, input_size); "
-            f"got {what}"
+            f"{owner}: the input must be a padded batch of sequences (B, T, input_size); got {what}"
         )
 
 

@@ -10,6 +10,14 @@ every epoch; ``--resume`` continues from it and ends where an uninterrupted run 
 ``model.safetensors``, ``summary.json`` and PNG plots. Under ``torchrun`` the loop runs with
 DistributedDataParallel (gloo on CPU, nccl on GPU), each process on its share of every epoch's
 batches; only rank 0 writes.
+
+The files agree after a crash at any moment. In an epoch that improves, ``model.safetensors`` is
+written first and ``checkpoint.pt`` last, as the commit record; ``metrics.jsonl`` follows it and
+``summary.json`` ends the run. ``--resume`` rewrites the weights from the checkpoint's best epoch,
+and ``evaluate`` and ``predict`` on an unfinished run use that epoch too. A run interrupted before
+its first checkpoint committed nothing: the same command (with or without ``--resume``) starts it
+over in the same folder. A non-finite loss stops the run with exit status 1, the last good
+checkpoint kept.
 """
 
 import argparse
@@ -40,9 +48,12 @@ from rnnkit.train_checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_model,
+    read_committed_best,
     read_json,
+    remove_stale_temps,
     save_checkpoint,
     save_model,
+    to_json,
     write_json,
     write_text,
 )
@@ -65,6 +76,14 @@ RESUME_FREE = {"device", "quiet", "resume", "out"}
 
 class RunError(ValueError):
     """A bad option or run folder; the message says what to do instead."""
+
+    exit_status = 2
+
+
+class TrainingFailed(RunError):
+    """The run could not go on (a non-finite loss): a runtime failure, not a usage error."""
+
+    exit_status = 1
 
 
 _ERRORS = (RunError, DataError, CheckpointError)
@@ -214,8 +233,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _fail(command: str, e: Exception) -> int:
-    print(f"rnnkit {command}: error: {e}", file=sys.stderr)
-    return 2
+    """One line on stderr, argparse's way; 2 for a usage error, 1 for a runtime failure."""
+    message = " ".join(str(e).split())
+    print(f"rnnkit {command}: error: {message}", file=sys.stderr)
+    return getattr(e, "exit_status", 2)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -230,6 +251,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return evaluate(args)
     except _ERRORS as e:
         return _fail("evaluate", e)
+    except KeyboardInterrupt:
+        print("\nrnnkit evaluate: interrupted", file=sys.stderr)
+        return 130
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -237,6 +261,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return predict(args)
     except _ERRORS as e:
         return _fail("predict", e)
+    except KeyboardInterrupt:
+        print("\nrnnkit predict: interrupted", file=sys.stderr)
+        return 130
 
 
 # ---- options and the run folder
@@ -253,17 +280,86 @@ def _resolve_options(args: argparse.Namespace, task: Task) -> tuple[dict, set[st
     return options, given
 
 
+# Integer options and their least value; a task has only some of them.
+_INT_MINIMUM = {
+    "hidden_size": 1,
+    "num_layers": 1,
+    "epochs": 1,
+    "batch_size": 1,
+    "embedding_dim": 1,
+    "max_chars": 1,
+    "window": 1,
+    "horizon": 1,
+    "period": 1,
+    "log_every": 0,
+    "seed": 0,
+}
+# Real options: (the range as the user reads it, the test); NaN fails every test.
+_REAL_RANGE = {
+    "lr": ("a finite number greater than 0", lambda v: 0 < v < math.inf),
+    "weight_decay": ("a finite number, 0 or more", lambda v: 0 <= v < math.inf),
+    "clip_grad": (
+        "a finite number greater than 0, or 0 for no clipping",
+        lambda v: 0 <= v < math.inf,
+    ),
+    "momentum": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "word_dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "val_fraction": ("between 0 and 1", lambda v: 0 < v < 1),
+}
+
+
 def _check_options(o: dict) -> None:
-    positive = ("hidden_size", "num_layers", "epochs", "batch_size")
-    for name in positive:
-        if o[name] < 1:
-            raise RunError(f"--{name.replace('_', '-')} must be a positive integer; got {o[name]}")
-    if not 0 <= o["dropout"] < 1:
-        raise RunError(f"--dropout must be in [0, 1); got {o['dropout']}")
-    if not o["lr"] > 0:
-        raise RunError(f"--lr must be positive; got {o['lr']}")
-    if o["clip_grad"] < 0 or o["log_every"] < 0:
-        raise RunError("--clip-grad and --log-every must not be negative")
+    """Every option in range, before anything is read or written."""
+    for name, least in _INT_MINIMUM.items():
+        if name not in o:
+            continue
+        value = o[name]
+        if name == "seed" and not 0 <= value < 2**32:
+            raise RunError(f"--seed must be between 0 and {2**32 - 1}; got {value}")
+        if value < least:
+            what = "a positive integer" if least == 1 else "0 or more"
+            raise RunError(f"{_flag(name)} must be {what}; got {value}")
+    for name, (what, ok) in _REAL_RANGE.items():
+        if name in o and not ok(o[name]):
+            raise RunError(f"{_flag(name)} must be {what}; got {o[name]}")
+
+
+def _check_backend(backend: str, device: torch.device) -> None:
+    """Refuse an engine that cannot run here before the run folder is made."""
+    if backend != "triton":
+        return
+    from rnnkit.engines import triton_kernels
+
+    reason = triton_kernels.unavailable_reason(torch.float32, device)
+    if reason is not None:
+        raise RunError(
+            f"--backend triton cannot run on {device}: {reason}; choose another --backend "
+            "(auto picks one that runs here)"
+        )
+
+
+def _check_writable(run: Path) -> None:
+    """The run folder exists as a writable folder or can be made; checked before data is read."""
+    if run.exists() and not run.is_dir():
+        raise RunError(f"--out {str(run)!r} is a file, not a folder")
+    parent = run
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RunError(
+            f"cannot make the run folder {str(run)!r}: {str(parent)!r} is a file, not a folder"
+        )
+    probe = parent / f".rnnkit-probe-{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        where = "the run folder" if parent == run else f"{str(parent)!r}, where it would go,"
+        raise RunError(
+            f"cannot write the run folder {str(run)!r}: {where} is not writable "
+            f"({e.strerror or e}); choose another --out"
+        ) from None
 
 
 def _flag(name: str) -> str:
@@ -291,6 +387,18 @@ def _run_dir(args: argparse.Namespace, task: Task, rank: int, world: int) -> Pat
         dist.broadcast_object_list(final, src=0)
         path = Path(final[0])
     return path
+
+
+def _committed(run: Path) -> bool:
+    """Whether an epoch of the run in ``run`` ever committed: its checkpoint is there, or (the
+    checkpoint lost) metrics.jsonl, written after each checkpoint, records an epoch."""
+    if (run / CHECKPOINT).exists() or (run / SUMMARY).exists():
+        return True
+    try:
+        with open(run / METRICS, encoding="utf-8") as f:
+            return any('"kind": "epoch"' in line for line in f)
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _device(choice: str, local_rank: int) -> torch.device:
@@ -440,6 +548,7 @@ def _checksum(model: nn.Module) -> str:
 def train(args: argparse.Namespace) -> int:
     task = TASKS[args.task]()
     options, given = _resolve_options(args, task)
+    _check_options(options)
     rank, world, device = _init_distributed(options["device"])
     run = None
     try:
@@ -454,7 +563,12 @@ def train(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         elif rank == 0:
-            print("\ninterrupted before the first epoch ended; nothing to resume", file=sys.stderr)
+            again = f" --out {run}" if run is not None else ""
+            print(
+                "\ninterrupted before the first epoch ended; nothing to resume. Start over with "
+                f"the same command (rnnkit train {task.name}{again} ...)",
+                file=sys.stderr,
+            )
         return 130
     finally:
         if world > 1 and dist.is_initialized():
@@ -473,6 +587,8 @@ def _train(
 ) -> int:
     writer = rank == 0
     loud = writer and not args.quiet
+    # A folder whose first epoch never committed holds no run: start over there.
+    fresh_again = (run / CONFIG).exists() and not _committed(run)
     if args.resume:
         saved = read_json(run / CONFIG, "run config")
         if saved.get("task") != task.name:
@@ -493,16 +609,17 @@ def _train(
                 "resume it with "
                 f"the same number (this is {world})"
             )
-    else:
-        if (run / CONFIG).exists() or (run / CHECKPOINT).exists():
-            raise RunError(
-                f"{str(run)!r} already holds a run; pass --resume to continue it, "
-                "or choose another --out"
-            )
+    elif _committed(run):
+        raise RunError(
+            f"{str(run)!r} already holds a run; pass --resume to continue it, "
+            "or choose another --out"
+        )
+    _check_options(options)
+    _check_backend(options["backend"], device)
+    _check_writable(run)
     if world > 1:
         # No process may see the folder rank 0 is about to fill as someone else's run.
         dist.barrier()
-    _check_options(options)
     data_config = task.data_config(SimpleNamespace(**options))
     prepared = task.prepare(data_config)
     mc = ModelConfig(
@@ -532,7 +649,7 @@ def _train(
         "rnnkit_version": __version__,
         "torch_version": torch.__version__,
     }
-    if args.resume and saved.get("data_fingerprint") != fingerprint:
+    if args.resume and not fresh_again and saved.get("data_fingerprint") != fingerprint:
         raise DataError(
             f"the data of {str(run)!r} changed since the run started (split sizes or "
             f"preprocessing differ: {saved.get('data_fingerprint')} then, {fingerprint} now); "
@@ -552,7 +669,10 @@ def _train(
     history: list[dict] = []
     best = {"epoch": 0, "score": None, "key": None, "state": None}
     start_epoch, step, elapsed = 0, 0, 0.0
-    if args.resume:
+    resuming = args.resume and not fresh_again
+    if writer:
+        remove_stale_temps(run)
+    if resuming:
         state = load_checkpoint(run / CHECKPOINT, config)
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -561,9 +681,22 @@ def _train(
         history, best = state["history"], state["best"]
         _set_rng_state(state["rng"][rank % len(state["rng"])], device)
         if writer:
-            write_text(run / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+            # The weights file may be ahead of the checkpoint (a crash between the two writes):
+            # the checkpoint is the commit record, so the weights follow it.
+            if best["state"] is not None:
+                _save_model(run, best, task, config)
+            write_text(run / METRICS, "".join(to_json(r) + "\n" for r in history))
     elif writer:
-        run.mkdir(parents=True, exist_ok=True)
+        if args.resume:
+            print(
+                f"rnnkit train {task.name}: nothing to resume in {run} (the run stopped before its "
+                "first epoch ended); starting it over",
+                file=sys.stderr,
+            )
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot make the run folder {str(run)!r} ({e.strerror or e})") from None
         write_json(run / CONFIG, config)
         write_text(run / METRICS, "")
     model: nn.Module = net
@@ -573,7 +706,7 @@ def _train(
         )
 
     if loud:
-        what = "continuing" if args.resume else "training"
+        what = "continuing" if resuming else "training"
         print(
             f"rnnkit train {task.name}: {what} {mc.cell.upper()} "
             f"H={mc.hidden_size} L={mc.num_layers}"
@@ -583,7 +716,7 @@ def _train(
             + f"; {len(train_split)} train / {len(val_split)} val / {len(test_split)} test; "
             + f"run folder {run}"
         )
-        if args.resume:
+        if resuming:
             print(f"resuming after epoch {start_epoch} of {epochs}")
     progress = Progress(loud and sys.stderr.isatty())
     metrics_file = open(run / METRICS, "a", encoding="utf-8") if writer else None
@@ -606,8 +739,19 @@ def _train(
                 loss = loss_sum / count.to(loss_sum.device)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if options["clip_grad"]:
-                    nn.utils.clip_grad_norm_(model.parameters(), options["clip_grad"])
+                # With clipping off this only measures the norm (the factor is clamped to 1).
+                norm = nn.utils.clip_grad_norm_(
+                    model.parameters(), options["clip_grad"] or math.inf
+                )
+                if not _all_finite(loss.detach(), norm, world):
+                    raise _diverged(
+                        f"the training loss became {float(loss.detach()):g} at step {step + 1} "
+                        f"(epoch {epoch + 1}), gradient norm {float(norm):g}",
+                        options,
+                        run,
+                        best,
+                        epoch,
+                    )
                 opt.step()
                 sched.step()
                 step += 1
@@ -632,6 +776,14 @@ def _train(
             if world > 1:
                 dist.all_reduce(sums)
             _, val_loss, val_metric = _evaluate_split(task, net, val_split, device, bs)
+            if not (math.isfinite(val_loss) and math.isfinite(val_metric)):
+                raise _diverged(
+                    f"the validation loss became {val_loss:g} after epoch {epoch + 1}",
+                    options,
+                    run,
+                    best,
+                    epoch,
+                )
             elapsed += time.perf_counter() - t0
             record = {
                 "kind": "epoch",
@@ -663,8 +815,9 @@ def _train(
                 rng = gathered
             progress.clear()
             if writer:
-                metrics_file.write("".join(json.dumps(r) + "\n" for r in new_records))
-                metrics_file.flush()
+                # The weights first, the checkpoint (the commit record) last: see the docstring.
+                if improved:
+                    _save_model(run, best, task, config)
                 save_checkpoint(
                     run / CHECKPOINT,
                     {
@@ -683,8 +836,8 @@ def _train(
                         "best": best,
                     },
                 )
-                if improved:
-                    _save_model(run, best, task, config)
+                metrics_file.write("".join(to_json(r) + "\n" for r in new_records))
+                metrics_file.flush()
             if loud:
                 m = task.metric
                 print(
@@ -753,6 +906,29 @@ def _train(
     return 0
 
 
+def _all_finite(loss: torch.Tensor, norm: torch.Tensor, world: int) -> bool:
+    """Whether this step's loss and gradient norm are finite, in every process."""
+    bad = (~torch.isfinite(loss) | ~torch.isfinite(norm)).float()
+    if world > 1:
+        # Every process must stop at the same step, or the others wait for it for ever.
+        dist.all_reduce(bad)
+    return not bool(bad)
+
+
+def _diverged(what: str, options: dict, run: Path, best: dict, epoch: int) -> TrainingFailed:
+    kept = (
+        f"the checkpoint of epoch {epoch} and the weights of epoch {best['epoch']}, the best so "
+        f"far, are kept in {run}"
+        if epoch
+        else f"no epoch finished, so {run} holds no checkpoint"
+    )
+    return TrainingFailed(
+        f"training stopped: {what} (the weights diverged, or the data holds extreme values); "
+        f"try a smaller --lr (it is {options['lr']:g}) or --clip-grad (it is "
+        f"{options['clip_grad']:g}; 0 = off); {kept}"
+    )
+
+
 def _save_model(run: Path, best: dict, task: Task, config: dict) -> None:
     meta = {
         "task": task.name,
@@ -772,15 +948,36 @@ def _load_run(run_arg: str) -> tuple[Path, nn.Module, dict, Task]:
     run = Path(run_arg)
     if not run.is_dir():
         raise RunError(f"run folder {run_arg!r} does not exist")
+    if (run / CONFIG).exists() and not _committed(run):
+        raise CheckpointError(
+            f"the run in {str(run)!r} stopped before its first epoch ended, so it has no weights "
+            "yet; train it again with the same --out"
+        )
     model, meta = load_model(run / MODEL)
     if meta.get("task") not in TASKS:
         raise CheckpointError(f"{str(run / MODEL)!r} names an unknown task {meta.get('task')!r}")
+    if not (run / SUMMARY).exists() and (run / CHECKPOINT).exists():
+        # An unfinished run: its checkpoint is the commit record, and the weights file may be an
+        # epoch ahead of it (a crash between the two writes). Use what --resume would use.
+        best = read_committed_best(run / CHECKPOINT)
+        if best is not None and best.get("epoch") != meta.get("epoch"):
+            try:
+                model.load_state_dict(best["state"])
+                meta = {**meta, "epoch": best["epoch"]}
+            except (RuntimeError, KeyError, TypeError):
+                pass
     task = TASKS[meta["task"]]()
     task.preprocessing = meta["preprocessing"]
     return run, model, meta, task
 
 
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise RunError(f"--batch-size must be a positive integer; got {batch_size}")
+
+
 def evaluate(args: argparse.Namespace) -> int:
+    _check_batch_size(args.batch_size)
     run, model, meta, task = _load_run(args.run)
     device = _device(args.device, 0)
     prepared = task.prepare(meta["data"])
@@ -801,8 +998,10 @@ def evaluate(args: argparse.Namespace) -> int:
     metrics = task.report(out, split).metrics
     if args.split != "test":
         metrics = {k.replace("test_", f"{args.split}_"): v for k, v in metrics.items()}
+    unfinished = "" if (run / SUMMARY).exists() else " (an unfinished run: the best so far)"
     print(
         f"rnnkit evaluate {run}: {task.name}, {args.split} part, weights of epoch {meta['epoch']}"
+        + unfinished
     )
     print(_table(_summary_rows(task, metrics)))
     if args.output:
@@ -811,6 +1010,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
+    _check_batch_size(args.batch_size)
     _, model, _, task = _load_run(args.run)
     device = _device(args.device, 0)
     model.to(device)

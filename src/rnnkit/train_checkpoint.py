@@ -1,21 +1,29 @@
 """The files of a run folder, written atomically and read back with errors in the user's terms.
 
 - ``checkpoint.pt``: everything needed to continue training (weights, optimizer, scheduler, random
-  state, history, the best weights so far), rewritten after every epoch.
+  state, history, the best weights so far), rewritten after every epoch. It is the commit record
+  of an epoch: it is written last, and the other files are reconciled with it.
 - ``model.safetensors``: the chosen weights, with the model's configuration and the task's
-  preprocessing as JSON in the metadata, so that ``evaluate`` and ``predict`` need nothing else.
+  preprocessing as JSON in the metadata, so that ``evaluate`` and ``predict`` need nothing else,
+  and a SHA-256 of that metadata and every tensor's bytes, checked on every load.
 
 Every write goes to a temporary file in the same folder that is flushed, synced and then renamed
-over the old file: a crash or Ctrl-C at any moment leaves the previous complete file in place.
+over the old file: a crash or Ctrl-C at any moment leaves the previous complete file in place, and
+a temporary file that a killed process left behind is removed by the next run in the folder.
+JSON files never hold NaN or infinity (JSON has neither): such values are written as null.
 """
 
+import hashlib
 import json
+import math
 import os
+import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -25,10 +33,35 @@ CHECKPOINT = "checkpoint.pt"
 MODEL = "model.safetensors"
 CONFIG = "config.json"
 FORMAT = "rnnkit-run-1"
+# model.safetensors files of this format carry a checksum; rnnkit-run-1 ones (older) do not.
+MODEL_FORMAT = "rnnkit-run-2"
+_TEMP = re.compile(r"^\..+\.tmp-(\d+)$")
 
 
 class CheckpointError(ValueError):
     """A run folder's file is missing, truncated, corrupt or belongs to a different run."""
+
+    exit_status = 2
+
+
+class WriteError(CheckpointError):
+    """A file could not be written (no space, no permission, a failing disk): a runtime failure."""
+
+    exit_status = 1
+
+
+def _write_failure(path: Path, e: BaseException) -> str:
+    """Why writing ``path`` failed, in words: the OS error, or torch's error explained."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < 64 * 2**20:
+        return f"No space left on device: {free:,} bytes free (torch said: {detail})"
+    return f"{type(e).__name__}: {detail}"
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -39,12 +72,60 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    # torch.save reports a failed write (a full disk among them) as a RuntimeError, safetensors
+    # as its own error type.
+    except (OSError, RuntimeError, SafetensorError) as e:
         kept = "the previous version is untouched" if path.exists() else "nothing was written"
-        raise CheckpointError(f"could not write {str(path)!r} ({e}); {kept}") from None
+        raise WriteError(
+            f"could not write {str(path)!r} ({_write_failure(path, e)}); {kept}"
+        ) from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temps(folder: Path) -> list[str]:
+    """Remove the temporary files that killed processes left in ``folder``; their names."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = _TEMP.match(p.name)
+        if m and p.is_file() and not _alive(int(m.group(1))):
+            try:
+                p.unlink()
+                removed.append(p.name)
+            except OSError:
+                pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def finite_json(obj: object) -> object:
+    """``obj`` with every NaN or infinite float replaced by None (JSON has no such numbers)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def to_json(obj: object, indent: int | None = None) -> str:
+    """JSON text of ``obj`` with non-finite numbers as null; never NaN or Infinity."""
+    return json.dumps(finite_json(obj), indent=indent, allow_nan=False)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -52,7 +133,7 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj: object) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_text(path, to_json(obj, indent=2) + "\n")
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -103,10 +184,39 @@ def _short(value: object) -> str:
     return text if len(text) < 200 else text[:200] + "..."
 
 
+def read_committed_best(path: Path) -> dict | None:
+    """The ``best`` record (``epoch``, ``state``, ...) of the checkpoint ``path``, or None when it
+    cannot be read; evaluating an unfinished run uses it, as resuming the run would."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a damaged checkpoint only matters to --resume, which says so
+        return None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        return None
+    best = state.get("best")
+    return best if isinstance(best, dict) and best.get("state") is not None else None
+
+
+def weights_checksum(meta_json: str, tensors: dict) -> str:
+    """SHA-256 of the metadata text and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(meta_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_model(path: Path, state: dict, meta: dict) -> None:
-    """A state dict to safetensors, with ``meta`` (JSON-able) under the metadata key ``rnnkit``."""
+    """A state dict to safetensors, with ``meta`` (JSON-able) under the metadata key ``rnnkit``
+    and the checksum of both under ``sha256``."""
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    metadata = {"format": FORMAT, "rnnkit": json.dumps(meta)}
+    meta_json = to_json(meta)
+    metadata = {
+        "format": MODEL_FORMAT,
+        "rnnkit": meta_json,
+        "sha256": weights_checksum(meta_json, tensors),
+    }
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
@@ -125,10 +235,24 @@ def load_model(path: Path) -> tuple[nn.Module, dict]:
             f"model file {str(path)!r} is truncated or not a safetensors file "
             f"({type(e).__name__}: {str(e)[:120]})"
         ) from None
-    if metadata.get("format") != FORMAT or "rnnkit" not in metadata:
+    if metadata.get("format") not in (FORMAT, MODEL_FORMAT) or "rnnkit" not in metadata:
         raise CheckpointError(f"{str(path)!r} is a safetensors file but not an rnnkit model")
-    meta = json.loads(metadata["rnnkit"])
-    model = build_model(ModelConfig(**meta["model_config"]))
+    if metadata["format"] == MODEL_FORMAT:
+        recorded = metadata.get("sha256")
+        if recorded != weights_checksum(metadata["rnnkit"], tensors):
+            raise CheckpointError(
+                f"model file {str(path)!r} is damaged: its contents do not match the SHA-256 "
+                f"checksum recorded when it was written ({str(recorded)[:16]}...); restore it "
+                "from a copy, or rerun the training (with --resume while checkpoint.pt is there)"
+            )
+    try:
+        meta = json.loads(metadata["rnnkit"])
+        model = build_model(ModelConfig(**meta["model_config"]))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"model file {str(path)!r} holds an rnnkit model whose description is damaged or "
+            f"from another version ({type(e).__name__}: {str(e)[:120]})"
+        ) from None
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in tensors.items()}
     if want != have:

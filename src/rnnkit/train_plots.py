@@ -1,6 +1,5 @@
 """The PNG plots of a run, drawn with matplotlib's headless Agg backend."""
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -10,13 +9,15 @@ matplotlib.use("Agg", force=True)
 import matplotlib.pyplot as plt
 import numpy as np
 
+from rnnkit import train_checkpoint
+
 
 def _save(fig: plt.Figure, path: Path) -> None:
     # A temporary name then a rename, so that a crash never leaves half a PNG.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        train_checkpoint.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def curves(history: list[dict], metric: str, loss_name: str, title: str, path: Path) -> None:

@@ -30,6 +30,7 @@ The per-step equations (LSTM; GRU alike with its own gates):
 The fused engine implements the same steps with a hand-written backward pass.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,13 @@ class Variants:
                 raise ValueError(f"{name}: forget_bias is an LSTM option, not {mode}")
             if not bias:
                 raise ValueError(f"{name}: forget_bias needs bias=True")
+            fb = self.forget_bias
+            if isinstance(fb, bool) or not isinstance(fb, (int, float)) or not math.isfinite(fb):
+                raise ValueError(f"{name}: forget_bias must be a finite number, got {fb!r}")
+        for arg in ("layer_norm", "learn_init"):
+            if not isinstance(getattr(self, arg), bool):
+                got = type(getattr(self, arg)).__name__
+                raise TypeError(f"{name}: {arg} should be of type bool, got: {got}")
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
