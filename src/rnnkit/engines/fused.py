@@ -245,7 +245,7 @@ class FusedLayer(torch.autograd.Function):
             CN, mu_c, rs_c, ln_ih_w, ln_hh_w, ln_c_w, rmask, zh, zc,
             b_ih, b_hh, ln_ih_b, ln_hh_b, ln_c_b,
         ) = ctx.saved_tensors  # fmt: skip
-        if torch.is_grad_enabled() or _functorch_active() or _batched(d_out, d_hn, d_cn):
+        if needs_reference_backward(d_out, d_hn, d_cn):
             # The kernels' backward is not itself differentiable, nor batchable under vmap:
             # double backward (create_graph=True) and batched gradients (jacobian(vectorize=
             # True)) differentiate the reference steps of this layer instead; same numbers.
@@ -253,7 +253,9 @@ class FusedLayer(torch.autograd.Function):
                 x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
                 ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
             )  # fmt: skip
-            grads = _vjp_by_reference(ctx, layer, rmask, zh, zc, (d_out, d_hn, d_cn))
+            where = (ctx.mode, ctx.reverse, ctx.batch_sizes, ctx.zoneout_p)
+            needs = ctx.needs_input_grad[5 : 5 + len(layer)]
+            grads = vjp_by_reference(where, needs, layer, rmask, zh, zc, (d_out, d_hn, d_cn))
             return (None,) * 5 + grads + (None,) * 3
         mode, reverse, batch_sizes, kernels = ctx.mode, ctx.reverse, ctx.batch_sizes, ctx.kernels
         plan = ctx.plan
@@ -431,18 +433,27 @@ def _reference_layer(
     return (out, *last)
 
 
-def _vjp_by_reference(ctx, layer, rmask, zh, zc, cotangents) -> tuple[Tensor | None, ...]:
-    """Gradients of ``layer``'s tensors (None where not needed) through :func:`_reference_layer`,
+def needs_reference_backward(*grads: Tensor | None) -> bool:
+    """Whether a backward must differentiate the reference steps instead of running the
+    kernels: double backward (``create_graph=True``) or batched gradients (vmap)."""
+    return torch.is_grad_enabled() or _functorch_active() or _batched(*grads)
+
+
+def vjp_by_reference(
+    where: tuple, needs: Sequence[bool], layer, rmask, zh, zc, cotangents
+) -> tuple[Tensor | None, ...]:
+    """Gradients of ``layer``'s tensors (None where ``needs`` is False) through
+    :func:`_reference_layer` at ``where = (mode, reverse, batch_sizes, zoneout_p)``,
     differentiable themselves when the caller asked for ``create_graph``."""
-    needs = ctx.needs_input_grad[5 : 5 + len(layer)]
+    mode, reverse, batch_sizes, zoneout_p = where
     wanted = [i for i, n in enumerate(needs) if n and layer[i] is not None]
 
     def f(*diff: Tensor) -> tuple[Tensor, ...]:
         tensors = list(layer)
         for i, t in zip(wanted, diff, strict=True):
             tensors[i] = t
-        args = (ctx.batch_sizes, ctx.zoneout_p, tuple(tensors), rmask, zh, zc)
-        return _reference_layer(ctx.mode, ctx.reverse, *args)
+        args = (batch_sizes, zoneout_p, tuple(tensors), rmask, zh, zc)
+        return _reference_layer(mode, reverse, *args)
 
     outputs, vjp = torch.func.vjp(f, *(layer[i] for i in wanted))
     cots = tuple(
@@ -452,6 +463,20 @@ def _vjp_by_reference(ctx, layer, rmask, zh, zc, cotangents) -> tuple[Tensor | N
     for i, g in zip(wanted, vjp(cots), strict=True):
         grads[i] = g
     return tuple(grads)
+
+
+def _native_applies(kernels: ModuleType, variants, w_hr: Tensor | None, x: Tensor) -> bool:
+    """Plain layers (no projection, no per-step variant) on the CPU run all their steps in one
+    native call (``native_loop``) where it builds, unless a torch.func transform is watching."""
+    if variants is not None or w_hr is not None or _functorch_active():
+        return False
+    from rnnkit.engines import cpu
+
+    if kernels is not cpu:
+        return False
+    from rnnkit.engines import native_loop
+
+    return native_loop.available(x.dtype)
 
 
 def _persistent_applies(kernels, mode, variants, w_hh, w_hr, *tensors) -> bool:
@@ -503,6 +528,10 @@ def run_layer(
         zh = zh.reshape(x.shape[0], -1).contiguous()  # padded (T, B, R) -> (T*B, R)
         zc = None if zc is None else zc.reshape(x.shape[0], -1).contiguous()
     layer = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *ln, *([None] * (6 - len(ln))))
+    if _native_applies(kernels, variants, w_hr, x):
+        from rnnkit.engines import native_loop
+
+        return native_loop.run_layer(mode, reverse, batch_sizes, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     if _functorch_active():
         # torch.func transforms (grad, jacrev, vmap) cannot look inside the kernels; the
         # reference steps of the same layer are plain torch ops that they can.

@@ -1,0 +1,105 @@
+"""The native time loop (engines/native_loop.py) against torch.nn and the fused engine, one layer.
+
+    .venv/bin/python benchmarks/bench_native_loop.py
+    .venv/bin/python benchmarks/bench_native_loop.py --modes lstm --batches 1 --repeats 21
+
+Prints a Markdown table: median milliseconds of forward (no grad) and forward+backward for
+torch.nn (oneDNN), rnnkit's fused engine (backend="fused") and the native loop (the same layer's
+weights through ``native_loop.run_layer``), and each one's ratio to torch.nn. The three run
+interleaved, repeat by repeat, so that a machine shared with other work slows all alike.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import rnnkit
+from rnnkit.engines import native_loop
+
+TORCH = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
+OURS = {"rnn": rnnkit.RNN, "lstm": rnnkit.LSTM, "gru": rnnkit.GRU}
+MODE = {"rnn": "RNN_TANH", "lstm": "LSTM", "gru": "GRU"}
+
+
+def native_call(mode: str, layer: torch.nn.Module, T: int, B: int):
+    """``x -> out`` on the native loop with ``layer``'s parameters."""
+    weights = [getattr(layer, f"{n}_l0") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+
+    def run(x):
+        H = layer.hidden_size
+        h0 = x.new_zeros(B, H)
+        c0 = x.new_zeros(B, H) if mode == "LSTM" else None
+        out, _, _ = native_loop.run_layer(mode, False, (B,) * T, x.reshape(T * B, -1), h0, c0,
+                                          *weights)  # fmt: skip
+        return out
+
+    return run
+
+
+def steps(fn, x):
+    def forward():
+        with torch.no_grad():
+            fn(x)
+
+    def train():
+        out = fn(x.detach().requires_grad_())
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(torch.ones_like(out))
+
+    return forward, train
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modes", nargs="+", default=["lstm", "gru", "rnn"], choices=list(TORCH))
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
+    ap.add_argument("--T", type=int, default=100)
+    ap.add_argument("--H", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=11)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    assert native_loop.available(torch.float32), "the native loop could not be built"
+    print(f"T={args.T}, I=H={args.H}, float32, {args.threads} threads, median of "
+          f"{args.repeats} interleaved repeats; torch {torch.__version__}, native BLAS "
+          f"{'MKL' if native_loop.blas_available() else 'absent'} from {native_loop.BLAS_MIN_ROWS}"
+          " rows\n")  # fmt: skip
+    print("| mode | B | torch.nn fwd | fused fwd | native fwd | torch.nn f+b | fused f+b | "
+          "native f+b | fused/torch fwd, f+b | native/torch fwd, f+b |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for m in args.modes:
+        for B in args.batches:
+            ref = TORCH[m](args.H, args.H)
+            fused = OURS[m](args.H, args.H, backend="fused")
+            fused.load_state_dict(ref.state_dict())
+            x = torch.randn(args.T, B, args.H)
+            runs = {
+                "torch": steps(ref, x),
+                "fused": steps(fused, x),
+                "native": steps(native_call(MODE[m], ref, args.T, B), x),
+            }
+            times = {(k, p): [] for k in runs for p in ("fwd", "f+b")}
+            for fwd, train in runs.values():
+                fwd(), train()
+            for _ in range(args.repeats):
+                for k, (fwd, train) in runs.items():
+                    for p, fn in (("fwd", fwd), ("f+b", train)):
+                        t0 = time.perf_counter()
+                        fn()
+                        times[k, p].append((time.perf_counter() - t0) * 1e3)
+            med = {k: statistics.median(v) for k, v in times.items()}
+
+            def ratio(k, med=med):
+                return f"{med[k, 'fwd'] / med['torch', 'fwd']:.2f}x, " \
+                       f"{med[k, 'f+b'] / med['torch', 'f+b']:.2f}x"  # fmt: skip
+
+            cells = [f"{med[k, p]:.2f}" for p in ("fwd", "f+b") for k in runs]
+            print(f"| {m} | {B} | " + " | ".join(cells) + f" | {ratio('fused')} | "
+                  f"{ratio('native')} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
