@@ -16,7 +16,7 @@ import time
 import torch
 
 import rnnkit
-from rnnkit.engines import native_loop
+from rnnkit.engines import native_loop, ops
 
 TORCH = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
 OURS = {"rnn": rnnkit.RNN, "lstm": rnnkit.LSTM, "gru": rnnkit.GRU}
@@ -31,7 +31,7 @@ def native_call(mode: str, layer: torch.nn.Module, T: int, B: int):
         H = layer.hidden_size
         h0 = x.new_zeros(B, H)
         c0 = x.new_zeros(B, H) if mode == "LSTM" else None
-        out, _, _ = native_loop.run_layer(mode, False, (B,) * T, x.reshape(T * B, -1), h0, c0,
+        out, _, _ = ops.run_layer(mode, False, (B,) * T, x.reshape(T * B, -1), h0, c0,
                                           *weights)  # fmt: skip
         return out
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from rnnkit.engines import fused, native_loop, pointwise
+from rnnkit.engines import fused, native_loop, ops, pointwise
 
 pytestmark = pytest.mark.skipif(
     not native_loop.available(torch.float64), reason="the native loop could not be built"
@@ -43,7 +43,7 @@ def leaves(layer: dict) -> dict[str, Tensor]:
 
 
 def run_both(mode, reverse, batch_sizes, layer, native_opts, kernels=None):
-    """Outputs and all gradients from FusedLayer and from NativeLayer."""
+    """Outputs and all gradients from FusedLayer and from ops.native_layer."""
     args = [layer[k] for k in ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh")]
     results = []
     for name in ("fused", "native"):
@@ -53,7 +53,7 @@ def run_both(mode, reverse, batch_sizes, layer, native_opts, kernels=None):
             outs = fused.FusedLayer.apply(mode, reverse, batch_sizes, kern, None,
                                           *tensors[:5], tensors[5], tensors[6], None)  # fmt: skip
         else:
-            outs = native_loop.run_layer(mode, reverse, batch_sizes, *tensors, **native_opts)
+            outs = ops.run_layer(mode, reverse, batch_sizes, *tensors, **native_opts)
         outs = [o for o in outs if o is not None]
         gen = torch.Generator().manual_seed(1)
         loss = sum((o * torch.rand(o.shape, generator=gen, dtype=o.dtype)).sum() for o in outs)

@@ -6,6 +6,8 @@ against these functions, and these functions are tested against ``torch.nn`` and
 LSTM hidden state); weights use torch.nn's layouts, gate blocks stacked along the first dimension.
 """
 
+from __future__ import annotations
+
 import torch
 from torch import Tensor
 

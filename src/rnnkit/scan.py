@@ -7,6 +7,8 @@ sequences are alive at step ``t`` (sorted by decreasing length), and a finished 
 state of its own last step, which is torch.nn's ``h_n``.
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable, Sequence
 
 import torch

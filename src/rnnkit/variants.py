@@ -30,6 +30,8 @@ The per-step equations (LSTM; GRU alike with its own gates):
 The fused engine implements the same steps with a hand-written backward pass.
 """
 
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass
 

@@ -71,6 +71,8 @@ def resolve(
     - CPU, LSTM: torch's kernels (oneDNN), which beat the fused engine at every measured shape
       (the fused one takes 1.0x to 2.1x their time).
     - CUDA: torch's cuDNN kernels; the Triton path has not been timed on a GPU yet.
+    - Under ``torch.compile`` on the CPU, LSTM too runs on the fused engine, whose native loop
+      compile keeps in its graph (``fullgraph=True`` works), where torch's kernels break it.
 
     While a graph is recorded (:func:`capturing_graph`), every backend gives way, because the
     fused engine's C and Triton kernels are opaque to tracers and exporters: plain layers run on
@@ -84,7 +86,10 @@ def resolve(
         return reference if per_step or (projected and capture == "onnx") else torch_native
     device = torch.device("cpu") if device is None else device
     if backend == "auto":
-        backend = "fused" if device.type == "cpu" and mode != "LSTM" else "torch"
+        # torch.compile cannot trace torch's own RNN kernels (it breaks the graph there, as on
+        # torch.nn.LSTM); the fused engine's native loop is an operator it keeps in the graph.
+        on_cpu_fused = mode != "LSTM" or torch.compiler.is_compiling()
+        backend = "fused" if device.type == "cpu" and on_cpu_fused else "torch"
     if backend == "triton":
         return _triton_engine(owner, dtype, device)
     return {"reference": reference, "fused": fused, "torch": torch_native}[backend]

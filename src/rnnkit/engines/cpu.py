@@ -89,6 +89,9 @@ def _build() -> ctypes.CDLL:
     return lib
 
 
+# Building touches the file system, which torch.compile cannot trace: under compile this
+# runs once at trace time and its answer is a constant of the graph.
+@torch.compiler.assume_constant_result
 def available(dtype: torch.dtype) -> bool:
     """True when the kernels are built (building them on the first call) and support ``dtype``."""
     global _lib, _failed

@@ -9,6 +9,8 @@ the state and a finished sequence keeps its state, which is its ``h_n``. Derivat
 ``engines/README.md``. The pointwise kernels come from :func:`pointwise_kernels`.
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -62,10 +64,12 @@ def _prev_rows(
 ) -> tuple[Tensor, Tensor]:
     """For every row of the packed data, the row of ``cat(out, h0)`` that held its h_{t-1},
     and the sequence (batch row) it belongs to."""
+    # Sizes from the host list, not from the tensor: no device sync, and a static shape for
+    # torch.compile.
     bs = torch.tensor(batch_sizes, device=device)
-    T, N = len(batch_sizes), int(bs.sum())
+    T, N = len(batch_sizes), sum(batch_sizes)
     off = torch.cumsum(bs, 0) - bs  # (T,)
-    t = torch.repeat_interleave(torch.arange(T, device=device), bs)  # (N,)
+    t = torch.repeat_interleave(torch.arange(T, device=device), bs, output_size=N)  # (N,)
     b = torch.arange(N, device=device) - off[t]
     step = 1 if reverse else -1
     src = t + step
@@ -108,7 +112,7 @@ class _Plan:
     zoneout_in_kernel: bool  # else the host applies zoneout with torch ops
 
     @staticmethod
-    def make(mode, kernels, ln: bool, zoneout: bool, projected: bool) -> "_Plan":
+    def make(mode, kernels, ln: bool, zoneout: bool, projected: bool) -> _Plan:
         in_kernel = zoneout and _zoneout_in_kernel(kernels, mode, ln, projected)
         ln_kernels = kernels if hasattr(kernels, "ln_lstm_forward") else pointwise
         lstm, gru, relu = mode == "LSTM", mode == "GRU", mode == "RNN_RELU"
@@ -398,6 +402,11 @@ def _functorch_active() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def _transformed() -> bool:
+    """A torch.func transform of the user's, as opposed to torch.compile tracing the call."""
+    return _functorch_active() and not torch.compiler.is_compiling()
+
+
 def _batched(*grads: Tensor | None) -> bool:
     """Whether backward runs under torch.autograd's own vmap (``is_grads_batched``, used by
     ``jacobian(vectorize=True)``): its tensors have no storage for the kernels."""
@@ -467,8 +476,9 @@ def vjp_by_reference(
 
 def _native_applies(kernels: ModuleType, variants, w_hr: Tensor | None, x: Tensor) -> bool:
     """Plain layers (no projection, no per-step variant) on the CPU run all their steps in one
-    native call (``native_loop``) where it builds, unless a torch.func transform is watching."""
-    if variants is not None or w_hr is not None or _functorch_active():
+    native call (``ops.native_layer``) where it builds, unless a torch.func transform (not
+    torch.compile's tracing, which sees the operator) is watching."""
+    if variants is not None or w_hr is not None or _transformed():
         return False
     from rnnkit.engines import cpu
 
@@ -529,9 +539,9 @@ def run_layer(
         zc = None if zc is None else zc.reshape(x.shape[0], -1).contiguous()
     layer = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *ln, *([None] * (6 - len(ln))))
     if _native_applies(kernels, variants, w_hr, x):
-        from rnnkit.engines import native_loop
+        from rnnkit.engines import ops
 
-        return native_loop.run_layer(mode, reverse, batch_sizes, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        return ops.run_layer(mode, reverse, batch_sizes, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     if _functorch_active():
         # torch.func transforms (grad, jacrev, vmap) cannot look inside the kernels; the
         # reference steps of the same layer are plain torch ops that they can.

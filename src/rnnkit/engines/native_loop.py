@@ -153,6 +153,9 @@ def _find_blas() -> tuple[int, int, int | None] | None:
     return (*gemms, None if local is None else ctypes.cast(local, ctypes.c_void_p).value)
 
 
+# Building touches the file system, which torch.compile cannot trace: under compile this
+# runs once at trace time and its answer is a constant of the graph.
+@torch.compiler.assume_constant_result
 def available(dtype: torch.dtype) -> bool:
     """True when the library is built (building it on the first call) and supports ``dtype``."""
     global _lib, _failed, _blas
@@ -346,76 +349,3 @@ def backward(
         _ptr(dGH), _ptr(offsets), i64(threads or torch.get_num_threads()), _blas_min_rows(blas),
     )  # fmt: skip
     return BackwardResult(dG, dGH, dh, dc)
-
-
-class NativeLayer(torch.autograd.Function):
-    """One plain layer and direction (no projection, no variants) on the native loop, finished
-    with the one-GEMM gradients of ``FusedLayer.backward``: its drop-in for such layers."""
-
-    @staticmethod
-    def forward(ctx, mode, reverse, batch_sizes, opts, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
-        G = x @ w_ih.t()  # (N, G*H)
-        if b_ih is not None:
-            G += b_ih if mode == "GRU" else b_ih + b_hh
-        save = any(ctx.needs_input_grad[4:])
-        r = forward(mode, reverse, batch_sizes, G, h0, c0, w_hh, b_hh, save, **opts)
-        ctx.args = (mode, reverse, batch_sizes, opts, b_ih is not None)
-        if save:
-            ctx.save_for_backward(x, h0, c0, w_ih, w_hh, G, r.out, r.C, r.GH, b_ih, b_hh)
-        ctx.mark_non_differentiable()
-        return r.out, r.h_n, r.c_n
-
-    @staticmethod
-    def backward(ctx, d_out, d_hn, d_cn):
-        from rnnkit.engines import fused
-
-        mode, reverse, batch_sizes, opts, has_bias = ctx.args
-        x, h0, c0, w_ih, w_hh, G, out, C, GH, b_ih, b_hh = ctx.saved_tensors
-        if fused.needs_reference_backward(d_out, d_hn, d_cn):
-            # Double backward and vmap differentiate the reference steps (see FusedLayer).
-            layer = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, *([None] * 6))
-            needs = (*ctx.needs_input_grad[4:], False, *([False] * 6))
-            where = (mode, reverse, batch_sizes, None)
-            grads = fused.vjp_by_reference(
-                where, needs, layer, None, None, None, (d_out, d_hn, d_cn)
-            )
-            return (None,) * 4 + grads[:7]
-        g = backward(
-            mode, reverse, batch_sizes, G, out, C, GH, h0, c0, w_hh, d_out, d_hn, d_cn, **opts
-        )
-        needs = ctx.needs_input_grad
-        dY = g.dGH if mode == "GRU" else g.dG  # the hidden side's pre-activation gradients
-        dw_hh = None
-        if needs[8]:
-            prev, _ = fused._prev_rows(batch_sizes, reverse, x.device)
-            dw_hh = dY.t() @ torch.cat((out, h0)).index_select(0, prev)  # (G*H, H)
-        dx = g.dG @ w_ih if needs[4] else None
-        dw_ih = g.dG.t() @ x if needs[7] else None
-        db_ih = g.dG.sum(0) if has_bias else None
-        db_hh = dY.sum(0) if has_bias else None
-        return None, None, None, None, dx, g.dh0, g.dc0, dw_ih, dw_hh, db_ih, db_hh
-
-
-def run_layer(
-    mode: str,
-    reverse: bool,
-    batch_sizes,
-    x: Tensor,
-    h0: Tensor,
-    c0: Tensor | None,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-    *,
-    threads: int | None = None,
-    blas: bool | None = None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """One plain layer and direction, as ``fused.run_layer``: ``(out (N, H), h_n, c_n)``."""
-    opts = dict(threads=threads, blas=blas)
-    # The loop reads plain row-major memory; users may pass any strides (a permuted h0).
-    h0, w_hh = h0.contiguous(), w_hh.contiguous()
-    c0 = None if c0 is None else c0.contiguous()
-    b_hh = None if b_hh is None else b_hh.contiguous()
-    return NativeLayer.apply(mode, reverse, tuple(batch_sizes), opts, x, h0, c0, w_ih, w_hh,
-                             b_ih, b_hh)  # fmt: skip

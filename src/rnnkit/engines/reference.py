@@ -3,6 +3,8 @@
 Readable, slow, and the standard every other engine is tested against.
 """
 
+from __future__ import annotations
+
 from collections.abc import Sequence
 
 from torch import Tensor
