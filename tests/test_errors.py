@@ -194,7 +194,7 @@ def test_cell_wrong_features_and_state_shape():
         (
             lambda: rnnkit.RNN(10, 20, nonlinearity="gelu"),
             ValueError,
-            "unknown nonlinearity 'gelu'",
+            "Unknown nonlinearity 'gelu'",
         ),
         (lambda: rnnkit.GRU(10, 20, backend="cudnn"), ValueError, "backend must be one of"),
         (lambda: rnnkit.LSTMCell(-1, 20), ValueError, "input_size must be zero or greater"),

@@ -153,6 +153,12 @@ class RNNBase(TorchNNInterop, nn.Module):
         """Accepted for torch.nn compatibility; rnnkit needs no flat weight buffer."""
 
     @property
+    def _flat_weights(self) -> list[Tensor]:
+        """torch.nn's flat list of the layers' tensors, in ``_flat_weights_names`` order (read
+        through getattr, so weight-norm parametrisations and functional_call are honoured)."""
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
     def all_weights(self) -> list[list[nn.Parameter]]:
         return [[getattr(self, name) for name in names] for names in self._all_weights]
 
@@ -296,7 +302,7 @@ class RNN(RNNBase):
         _refuse_proj_size("RNN", proj_size)
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(
-                f"RNN: unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
+                f"RNN: Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
             )
         self.nonlinearity = nonlinearity
         super().__init__(
@@ -445,7 +451,8 @@ class RNNCellBase(TorchNNInterop, nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        check_cell_constructor(name, input_size, hidden_size, bias)
+        check_cell_constructor(name, input_size, hidden_size)
+        bias = bool(bias)
         if forget_bias is not None and not bias:
             raise ValueError(f"{name}: forget_bias needs bias=True")
         if forget_bias is not None and (
@@ -543,7 +550,7 @@ class RNNCell(RNNCellBase):
     ) -> None:
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(
-                f"RNNCell: unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
+                f"RNNCell: Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
             )
         self.nonlinearity = nonlinearity
         super().__init__(input_size, hidden_size, bias, 1, device, dtype)

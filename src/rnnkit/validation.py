@@ -21,6 +21,12 @@ class RNNInputError(ValueError, RuntimeError):
     """A tensor given to an rnnkit layer or cell does not fit it."""
 
 
+def as_torch_says(message: str) -> str:
+    """torch.nn's own wording of the same error, appended to rnnkit's, so that code (and
+    PyTorch's test suite) matching torch.nn's messages keeps working."""
+    return f" [torch.nn: {message}]"
+
+
 def format_shape(t: Tensor | tuple[int, ...]) -> str:
     """A shape as Python writes a tuple: ``(3,)``, ``(5, 3, 10)``."""
     return str(tuple(t.shape) if isinstance(t, Tensor) else tuple(t))
@@ -40,11 +46,11 @@ def _check_size(name: str, arg: str, value: object, minimum: int) -> None:
         raise ValueError(f"{name}: {arg} must be {must}, got {value}")
 
 
-def check_cell_constructor(name: str, input_size: int, hidden_size: int, bias: bool) -> None:
-    """A cell's arguments. torch.nn's cells accept zero sizes (empty weights), so rnnkit does."""
+def check_cell_constructor(name: str, input_size: int, hidden_size: int) -> None:
+    """A cell's arguments. torch.nn's cells accept zero sizes (empty weights) and take ``bias``
+    by truth value, so rnnkit does."""
     _check_size(name, "input_size", input_size, 0)
     _check_size(name, "hidden_size", hidden_size, 0)
-    _check_flag(name, "bias", bias)
 
 
 def check_constructor(
@@ -123,6 +129,10 @@ def check_against_parameters(name: str, x: Tensor, param: Tensor | None) -> None
         raise RNNInputError(
             f"{name}: input has dtype {x.dtype} but the parameters have dtype {param.dtype}; "
             f"convert one with .to(dtype)"
+            + as_torch_says(
+                f"RNN input dtype ({x.dtype}) does not match weight dtype ({param.dtype}). "
+                f"Convert input: input.to({param.dtype}), or convert model: model.to({x.dtype})"
+            )
         )
 
 
@@ -185,6 +195,10 @@ def prepare_sequence_input(
             raise RNNInputError(
                 f"{name}: input must be 3-D {layout} for a batch or 2-D (seq_len, input_size) "
                 f"for one sequence; got a {x.dim()}-D tensor of shape {format_shape(x)}"
+                + as_torch_says(
+                    f"{name}: Expected input to be 2D or 3D, got {x.dim()}D"
+                    + (" tensor instead" if name == "RNN" else " instead")
+                )
             )
         unbatched = x.dim() == 2
         if unbatched:
@@ -196,10 +210,15 @@ def prepare_sequence_input(
     if x.shape[-1] != input_size:
         raise RNNInputError(
             f"{name}: input has {x.shape[-1]} features per step but input_size={input_size}"
+            + as_torch_says(
+                f"input.size(-1) must be equal to input_size. Expected {input_size}, "
+                f"got {x.shape[-1]}"
+            )
         )
     if steps == 0:
         raise RNNInputError(
             f"{name}: input has 0 time steps (seq_len=0); each sequence needs at least one step"
+            + as_torch_says("Expected sequence length to be larger than 0 in RNN")
         )
     check_against_parameters(name, x, param)
     return Prepared(x, (), batch_sizes, packed, unbatched, batch_first)
@@ -374,15 +393,18 @@ def _check_hx(
         names, states, sizes = ("h0",), [hx], (spec.out_size,)
     rows = spec.num_layers * spec.num_directions
     out = []
-    for what, s, size in zip(names, states, sizes, strict=False):
+    for index, (what, s, size) in enumerate(zip(names, states, sizes, strict=False)):
         s = _check_tensor(name, what, s, x)
         feature = "proj_size" if (what == "h0" and spec.proj_size) else "hidden_size"
+        if s.dim() != (2 if unbatched else 3):
+            dims = [t.dim() if isinstance(t, Tensor) else 0 for t in states]
+            torch_says = _torch_hx_dims_message(unbatched, dims)
         if unbatched:
             if s.dim() != 2:
                 raise RNNInputError(
                     f"{name}: unbatched 2-D input needs a 2-D {what} "
                     f"(num_layers * num_directions, {feature}); got a {s.dim()}-D {what} of "
-                    f"shape {format_shape(s)}"
+                    f"shape {format_shape(s)}" + torch_says
                 )
             expected = (rows, size)
             layout = f"(num_layers * num_directions, {feature})"
@@ -391,17 +413,47 @@ def _check_hx(
                 kind = "packed input" if packed else "batched 3-D input"
                 raise RNNInputError(
                     f"{name}: {kind} needs a 3-D {what} (num_layers * num_directions, batch, "
-                    f"{feature}); got a {s.dim()}-D {what} of shape {format_shape(s)}"
+                    f"{feature}); got a {s.dim()}-D {what} of shape {format_shape(s)}" + torch_says
                 )
             expected = (rows, batch, size)
             layout = f"(num_layers * num_directions, batch, {feature})"
         if tuple(s.shape) != expected:
+            # torch.nn compares the batched shapes (it adds the batch axis first).
+            label = f"hidden[{index}]" if is_lstm else "hidden"
+            batched = (rows, 1, size) if unbatched else expected
+            got = [*s.shape[:1], 1, *s.shape[1:]] if unbatched else list(s.shape)
             raise RNNInputError(
                 f"{name}: {what} has shape {format_shape(s)}; "
                 f"expected {layout} = {format_shape(expected)}"
+                + as_torch_says(f"Expected {label} size {batched}, got {got}")
             )
         out.append(s.unsqueeze(1) if unbatched else s)
     return out
+
+
+def _torch_hx_dims_message(unbatched: bool, dims: list[int]) -> str:
+    kind = "unbatched 2-D" if unbatched else "batched 3-D"
+    want = "2-D" if unbatched else "3-D"
+    if len(dims) == 2:
+        got = f"({dims[0]}-D, {dims[1]}-D) tensors"
+        return as_torch_says(f"For {kind} input, hx and cx should also be {want} but got {got}")
+    return as_torch_says(f"For {kind} input, hx should also be {want} but got {dims[0]}-D tensor")
+
+
+def _torch_cell_state_message(
+    name: str, index: int, s: Tensor, batch: int, size: int, states: int
+) -> str:
+    if s.dim() not in (1, 2):
+        what = f"hx[{index}]" if states == 2 else "hidden"
+        return as_torch_says(f"{name}: Expected {what} to be 1D or 2D, got {s.dim()}D instead")
+    rows = s.shape[0] if s.dim() == 2 else 1
+    if rows != batch:
+        return as_torch_says(
+            f"Input batch size {batch} doesn't match hidden{index} batch size {rows}"
+        )
+    return as_torch_says(
+        f"hidden{index} has inconsistent hidden_size: got {s.shape[-1]}, expected {size}"
+    )
 
 
 def prepare_cell_input(
@@ -418,16 +470,22 @@ def prepare_cell_input(
         raise RNNInputError(
             f"{name}: input must be 2-D (batch, input_size) or 1-D (input_size,); got a "
             f"{x.dim()}-D tensor of shape {format_shape(x)}"
+            + as_torch_says(f"{name}: Expected input to be 1D or 2D, got {x.dim()}D instead")
         )
     unbatched = x.dim() == 1
     if unbatched:
         x = x.unsqueeze(0)
     if x.shape[1] != input_size:
-        raise RNNInputError(f"{name}: input has {x.shape[1]} features but input_size={input_size}")
-    check_against_parameters(name, x, param)
+        raise RNNInputError(
+            f"{name}: input has {x.shape[1]} features but input_size={input_size}"
+            + as_torch_says(
+                f"input has inconsistent input_size: got {x.shape[1]} expected {input_size}"
+            )
+        )
     batch = x.shape[0]
     names = ("h", "c")[: len(state_sizes)]
     if hx is None:
+        check_against_parameters(name, x, param)
         return x, tuple(x.new_zeros(batch, size) for size in state_sizes), unbatched
     if len(state_sizes) == 2:
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
@@ -438,14 +496,19 @@ def prepare_cell_input(
             raise RNNInputError(f"{name}: hx must be a Tensor; got {type(hx).__name__}")
         states = [hx]
     out = []
-    for what, s, size in zip(names, states, state_sizes, strict=False):
-        s = _check_tensor(name, what, s, x)
+    # Shapes before dtypes, in torch.nn's order for the cells.
+    for index, (what, s, size) in enumerate(zip(names, states, state_sizes, strict=False)):
+        s = _check_tensor(name, what, s, None)
         expected = (size,) if unbatched else (batch, size)
         if tuple(s.shape) != expected:
             layout = "(hidden_size,)" if unbatched else "(batch, hidden_size)"
             raise RNNInputError(
                 f"{name}: {what} has shape {format_shape(s)}; "
                 f"expected {layout} = {format_shape(expected)}"
+                + _torch_cell_state_message(name, index, s, batch, size, len(state_sizes))
             )
         out.append(s.unsqueeze(0) if unbatched else s)
+    check_against_parameters(name, x, param)
+    for what, s in zip(names, out, strict=False):
+        _check_tensor(name, what, s, x)
     return x, tuple(out), unbatched
