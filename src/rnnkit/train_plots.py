@@ -101,21 +101,22 @@ def confusion(matrix: np.ndarray, labels: list[str], title: str, path: Path) -> 
 def forecast(
     truth: np.ndarray,
     model: np.ndarray,
-    baseline: np.ndarray,
+    baselines: dict[str, np.ndarray],
     steps_per_day: int,
     title: str,
     path: Path,
 ) -> None:
-    """The test part: the truth against the model's and the baseline's 1-step-ahead forecasts,
+    """The test part: the truth against the model's and each baseline's 1-step-ahead forecasts,
     whole (top), and its first two days with the model's full horizon from every 4th window
     (bottom)."""
     fig, (ax_all, ax_zoom) = plt.subplots(2, 1, figsize=(12, 7))
     t = np.arange(len(truth))
+    known = {"seasonal naive": "tab:gray", "weekly naive": "tab:green", "linear AR": "tab:blue"}
+    colors = {name: known.get(name, "tab:purple") for name in baselines}
     ax_all.plot(t, truth[:, 0], color="black", linewidth=1.0, label="truth")
     ax_all.plot(t, model[:, 0], color="tab:red", linewidth=0.9, label="model, 1 step ahead")
-    ax_all.plot(
-        t, baseline[:, 0], color="tab:gray", linewidth=0.8, alpha=0.7, label="seasonal naive"
-    )
+    for name, forecast in baselines.items():
+        ax_all.plot(t, forecast[:, 0], color=colors[name], linewidth=0.8, alpha=0.7, label=name)
     ax_all.set_xlabel("test step")
     ax_all.set_title(title)
     ax_all.grid(alpha=0.3)
@@ -132,9 +133,10 @@ def forecast(
             marker=".",
             label=f"model, {horizon} steps ahead" if i == 0 else None,
         )
-    ax_zoom.plot(
-        t[:n], baseline[:n, 0], color="tab:gray", linewidth=0.8, alpha=0.7, label="seasonal naive"
-    )
+    for name, forecast in baselines.items():
+        ax_zoom.plot(
+            t[:n], forecast[:n, 0], color=colors[name], linewidth=0.8, alpha=0.7, label=name
+        )
     ax_zoom.set_xlabel("test step")
     ax_zoom.set_title(f"first {n} steps of the test part")
     ax_zoom.grid(alpha=0.3)
