@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import rnnkit.train
 import rnnkit.train_checkpoint
 from rnnkit.cli import main
-from rnnkit.data import chronological_split, load_taylor, write_idx
+from rnnkit.data import chronological_split, load_taylor, sample_conllu, write_idx
 
 TINY = ["--hidden-size", "16", "--quiet"]
 
@@ -129,7 +129,7 @@ def test_predict_digits_from_csv_matches_evaluate(digits_run, capsys, tmp_path):
     assert rc == 0 and (tmp_path / "p.csv").read_text() == out
 
 
-def test_forecast_on_bundled_load_beats_seasonal_naive(tmp_path, capsys):
+def test_forecast_on_bundled_load_beats_the_naive_baselines(tmp_path, capsys):
     run = tmp_path / "f"
     rc, out, _ = run_cli(capsys, "train", "forecast", "--out", run, "--epochs", "5", "--quiet")
     assert rc == 0
@@ -140,23 +140,32 @@ def test_forecast_on_bundled_load_beats_seasonal_naive(tmp_path, capsys):
     starts = range(test.start, len(series) - 4 + 1)
     truth = np.stack([series[t : t + 4] for t in starts])
     naive = np.stack([series[t - 48 : t - 44] for t in starts])
+    weekly = np.stack([series[t - 336 : t - 332] for t in starts])
     assert s["test_windows"] == len(starts)
+    assert s["weekly_naive_mae"] == pytest.approx(np.abs(weekly - truth).mean())
     assert s["baseline_mae"] == pytest.approx(np.abs(naive - truth).mean())
     assert s["baseline_rmse"] == pytest.approx(np.sqrt(((naive - truth) ** 2).mean()))
     assert s["baseline_mape"] == pytest.approx(100 * np.abs((naive - truth) / truth).mean())
-    assert {"mae", "rmse", "mape"} <= set(s)
-    assert s["mae"] < s["baseline_mae"]
-    assert "baseline_mae" in out
+    assert {"mae", "rmse", "mape", "ar_mae", "ar_rmse", "ar_mape", "best_baseline"} <= set(s)
+    assert s["mae"] < s["weekly_naive_mae"] < s["baseline_mae"]
+    assert "baseline_mae" in out and "weekly_naive_mae" in out and "ar_mae" in out
     assert_real_png(run / "forecast.png")
     assert_real_png(run / "curves.png")
-    # predict: the next 4 half-hours after a CSV's last 48 values.
+    # predict: the next 4 half-hours after a CSV's last 336 values and their time stamps.
     csv = tmp_path / "recent.csv"
-    csv.write_text("load_mw\n" + "\n".join(str(v) for v in series[-100:]) + "\n")
+    rows = load_taylor_rows()[-400:]
+    csv.write_text("timestamp,load_mw\n" + "\n".join(rows) + "\n")
     rc, out, _ = run_cli(capsys, "predict", run, csv)
     assert rc == 0
     lines = out.splitlines()
     assert lines[0] == "steps_ahead,forecast" and len(lines) == 5
     assert all(15000 < float(line.split(",")[1]) < 45000 for line in lines[1:])
+
+
+def load_taylor_rows() -> list[str]:
+    from rnnkit.data.readers import taylor_csv
+
+    return taylor_csv().read_text().splitlines()[1:]
 
 
 def test_forecast_scaling_is_fitted_on_the_training_part_only(tmp_path, capsys):
@@ -193,12 +202,14 @@ def test_forecast_scaling_is_fitted_on_the_training_part_only(tmp_path, capsys):
 
 def test_tagger_on_the_bundled_sample_and_predict(tmp_path, capsys):
     run = tmp_path / "t"
-    rc, _, err = run_cli(capsys, "train", "tagger", "--out", run, "--epochs", "2", *TINY)
+    sample = [f"--{k}={sample_conllu(k)}" for k in ("train", "dev", "test")]
+    rc, _, err = run_cli(capsys, "train", "tagger", *sample, "--out", run, "--epochs", "2", *TINY)
     assert rc == 0, err
     s = json.loads((run / "summary.json").read_text())
     assert s["test_tokens"] == 65 and s["test_sentences"] == 9
     assert 0 < s["test_unknown_tokens"] < 65
     assert 0 <= s["test_accuracy"] <= 1
+    assert 0 < s["test_baseline_accuracy"] <= 1 and 0 <= s["test_baseline_unknown_accuracy"] <= 1
     assert_real_png(run / "confusion.png")
     (tmp_path / "s.txt").write_text("The dog sleeps .\nZorblax visited Qwerty in 2024 !\n")
     rc, out, _ = run_cli(capsys, "predict", run, tmp_path / "s.txt")
@@ -538,6 +549,21 @@ def test_train_help_explains_each_shared_option(capsys):
     ):
         assert option in out, option
     assert "h_n of every layer and direction" in " ".join(out.split())
+
+
+def test_threads_default_to_what_the_machine_can_serve(tmp_path, capsys, monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        assert rnnkit.train.set_threads(3) == 3 and torch.get_num_threads() == 3
+        monkeypatch.setattr(rnnkit.train.os, "sched_getaffinity", lambda _: {0, 1, 2, 3})
+        monkeypatch.setattr(rnnkit.train.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+        assert rnnkit.train.set_threads(None) == 3
+        monkeypatch.setattr(rnnkit.train.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+        assert rnnkit.train.set_threads(None) == 1
+    finally:
+        torch.set_num_threads(before)
+    rc, _, err = run_cli(capsys, "train", "digits", "--out", tmp_path / "r", "--threads", "0")
+    assert_clear_error(rc, err, "--threads must be a positive integer; got 0")
 
 
 def test_resume_refuses_data_that_changed(tmp_path, capsys, monkeypatch):

@@ -1,6 +1,7 @@
 """Readers for the bundled data and the user's files: digits, IDX (MNIST), CSV, CoNLL-U, TSV."""
 
 import csv
+import datetime
 import gzip
 import math
 import os
@@ -295,6 +296,59 @@ def load_taylor() -> np.ndarray:
     return read_series(_bundled("taylor.csv"), "load_mw")
 
 
+def taylor_csv() -> Path:
+    """The bundled ``taylor.csv`` (columns ``timestamp,load_mw``)."""
+    return _bundled("taylor.csv")
+
+
+_TIME_HEADERS = ("timestamp", "time", "datetime", "date", "ds")
+
+
+def _parse_time(text: str) -> np.datetime64 | None:
+    try:
+        t = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    # Wall-clock time is what the calendar follows; an offset would shift the hour of day.
+    return np.datetime64(t.replace(tzinfo=None), "s")
+
+
+def read_times(path: str | os.PathLike) -> np.ndarray | None:
+    """The time stamps of a series CSV as ``datetime64[s]`` ``(N,)``, or None when it has none.
+
+    The time column is the first whose header is ``timestamp``, ``time``, ``datetime``, ``date``
+    or ``ds`` (any case), else the first whose first cell is an ISO 8601 date or date-time
+    (``2000-06-05 00:30``). Every row must then hold one, in increasing order.
+    """
+    p = _existing(path, "CSV file")
+    rows = [r for r in _csv_rows(_read_text(p, "CSV file"), p) if r]
+    if len(rows) < 2:
+        return None
+    header = [h.strip().lower() for h in rows[0]]
+    named = [j for j, h in enumerate(header) if h in _TIME_HEADERS]
+    # A "-" keeps an 8-digit number (20000605 is also an ISO date) a number.
+    parsed = [j for j, c in enumerate(rows[1]) if "-" in c and _parse_time(c) is not None]
+    if not (named or parsed):
+        return None
+    index = (named or parsed)[0]
+    times = []
+    for k, row in enumerate(rows[1:], 2):
+        t = _parse_time(row[index]) if index < len(row) else None
+        if t is None:
+            raise DataError(
+                f"CSV file {str(p)!r}, line {k}: the time column {rows[0][index].strip()!r} "
+                f"holds {row[index] if index < len(row) else ''!r}, expected an ISO 8601 date "
+                "or date-time such as 2000-06-05 00:30"
+            )
+        if times and t <= times[-1]:
+            raise DataError(
+                f"CSV file {str(p)!r}, line {k}: the time {row[index].strip()!r} does not come "
+                f"after the row before's; the rows must be in time order, one per step"
+            )
+        times.append(t)
+    return np.asarray(times, dtype="datetime64[s]")
+
+
 def read_conllu(path: str | os.PathLike) -> list[tuple[list[str], list[str]]]:
     """Sentences of a CoNLL-U file as ``(words, upos_tags)``.
 
@@ -336,6 +390,12 @@ def read_conllu(path: str | os.PathLike) -> list[tuple[list[str], list[str]]]:
 def sample_conllu(part: str) -> Path:
     """The bundled part-of-speech sample: ``part`` is "train", "dev" or "test"."""
     return _bundled(f"pos-sample-{part}.conllu")
+
+
+def ewt_conllu(part: str) -> Path:
+    """The bundled UD English EWT treebank (gzipped CoNLL-U): ``part`` is "train", "dev" or
+    "test"; 12,544 / 2,001 / 2,077 sentences. See ``README.md`` beside this module."""
+    return _bundled(f"en_ewt-ud-{part}.conllu.gz")
 
 
 def read_labelled_text(path: str | os.PathLike) -> tuple[list[str], list[str]]:
