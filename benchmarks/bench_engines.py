@@ -3,15 +3,21 @@
     .venv/bin/python benchmarks/bench_engines.py                      # CPU, the issue's shapes
     .venv/bin/python benchmarks/bench_engines.py --device cuda --dtype float32 bfloat16
     .venv/bin/python benchmarks/bench_engines.py --shapes 100x64x256 --modes lstm
+    .venv/bin/python benchmarks/bench_engines.py --shapes 100x1x256 100x16x256 100x64x256 \
+        --engines fused fused+ln --onnxruntime --repeats 15     # issue 9's targets
 
 Prints a Markdown table: median milliseconds of forward (no grad) and forward+backward, peak memory
 of forward+backward (CUDA only), and each engine's ratio to torch.nn (cuDNN or oneDNN) at the same
-configuration. Timing uses CUDA events on CUDA and perf_counter on the CPU, after warm-up.
+configuration. Timing uses CUDA events on CUDA and perf_counter on the CPU, after warm-up; the
+rows of one configuration run interleaved (a b c a b c ...), medians of --repeats. ``fused+ln``
+is the fused engine with layer_norm=True, compared with torch.nn's plain layer.
 """
 
 import argparse
+import os
 import platform
 import statistics
+import tempfile
 import time
 
 import torch
@@ -30,44 +36,69 @@ TORCH = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
 OURS = {"rnn": rnnkit.RNN, "lstm": rnnkit.LSTM, "gru": rnnkit.GRU}
 
 
-def timed(fn, device: str, repeats: int) -> float:
+def _once(fn, device: str) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
     fn()
-    times = []
+    return (time.perf_counter() - t0) * 1e3
+
+
+def interleaved(fns: dict, device: str, repeats: int) -> dict:
+    """Median ms of each function, run in turn (``a b c a b c ...``) after one warm-up each, so
+    that a slow period of a shared machine hits every row alike."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            times[name].append(_once(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def measure(layer, x, device, repeats):
+def steps(layer, x):
+    """(forward without grad, forward+backward) of ``layer`` on ``x``."""
+
     def forward():
         with torch.no_grad():
             layer(x)
 
     def train_step():
-        out, _ = layer(x.requires_grad_(False).detach().requires_grad_())
+        out, _ = layer(x.detach().requires_grad_())
         out.backward(torch.ones_like(out))
 
-    fwd = timed(forward, device, repeats)
-    peak = None
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        train_step()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    both = timed(train_step, device, repeats)
-    return fwd, both, peak
+    return forward, train_step
+
+
+def peak_memory(train_step) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    train_step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def onnxruntime_forward(ref, x):
+    """Inference of torch.nn's layer exported to ONNX (its own LSTM/GRU/RNN operator) in ONNX
+    Runtime with torch's thread count and spinning off; None where it is not installed."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    path = os.path.join(tempfile.mkdtemp(), "layer.onnx")
+    torch.onnx.export(ref, (x,), path, dynamo=False, input_names=["x"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {"x": x.numpy()}
+    return lambda: session.run(None, feed)
 
 
 def _device_name(device: str) -> str:
@@ -92,6 +123,11 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="TxBxH with I=H")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument(
+        "--onnxruntime",
+        action="store_true",
+        help="add ONNX Runtime's inference of the exported torch.nn layer (CPU, float32)",
+    )
+    p.add_argument(
         "--reference-max-steps",
         type=int,
         default=100,
@@ -114,25 +150,44 @@ def main() -> None:
         for mode in args.modes:
             for shape in args.shapes:
                 T, B, H = map(int, shape.split("x"))
-                torch.manual_seed(0)
-                x = torch.randn(T, B, H, device=device, dtype=dtype)
-                ref = TORCH[mode](H, H, device=device, dtype=dtype)
-                base = measure(ref, x, device, args.repeats)
-                rows = [("torch.nn", base)]
-                for engine in args.engines:
-                    if engine == "reference" and T > args.reference_max_steps:
-                        continue
-                    layer = OURS[mode](H, H, device=device, dtype=dtype, backend=engine)
-                    layer.load_state_dict(ref.state_dict())
-                    rows.append((engine, measure(layer, x, device, args.repeats)))
-                for name, (fwd, both, peak) in rows:
-                    mem = f"{peak:.0f}" if peak is not None else "n/a"
-                    print(
-                        f"| {mode} | {T} | {B} | {H} | {dtype_name} | {name} "
-                        f"| {fwd:.2f} | {both:.2f} | "
-                        f"{mem} | {fwd / base[0]:.2f} | {both / base[1]:.2f} |",
-                        flush=True,
-                    )
+                table(mode, T, B, H, dtype, dtype_name, device, args)
+
+
+def table(mode, T, B, H, dtype, dtype_name, device, args) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(T, B, H, device=device, dtype=dtype)
+    ref = TORCH[mode](H, H, device=device, dtype=dtype)
+    layers = {"torch.nn": ref}
+    for engine in args.engines:
+        if engine == "reference" and T > args.reference_max_steps:
+            continue
+        kwargs = {}
+        if engine.endswith("+ln"):
+            if mode == "rnn":
+                continue
+            engine, kwargs = engine[:-3], {"layer_norm": True}
+        layer = OURS[mode](H, H, device=device, dtype=dtype, backend=engine, **kwargs)
+        layer.load_state_dict(ref.state_dict(), strict=not kwargs)
+        layers[engine + ("+ln" if kwargs else "")] = layer
+    forwards, trains = {}, {}
+    for name, layer in layers.items():
+        forwards[name], trains[name] = steps(layer, x)
+    if args.onnxruntime and device == "cpu" and dtype == torch.float32:
+        ort_forward = onnxruntime_forward(ref, x)
+        if ort_forward is not None:
+            forwards["onnxruntime"] = ort_forward
+    fwd = interleaved(forwards, device, args.repeats)
+    both = interleaved(trains, device, args.repeats)
+    for name in forwards:
+        peak = peak_memory(trains[name]) if device == "cuda" and name in trains else None
+        mem = f"{peak:.0f}" if peak is not None else "n/a"
+        train = f"{both[name]:.2f}" if name in both else "n/a"
+        ratio = f"{both[name] / both['torch.nn']:.2f}" if name in both else "n/a"
+        print(
+            f"| {mode} | {T} | {B} | {H} | {dtype_name} | {name} | {fwd[name]:.2f} | {train} | "
+            f"{mem} | {fwd[name] / fwd['torch.nn']:.2f} | {ratio} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

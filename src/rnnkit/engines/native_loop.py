@@ -184,6 +184,17 @@ def blas_available() -> bool:
     return _blas is not None
 
 
+# Multiply-adds of one step's recurrent product below which the loop stays on one thread: the
+# threads meet at a barrier every step, which costs microseconds on an idle machine but can cost
+# milliseconds when other processes hold the cores (measured: a 20-step H=16 GRU took 120 ms
+# on two threads of a busy 2-core machine against 0.5 ms on one).
+PARALLEL_MIN_MACS = 1 << 20
+
+
+def _default_threads(B: int, H: int, GW: int) -> int:
+    return torch.get_num_threads() if B * H * GW >= PARALLEL_MIN_MACS else 1
+
+
 def _blas_min_rows(blas: bool | None) -> ctypes.c_int64:
     """The C loop's threshold for the BLAS; ``blas=False`` forces the own loops."""
     return ctypes.c_int64(2**62 if blas is False else BLAS_MIN_ROWS)
@@ -284,7 +295,7 @@ def forward(
         i64(_MODES[mode]), i64(int(reverse)), i64(len(bs)), _ptr(bs), i64(N), i64(B), i64(H),
         _ptr(G), _ptr(w_hh), _ptr(b_hh if gru else None), _ptr(h0), _ptr(out), _ptr(h),
         _ptr(c), _ptr(C), _ptr(GH), _ptr(Z), _ptr(offsets),
-        i64(threads or torch.get_num_threads()), _blas_min_rows(blas),
+        i64(threads or _default_threads(B, H, GW)), _blas_min_rows(blas),
     )  # fmt: skip
     return ForwardResult(out, h, c, C, GH)
 
@@ -346,6 +357,6 @@ def backward(
         i64(_MODES[mode]), i64(int(reverse)), i64(len(bs)), _ptr(bs), i64(N), i64(B), i64(H),
         _ptr(G), _ptr(GH if gru else None), _ptr(out), _ptr(C if lstm else None), _ptr(h0),
         _ptr(c0 if lstm else None), _ptr(w_hh), _ptr(d_out), _ptr(dh), _ptr(dc), _ptr(dG),
-        _ptr(dGH), _ptr(offsets), i64(threads or torch.get_num_threads()), _blas_min_rows(blas),
+        _ptr(dGH), _ptr(offsets), i64(threads or _default_threads(B, H, GW)), _blas_min_rows(blas),
     )  # fmt: skip
     return BackwardResult(dG, dGH, dh, dc)
