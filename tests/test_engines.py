@@ -278,10 +278,18 @@ def test_auto_backend_follows_the_documented_rule():
     from rnnkit.engines import fused, torch_native
 
     cpu_, cuda = torch.device("cpu"), torch.device("cuda")
-    assert engines.resolve("auto", "LSTM", cpu_) is torch_native
-    assert engines.resolve("auto", "GRU", cpu_) is fused
-    assert engines.resolve("auto", "RNN_RELU", cpu_) is fused
-    assert all(engines.resolve("auto", m, cuda) is torch_native for m in ("LSTM", "GRU"))
+
+    def engine(mode, device, **kw):
+        spec = rnnkit.layers.LayerSpec(mode, 3, 4, 1, 1, True, 0.0, 0)
+        kw.setdefault("batch", 2)
+        return engines.plan("x", "auto", spec, device, torch.float32, **kw).engine
+
+    assert engine("LSTM", cpu_) is torch_native
+    assert engine("GRU", cpu_) is fused
+    assert engine("RNN_RELU", cpu_) is fused
+    assert all(engine(m, cuda) is torch_native for m in ("LSTM", "GRU"))
+    assert engine("LSTM", cuda, per_step=True) is fused
+    assert engine("GRU", cpu_, batch=0) is not fused
     # Per-step variants go to the fused engine whatever the rule says.
     layer = rnnkit.LSTM(3, 4, layer_norm=True, dtype=torch.float64)
     ref = rnnkit.LSTM(3, 4, layer_norm=True, dtype=torch.float64, backend="fused")
@@ -307,11 +315,13 @@ def test_triton_backend_matches_reference(mode, kind):
 @needs_triton
 @pytest.mark.parametrize("kind", ["padded_hx", "packed_unsorted_hx"])
 def test_triton_lstm_inference_takes_the_persistent_kernel_and_matches_reference(kind):
-    from rnnkit.engines.fused import _persistent_applies
+    from rnnkit.engines import plan
+    from rnnkit.engines.spec import LayerSpec
 
-    w = torch.zeros(4 * 5, 5)
-    assert _persistent_applies(triton_kernels, "LSTM", None, w, None, w)
-    assert not _persistent_applies(triton_kernels, "LSTM", None, w.requires_grad_(), None)
+    spec = LayerSpec("LSTM", 4, 5, 1, 1, True, 0.0, 0)
+    cpu_ = torch.device("cpu")
+    assert plan("x", "triton", spec, cpu_, torch.float64, batch=2).persistent
+    assert not plan("x", "triton", spec, cpu_, torch.float64, batch=2, needs_grad=True).persistent
     ref, fast = engine_twins(
         "LSTM",
         "triton",

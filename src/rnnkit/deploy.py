@@ -1,7 +1,7 @@
 """Deployment: rnnkit's layers under the tools made for torch.nn.
 
 - ``torch.onnx.export``, ``torch.jit.trace`` and ``torch.export`` need no help from here:
-  while a graph is recorded, ``rnnkit.engines.resolve`` runs plain layers on torch's own kernels
+  while a graph is recorded, ``rnnkit.engines.plan`` runs plain layers on torch's own kernels
   and variant layers on the reference engine.
 - ``torch.jit.script`` cannot compile rnnkit's Python forward; :class:`TorchNNInterop` makes it
   say so once, with the two ways that work.

@@ -193,15 +193,20 @@ class RNNBase(TorchNNInterop, nn.Module):
                 (w_ih, nn.functional.dropout(w_hh, v.weight_drop), b_ih, b_hh, w_hr)
                 for w_ih, w_hh, b_ih, b_hh, w_hr in weights
             ]
-        backend, extra = self.backend, {}
+        tensors = [x, *prepared.hx, *(w for ws in weights for w in ws if w is not None)]
+        plan = engines.plan(
+            self._name,
+            self.backend,
+            spec,
+            x.device,
+            x.dtype,
+            batch=prepared.batch,
+            per_step=v.per_step,
+            needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in tensors),
+        )
+        variants = None
         if v.per_step:
-            if backend == "torch":
-                raise ValueError(
-                    f"{self._name}: backend='torch' cannot run layer_norm, zoneout or "
-                    "recurrent_dropout; use backend='fused' or 'reference'"
-                )
-            backend = "fused" if backend == "auto" else backend
-            extra["variants"] = draw_step_variants(
+            variants = draw_step_variants(
                 v,
                 self._layer_norm_params() if v.layer_norm else None,
                 x,
@@ -212,21 +217,8 @@ class RNNBase(TorchNNInterop, nn.Module):
                 self.mode == "LSTM",
                 self.training,
             )
-        if prepared.batch == 0:
-            # An empty batch has nothing to compute; the reference engine returns torch.nn's
-            # empty outputs and zero gradients without asking kernels for zero-row matrices.
-            backend = "reference"
-        engine = engines.resolve(
-            backend,
-            self.mode,
-            x.device,
-            x.dtype,
-            self._name,
-            per_step=v.per_step,
-            projected=self.proj_size > 0,
-        )
-        output, hn = engine.run(
-            spec, x, prepared.hx, weights, prepared.batch_sizes, self.training, **extra
+        output, hn = plan.run(
+            spec, x, prepared.hx, weights, prepared.batch_sizes, self.training, variants
         )
         return prepared.finish(output, hn)
 

@@ -6,7 +6,9 @@ recurrent GEMM and one pointwise kernel per step; the weight gradients and the i
 each one GEMM over all steps. Variable lengths run as per-step batch sizes: sequences are sorted
 by decreasing length (as in ``PackedSequence``), so step t touches rows ``[:batch_sizes[t]]`` of
 the state and a finished sequence keeps its state, which is its ``h_n``. Derivations:
-``engines/README.md``. The pointwise kernels come from :func:`pointwise_kernels`.
+``engines/README.md``. What runs (kernels, native loop, persistent kernel) is decided by
+``engines.plan``; :func:`pointwise_kernels`, :func:`native_applies` and
+:func:`persistent_applies` answer its questions.
 """
 
 from __future__ import annotations
@@ -402,11 +404,6 @@ def _functorch_active() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def _transformed() -> bool:
-    """A torch.func transform of the user's, as opposed to torch.compile tracing the call."""
-    return _functorch_active() and not torch.compiler.is_compiling()
-
-
 def _batched(*grads: Tensor | None) -> bool:
     """Whether backward runs under torch.autograd's own vmap (``is_grads_batched``, used by
     ``jacobian(vectorize=True)``): its tensors have no storage for the kernels."""
@@ -474,33 +471,26 @@ def vjp_by_reference(
     return tuple(grads)
 
 
-def _native_applies(kernels: ModuleType, variants, w_hr: Tensor | None, x: Tensor) -> bool:
-    """Plain layers (no projection, no per-step variant) on the CPU run all their steps in one
-    native call (``ops.native_layer``) where it builds, unless a torch.func transform (not
-    torch.compile's tracing, which sees the operator) is watching."""
-    if variants is not None or w_hr is not None or _transformed():
-        return False
+def native_applies(kernels: ModuleType, dtype: torch.dtype) -> bool:
+    """Whether a plain layer with these kernels runs all its steps in one native call
+    (``ops.native_layer``): the CPU kernels, and the native loop builds for ``dtype``."""
     from rnnkit.engines import cpu
 
     if kernels is not cpu:
         return False
     from rnnkit.engines import native_loop
 
-    return native_loop.available(x.dtype)
+    return native_loop.available(dtype)
 
 
-def _persistent_applies(kernels, mode, variants, w_hh, w_hr, *tensors) -> bool:
-    """Inference only (nothing needs a gradient), plain LSTM, H within the kernel's limit."""
+def persistent_applies(kernels: ModuleType, spec: LayerSpec, needs_grad: bool) -> bool:
+    """Whether a plain layer runs as one persistent launch: inference only (nothing needs a
+    gradient), LSTM, H within the kernel's limit, kernels that have one (Triton)."""
     return (
         hasattr(kernels, "lstm_persistent_forward")
-        and mode == "LSTM"
-        and variants is None
-        and w_hr is None
-        and w_hh.shape[1] <= kernels.PERSISTENT_MAX_H
-        and not (
-            torch.is_grad_enabled()
-            and any(t is not None and t.requires_grad for t in (w_hh, *tensors))
-        )
+        and spec.mode == "LSTM"
+        and spec.hidden_size <= kernels.PERSISTENT_MAX_H
+        and not needs_grad
     )
 
 
@@ -518,17 +508,25 @@ def run_layer(
     b_hh: Tensor | None,
     w_hr: Tensor | None,
     variants: StepVariants | None = None,
+    *,
+    native: bool = False,
+    persistent: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One layer and direction: ``(out (N, R), h_n (B, R), c_n (B, H) or None)``.
 
-    Plain LSTM inference at small hidden sizes goes to the kernels' persistent forward where
-    they have one (Triton): one launch for all steps, ``W_hh`` kept on chip.
+    As the plan says (``engines.plan``): ``persistent``, plain LSTM inference as the kernels'
+    persistent forward (Triton: one launch for all steps, ``W_hh`` kept on chip); ``native``,
+    a plain layer's steps in one native call; else :class:`FusedLayer`.
     """
-    if _persistent_applies(kernels, mode, variants, w_hh, w_hr, x, h0, c0, w_ih, b_ih, b_hh):
+    if persistent:
         G = x @ w_ih.t()  # (N, 4H)
         if b_ih is not None:
             G += b_ih + b_hh
         return kernels.lstm_persistent_forward(G, w_hh, h0, c0, batch_sizes, reverse)
+    if native:
+        from rnnkit.engines import ops
+
+        return ops.run_layer(mode, reverse, batch_sizes, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     v = variants or StepVariants()
     ln = tuple(t.contiguous() for t in v.layer_norm or ())
     zoneout_p = v.zoneout_h if isinstance(v.zoneout_h, float) else None
@@ -538,17 +536,6 @@ def run_layer(
         zh = zh.reshape(x.shape[0], -1).contiguous()  # padded (T, B, R) -> (T*B, R)
         zc = None if zc is None else zc.reshape(x.shape[0], -1).contiguous()
     layer = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *ln, *([None] * (6 - len(ln))))
-    if _native_applies(kernels, variants, w_hr, x):
-        from rnnkit.engines import ops
-
-        return ops.run_layer(mode, reverse, batch_sizes, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-    if _functorch_active():
-        # torch.func transforms (grad, jacrev, vmap) cannot look inside the kernels; the
-        # reference steps of the same layer are plain torch ops that they can.
-        out, h, *c = _reference_layer(
-            mode, reverse, batch_sizes, zoneout_p, layer, v.recurrent_mask, zh, zc
-        )
-        return out, h, (c[0] if c else None)
     return FusedLayer.apply(
         mode, reverse, batch_sizes, kernels, zoneout_p, *layer, v.recurrent_mask, zh, zc
     )
@@ -562,10 +549,13 @@ def run(
     batch_sizes: Sequence[int] | None,
     training: bool,
     variants: Sequence[StepVariants] | None = None,
-    kernels: ModuleType | None = None,
+    *,
+    kernels: ModuleType,
+    native: bool = False,
+    persistent: bool = False,
 ) -> tuple[Tensor, Carry]:
-    """Run a whole layer stack; see ``rnnkit.engines`` for the contract. ``kernels`` forces a
-    pointwise kernel module (default: :func:`pointwise_kernels`)."""
+    """Run a whole layer stack; see ``rnnkit.engines`` for the contract. ``kernels``,
+    ``native`` and ``persistent`` come from ``engines.plan``."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         # As torch.nn does under autocast: run in the autocast dtype (the kernels still do their
@@ -579,7 +569,6 @@ def run(
         batch_sizes = (B,) * T
         x = x.reshape(T * B, x.shape[2])  # (T*B, I)
     batch_sizes = tuple(batch_sizes)
-    kernels = kernels or pointwise_kernels(x.device, x.dtype)
     D = spec.num_directions
     h_n, c_n = [], []
     with torch.autocast(device_type, enabled=False):
@@ -597,6 +586,8 @@ def run(
                     hx[1][k] if spec.mode == "LSTM" else None,
                     *weights[k],
                     variants=None if variants is None else variants[k],
+                    native=native,
+                    persistent=persistent,
                 )
                 outs.append(out)
                 h_n.append(h)

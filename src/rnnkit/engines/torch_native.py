@@ -2,7 +2,7 @@
 
 rnnkit still validates, owns the parameters and reshapes; only the computation is torch's. Useful
 where torch's kernels are the fastest (see the README's rule for ``backend="auto"``), and the
-engine every plain layer runs on while a graph is traced or exported (``engines.resolve``): the
+engine every plain layer runs on while a graph is traced or exported (``engines.plan``): the
 exporters know ``torch._VF.lstm``, ``gru``, ``rnn_tanh`` and ``rnn_relu``.
 """
 
