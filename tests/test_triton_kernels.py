@@ -9,6 +9,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -22,6 +23,11 @@ pytest.importorskip("triton")
 from rnnkit.engines import pointwise  # noqa: E402
 from rnnkit.engines import triton_kernels as tk  # noqa: E402
 from rnnkit.engines.fused import run_layer as fused_layer  # noqa: E402
+from rnnkit.engines.spec import LN_EPS  # noqa: E402
+
+# A kernel that fails falls back to its twin with a warning: here that is an error, or the
+# parity tests would compare the twin with itself.
+pytestmark = pytest.mark.filterwarnings("error:rnnkit. the Triton kernel:RuntimeWarning")
 
 if not CUDA and not tk._INTERPRET:
     # Another test imported the kernels before the interpreter was asked for: build them again.
@@ -56,6 +62,15 @@ KERNELS = {
     "rnn_relu_forward": ("rnn_forward", (1, 1, 1, 1), (True,)),
     "rnn_tanh_backward": ("rnn_backward", (1, 1, 1), (False,)),
     "rnn_relu_backward": ("rnn_backward", (1, 1, 1), (True,)),
+    # Zoneout: masks of 0/1 (training) or the probability (eval) as the trailing arguments.
+    "lstm_forward_zoneout_train": ("lstm_forward_zoneout", (4, 4, 1, 1, 1, 1, 1, -1, -1), ()),
+    "lstm_forward_zoneout_eval": ("lstm_forward_zoneout", (4, 4, 1, 1, 1, 1, 1), (0.3, 0.3)),
+    "lstm_backward_zoneout_train": ("lstm_backward_zoneout", (4, 1, 1, 1, 1, 4, 1, -1, -1), ()),
+    "lstm_backward_zoneout_eval": ("lstm_backward_zoneout", (4, 1, 1, 1, 1, 4, 1), (0.3, 0.1)),
+    "gru_forward_zoneout_train": ("gru_forward_zoneout", (3, 3, 1, 1, -1), ()),
+    "gru_forward_zoneout_eval": ("gru_forward_zoneout", (3, 3, 1, 1), (0.3,)),
+    "gru_backward_zoneout_train": ("gru_backward_zoneout", (3, 3, 1, 1, 3, 3, 1, -1), ()),
+    "gru_backward_zoneout_eval": ("gru_backward_zoneout", (3, 3, 1, 1, 3, 3, 1), (0.3,)),
 }
 
 
@@ -69,10 +84,8 @@ def test_kernel_matches_pointwise(name, bs, H, dtype, strided):
     fn, widths, extra = KERNELS[name]
     gen = torch.Generator().manual_seed(0)
     # Saved activations lie in (-1, 1); inputs in that range keep the bf16 errors small.
-    args = [
-        None if w is None else (torch.rand(bs, w * H, generator=gen) * 2 - 1).to(DEVICE, dtype)
-        for w in widths
-    ]
+    args = [_kernel_arg(w, bs, H, gen).to(DEVICE, dtype) if w is not None else None
+            for w in widths]  # fmt: skip
     ours = [None if a is None else _copy(a, strided) for a in args]
     args = [None if a is None else _copy(a, strided) for a in args]
     getattr(pointwise, fn)(*args, *extra)
@@ -82,6 +95,13 @@ def test_kernel_matches_pointwise(name, bs, H, dtype, strided):
             torch.testing.assert_close(got, want, **TOL[dtype])
             if strided:
                 assert got.as_strided((bs, 2), (got.stride(0), 1), got.shape[1]).isnan().all()
+
+
+def _kernel_arg(width: int, bs: int, H: int, gen: torch.Generator) -> torch.Tensor:
+    """Width ``width * H`` entries in (-1, 1); width -1: a zoneout mask of 0s and 1s (bs, H)."""
+    if width == -1:
+        return (torch.rand(bs, H, generator=gen) < 0.5).double()
+    return torch.rand(bs, width * H, generator=gen) * 2 - 1
 
 
 def _copy(t: torch.Tensor, strided: bool) -> torch.Tensor:
@@ -237,3 +257,127 @@ def test_persistent_lstm_forward_rejects_large_hidden_size():
     G, w_hh, h0 = torch.zeros(2, 4 * H), torch.zeros(4 * H, H), torch.zeros(1, H)
     with pytest.raises(ValueError, match=f"at most {tk.PERSISTENT_MAX_H}; got {H}"):
         tk.lstm_persistent_forward(G, w_hh, h0, h0, (1, 1))
+
+
+# (bs, H): odd sizes, and H = 300 for rows longer than one 256-column chunk of the kernels.
+LN_SHAPES = [*KERNEL_SHAPES, (2, 300)]
+LN_TOL = {**TOL, torch.bfloat16: {"atol": 1e-1, "rtol": 1e-1}}
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "row_strided"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=_dtype_id
+)
+@pytest.mark.parametrize("bs,H", LN_SHAPES, ids=[f"bs{b}-H{h}" for b, h in LN_SHAPES])
+def test_layer_norm_lstm_kernels_match_pointwise(bs, H, dtype, strided):
+    gen = torch.Generator().manual_seed(0)
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        # Row statistics (bs, 1) stay contiguous, as in the fused engine: torch's layer-norm
+        # backward, which the twin calls, ignores their strides.
+        return _copy(t, strided and t.dim() == 2 and t.shape[1] > 1)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return copy((torch.rand(*shape, generator=gen) * 2 - 1).to(DEVICE, dtype))
+
+    # Forward: g, z, the hidden side's gains and biases, mu_h, rs_h, c, c_save, cn_save, mu_c,
+    # rs_c, the cell's gains and biases, out.
+    fwd = [rand(bs, 4 * H), rand(bs, 4 * H), rand(4 * H) + 1, rand(4 * H), rand(bs, 1),
+           rand(bs, 1), rand(bs, H), rand(bs, H), rand(bs, H), rand(bs, 1), rand(bs, 1),
+           rand(H) + 1, rand(H), rand(bs, H)]  # fmt: skip
+    want, got = [copy(t) for t in fwd], [copy(t) for t in fwd]
+    c_prev = fwd[6]
+    pointwise.ln_lstm_forward(*want, LN_EPS)
+    tk.ln_lstm_forward(*got, LN_EPS)
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g, w, **LN_TOL[dtype])
+    # Backward from the twin's saved tensors: g, c, c_prev, cn, mu_c, rs_c, ln_cw, z, mu_h,
+    # rs_h, ln_hw, then dh, dc in/out, and the outputs dg, dcn, dz.
+    g, z, hw, _, mu_h, rs_h, c, _, cn, mu_c, rs_c, cw, _, _ = want
+    saved = [g, c, c_prev, cn, mu_c, rs_c, cw, z, mu_h, rs_h, hw]
+    grads = [rand(bs, H), rand(bs, H), rand(bs, 4 * H), rand(bs, H), rand(bs, 4 * H)]
+    want, got = [copy(t) for t in grads], [copy(t) for t in grads]
+    pointwise.ln_lstm_backward(*saved, *want)
+    tk.ln_lstm_backward(*saved, *got)
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g, w, **LN_TOL[dtype])
+
+
+VARIANTS = {"layer_norm": {"layer_norm": True}, "zoneout": {"zoneout": 0.25}}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_layer_with_variants_on_triton_kernels_matches_reference(mode, variant, training):
+    import rnnkit
+
+    T, B, I, H = LAYER_SHAPE[0], LAYER_SHAPE[1], LAYER_SHAPE[2], LAYER_SHAPE[3]
+    torch.manual_seed(0)
+    kw = VARIANTS[variant]
+    cls = rnnkit.LSTM if mode == "LSTM" else rnnkit.GRU
+    ours = cls(I, H, backend="triton", dtype=torch.float64, device=DEVICE, **kw)
+    ref = cls(I, H, backend="reference", dtype=torch.float64, device=DEVICE, **kw)
+    ref.load_state_dict(ours.state_dict())
+    ours.train(training)
+    ref.train(training)
+    x = torch.randn(T, B, I, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    results = []
+    for layer in (ours, ref):
+        # The same zoneout masks for both: they are drawn from the same seed.
+        torch.manual_seed(1)
+        out, _ = layer(x)
+        grads = torch.autograd.grad(out.sum(), [x, *layer.parameters()])
+        results.append([out, *grads])
+    for g, w in zip(*results, strict=True):
+        torch.testing.assert_close(g, w, **TOL[torch.float64])
+
+
+class _BrokenKernel:
+    """Stands in for a Triton kernel that fails to compile: ``kernel[grid](...)`` raises."""
+
+    def __init__(self, name: str):
+        self.__name__ = name
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise RuntimeError("PTXASError: ptxas fatal: simulated failure for this test")
+
+        return launch
+
+
+def test_kernel_that_fails_to_compile_falls_back_to_twin_with_one_warning(monkeypatch):
+    monkeypatch.setattr(tk, "lstm_fwd_kernel", _BrokenKernel("lstm_fwd_kernel"))
+    monkeypatch.setattr(tk, "_FAILED", {})
+    batch_sizes = LAYOUTS["packed"]
+    leaves = _layer_inputs("lstm", batch_sizes, True, torch.float64)
+    with pytest.warns(RuntimeWarning, match="lstm_fwd_kernel cannot run.*simulated failure"):
+        got = _run_layer(tk, "lstm", False, batch_sizes, leaves)
+    want = _run_layer(pointwise, "lstm", False, batch_sizes, leaves)
+    for w, g in zip(want[0] + want[1], got[0] + got[1], strict=True):
+        torch.testing.assert_close(g, w, **TOL[torch.float64])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning came once; the twin runs from now on
+        _run_layer(tk, "lstm", False, batch_sizes, leaves)
+    assert "lstm_forward" in tk._FAILED
+
+
+def test_persistent_kernel_that_fails_falls_back_to_twin(monkeypatch):
+    monkeypatch.setattr(
+        tk, "lstm_persistent_fwd_kernel", _BrokenKernel("lstm_persistent_fwd_kernel")
+    )
+    monkeypatch.setattr(tk, "_FAILED", {})
+    H, batch_sizes = 5, (3, 3, 2, 1)
+    gen = torch.Generator().manual_seed(0)
+    G = torch.randn(sum(batch_sizes), 4 * H, generator=gen, dtype=torch.float64).to(DEVICE)
+    w_hh = torch.randn(4 * H, H, generator=gen, dtype=torch.float64).to(DEVICE) * H**-0.5
+    h0, c0 = torch.randn(2, 3, H, generator=gen, dtype=torch.float64).to(DEVICE)
+    with pytest.warns(RuntimeWarning, match="lstm_persistent_fwd_kernel cannot run"):
+        got = tk.lstm_persistent_forward(G, w_hh, h0, c0, batch_sizes, True)
+    # The fused layer with w_ih the identity takes G itself as the input projection.
+    want = fused_layer(
+        "LSTM", True, batch_sizes, pointwise, G, h0, c0,
+        torch.eye(4 * H, dtype=torch.float64, device=DEVICE), w_hh, None, None, None,
+    )  # fmt: skip
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g, w, **TOL[torch.float64])
