@@ -303,13 +303,64 @@ def test_layer_norm_lstm_kernels_match_pointwise(bs, H, dtype, strided):
         torch.testing.assert_close(g, w, **LN_TOL[dtype])
 
 
+# (bs, width): odd batches; 3 columns, and 300 (the GRU's 3H at H=100) for rows longer than one
+# 256-column chunk of the kernels.
+ROW_LN_SHAPES = [(bs, W) for bs in (1, 3, 7) for W in (3, 300)]
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "row_strided"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=_dtype_id
+)
+@pytest.mark.parametrize("bs,W", ROW_LN_SHAPES, ids=[f"bs{b}-W{w}" for b, w in ROW_LN_SHAPES])
+def test_row_layer_norm_kernels_match_pointwise(bs, W, dtype, strided):
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int, shift: float = 0.0) -> torch.Tensor:
+        t = (torch.rand(*shape, generator=gen) * 2 - 1 + shift).to(DEVICE, dtype)
+        return _copy(t, strided) if t.dim() == 2 else t
+
+    # Rows off centre, so that the mean matters.
+    x, weight, bias = rand(bs, W, shift=0.5), rand(W, shift=1.0), rand(W)
+    want = pointwise.layer_norm(x, weight, bias)
+    got = tk.layer_norm(x, weight, bias)
+    for w, g in zip(want, got, strict=True):
+        assert (g.shape, g.dtype) == (w.shape, w.dtype)
+        torch.testing.assert_close(g, w, **LN_TOL[dtype])
+    # The input gradient from the twin's statistics, as the fused engine saves them.
+    _, mean, rstd = want
+    dy = rand(bs, W)
+    want = pointwise.layer_norm_input_grad(dy, x, mean, rstd, weight)
+    got = tk.layer_norm_input_grad(dy, x, mean, rstd, weight)
+    assert (got.shape, got.dtype) == (want.shape, want.dtype)
+    torch.testing.assert_close(got, want, **LN_TOL[dtype])
+
+
+def _count_calls(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name`` so that each call appends to the returned list."""
+    calls, fn = [], getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("the torch-op twin ran where a Triton kernel should")
+
+
 VARIANTS = {"layer_norm": {"layer_norm": True}, "zoneout": {"zoneout": 0.25}}
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_layer_with_variants_on_triton_kernels_matches_reference(mode, variant, training):
+def test_layer_with_variants_on_triton_kernels_matches_reference(
+    mode, variant, training, monkeypatch
+):
     import rnnkit
 
     T, B, I, H = LAYER_SHAPE[0], LAYER_SHAPE[1], LAYER_SHAPE[2], LAYER_SHAPE[3]
@@ -326,9 +377,18 @@ def test_layer_with_variants_on_triton_kernels_matches_reference(mode, variant, 
     for layer in (ours, ref):
         # The same zoneout masks for both: they are drawn from the same seed.
         torch.manual_seed(1)
-        out, _ = layer(x)
-        grads = torch.autograd.grad(out.sum(), [x, *layer.parameters()])
+        with monkeypatch.context() as patch:
+            if layer is ours and mode == "GRU" and variant == "layer_norm":
+                # The GRU's per-step norms run on the kernels (the input side's one norm over
+                # all steps stays a torch op), and their input gradients never on the twin.
+                forward = _count_calls(patch, tk, "layer_norm")
+                backward = _count_calls(patch, tk, "layer_norm_input_grad")
+                patch.setattr(pointwise, "layer_norm_input_grad", _refuse)
+            out, _ = layer(x)
+            grads = torch.autograd.grad(out.sum(), [x, *layer.parameters()])
         results.append([out, *grads])
+    if mode == "GRU" and variant == "layer_norm":
+        assert len(forward) == len(backward) == T
     for g, w in zip(*results, strict=True):
         torch.testing.assert_close(g, w, **TOL[torch.float64])
 
@@ -381,3 +441,18 @@ def test_persistent_kernel_that_fails_falls_back_to_twin(monkeypatch):
     )  # fmt: skip
     for w, g in zip(want, got, strict=True):
         torch.testing.assert_close(g, w, **TOL[torch.float64])
+
+
+def test_row_layer_norm_kernel_that_fails_falls_back_to_twin(monkeypatch):
+    monkeypatch.setattr(tk, "layer_norm_fwd_kernel", _BrokenKernel("layer_norm_fwd_kernel"))
+    monkeypatch.setattr(tk, "_FAILED", {})
+    gen = torch.Generator().manual_seed(0)
+    x, weight, bias = (
+        torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEVICE)
+        for shape in ((3, 300), (300,), (300,))
+    )
+    with pytest.warns(RuntimeWarning, match="layer_norm_fwd_kernel cannot run"):
+        got = tk.layer_norm(x, weight, bias)
+    for w, g in zip(pointwise.layer_norm(x, weight, bias), got, strict=True):
+        torch.testing.assert_close(g, w, **TOL[torch.float64])
+    assert "layer_norm" in tk._FAILED

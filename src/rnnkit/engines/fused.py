@@ -198,7 +198,8 @@ class FusedLayer(torch.autograd.Function):
             if ln:
                 GHraw[rows] = gh
                 if not lstm:
-                    gh, mu_h[rows], rs_h[rows] = pointwise.layer_norm(gh, ln_hh_w, ln_hh_b)
+                    layer_norm = getattr(kernels, "layer_norm", pointwise.layer_norm)
+                    gh, mu_h[rows], rs_h[rows] = layer_norm(gh, ln_hh_w, ln_hh_b)
             if lstm:
                 target = out[rows] if w_hr is None else R[rows]
                 if ln:
@@ -340,9 +341,10 @@ class FusedLayer(torch.autograd.Function):
                 if lstm:
                     d_rec = dZ[rows]
                 else:
-                    d_rec = pointwise.layer_norm_input_grad(
-                        d_rec, GHraw[rows], mu_h[rows], rs_h[rows], ln_hh_w
+                    input_grad = getattr(
+                        kernels, "layer_norm_input_grad", pointwise.layer_norm_input_grad
                     )
+                    d_rec = input_grad(d_rec, GHraw[rows], mu_h[rows], rs_h[rows], ln_hh_w)
                     dZ[rows] = d_rec
             dh_rec = recurrent(d_rec)
             if rmask is not None:

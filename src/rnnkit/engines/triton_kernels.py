@@ -6,9 +6,10 @@ step's rows; each program loads everything it needs before it stores, so an outp
 input of the same shape (as ``h`` does in the GRU and RNN forwards). Math runs in float32 for
 float32, bfloat16 and float16 storage and in float64 for float64; results are stored in the storage
 dtype. Strides are passed explicitly (Triton specializes the unit ones) and offsets are int64.
-The plain steps, zoneout's (LSTM, GRU) and the layer-norm LSTM step (whose programs own whole
-rows, for the norms' statistics) all have a forward and a backward kernel; plain LSTM inference at
-small H also has a persistent kernel that runs all steps in one launch.
+The plain steps, zoneout's (LSTM, GRU), the layer-norm LSTM step and the row layer norm of the
+layer-norm GRU (whose programs own whole rows, for the norms' statistics) all have a forward and
+a backward kernel; plain LSTM inference at small H also has a persistent kernel that runs all
+steps in one launch.
 
 Tiles depend on H only and the batch size is not specialised, so that the shrinking batches of a
 packed sequence reuse one compiled kernel. A kernel that fails to compile or launch (an old GPU,
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor
 
 from rnnkit.engines import pointwise
+from rnnkit.engines.spec import LN_EPS
 
 try:
     import triton
@@ -597,6 +599,67 @@ def ln_lstm_bwd_kernel(
         tl.store(dz_ptr + rows * sdz0 + cols, dz.to(dz_ptr.dtype.element_ty), mask=m)
 
 
+@_step_kernel
+def layer_norm_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, mu_ptr, rs_ptr,
+    B, W, eps_hi, eps_lo,
+    sx0, sy0, smu0, srs0,
+    ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """Layer norm of B rows W wide (unit column stride); a program owns BLOCK_B whole rows and
+    walks them in chunks of BLOCK_H columns: two passes for the statistics, one for y."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)[:, None]
+    rmask = rows < B
+    eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
+    mean, var = _row_stats(x_ptr, rows, sx0, W, rmask, BLOCK_H, ACC)
+    rstd = _rsqrt(var + eps, ACC)
+    tl.store(mu_ptr + rows * smu0, mean.to(mu_ptr.dtype.element_ty), mask=rmask)
+    tl.store(rs_ptr + rows * srs0, rstd.to(rs_ptr.dtype.element_ty), mask=rmask)
+    for j in range(0, W, BLOCK_H):
+        cols = j + tl.arange(0, BLOCK_H).to(tl.int64)[None, :]
+        m = rmask & (cols < W)
+        x = tl.load(x_ptr + rows * sx0 + cols, mask=m, other=0.0).to(ACC)
+        w = tl.load(w_ptr + cols, mask=cols < W, other=0.0).to(ACC)
+        b = tl.load(b_ptr + cols, mask=cols < W, other=0.0).to(ACC)
+        y = (x - mean) * rstd * w + b
+        tl.store(y_ptr + rows * sy0 + cols, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@_step_kernel
+def layer_norm_bwd_kernel(
+    dy_ptr, x_ptr, mu_ptr, rs_ptr, w_ptr, dx_ptr,
+    B, W,
+    sdy0, sx0, smu0, srs0, sdx0,
+    ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """Input gradient of :func:`layer_norm_fwd_kernel` from its saved statistics, in two passes
+    over each row: the sums of dy * w and dy * w * x^, then dx."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)[:, None]
+    rmask = rows < B
+    mean = tl.load(mu_ptr + rows * smu0, mask=rmask, other=0.0).to(ACC)
+    rstd = tl.load(rs_ptr + rows * srs0, mask=rmask, other=0.0).to(ACC)
+    a_sum = tl.zeros(rmask.shape, ACC)
+    b_sum = tl.zeros(rmask.shape, ACC)
+    for j in range(0, W, BLOCK_H):
+        cols = j + tl.arange(0, BLOCK_H).to(tl.int64)[None, :]
+        m = rmask & (cols < W)
+        dy = tl.load(dy_ptr + rows * sdy0 + cols, mask=m, other=0.0).to(ACC)
+        x = tl.load(x_ptr + rows * sx0 + cols, mask=m, other=0.0).to(ACC)
+        w = tl.load(w_ptr + cols, mask=cols < W, other=0.0).to(ACC)
+        a, b = _ln_input_grad_sums(dy, w, x, mean, rstd)
+        a_sum += a
+        b_sum += b
+    a_sum, b_sum = a_sum / W, b_sum / W
+    for j in range(0, W, BLOCK_H):
+        cols = j + tl.arange(0, BLOCK_H).to(tl.int64)[None, :]
+        m = rmask & (cols < W)
+        dy = tl.load(dy_ptr + rows * sdy0 + cols, mask=m, other=0.0).to(ACC)
+        x_hat = (tl.load(x_ptr + rows * sx0 + cols, mask=m, other=0.0).to(ACC) - mean) * rstd
+        w = tl.load(w_ptr + cols, mask=cols < W, other=0.0).to(ACC)
+        dx = rstd * (dy * w - a_sum - x_hat * b_sum)
+        tl.store(dx_ptr + rows * sdx0 + cols, dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+
 @_jit(do_not_specialize=["T", "B", "reverse", "packed"])
 def lstm_persistent_fwd_kernel(
     g_ptr, w_ptr, h0_ptr, c0_ptr, out_ptr, hn_ptr, cn_ptr, bs_ptr, off_ptr,
@@ -923,6 +986,45 @@ def ln_lstm_backward(
     B, H = c.shape
     tensors = [g, c, c_prev, cn, mu_c, rs_c, ln_cw, z, mu_h, rs_h, ln_hw, dh, dc, dg, dcn, dz]
     _launch_rows(ln_lstm_bwd_kernel, tensors, B, H)
+
+
+def _adjacent_columns(t: Tensor) -> Tensor:
+    """``t``, or a contiguous copy when its columns are not adjacent (the row kernels index
+    columns directly)."""
+    return t if t.dim() < 2 or t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    # As torch's layer norm: float32 statistics for 16-bit data on CUDA, the storage dtype on
+    # other devices (the CPU, under the interpreter).
+    half = x.dtype in (torch.bfloat16, torch.float16)
+    return torch.float32 if half and x.device.type == "cuda" else x.dtype
+
+
+@_twin_on_failure(pointwise.layer_norm)
+def layer_norm(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float = LN_EPS
+) -> tuple[Tensor, Tensor, Tensor]:
+    """See :func:`rnnkit.engines.pointwise.layer_norm`."""
+    x, weight, bias = _adjacent_columns(x), weight.contiguous(), bias.contiguous()
+    B, W = x.shape
+    y = x.new_empty(B, W)
+    mean, rstd = x.new_empty(B, 1, dtype=_stats_dtype(x)), x.new_empty(B, 1, dtype=_stats_dtype(x))
+    _launch_rows(layer_norm_fwd_kernel, [x, weight, bias, y, mean, rstd], B, W, _split(float(eps)))
+    return y, mean, rstd
+
+
+@_twin_on_failure(pointwise.layer_norm_input_grad)
+def layer_norm_input_grad(
+    dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor
+) -> Tensor:
+    """See :func:`rnnkit.engines.pointwise.layer_norm_input_grad`."""
+    dy, x, weight = _adjacent_columns(dy), _adjacent_columns(x), weight.contiguous()
+    B, W = x.shape
+    mean, rstd = mean.reshape(B, 1), rstd.reshape(B, 1)
+    dx = x.new_empty(B, W)
+    _launch_rows(layer_norm_bwd_kernel, [dy, x, mean, rstd, weight, dx], B, W)
+    return dx
 
 
 PERSISTENT_MAX_H = 64
