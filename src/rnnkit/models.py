@@ -219,6 +219,10 @@ class ModelConfig:
     backend: str = "auto"
     embedding_dim: int = 0
     horizon: int = 1
+    # tagger: a character encoder of each word's spelling when char_vocab_size > 0
+    char_vocab_size: int = 0
+    char_embedding_dim: int = 0
+    char_hidden_size: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -232,6 +236,10 @@ def _check_config(owner: str, c: ModelConfig, input_name: str, output_name: str)
     check_dropout(owner, c.dropout)
     if c.kind in ("tagger", "charrnn"):
         check_size(owner, "embedding_dim", c.embedding_dim)
+    if c.kind == "tagger" and c.char_vocab_size:
+        check_size(owner, "char_vocab_size", c.char_vocab_size)
+        check_size(owner, "char_embedding_dim", c.char_embedding_dim)
+        check_size(owner, "char_hidden_size", c.char_hidden_size)
 
 
 class _Encoded(nn.Module):
@@ -340,9 +348,61 @@ class SequenceRegressor(_Encoded):
         return self.fc(self.encode(x, lengths))  # (B, horizon)
 
 
+class CharEncoder(nn.Module):
+    """Words spelled as character ids ``(N, C)`` -> one vector per word ``(N, 2 * hidden_size)``.
+
+    Each word's characters are embedded and read by a bidirectional recurrent layer (packed, so
+    a word's own length is respected); the final states of both directions side by side (the
+    forward one after the last character, the backward one after the first) are the word's
+    spelling vector. Rows are left-aligned and padded with id 0, at least one character each.
+    A batch of sentences repeats its words ("the", ",") many times: identical rows are encoded
+    once and their vector is shared, which is exact and cuts most of the work.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embedding_dim: int = 32,
+        hidden_size: int = 64,
+        cell: str = "lstm",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("embedding_dim", embedding_dim),
+            ("hidden_size", hidden_size),
+        ):
+            check_size("CharEncoder", name, value)
+        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
+        self.encoder = make_encoder(cell, embedding_dim, hidden_size, 1, True, 0.0, backend)
+        self.output_size = 2 * hidden_size
+
+    def forward(self, chars: Tensor) -> Tensor:
+        chars = check_tokens("CharEncoder", chars, self.embedding.num_embeddings)
+        if chars.shape[0] == 0:
+            return chars.new_zeros(0, self.output_size, dtype=self.embedding.weight.dtype)
+        unique, inverse = torch.unique(chars, dim=0, return_inverse=True)  # (U, C), (N,)
+        lengths = (unique != 0).sum(1).clamp(min=1).cpu()
+        packed = pack_padded_sequence(
+            self.embedding(unique), lengths, batch_first=True, enforce_sorted=False
+        )
+        _, hidden = self.encoder(packed)
+        h_n = hidden[0] if isinstance(hidden, tuple) else hidden  # (2, U, H)
+        vectors = h_n.transpose(0, 1).reshape(unique.shape[0], -1)  # (U, 2H)
+        return vectors[inverse]  # (N, 2H)
+
+
 class Tagger(nn.Module):
-    """Seed 002's ``LSTMTagger``: token ids ``(B, T)`` -> embedding -> recurrent layer -> one
-    linear layer per step -> ``(B, T, num_tags)`` logits. Id 0 is padding, id 1 the unknown word."""
+    """Seed 002's ``LSTMTagger``: tokens -> embedding -> recurrent layer -> one linear layer per
+    step -> ``(B, T, num_tags)`` logits. Word id 0 is padding, id 1 the unknown word.
+
+    With ``char_vocab_size=0`` the input is word ids ``(B, T)``, as in seed 002. With a character
+    vocabulary, each token also carries its spelling: the input is ``(B, T, 1 + C)``, the word id
+    and then the word's ``C`` character ids (0-padded), and a :class:`CharEncoder` turns every
+    spelling into a vector that goes beside the word embedding. An unknown word thus still has a
+    representation, from its spelling.
+    """
 
     def __init__(
         self,
@@ -355,8 +415,12 @@ class Tagger(nn.Module):
         bidirectional: bool = True,
         dropout: float = 0.0,
         backend: str = "auto",
+        char_vocab_size: int = 0,
+        char_embedding_dim: int = 32,
+        char_hidden_size: int = 64,
     ) -> None:
         super().__init__()
+        spelled = bool(char_vocab_size)
         self.config = ModelConfig(
             "tagger",
             vocab_size,
@@ -369,21 +433,56 @@ class Tagger(nn.Module):
             "last",
             backend,
             embedding_dim,
+            char_vocab_size=char_vocab_size,
+            char_embedding_dim=char_embedding_dim if spelled else 0,
+            char_hidden_size=char_hidden_size if spelled else 0,
         )
         _check_config("Tagger", self.config, "vocab_size", "num_tags")
         self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
+        self.chars = (
+            CharEncoder(char_vocab_size, char_embedding_dim, char_hidden_size, cell, backend)
+            if spelled
+            else None
+        )
+        input_size = embedding_dim + (self.chars.output_size if spelled else 0)
         self.encoder = make_encoder(
-            cell, embedding_dim, hidden_size, num_layers, bidirectional, dropout, backend
+            cell, input_size, hidden_size, num_layers, bidirectional, dropout, backend
         )
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear((2 if bidirectional else 1) * hidden_size, num_tags)
 
     def forward(self, tokens: Tensor, lengths: Tensor | Sequence[int] | None = None) -> Tensor:
-        tokens = check_tokens("Tagger", tokens, self.embedding.num_embeddings)
-        lengths = check_lengths("Tagger", lengths, tokens)
-        x = self.drop(self.embedding(tokens))  # (B, T, E)
-        output, _ = _run_encoder(self.encoder, x, lengths)  # (B, T, D * H)
+        if self.chars is None:
+            tokens = check_tokens("Tagger", tokens, self.embedding.num_embeddings)
+            lengths = check_lengths("Tagger", lengths, tokens)
+            x = self.embedding(tokens)  # (B, T, E)
+        else:
+            words, chars = _split_spelled("Tagger", tokens)
+            words = check_tokens("Tagger", words, self.embedding.num_embeddings)
+            lengths = check_lengths("Tagger", lengths, words)
+            B, T = words.shape
+            steps = torch.arange(T, device=words.device)
+            real = (
+                steps < lengths.to(words.device)[:, None]
+                if lengths is not None
+                else torch.ones(B, T, dtype=torch.bool, device=words.device)
+            )
+            spelling = self.embedding.weight.new_zeros(B, T, self.chars.output_size)
+            spelling[real] = self.chars(chars[real])  # (B, T, 2 * Hc)
+            x = torch.cat([self.embedding(words), spelling], -1)  # (B, T, E + 2 * Hc)
+        output, _ = _run_encoder(self.encoder, self.drop(x), lengths)  # (B, T, D * H)
         return self.fc(self.drop(output))  # (B, T, num_tags)
+
+
+def _split_spelled(owner: str, tokens: object) -> tuple[Tensor, Tensor]:
+    """``(word ids (B, T), character ids (B, T, C))`` of a spelled batch ``(B, T, 1 + C)``."""
+    if not isinstance(tokens, Tensor) or tokens.dim() != 3 or tokens.shape[-1] < 2:
+        what = format_shape(tokens) if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise RNNInputError(
+            f"{owner}: with a character encoder the input must be (B, T, 1 + C): per token its "
+            f"word id, then C character ids; got {what}"
+        )
+    return tokens[..., 0], tokens[..., 1:]
 
 
 class CharRNN(_Encoded):
@@ -443,7 +542,15 @@ def build_model(config: ModelConfig | dict) -> nn.Module:
     if c.kind == "regressor":
         return SequenceRegressor(c.input_size, c.horizon, readout=c.readout, **common)
     if c.kind == "tagger":
-        return Tagger(c.input_size, c.output_size, c.embedding_dim, **common)
+        return Tagger(
+            c.input_size,
+            c.output_size,
+            c.embedding_dim,
+            **common,
+            char_vocab_size=c.char_vocab_size,
+            char_embedding_dim=c.char_embedding_dim,
+            char_hidden_size=c.char_hidden_size,
+        )
     if c.kind == "charrnn":
         return CharRNN(c.input_size, c.output_size, c.embedding_dim, readout=c.readout, **common)
     raise ValueError(f"model kind must be one of {', '.join(KINDS)}; got {c.kind!r}")

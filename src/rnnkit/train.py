@@ -131,7 +131,7 @@ def _shared_options(p: argparse.ArgumentParser, task: Task) -> None:
     g.add_argument(
         "--backend",
         choices=engines.BACKENDS,
-        help="the engine that runs the recurrent layers (default auto)",
+        help=f"the engine that runs the recurrent layers (default {d['backend']})",
     )
     g = p.add_argument_group("training")
     g.add_argument(
@@ -302,6 +302,9 @@ _INT_MINIMUM = {
     "seed": 0,
     "threads": 1,
 }
+# The optimizers step float32 weights with these factors: a larger one does not fit (torch raises
+# "value cannot be converted to type float without overflow" mid-step).
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 # Real options: (the range as the user reads it, the test); NaN fails every test.
 _REAL_RANGE = {
     "lr": ("a finite number greater than 0", lambda v: 0 < v < math.inf),
@@ -319,6 +322,10 @@ _REAL_RANGE = {
 
 def _check_options(o: dict) -> None:
     """Every option in range, before anything is read or written."""
+    for name, value in o.items():
+        # An empty path or column would otherwise read as "not given" and pick the default.
+        if isinstance(value, str) and not value.strip():
+            raise RunError(f"{_flag(name)} is empty; give a value or leave the option out")
     for name, least in _INT_MINIMUM.items():
         if name not in o:
             continue
@@ -328,9 +335,21 @@ def _check_options(o: dict) -> None:
         if value < least:
             what = "a positive integer" if least == 1 else "0 or more"
             raise RunError(f"{_flag(name)} must be {what}; got {value}")
+    cpus = os.cpu_count() or 1
+    if o.get("threads") is not None and o["threads"] > cpus:
+        # torch starts every thread asked for; a million of them crash the process.
+        raise RunError(
+            f"--threads must be at most {cpus}, the CPUs of this machine; got {o['threads']}"
+        )
     for name, (what, ok) in _REAL_RANGE.items():
         if name in o and not ok(o[name]):
             raise RunError(f"{_flag(name)} must be {what}; got {o[name]}")
+    for name in ("lr", "weight_decay"):
+        if name in o and o[name] > _FLOAT32_MAX:
+            raise RunError(
+                f"{_flag(name)} must be at most {_FLOAT32_MAX:.4g}, the largest float32; "
+                f"got {o[name]:g}"
+            )
 
 
 def _check_backend(backend: str, device: torch.device) -> None:
@@ -375,6 +394,8 @@ def _flag(name: str) -> str:
 
 
 def _run_dir(args: argparse.Namespace, task: Task, rank: int, world: int) -> Path:
+    if args.out is not None and not args.out.strip():
+        raise RunError("--out is empty; give the run folder, or leave --out out for runs/...")
     if args.out:
         return Path(args.out)
     if args.resume:
@@ -652,6 +673,14 @@ def _train(
         dist.barrier()
     data_config = task.data_config(SimpleNamespace(**options))
     prepared = task.prepare(data_config)
+    sizes = {"train": len(prepared.train), "validation": len(prepared.val)}
+    sizes["test"] = len(prepared.test)
+    for part, size in sizes.items():
+        if size == 0:
+            raise DataError(
+                f"the data leave the {part} part empty (train / validation / test: "
+                f"{' / '.join(map(str, sizes.values()))} examples); give more data"
+            )
     mc = ModelConfig(
         **prepared.model,
         cell=options["cell"],
@@ -687,7 +716,11 @@ def _train(
         )
 
     torch.manual_seed(options["seed"])
-    net = build_model(mc).to(device)
+    _check_model_fits(mc, options["optimizer"])
+    try:
+        net = build_model(mc).to(device)
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        raise TrainingFailed(f"the model does not fit in memory ({str(e)[:160]})") from None
     train_split, val_split, test_split = prepared.train, prepared.val, prepared.test
     bs = options["batch_size"]
     per_rank = math.ceil(len(train_split) / world)
@@ -961,6 +994,35 @@ def _diverged(what: str, options: dict, run: Path, best: dict, epoch: int) -> Tr
     )
 
 
+def _available_memory() -> int | None:
+    """Bytes of memory this process could still take (Linux's MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_model_fits(mc: ModelConfig, optimizer: str) -> None:
+    """Refuse a model whose weights, gradients and optimizer state cannot fit in memory, before
+    torch tries: an allocation of that size fails with a raw error, or swaps the machine to a
+    halt. The parameters are counted on the meta device, which allocates nothing."""
+    with torch.device("meta"):
+        n = count_parameters(build_model(mc))
+    # weights and gradients, plus Adam's two moments or SGD's momentum buffer, in float32
+    need = n * 4 * (4 if optimizer == "adam" else 3)
+    free = _available_memory()
+    if free is not None and need > free:
+        raise RunError(
+            f"the model would have {n:,} parameters, {need / 2**30:,.1f} GiB to train with "
+            f"{optimizer}, more than the {free / 2**30:,.1f} GiB of memory available; choose a "
+            "smaller --hidden-size, --num-layers or --embedding-dim"
+        )
+
+
 def _save_model(run: Path, best: dict, task: Task, config: dict) -> None:
     meta = {
         "task": task.name,
@@ -977,9 +1039,12 @@ def _save_model(run: Path, best: dict, task: Task, config: dict) -> None:
 
 
 def _load_run(run_arg: str) -> tuple[Path, nn.Module, dict, Task]:
+    if not run_arg.strip():
+        raise RunError("RUN is empty; expected a run folder written by rnnkit train")
     run = Path(run_arg)
     if not run.is_dir():
-        raise RunError(f"run folder {run_arg!r} does not exist")
+        what = "is a file, not a folder" if run.exists() else "does not exist"
+        raise RunError(f"run folder {run_arg!r} {what}")
     if (run / CONFIG).exists() and not _committed(run):
         raise CheckpointError(
             f"the run in {str(run)!r} stopped before its first epoch ended, so it has no weights "
@@ -988,6 +1053,7 @@ def _load_run(run_arg: str) -> tuple[Path, nn.Module, dict, Task]:
     model, meta = load_model(run / MODEL)
     if meta.get("task") not in TASKS:
         raise CheckpointError(f"{str(run / MODEL)!r} names an unknown task {meta.get('task')!r}")
+    _check_meta(run / MODEL, meta)
     if not (run / SUMMARY).exists() and (run / CHECKPOINT).exists():
         # An unfinished run: its checkpoint is the commit record, and the weights file may be an
         # epoch ahead of it (a crash between the two writes). Use what --resume would use.
@@ -1003,13 +1069,37 @@ def _load_run(run_arg: str) -> tuple[Path, nn.Module, dict, Task]:
     return run, model, meta, task
 
 
+def _check_meta(path: Path, meta: dict) -> None:
+    """The description in a model file holds what evaluate and predict read, and its classes
+    agree with the model's outputs (a file from another version or edited by hand may not)."""
+    missing = [k for k in ("preprocessing", "data", "epoch") if k not in meta]
+    if missing or not isinstance(meta.get("preprocessing"), dict):
+        raise CheckpointError(
+            f"model file {str(path)!r} lacks {', '.join(missing) or 'a valid preprocessing'} in "
+            "its description; it was written by another version of rnnkit or edited"
+        )
+    labels = meta["preprocessing"].get("classes", meta["preprocessing"].get("tags"))
+    outputs = meta["model_config"].get("output_size")
+    if labels is not None and (not isinstance(labels, list) or len(labels) != outputs):
+        raise CheckpointError(
+            f"model file {str(path)!r} names {len(labels) if isinstance(labels, list) else 0} "
+            f"classes, but its model has {outputs} outputs; it was edited or is damaged"
+        )
+
+
 def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise RunError(f"--batch-size must be a positive integer; got {batch_size}")
 
 
+def _check_output(output: str | None) -> None:
+    if output is not None and not output.strip():
+        raise RunError("--output is empty; give a file, or leave --output out")
+
+
 def evaluate(args: argparse.Namespace) -> int:
     _check_batch_size(args.batch_size)
+    _check_output(args.output)
     run, model, meta, task = _load_run(args.run)
     device = _device(args.device, 0)
     prepared = task.prepare(meta["data"])
@@ -1043,6 +1133,9 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def predict(args: argparse.Namespace) -> int:
     _check_batch_size(args.batch_size)
+    _check_output(args.output)
+    if not args.input.strip():
+        raise RunError("INPUT is empty; expected the file to predict for")
     _, model, _, task = _load_run(args.run)
     device = _device(args.device, 0)
     model.to(device)

@@ -7,6 +7,7 @@ bundled files come from, and their licences, is in ``README.md`` beside this mod
 
 from rnnkit.data.errors import DataError
 from rnnkit.data.readers import (
+    ewt_conllu,
     load_digits,
     load_mnist,
     load_taylor,
@@ -26,6 +27,7 @@ __all__ = [
     "DataError",
     "Vocab",
     "chronological_split",
+    "ewt_conllu",
     "load_digits",
     "load_mnist",
     "load_taylor",

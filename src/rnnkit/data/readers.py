@@ -75,16 +75,16 @@ def load_digits(path: str | os.PathLike | None = None) -> tuple[np.ndarray, np.n
                 f"digits file {str(p)!r}, line {k}: expected 65 comma-separated values "
                 f"(64 pixels and the label), found {len(fields)}"
             )
-        try:
-            values = [float(v) for v in fields]
-        except ValueError:
-            raise DataError(f"digits file {str(p)!r}, line {k}: a value is not a number") from None
-        for j, v in enumerate(values[:64]):
-            if not math.isfinite(v):
-                raise DataError(
-                    f"digits file {str(p)!r}, line {k}: pixel {j + 1} is {fields[j].strip()!r}; "
-                    "every pixel must be a finite number (0..16)"
-                )
+        values = parse_numbers(fields)
+        if values is None:
+            if not rows and not any(_is_number(f) for f in fields):
+                continue  # a header line
+            j = next(j for j, f in enumerate(fields) if not _is_number(f))
+            raise DataError(
+                f"digits file {str(p)!r}, line {k}: value {j + 1} is {fields[j].strip()!r}, "
+                "expected a number"
+            )
+        check_pixels(values[:64], fields, f"digits file {str(p)!r}, line {k}")
         label = values[64]
         if not (math.isfinite(label) and label == int(label) and 0 <= label <= 9):
             raise DataError(
@@ -99,17 +99,50 @@ def load_digits(path: str | os.PathLike | None = None) -> tuple[np.ndarray, np.n
     return images.astype(np.float32), table[:, 64].astype(np.int64)
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_numbers(fields: list[str]) -> list[float] | None:
+    """The fields as floats, or None when one is not a number."""
+    try:
+        return [float(v) for v in fields]
+    except ValueError:
+        return None
+
+
+# The digits' pixels are counts of 0..16 set pixels in 4x4 blocks of the scanned 32x32 bitmap.
+DIGITS_PIXEL_MAX = 16.0
+
+
+def check_pixels(values: list[float], fields: list[str], where: str) -> None:
+    """Refuse a digits pixel that is not a number from 0 to 16, naming it."""
+    for j, v in enumerate(values):
+        if not 0 <= v <= DIGITS_PIXEL_MAX:
+            raise DataError(
+                f"{where}: pixel {j + 1} is {fields[j].strip()!r}; every pixel must be a number "
+                "from 0 to 16"
+            )
+
+
 def check_finite_images(images: np.ndarray, path: Path, what: str) -> None:
-    """Refuse an image array holding NaN or infinity, naming the first such image and value."""
+    """Refuse an image array holding NaN, infinity or a value beyond float32 (which the model
+    reads; it would become infinity), naming the first such image and value."""
     if images.dtype.kind != "f":
         return
-    bad = ~np.isfinite(images.reshape(len(images), -1)).all(axis=1)
+    with np.errstate(invalid="ignore"):
+        fits = np.abs(images.reshape(len(images), -1)) <= np.finfo(np.float32).max
+    bad = ~fits.all(axis=1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        value = images[i][~np.isfinite(images[i])].flat[0]
+        value = images[i][~fits[i].reshape(images[i].shape)].flat[0]
         raise DataError(
             f"{what} {str(path)!r}, image {i} (0-based): holds the pixel value {value}; "
-            "every pixel must be a finite number"
+            "every pixel must be a finite number within float32's range"
         )
 
 
@@ -118,7 +151,7 @@ def check_labels(labels: np.ndarray, path: Path) -> None:
     if labels.dtype.kind == "u":
         return
     with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(labels) | (labels < 0) | (labels != np.round(labels))
+        bad = ~np.isfinite(labels) | (labels < 0) | (labels >= 2**31) | (labels != np.round(labels))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise DataError(
@@ -212,6 +245,8 @@ def load_mnist(folder: str | os.PathLike) -> dict[str, np.ndarray]:
                 f"{found[f'{part}_images']}: expected images of shape (N, rows, cols), "
                 f"found shape {images.shape}"
             )
+        if len(images) == 0:
+            raise DataError(f"IDX file {str(found[f'{part}_images'])!r} holds no images")
         if labels.ndim != 1 or len(labels) != len(images):
             raise DataError(
                 f"{found[f'{part}_labels']}: expected {len(images)} labels, one per image of "
@@ -222,6 +257,21 @@ def load_mnist(folder: str | os.PathLike) -> dict[str, np.ndarray]:
         scale = 255.0 if images.dtype == np.uint8 else 1.0
         out[f"{part}_images"] = (images.astype(np.float32) / scale).astype(np.float32)
         out[f"{part}_labels"] = labels.astype(np.int64)
+    train_labels, test_labels = out["train_labels"], out["test_labels"]
+    classes = int(train_labels.max()) + 1
+    if classes > len(train_labels):
+        # Labels are class numbers 0..K-1: a label this large means a file of something else.
+        raise DataError(
+            f"{str(found['train_labels'])!r}: the largest label is {classes - 1}, which makes "
+            f"{classes:,} classes for {len(train_labels):,} images; labels must be class "
+            "numbers 0, 1, 2, ..."
+        )
+    unseen = sorted(set(np.unique(test_labels).tolist()) - set(np.unique(train_labels).tolist()))
+    if unseen:
+        raise DataError(
+            f"{str(found['test_labels'])!r}: the test labels include "
+            f"{', '.join(map(str, unseen[:10]))}, which no training image has"
+        )
     if out["train_images"].shape[1:] != out["test_images"].shape[1:]:
         raise DataError(
             f"MNIST folder {str(root)!r}: training images are {out['train_images'].shape[1:]} "
@@ -256,7 +306,14 @@ def read_series(path: str | os.PathLike, column: str | None = None) -> np.ndarra
     for k, row in enumerate(rows[1:], 2):
         if not row:
             continue
-        if index >= len(row) or not row[index].strip():
+        if index >= len(row):
+            quote = any("\n" in f for f in row)
+            raise DataError(
+                f"CSV file {str(p)!r}, line {k}: {len(row)} column(s) where the header names "
+                f"{len(header)}; column {header[index]!r} is missing"
+                + (" (a quote opened on this line is never closed)" if quote else "")
+            )
+        if not row[index].strip():
             raise DataError(f"CSV file {str(p)!r}, line {k}: column {header[index]!r} is empty")
         try:
             v = float(row[index])
@@ -380,6 +437,8 @@ def read_conllu(path: str | os.PathLike) -> list[tuple[list[str], list[str]]]:
             raise DataError(f"CoNLL-U file {str(p)!r}, line {k}: ID {cols[0]!r} is not a number")
         if cols[3] in ("", "_"):
             raise DataError(f"CoNLL-U file {str(p)!r}, line {k}: the UPOS column is empty")
+        if not cols[1]:
+            raise DataError(f"CoNLL-U file {str(p)!r}, line {k}: the FORM column is empty")
         words.append(cols[1])
         tags.append(cols[3])
     if not sentences:

@@ -81,6 +81,13 @@ class Task:
         """Read and split the data; set ``self.preprocessing``."""
         raise NotImplementedError
 
+    def batches(self, order: Tensor, lengths: Tensor, batch_size: int, seed: int) -> list[Tensor]:
+        """One epoch's training batches (row indices) from its shuffled ``order``: consecutive
+        chunks of ``batch_size``. A task may regroup them (the tagger puts sentences of similar
+        length together) but must keep their number, ``ceil(len(order) / batch_size)``, and
+        depend only on its arguments, so that a resumed run sees the same batches."""
+        return list(order.split(batch_size))
+
     def train_inputs(self, x: Tensor) -> Tensor:
         """The input of a training batch; the tagger drops rare words to the unknown word here."""
         return x

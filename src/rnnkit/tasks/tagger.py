@@ -1,13 +1,25 @@
-"""Part-of-speech tagging from CoNLL-U files (the UPOS column), seed 002's ``LSTMTagger``.
+"""Part-of-speech tagging from CoNLL-U files (the UPOS column); by default the bundled UD English
+EWT treebank.
 
-Words are looked up lower-cased. A word not in the training vocabulary becomes one of a few
-unknown-word classes by its shape (capitalised, a number, punctuation, a common suffix), so the
-tagger still has a clue; during training, words seen only once are dropped to their class with
-probability ``--word-dropout`` so that the classes are learnt.
+Each token is its word, looked up lower-cased in the training vocabulary, and its spelling in the
+original case, read character by character by the model's :class:`~rnnkit.models.CharEncoder`:
+a word never seen in training (a name, a number, a rare inflection) is unknown to the word
+embedding but still has a spelling. During training, words are replaced by the unknown word at
+random, rare ones more often (``--word-dropout``), so that the model learns to lean on spelling.
+
+A batch is ``(B, T, 1 + C)`` integers: per token its word id, then ``C`` character ids (a word
+longer than ``C`` keeps its first and last ``C / 2`` characters, where prefixes and suffixes are).
+Training batches group sentences of similar length; the dev and test parts are kept sorted by
+length (``Split.index`` holds each sentence's place in its file) so evaluation batches are too.
+
+The report gives token accuracy, the accuracy on words unseen in training, and the same two for
+the most-frequent-tag baseline: each word's most frequent tag in training, and for an unseen word
+the most frequent open-class tag.
 """
 
 import argparse
 import re
+from collections import Counter
 from pathlib import Path
 from typing import ClassVar
 
@@ -16,33 +28,42 @@ import torch
 from torch import Tensor, nn
 
 from rnnkit import train_plots
-from rnnkit.data import DataError, Vocab, read_conllu, sample_conllu
+from rnnkit.data import UNK, DataError, Vocab, ewt_conllu, read_conllu
 from rnnkit.data.readers import _existing, _read_text
 from rnnkit.tasks.base import Prepared, Report, Split, Task, forward_all
 
-_SUFFIXES = ("ing", "ed", "ly", "s")
-SIGNATURES = (
-    ["<unk:num>", "<unk:punct>", "<unk:Cap>"] + [f"<unk:-{s}>" for s in _SUFFIXES] + ["<unk:other>"]
-)
 IGNORE = -100
+# Characters of a word the encoder reads: the first and last half of this for longer words.
+MAX_CHARS = 24
+# The open word classes of Universal Dependencies: where an unseen word most likely belongs.
+OPEN_CLASS = ("NOUN", "PROPN", "VERB", "ADJ", "ADV", "INTJ")
+# Training batches are sorted by length within pools of this many batches.
+POOL_BATCHES = 50
 
 
-def signature(word: str) -> str:
-    """The unknown-word class of ``word``."""
-    if any(ch.isdigit() for ch in word):
-        return "<unk:num>"
-    if not any(ch.isalnum() for ch in word):
-        return "<unk:punct>"
-    if word[0].isupper():
-        return "<unk:Cap>"
-    for s in _SUFFIXES:
-        if word.lower().endswith(s):
-            return f"<unk:-{s}>"
-    return "<unk:other>"
+def spell(word: str, chars: dict[str, int], max_chars: int) -> list[int]:
+    """The character ids of ``word``; a longer word keeps its first and last ``max_chars // 2``."""
+    if len(word) > max_chars:
+        half = max_chars // 2
+        word = word[:half] + word[len(word) - (max_chars - half) :]
+    return [chars.get(ch, UNK) for ch in word]
 
 
-def encode_words(words: list[str], vocab: Vocab) -> list[int]:
-    return [vocab.stoi.get(w.lower(), vocab.stoi[signature(w)]) for w in words]
+def encode_sentences(words: list[list[str]], preprocessing: dict) -> tuple[Tensor, Tensor]:
+    """``(x (N, T, 1 + C) int32, lengths (N,))`` of tokenised sentences: per token the id of the
+    lower-cased word, then the character ids of its spelling, zero-padded."""
+    vocab = {w: i for i, w in enumerate(preprocessing["words"])}
+    chars = {c: i for i, c in enumerate(preprocessing["chars"])}
+    max_chars = preprocessing["max_chars"]
+    lengths = torch.tensor([len(ws) for ws in words])
+    C = min(max_chars, max(len(w) for ws in words for w in ws))
+    x = np.zeros((len(words), int(lengths.max()), 1 + C), dtype=np.int32)
+    for i, ws in enumerate(words):
+        for t, w in enumerate(ws):
+            x[i, t, 0] = vocab.get(w.lower(), UNK)
+            ids = spell(w, chars, max_chars)
+            x[i, t, 1 : 1 + len(ids)] = ids
+    return torch.from_numpy(x), lengths
 
 
 class TaggerTask(Task):
@@ -54,68 +75,97 @@ class TaggerTask(Task):
     per_step_targets = True
     defaults: ClassVar[dict] = dict(
         cell="lstm",
-        hidden_size=64,
+        hidden_size=128,
         num_layers=1,
         bidirectional=True,
-        dropout=0.1,
+        dropout=0.33,
         readout="last",
-        epochs=30,
-        batch_size=8,
-        lr=0.01,
+        backend="fused",
+        epochs=16,
+        batch_size=64,
+        lr=0.006,
         optimizer="adam",
         schedule="onecycle",
     )
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        for part in ("train", "dev", "test"):
+            self.option(
+                p,
+                f"--{part}",
+                metavar="CONLLU",
+                help=f"{part} sentences, CoNLL-U, plain or .gz (default: the bundled UD English "
+                f"EWT {part} file)",
+            )
         self.option(
-            p, "--train", metavar="CONLLU", help="training sentences (default: the bundled sample)"
+            p, "--embedding-dim", type=int, default=100, help="word embedding size (default 100)"
         )
         self.option(
-            p, "--dev", metavar="CONLLU", help="validation sentences (default: the bundled sample)"
+            p,
+            "--char-embedding-dim",
+            type=int,
+            default=32,
+            help="character embedding size of the spelling encoder (default 32)",
         )
         self.option(
-            p, "--test", metavar="CONLLU", help="test sentences (default: the bundled sample)"
-        )
-        self.option(
-            p, "--embedding-dim", type=int, default=64, help="word embedding size (default 64)"
+            p,
+            "--char-hidden-size",
+            type=int,
+            default=64,
+            help="hidden size per direction of the bidirectional spelling encoder; a word's "
+            "spelling vector has twice this (default 64)",
         )
         self.option(
             p,
             "--word-dropout",
             type=float,
-            default=0.3,
-            help="chance that a word seen once in training is replaced by its unknown-word class "
-            "(default 0.3)",
+            default=0.25,
+            help="chance that a word seen once in training is read as the unknown word in a "
+            "training batch (its spelling stays); a word seen c times is dropped with chance "
+            "a / (a + c) for the same a (default 0.25)",
         )
 
     def data_config(self, args: argparse.Namespace) -> dict:
         given = [args.train, args.dev, args.test]
         if any(given) and not all(given):
             raise DataError(
-                "tagger: give all of --train, --dev and --test, or none for the bundled sample"
+                "tagger: give all of --train, --dev and --test, or none for the bundled UD "
+                "English EWT treebank"
             )
         paths = {
-            k: str(Path(v).resolve()) if v else str(sample_conllu(k))
+            k: str(Path(v).resolve()) if v else str(ewt_conllu(k))
             for k, v in zip(("train", "dev", "test"), given, strict=True)
         }
         if not 0 <= args.word_dropout < 1:
             raise DataError(f"--word-dropout must be in [0, 1); got {args.word_dropout}")
-        return {**paths, "embedding_dim": args.embedding_dim, "word_dropout": args.word_dropout}
+        for flag, value in (
+            ("--char-embedding-dim", args.char_embedding_dim),
+            ("--char-hidden-size", args.char_hidden_size),
+        ):
+            if value < 1:
+                raise DataError(f"{flag} must be a positive integer; got {value}")
+        return {
+            **paths,
+            "embedding_dim": args.embedding_dim,
+            "char_embedding_dim": args.char_embedding_dim,
+            "char_hidden_size": args.char_hidden_size,
+            "word_dropout": args.word_dropout,
+        }
 
-    def _tensors(self, sentences: list[tuple[list[str], list[str]]], vocab: Vocab) -> Split:
-        tags = {t: i for i, t in enumerate(self.preprocessing["tags"])}
-        lengths = torch.tensor([len(w) for w, _ in sentences])
-        x = torch.zeros(len(sentences), int(lengths.max()), dtype=torch.long)
-        y = torch.full(x.shape, IGNORE, dtype=torch.long)
-        for i, (words, labels) in enumerate(sentences):
-            x[i, : len(words)] = torch.tensor(encode_words(words, vocab))
-            y[i, : len(words)] = torch.tensor([tags.get(t, IGNORE) for t in labels])
-        return Split(x, lengths, y)
+    def _split(self, sentences: list[tuple[list[str], list[str]]], by_length: bool) -> Split:
+        order = list(range(len(sentences)))
+        if by_length:
+            order.sort(key=lambda i: len(sentences[i][0]))
+        x, lengths = encode_sentences([sentences[i][0] for i in order], self.preprocessing)
+        tags = {t: k for k, t in enumerate(self.preprocessing["tags"])}
+        y = torch.full(x.shape[:2], IGNORE, dtype=torch.long)
+        for row, i in enumerate(order):
+            labels = sentences[i][1]
+            y[row, : len(labels)] = torch.tensor([tags.get(t, IGNORE) for t in labels])
+        return Split(x, lengths, y, index=torch.tensor(order))
 
     def prepare(self, data: dict) -> Prepared:
         train, dev, test = (read_conllu(data[k]) for k in ("train", "dev", "test"))
-        words = [[w.lower() for w in ws] for ws, _ in train]
-        vocab = Vocab(SIGNATURES + Vocab.build(words).itos[2:])
         tags = sorted({t for _, ts in train for t in ts})
         for name, part in (("dev", dev), ("test", test)):
             unseen = sorted({t for _, ts in part for t in ts} - set(tags))
@@ -124,20 +174,23 @@ class TaggerTask(Task):
                     f"the {name} file {data[name]!r} uses UPOS tags the training file lacks: "
                     f"{', '.join(unseen)}"
                 )
-        self.preprocessing = {"words": vocab.itos, "tags": tags}
-        counts: dict[str, int] = {}
-        for ws in words:
-            for w in ws:
-                counts[w] = counts.get(w, 0) + 1
-        # Per word id: the id of its unknown-word class when it was seen once, else itself.
-        self._rare_to = torch.arange(len(vocab))
-        for ws, _ in train:
-            for w in ws:
-                if counts[w.lower()] == 1:
-                    self._rare_to[vocab.stoi[w.lower()]] = vocab.stoi[signature(w)]
-        self._word_dropout = data["word_dropout"]
-        self._vocab = vocab
-        splits = [self._tensors(s, vocab) for s in (train, dev, test)]
+        vocab = Vocab.build([w.lower() for w in ws] for ws, _ in train)
+        chars = Vocab.build(w for ws, _ in train for w in ws)
+        self.preprocessing = {
+            "words": vocab.itos,
+            "chars": chars.itos,
+            "tags": tags,
+            "max_chars": MAX_CHARS,
+        }
+        # Word dropout: a / (a + count), so that a word seen once is dropped with the given chance.
+        counts = Counter(w.lower() for ws, _ in train for w in ws)
+        p = data["word_dropout"]
+        a = p / (1 - p)
+        seen = torch.tensor([counts.get(w, 0) for w in vocab.itos], dtype=torch.float)
+        self._drop = torch.where(seen > 0, a / (a + seen), torch.zeros(()))
+        self._dropping = p > 0
+        self._baseline = self._most_frequent_tags(train, vocab, tags)
+        splits = [self._split(train, False), self._split(dev, True), self._split(test, True)]
         return Prepared(
             *splits,
             {
@@ -145,16 +198,53 @@ class TaggerTask(Task):
                 "input_size": len(vocab),
                 "output_size": len(tags),
                 "embedding_dim": data["embedding_dim"],
+                "char_vocab_size": len(chars),
+                "char_embedding_dim": data["char_embedding_dim"],
+                "char_hidden_size": data["char_hidden_size"],
             },
             self.preprocessing,
         )
 
+    @staticmethod
+    def _most_frequent_tags(
+        train: list[tuple[list[str], list[str]]], vocab: Vocab, tags: list[str]
+    ) -> Tensor:
+        """Per word id, the baseline's tag: the word's most frequent tag in training (ties to the
+        tag more frequent overall); for the unknown word, the most frequent open-class tag."""
+        overall = Counter(t for _, ts in train for t in ts)
+        rank = {t: k for k, t in enumerate(sorted(tags, key=lambda t: (-overall[t], t)))}
+        per_word: dict[str, Counter] = {}
+        for ws, ts in train:
+            for w, t in zip(ws, ts, strict=True):
+                per_word.setdefault(w.lower(), Counter())[t] += 1
+        index = {t: k for k, t in enumerate(tags)}
+        open_tags = [t for t in tags if t in OPEN_CLASS] or tags
+        fallback = index[min(open_tags, key=lambda t: rank[t])]
+        table = torch.full((len(vocab),), fallback, dtype=torch.long)
+        for w, c in per_word.items():
+            table[vocab.stoi[w]] = index[min(c, key=lambda t: (-c[t], rank[t]))]
+        return table
+
+    def batches(self, order: Tensor, lengths: Tensor, batch_size: int, seed: int) -> list[Tensor]:
+        # Sentences of similar length share a batch (fewer time steps, less padding); sorting
+        # within pools of the shuffled order, then shuffling the batches, keeps epochs random.
+        pool = batch_size * POOL_BATCHES
+        out: list[Tensor] = []
+        for i in range(0, len(order), pool):
+            part = order[i : i + pool]
+            part = part[torch.argsort(lengths[part], stable=True)]
+            out += list(part.split(batch_size))
+        shuffle = torch.randperm(len(out), generator=torch.Generator().manual_seed(seed))
+        return [out[k] for k in shuffle]
+
     def train_inputs(self, x: Tensor) -> Tensor:
-        if not self._word_dropout:
+        if not self._dropping:
             return x
-        rare = self._rare_to.to(x.device)[x]
-        drop = torch.rand(x.shape, device=x.device) < self._word_dropout
-        return torch.where(drop, rare, x)
+        words = x[..., 0].long()
+        drop = torch.rand(words.shape, device=x.device) < self._drop.to(x.device)[words]
+        x = x.clone()
+        x[..., 0] = torch.where(drop, torch.full_like(x[..., 0], UNK), x[..., 0])
+        return x
 
     def scores(self, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         mask = y != IGNORE
@@ -167,21 +257,27 @@ class TaggerTask(Task):
     def report(self, out: Tensor, split: Split) -> Report:
         tags = self.preprocessing["tags"]
         mask = split.y != IGNORE
+        words = split.x[..., 0].long()
         pred = out.argmax(-1)
         right = (pred == split.y) & mask
-        unknown = mask & (split.x < len(SIGNATURES) + 2)
+        unknown = mask & (words == UNK)
+        base_right = (self._baseline[words] == split.y) & mask
         matrix = np.zeros((len(tags), len(tags)), dtype=np.int64)
         np.add.at(matrix, (split.y[mask].numpy(), pred[mask].numpy()), 1)
         loss, count, _ = self.scores(out, split.y)
+
+        def share(hits: Tensor, of: Tensor) -> float | None:
+            return float((hits & of).sum() / of.sum()) if of.any() else None
+
         metrics = {
-            "test_accuracy": float(right.sum() / mask.sum()),
+            "test_accuracy": share(right, mask),
+            "test_unknown_accuracy": share(right, unknown),
+            "test_baseline_accuracy": share(base_right, mask),
+            "test_baseline_unknown_accuracy": share(base_right, unknown),
             "test_loss": float(loss / count),
             "test_tokens": int(mask.sum()),
             "test_sentences": len(split),
             "test_unknown_tokens": int(unknown.sum()),
-            "test_unknown_accuracy": float((right & unknown).sum() / unknown.sum())
-            if unknown.any()
-            else None,
         }
         return Report(metrics, {"confusion": matrix})
 
@@ -216,17 +312,17 @@ class TaggerTask(Task):
                         f"found {len(cols)}"
                     )
                 elif not line.startswith("#") and re.fullmatch(r"\d+", cols[0]):
+                    if not cols[1]:
+                        raise DataError(
+                            f"CoNLL-U file {str(p)!r}, line {k}: the FORM column is empty"
+                        )
                     rows.append(k - 1)
             token_words = [[lines[i].split("\t")[1] for i in s] for s in sentences]
         else:
             token_words = [line.split() for line in lines if line.strip()]
         if not token_words:
             raise DataError(f"input file {str(p)!r} holds no sentences to tag")
-        vocab = Vocab(self.preprocessing["words"][2:])
-        lengths = torch.tensor([len(w) for w in token_words])
-        x = torch.zeros(len(token_words), int(lengths.max()), dtype=torch.long)
-        for i, ws in enumerate(token_words):
-            x[i, : len(ws)] = torch.tensor(encode_words(ws, vocab))
+        x, lengths = encode_sentences(token_words, self.preprocessing)
         out = forward_all(model, x, lengths, True, device, batch_size)
         tags = [
             [self.preprocessing["tags"][int(k)] for k in out[i, : len(ws)].argmax(-1)]
