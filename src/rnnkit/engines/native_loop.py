@@ -185,10 +185,11 @@ def blas_available() -> bool:
 
 
 # Multiply-adds of one step's recurrent product below which the loop stays on one thread: the
-# threads meet at a barrier every step, which costs microseconds on an idle machine but can cost
-# milliseconds when other processes hold the cores (measured: a 20-step H=16 GRU took 120 ms
-# on two threads of a busy 2-core machine against 0.5 ms on one).
-PARALLEL_MIN_MACS = 1 << 20
+# threads meet at a barrier every step. On an idle 2-core machine two threads take 0.68x the time
+# of one at H=256 (B=1 to 64), but a small step gains nothing, and when other processes hold the
+# cores a barrier can cost a time slice (measured: a 20-step H=16 GRU took 120 ms on two threads
+# of a busy machine against 0.5 ms on one). 2^17 keeps H=256 LSTM and GRU parallel from B=1.
+PARALLEL_MIN_MACS = 1 << 17
 
 
 def _default_threads(B: int, H: int, GW: int) -> int:
