@@ -3,11 +3,21 @@
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from rnnkit.params import param_count
 from rnnkit.validation import format_shape
 
 _MODES = ("rnn", "lstm", "gru")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (the usage block stays behind ``--help``), like
+    every other error of the command, so that scripts can read stderr as a single message."""
+
+    def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_layer_args(p: argparse.ArgumentParser) -> None:
@@ -139,7 +149,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rnnkit", description="Readable, fast, torch.nn-compatible recurrent networks."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,6 +187,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
         if args.proj_size and args.mode != "lstm":
             parser.error(f"--proj-size is only supported for lstm, not {args.mode}")
+        for name, least in (("seq_len", 1), ("batch", 0)):
+            if getattr(args, name, least) < least:
+                what = "a positive integer" if least else "0 or more"
+                parser.error(
+                    f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}"
+                )
         if args.proj_size < 0 or (args.proj_size and args.proj_size >= args.hidden_size):
             parser.error(
                 f"--proj-size must be 0 or between 1 and hidden_size - 1 = {args.hidden_size - 1}, "

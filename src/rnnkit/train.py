@@ -1010,8 +1010,16 @@ def _check_model_fits(mc: ModelConfig, optimizer: str) -> None:
     """Refuse a model whose weights, gradients and optimizer state cannot fit in memory, before
     torch tries: an allocation of that size fails with a raw error, or swaps the machine to a
     halt. The parameters are counted on the meta device, which allocates nothing."""
-    with torch.device("meta"):
-        n = count_parameters(build_model(mc))
+    try:
+        with torch.device("meta"):
+            n = count_parameters(build_model(mc))
+    except (RuntimeError, TypeError, OverflowError):
+        # torch cannot even describe tensors of these sizes (2**63 elements or more).
+        raise RunError(
+            f"the model is too large to build: hidden size {mc.hidden_size:,}, "
+            f"{mc.num_layers:,} layer(s), beyond the tensor sizes torch can describe; choose a "
+            "smaller --hidden-size, --num-layers or --embedding-dim"
+        ) from None
     # weights and gradients, plus Adam's two moments or SGD's momentum buffer, in float32
     need = n * 4 * (4 if optimizer == "adam" else 3)
     free = _available_memory()

@@ -222,6 +222,8 @@ def save_model(path: Path, state: dict, meta: dict) -> None:
 
 def load_model(path: Path) -> tuple[nn.Module, dict]:
     """The model saved in ``path`` and its metadata (``task``, ``model_config``, ...)."""
+    if path.is_dir():
+        raise CheckpointError(f"model file {str(path)!r} is a folder; expected a safetensors file")
     if not path.is_file():
         raise CheckpointError(
             f"model file {str(path)!r} does not exist; did the run finish an epoch?"
@@ -245,6 +247,13 @@ def load_model(path: Path) -> tuple[nn.Module, dict]:
                 f"checksum recorded when it was written ({str(recorded)[:16]}...); restore it "
                 "from a copy, or rerun the training (with --resume while checkpoint.pt is there)"
             )
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all())
+    if bad:
+        # Training stops at a non-finite loss, so such weights were never written by rnnkit train.
+        raise CheckpointError(
+            f"model file {str(path)!r} holds NaN or infinite weights (in {', '.join(bad[:3])}); "
+            "it is damaged or not from a finished rnnkit run"
+        )
     try:
         meta = json.loads(metadata["rnnkit"])
         model = build_model(ModelConfig(**meta["model_config"]))

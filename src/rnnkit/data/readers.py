@@ -266,6 +266,11 @@ def load_mnist(folder: str | os.PathLike) -> dict[str, np.ndarray]:
             f"{classes:,} classes for {len(train_labels):,} images; labels must be class "
             "numbers 0, 1, 2, ..."
         )
+    if len(np.unique(train_labels)) < 2:
+        raise DataError(
+            f"{str(found['train_labels'])!r}: every training image has the label "
+            f"{train_labels[0]}; a classifier needs at least two labels"
+        )
     unseen = sorted(set(np.unique(test_labels).tolist()) - set(np.unique(train_labels).tolist()))
     if unseen:
         raise DataError(

@@ -3,7 +3,6 @@
 import argparse
 import csv
 import io
-import math
 from pathlib import Path
 from typing import ClassVar
 
@@ -13,7 +12,7 @@ from torch import Tensor, nn
 
 from rnnkit import train_plots
 from rnnkit.data import DataError, Vocab, load_digits, load_mnist, read_idx, read_labelled_text
-from rnnkit.data.readers import check_finite_images, read_lines
+from rnnkit.data.readers import check_finite_images, check_pixels, parse_numbers, read_lines
 from rnnkit.tasks.base import Prepared, Report, Split, Task, forward_all
 
 
@@ -122,7 +121,18 @@ class DigitsTask(ClassificationTask):
         from rnnkit.data import stratified_split
 
         x, y = load_digits(data["data"])
+        if len(np.unique(y)) < 2:
+            raise DataError(
+                f"digits file {data['data']!r}: every row has the label {y[0]}; a classifier "
+                "needs at least two labels"
+            )
         tr, va, te = stratified_split(y, tuple(data["split"]), data["split_seed"])
+        if not (len(tr) and len(va) and len(te)):
+            raise DataError(
+                f"digits file {data['data']!r} holds {len(y)} rows, too few to split "
+                f"70/10/20 into train, validation and test ({len(tr)} / {len(va)} / {len(te)}); "
+                "give at least 10 rows, or a few of each label"
+            )
         self.preprocessing = {"classes": [str(c) for c in range(10)], "pixel_max": 16.0}
         return Prepared(
             _split(x, y, tr),
@@ -135,26 +145,25 @@ class DigitsTask(ClassificationTask):
     def predict(self, model: nn.Module, path: Path, device: torch.device, batch_size: int) -> str:
         rows = []
         for k, line in enumerate(read_lines(path, "digits CSV"), 1):
-            fields = [f for f in line.split(",") if f.strip()]
+            fields = line.split(",")
+            # A trailing comma (a spreadsheet's export) is no value; an empty field inside is.
+            while fields and not fields[-1].strip():
+                fields.pop()
             if len(fields) not in (64, 65):
                 raise DataError(
                     f"digits CSV {str(path)!r}, line {k}: expected 64 pixel values (0..16), "
                     f"optionally followed by the label; found {len(fields)} values"
                 )
-            try:
-                values = [float(v) for v in fields[:64]]
-            except ValueError:
+            values = parse_numbers(fields[:64])
+            if values is None:
                 if k == 1:
                     continue
+                j = next(j for j, f in enumerate(fields) if parse_numbers([f]) is None)
                 raise DataError(
-                    f"digits CSV {str(path)!r}, line {k}: a value is not a number"
-                ) from None
-            for j, v in enumerate(values):
-                if not math.isfinite(v):
-                    raise DataError(
-                        f"digits CSV {str(path)!r}, line {k}: pixel {j + 1} is "
-                        f"{fields[j].strip()!r}; every pixel must be a finite number (0..16)"
-                    )
+                    f"digits CSV {str(path)!r}, line {k}: value {j + 1} is {fields[j].strip()!r}, "
+                    "expected a number"
+                )
+            check_pixels(values, fields, f"digits CSV {str(path)!r}, line {k}")
             rows.append(values)
         if not rows:
             raise DataError(f"digits CSV {str(path)!r} holds no rows of pixels")
@@ -238,6 +247,8 @@ class MnistTask(ClassificationTask):
                 f"IDX file {str(path)!r}: expected images of shape (N, {want[0]}, {want[1]}) "
                 f"like the training images; found {images.shape}"
             )
+        if len(images) == 0:
+            raise DataError(f"IDX file {str(path)!r} holds no images (its header says 0)")
         check_finite_images(images, path, "IDX file")
         scale = 255.0 if images.dtype == np.uint8 else 1.0
         x = torch.as_tensor(images.astype(np.float32) / scale)
@@ -323,6 +334,11 @@ class TextClassificationTask(ClassificationTask):
             if data[key] is not None:
                 parts[key] = read_labelled_text(data[key])
         classes = sorted(set(parts["train"][0]))
+        if len(classes) < 2:
+            raise DataError(
+                f"TSV file {data['data']!r}: every training example has the label "
+                f"{classes[0]!r}; a classifier needs at least two labels"
+            )
         for key in ("dev", "test"):
             unseen = sorted(set(parts[key][0]) - set(classes))
             if unseen:

@@ -130,6 +130,23 @@ def model_inputs(
     return np.concatenate(parts, axis=-1).astype(np.float32)  # (N, T, I)
 
 
+# The autoregression is fitted on the training windows out of fold, in this many blocks.
+AR_FOLDS = 5
+
+
+def _windows(n: int, first: int, horizon: int, split: tuple) -> list[int] | None:
+    """The windows per part of a series of ``n`` steps (train, validation, test), or None where
+    a part would have too few: every part needs one, the out-of-fold autoregression a window per
+    fold. ``first`` is the earliest first target, one full history in."""
+    counts = []
+    for k, part in enumerate(chronological_split(n, split)):
+        count = part.stop - horizon + 1 - max(part.start, first)
+        if count < (AR_FOLDS if k == 0 else 1):
+            return None
+        counts.append(count)
+    return counts
+
+
 class ForecastTask(Task):
     name = "forecast"
     help = (
@@ -190,6 +207,11 @@ class ForecastTask(Task):
         for name in ("window", "horizon", "period"):
             if getattr(args, name) < 1:
                 raise DataError(f"--{name} must be at least 1; got {getattr(args, name)}")
+        if not args.data and args.column not in (None, "load_mw"):
+            raise DataError(
+                f"--column {args.column!r} names a column of --data CSV, which is not given "
+                "(the bundled series has only load_mw)"
+            )
         if args.horizon > args.period:
             raise DataError(
                 f"--horizon {args.horizon} is longer than --period {args.period}: "
@@ -213,31 +235,33 @@ class ForecastTask(Task):
         w, h, period = data["window"], data["horizon"], data["period"]
         parts = chronological_split(len(series), tuple(data["split"]))
         first = max(w, period)
-        # Every part needs a few windows; the first target needs a full history and a baseline;
-        # the autoregression needs more training windows than coefficients.
-        need = first + h + 3 * (h + 1)
-        if len(series) < need or parts[0].stop <= first + h:
+        split = tuple(data["split"])
+        if _windows(len(series), first, h, split) is None:
+            # The least length that works: the parts grow with the series, so search upward.
+            lengths = range(first + h, 20 * (first + h) + 100)
+            need = next((n for n in lengths if _windows(n, first, h, split)), lengths.stop)
             raise DataError(
                 f"{data['data'] or 'the load series'}: {len(series)} values are too few for "
                 f"windows of "
                 f"{w} steps predicting {h} with a baseline {period} steps back; need at least "
-                f"{max(need, int(np.ceil((first + h + 1) / 0.7)))}"
+                f"{need}"
             )
         source = data["data"] or "the load series"
         train = series[parts[0]]
-        with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             mean, std = float(train.mean()), float(train.std())
             z = (series - mean) / std
+        if std <= np.finfo(np.float64).tiny:
+            raise DataError(
+                f"{source}: the training part of the series is constant (standard deviation "
+                f"{std:g}); there is nothing to learn"
+            )
         if not (math.isfinite(mean) and math.isfinite(std) and np.isfinite(z).all()):
             i = int(np.argmax(np.abs(series)))
             raise DataError(
                 f"{source}: the values are too large to standardise (the mean or standard "
                 f"deviation of the training part overflows); the largest is {series[i]:g}, at "
                 f"step {i + 1} of the series; rescale the column (e.g. to thousands)"
-            )
-        if std == 0:
-            raise DataError(
-                "the training part of the series is constant; there is nothing to learn"
             )
         starts = []
         for part in parts:
@@ -247,7 +271,7 @@ class ForecastTask(Task):
             starts.append(s)
         coef = fit_linear_ar(z, starts[0], w, h)
         # The training windows are forecast out of fold, as the later parts are.
-        train_ar = out_of_fold_ar(z, starts[0], w, h)
+        train_ar = out_of_fold_ar(z, starts[0], w, h, AR_FOLDS)
         residual = np.stack([z[t : t + h] for t in starts[0]]) - train_ar
         # The residual's own scale, so that the network's targets are about 1, not about 0.05.
         scale = float(residual.std()) or 1.0
@@ -372,11 +396,13 @@ class ForecastTask(Task):
                     "calendar inputs and needs a time column (e.g. timestamp) beside the values"
                 )
             cal = calendar(times)
-        z = (series - p["mean"]) / p["std"]
         end = np.array([len(series)])
         coef = np.asarray(p["ar"])
-        ar = linear_ar(z, end, coef)
-        x = torch.from_numpy(model_inputs(z, cal, end, w, period, ar))  # (1, T, I)
+        # Values far outside the training range overflow here; the check below names them.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            z = (series - p["mean"]) / p["std"]
+            ar = linear_ar(z, end, coef)
+            x = torch.from_numpy(model_inputs(z, cal, end, w, period, ar))  # (1, T, I)
         if not torch.isfinite(x).all():
             raise DataError(
                 f"CSV file {str(path)!r}: its last {w} values are too large for the model, which "
