@@ -14,7 +14,7 @@ from torch.autograd import gradgradcheck
 from torch.nn.utils.rnn import PackedSequence
 
 import rnnkit
-from rnnkit.engines import cpu, pointwise
+from rnnkit.engines import cpu, native_build, pointwise
 
 ENGINES = ["reference", "fused", "torch", "triton", "auto"]
 F64 = torch.float64
@@ -274,7 +274,7 @@ def test_cpu_kernel_build_failure_falls_back_with_one_warning(tmp_path):
 def test_cpu_kernel_cache_is_keyed_by_the_cpu(monkeypatch, tmp_path):
     names = []
     for features in ("model name: A\nflags: avx2", "model name: B\nflags: sse2"):
-        monkeypatch.setattr(cpu, "_cpu_features", lambda f=features: f)
+        monkeypatch.setattr(native_build, "cpu_features", lambda f=features: f)
         names.append(cpu.library_path("cc", tmp_path).name)
     assert names[0] != names[1]
 

@@ -13,17 +13,14 @@ the kernel's dtype with unit column stride and at least the rows and columns the
 """
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from rnnkit.engines import native_build
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # No -ffast-math: it lets the compiler assume there is no NaN or inf, and torch.nn propagates
@@ -42,47 +39,14 @@ _lib: ctypes.CDLL | None = None
 _failed = False
 
 
-def _cpu_features() -> str:
-    """What ``-march=native`` depends on: the CPU model and its feature flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    keep = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
-    return "\n".join(sorted(set(keep))) or f"{platform.machine()} {platform.processor()}"
-
-
 def library_path(compiler: str, cache: Path) -> Path:
     """Where the library built from this source, compiler, flags and CPU lives in ``cache``."""
-    fingerprint = " ".join([compiler, *_FLAGS, _cpu_features()]).encode()
-    key = hashlib.sha256(_SOURCE.read_bytes() + fingerprint).hexdigest()[:16]
-    return cache / f"cpu_kernels-{key}.so"
+    return native_build.library_path(_SOURCE, compiler, _FLAGS, cache)
 
 
 def _build() -> ctypes.CDLL:
     """Build (or find in the cache) and load the library; raises on any failure."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler found (set CC, or install cc or gcc)")
-    cache = Path(os.environ.get("RNNKIT_CACHE", Path.home() / ".cache" / "rnnkit"))
-    target = library_path(compiler, cache)
-    if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
-        os.close(fd)
-        try:
-            subprocess.run(
-                [compiler, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            os.replace(tmp, target)
-        except subprocess.CalledProcessError as e:
-            raise OSError(f"{compiler} failed: {e.stderr.strip()[:300]}") from e
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-    lib = ctypes.CDLL(str(target))
+    lib = native_build.build(_SOURCE, [_FLAGS])
     for name in _KERNELS:
         for suffix in _SUFFIX.values():
             getattr(lib, f"{name}_{suffix}").restype = None

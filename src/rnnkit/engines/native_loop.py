@@ -18,12 +18,8 @@ warning. The C code trusts its pointers, so every tensor is checked here first.
 """
 
 import ctypes
-import hashlib
 import itertools
 import os
-import shutil
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -31,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from rnnkit.engines.cpu import _cpu_features
+from rnnkit.engines import native_build
 
 _SOURCE = Path(__file__).with_name("native_loop.c")
 # As cpu.py: no -ffast-math (NaN and inf must propagate). -fopenmp for the threads; where the
@@ -82,52 +78,8 @@ class BackwardResult(NamedTuple):
     dc0: Tensor | None
 
 
-def _compiler() -> str:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler found (set CC, or install cc or gcc)")
-    return compiler
-
-
-def library_path(compiler: str, flags: list[str], cache: Path) -> Path:
-    fingerprint = " ".join([compiler, *flags, _cpu_features()]).encode()
-    key = hashlib.sha256(_SOURCE.read_bytes() + fingerprint).hexdigest()[:16]
-    return cache / f"native_loop-{key}.so"
-
-
-def _compile(compiler: str, flags: list[str], target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
-    os.close(fd)
-    try:
-        subprocess.run(
-            [compiler, *flags, "-o", tmp, str(_SOURCE), "-lm"],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        os.replace(tmp, target)
-    except subprocess.CalledProcessError as e:
-        raise OSError(f"{compiler} failed: {e.stderr.strip()[:300]}") from e
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def _build() -> ctypes.CDLL:
-    compiler = _compiler()
-    cache = Path(os.environ.get("RNNKIT_CACHE", Path.home() / ".cache" / "rnnkit"))
-    error: OSError | None = None
-    for flags in _FLAG_SETS:
-        target = library_path(compiler, flags, cache)
-        try:
-            if not target.exists():
-                _compile(compiler, flags, target)
-            lib = ctypes.CDLL(str(target))
-            break
-        except OSError as e:
-            error = error or e
-    else:
-        raise error
+    lib = native_build.build(_SOURCE, _FLAG_SETS)
     for suffix in _SUFFIX.values():
         for name in ("nl_forward", "nl_backward"):
             getattr(lib, f"{name}_{suffix}").restype = ctypes.c_int64
