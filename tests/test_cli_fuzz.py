@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from rnnkit.cli import main
 from rnnkit.data import DataError, read_conllu, read_series, write_idx
 from rnnkit.data.readers import _bundled, load_mnist
-from rnnkit.train_checkpoint import CheckpointError, load_model, save_model
+from rnnkit.train.checkpoint import CheckpointError, load_model, save_model
 
 SMALL = ["--epochs", "1", "--hidden-size", "8", "--threads", "1", "--quiet"]
 FORECAST = ["--window", "16", "--period", "8", "--horizon", "2"]

@@ -138,11 +138,11 @@ def test_the_network_predicts_the_residual_over_the_linear_ar(tmp_path):
     coef = fit_linear_ar(values, train_starts, 8, 2)
     ar = linear_ar(values, starts, coef)
     # A network that outputs 0 is the linear AR; one that outputs the targets is the truth.
-    report = task.report(torch.zeros_like(test.y), test)
+    report = task.report(torch.zeros_like(test.y), test.y, test)
     assert report.arrays["pred"] == pytest.approx(ar)
     assert report.metrics["mae"] == pytest.approx(report.metrics["ar_mae"])
     assert report.metrics["ar_mae"] == pytest.approx(np.abs(ar - true).mean())
-    assert task.report(test.y, test).metrics["mae"] == pytest.approx(0, abs=1e-3)
+    assert task.report(test.y, test.y, test).metrics["mae"] == pytest.approx(0, abs=1e-3)
     # The targets are the residuals scaled by their training standard deviation.
     residual = (true - ar) / pre["std"] / pre["residual_scale"]
     assert test.y.numpy() == pytest.approx(residual, abs=1e-4)
@@ -173,5 +173,5 @@ def test_a_series_without_timestamps_has_no_calendar_inputs_nor_short_weekly_nai
     task, prep = _prepare(tmp_path / "s.csv", window=4, period=20)
     assert prep.model["input_size"] == 1 + 2 and not prep.preprocessing["calendar"]
     # The test part starts at step 102, less than a week (140 steps) into the series.
-    metrics = task.report(torch.zeros_like(prep.test.y), prep.test).metrics
+    metrics = task.report(torch.zeros_like(prep.test.y), prep.test.y, prep.test).metrics
     assert metrics["weekly_naive_mae"] is None and metrics["baseline_mae"] > 0

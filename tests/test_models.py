@@ -33,7 +33,9 @@ def _encoder_outputs(lstm: nn.Module, x: torch.Tensor, lengths: list[int]):
 def test_readouts_match_hand_computation_on_packed_batch(bidirectional):
     torch.manual_seed(0)
     H, L, D = 5, 2, 2 if bidirectional else 1
-    model = SequenceClassifier(3, 4, "lstm", H, L, bidirectional, readout="last")
+    model = SequenceClassifier(
+        ModelConfig("classifier", 3, 4, "lstm", H, L, bidirectional, readout="last")
+    )
     x = torch.randn(3, 6, 3)
     lengths = [6, 2, 4]
     # Garbage in the padding must not leak into any readout.
@@ -60,7 +62,7 @@ def test_last_readout_is_the_forward_end_and_the_backward_start_of_each_sequence
     # backward state after only the last step: check the backward half against a one-step run.
     torch.manual_seed(1)
     H = 4
-    model = SequenceClassifier(2, 3, "gru", H, 1, True, readout="last")
+    model = SequenceClassifier(ModelConfig("classifier", 2, 3, "gru", H, 1, True, readout="last"))
     x = torch.randn(2, 5, 2)
     lengths = torch.tensor([5, 3])
     from rnnkit.models import _run_encoder
@@ -77,7 +79,7 @@ def test_last_readout_is_the_forward_end_and_the_backward_start_of_each_sequence
 
 def test_hn_readout_equals_seed_003_concatenation_unpacked():
     torch.manual_seed(2)
-    model = SequenceClassifier(28, 10, "lstm", 7, 2, False, readout="hn")
+    model = SequenceClassifier(ModelConfig("classifier", 28, 10, "lstm", 7, 2, False, readout="hn"))
     x = torch.randn(4, 9, 28)
     out, (h_n, _) = model.encoder(x)
     feature_map = torch.cat([h_n[i, :, :] for i in range(h_n.shape[0])], dim=-1)
@@ -88,7 +90,7 @@ def test_hn_readout_equals_seed_003_concatenation_unpacked():
 def test_mean_readout_equals_seed_003_view_and_mean_unpacked():
     torch.manual_seed(3)
     H = 6
-    model = SequenceRegressor(1, 2, "lstm", H, 1, True, readout="mean")
+    model = SequenceRegressor(ModelConfig("regressor", 1, 2, "lstm", H, 1, True, readout="mean"))
     x = torch.randn(5, 24, 1)
     output, _ = model.encoder(x)
     seed = output.contiguous().view(5, 24, 2, H).mean(dim=2)[:, -1, :]
@@ -99,7 +101,9 @@ def test_mean_readout_equals_seed_003_view_and_mean_unpacked():
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 def test_readout_sizes_match_the_vectors(kind, bidirectional):
     H, L, D = 5, 3, 2 if bidirectional else 1
-    model = SequenceClassifier(2, 3, "rnn", H, L, bidirectional, readout=kind)
+    model = SequenceClassifier(
+        ModelConfig("classifier", 2, 3, "rnn", H, L, bidirectional, readout=kind)
+    )
     from rnnkit.models import _run_encoder
 
     output, h_n = _run_encoder(model.encoder, torch.randn(4, 7, 2), None)
@@ -111,11 +115,17 @@ def test_every_head_runs_on_every_cell_with_packed_lengths(cell):
     torch.manual_seed(0)
     lengths = torch.tensor([4, 1, 3])
     x = torch.randn(3, 4, 2)
-    assert SequenceClassifier(2, 5, cell, 8, 2, True, 0.1, "hn")(x, lengths).shape == (3, 5)
-    assert SequenceRegressor(2, 4, cell, 8)(x).shape == (3, 4)
+    assert SequenceClassifier(ModelConfig("classifier", 2, 5, cell, 8, 2, True, 0.1, "hn"))(
+        x, lengths
+    ).shape == (3, 5)
+    assert SequenceRegressor(ModelConfig("regressor", 2, 4, cell, 8))(x).shape == (3, 4)
     ids = torch.randint(2, 10, (3, 4))
-    assert Tagger(10, 6, 4, cell, 8)(ids, lengths).shape == (3, 4, 6)
-    assert CharRNN(10, 3, 4, cell, 8, readout="mean", bidirectional=True)(ids, lengths).shape == (
+    assert Tagger(ModelConfig("tagger", 10, 6, cell, 8, bidirectional=True, embedding_dim=4))(
+        ids, lengths
+    ).shape == (3, 4, 6)
+    assert CharRNN(
+        ModelConfig("charrnn", 10, 3, cell, 8, bidirectional=True, readout="mean", embedding_dim=4)
+    )(ids, lengths).shape == (
         3,
         3,
     )
@@ -123,7 +133,9 @@ def test_every_head_runs_on_every_cell_with_packed_lengths(cell):
 
 def test_padding_never_changes_a_prediction():
     torch.manual_seed(0)
-    model = CharRNN(12, 3, 4, "lstm", 8, bidirectional=True, readout="last").eval()
+    model = CharRNN(
+        ModelConfig("charrnn", 12, 3, "lstm", 8, bidirectional=True, embedding_dim=4)
+    ).eval()
     seq = torch.tensor([[5, 6, 7]])
     alone = model(seq, torch.tensor([3]))
     padded = torch.tensor([[5, 6, 7, 9, 9], [2, 3, 4, 5, 6]])
@@ -132,7 +144,7 @@ def test_padding_never_changes_a_prediction():
 
 def test_build_model_rebuilds_the_same_architecture_from_its_config():
     torch.manual_seed(0)
-    original = Tagger(20, 7, 6, "gru", 9, 2, True, 0.2)
+    original = Tagger(ModelConfig("tagger", 20, 7, "gru", 9, 2, True, 0.2, embedding_dim=6))
     clone = build_model(ModelConfig(**original.config.to_dict()))
     clone.load_state_dict(original.state_dict())
     ids = torch.randint(0, 20, (2, 5))
@@ -144,18 +156,18 @@ def test_build_model_rebuilds_the_same_architecture_from_its_config():
 def test_models_run_on_an_explicit_engine():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4)
-    ref = SequenceClassifier(4, 2, "lstm", 5, backend="reference")
+    ref = SequenceClassifier(ModelConfig("classifier", 4, 2, "lstm", 5, backend="reference"))
     assert ref.encoder.backend == "reference"
     assert ref(x).shape == (2, 2)
 
 
 def test_bad_model_arguments_name_the_choices():
     with pytest.raises(ValueError, match="readout must be one of last, hn, mean; got 'first'"):
-        SequenceClassifier(2, 3, readout="first")
+        SequenceClassifier(ModelConfig("classifier", 2, 3, readout="first"))
     with pytest.raises(ValueError, match="cell must be one of rnn, lstm, gru; got 'transformer'"):
-        SequenceClassifier(2, 3, cell="transformer")
+        SequenceClassifier(ModelConfig("classifier", 2, 3, cell="transformer"))
     with pytest.raises(ValueError, match="horizon must be at least 1"):
-        SequenceRegressor(1, 0)
+        SequenceRegressor(ModelConfig("regressor", 1, 0))
 
 
 @pytest.mark.parametrize(
@@ -176,7 +188,7 @@ def test_bad_model_arguments_name_the_choices():
     ids=["too-few", "beyond-T", "zero", "2-D", "fractional", "fractional-list", "device", "str"],
 )
 def test_classifier_refuses_lengths_that_do_not_fit_the_batch(lengths, message):
-    model = SequenceClassifier(3, 4)
+    model = SequenceClassifier(ModelConfig("classifier", 3, 4))
     with pytest.raises(rnnkit.RNNInputError, match=message) as caught:
         model(torch.randn(3, 5, 3), lengths)
     assert isinstance(caught.value, ValueError) and isinstance(caught.value, RuntimeError)
@@ -184,7 +196,7 @@ def test_classifier_refuses_lengths_that_do_not_fit_the_batch(lengths, message):
 
 def test_lengths_as_a_list_or_tuple_of_ints_equal_a_tensor():
     torch.manual_seed(0)
-    model = SequenceClassifier(3, 4).eval()
+    model = SequenceClassifier(ModelConfig("classifier", 3, 4)).eval()
     x = torch.randn(3, 5, 3)
     want = model(x, torch.tensor([5, 2, 4]))
     torch.testing.assert_close(model(x, [5, 2, 4]), want)
@@ -192,7 +204,12 @@ def test_lengths_as_a_list_or_tuple_of_ints_equal_a_tensor():
 
 
 @pytest.mark.parametrize(
-    "make", [lambda: Tagger(10, 3, 4), lambda: CharRNN(10, 3, 4)], ids=["tagger", "charrnn"]
+    "make",
+    [
+        lambda: Tagger(ModelConfig("tagger", 10, 3, embedding_dim=4)),
+        lambda: CharRNN(ModelConfig("charrnn", 10, 3, "gru", embedding_dim=4)),
+    ],
+    ids=["tagger", "charrnn"],
 )
 def test_token_ids_outside_the_vocabulary_are_named(make):
     model = make()
@@ -208,29 +225,57 @@ def test_token_ids_outside_the_vocabulary_are_named(make):
 
 def test_classifier_refuses_an_unbatched_input():
     with pytest.raises(rnnkit.RNNInputError, match=r"\(B, T, input_size\); got \(5, 3\)"):
-        SequenceClassifier(3, 4)(torch.randn(5, 3))
+        SequenceClassifier(ModelConfig("classifier", 3, 4))(torch.randn(5, 3))
 
 
 @pytest.mark.parametrize(
     ("make", "error", "message"),
     [
-        (lambda: SequenceClassifier(3, 0), ValueError, "num_classes must be at least 1; got 0"),
-        (lambda: SequenceClassifier(0, 2), ValueError, "input_size must be at least 1; got 0"),
         (
-            lambda: SequenceClassifier(3, 2, hidden_size=2.5),
+            lambda: SequenceClassifier(ModelConfig("classifier", 3, 0)),
+            ValueError,
+            "num_classes must be at least 1; got 0",
+        ),
+        (
+            lambda: SequenceClassifier(ModelConfig("classifier", 0, 2)),
+            ValueError,
+            "input_size must be at least 1; got 0",
+        ),
+        (
+            lambda: SequenceClassifier(ModelConfig("classifier", 3, 2, hidden_size=2.5)),
             TypeError,
             "hidden_size must be an int",
         ),
         (
-            lambda: SequenceClassifier(3, 2, num_layers=0),
+            lambda: SequenceClassifier(ModelConfig("classifier", 3, 2, num_layers=0)),
             ValueError,
             "num_layers must be at least 1",
         ),
-        (lambda: SequenceClassifier(3, 2, dropout=float("nan")), ValueError, "dropout must be"),
-        (lambda: SequenceRegressor(3, horizon=0), ValueError, "horizon must be at least 1"),
-        (lambda: Tagger(0, 3), ValueError, "Tagger: vocab_size must be at least 1"),
-        (lambda: Tagger(10, 0), ValueError, "Tagger: num_tags must be at least 1"),
-        (lambda: CharRNN(10, 3, embedding_dim=0), ValueError, "embedding_dim must be at least 1"),
+        (
+            lambda: SequenceClassifier(ModelConfig("classifier", 3, 2, dropout=float("nan"))),
+            ValueError,
+            "dropout must be",
+        ),
+        (
+            lambda: SequenceRegressor(ModelConfig("regressor", 3, 0)),
+            ValueError,
+            "horizon must be at least 1",
+        ),
+        (
+            lambda: Tagger(ModelConfig("tagger", 0, 3, embedding_dim=4)),
+            ValueError,
+            "Tagger: vocab_size must be at least 1",
+        ),
+        (
+            lambda: Tagger(ModelConfig("tagger", 10, 0, embedding_dim=4)),
+            ValueError,
+            "Tagger: num_tags must be at least 1",
+        ),
+        (
+            lambda: CharRNN(ModelConfig("charrnn", 10, 3, embedding_dim=0)),
+            ValueError,
+            "embedding_dim must be at least 1",
+        ),
     ],
     ids=[
         "classes",

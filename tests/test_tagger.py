@@ -1,7 +1,6 @@
 """The tagger task and its model: the spelling encoder, the bundled EWT treebank, the baseline,
 word dropout and length-bucketed batches, on small data."""
 
-import argparse
 
 import pytest
 import torch
@@ -69,7 +68,17 @@ def test_tagger_tags_unknown_words_by_their_spelling(prepared):
 
 
 def test_spelled_tagger_refuses_a_batch_without_characters():
-    model = Tagger(10, 3, 4, char_vocab_size=8)
+    model = Tagger(
+        ModelConfig(
+            "tagger",
+            10,
+            3,
+            embedding_dim=4,
+            char_vocab_size=8,
+            char_embedding_dim=32,
+            char_hidden_size=64,
+        )
+    )
     with pytest.raises(rnnkit.RNNInputError, match=r"\(B, T, 1 \+ C\).* got \(2, 3\)"):
         model(torch.ones(2, 3, dtype=torch.long))
     with pytest.raises(rnnkit.RNNInputError, match=r"CharEncoder: token id 8 is outside"):
@@ -100,7 +109,7 @@ def test_bundled_ewt_has_the_standard_split_sizes():
 
 def test_default_data_is_the_bundled_ewt_treebank():
     task = TaggerTask()
-    args = argparse.Namespace(**task.option_defaults)
+    args = dict(task.option_defaults)
     data = task.data_config(args)
     assert [data[k] for k in ("train", "dev", "test")] == [
         str(ewt_conllu(k)) for k in ("train", "dev", "test")
@@ -129,7 +138,7 @@ def test_most_frequent_tag_baseline_by_hand(tmp_path):
     task = TaggerTask()
     p = task.prepare(sample_data(**data))
     out = torch.zeros(*p.test.y.shape, len(task.preprocessing["tags"]))
-    metrics = task.report(out, p.test).metrics
+    metrics = task.report(out, p.test.y, p.test).metrics
     assert metrics["test_baseline_accuracy"] == pytest.approx(3 / 4)
     assert metrics["test_baseline_unknown_accuracy"] == 1.0
     assert metrics["test_unknown_tokens"] == 1 and metrics["test_tokens"] == 4

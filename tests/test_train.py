@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import rnnkit.train
-import rnnkit.train_checkpoint
+import rnnkit.train.run
+import rnnkit.train.state
+import rnnkit.train.checkpoint
 from rnnkit.cli import main
 from rnnkit.data import chronological_split, load_taylor, sample_conllu, write_idx
 
@@ -346,26 +347,26 @@ RESUMABLE = [
 
 
 def _interrupt_after_epoch(monkeypatch, n: int) -> None:
-    real = rnnkit.train.save_checkpoint
+    real = rnnkit.train.state.save_checkpoint
 
     def save_then_stop(path, state):
         real(path, state)
         if state["epoch"] == n:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(rnnkit.train, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(rnnkit.train.state, "save_checkpoint", save_then_stop)
 
 
 def _interrupt_before_checkpoint(monkeypatch, n: int) -> None:
     """Ctrl-C in epoch ``n`` just before its checkpoint: epoch n - 1 is committed whole."""
-    real = rnnkit.train.save_checkpoint
+    real = rnnkit.train.state.save_checkpoint
 
     def stop_or_save(path, state):
         if state["epoch"] == n:
             raise KeyboardInterrupt
         real(path, state)
 
-    monkeypatch.setattr(rnnkit.train, "save_checkpoint", stop_or_save)
+    monkeypatch.setattr(rnnkit.train.state, "save_checkpoint", stop_or_save)
 
 
 def test_resume_ends_exactly_where_an_uninterrupted_run_does(tmp_path, capsys, monkeypatch):
@@ -416,7 +417,7 @@ def test_checkpoint_write_is_atomic(tmp_path, capsys, monkeypatch):
         return real_save(obj, f, *a, **k)
 
     with monkeypatch.context() as m:
-        m.setattr(rnnkit.train_checkpoint.torch, "save", crash_on_second)
+        m.setattr(rnnkit.train.checkpoint.torch, "save", crash_on_second)
         rc, _, err = run_cli(capsys, "train", "digits", "--out", run, *RESUMABLE)
     assert_clear_error(
         rc, err, "could not write", "No space left", "previous version is untouched", status=1
@@ -470,7 +471,7 @@ def test_damaged_model_files_give_clear_errors(tmp_path, capsys, digits_run):
     rc, _, err = run_cli(capsys, "evaluate", run)
     assert_clear_error(rc, err, "model.safetensors", "is damaged", "SHA-256")
     # A whole file (its checksum right) whose weights do not fit the architecture it names.
-    rnnkit.train_checkpoint.save_model(model, tensors, json.loads(meta["rnnkit"]))
+    rnnkit.train.checkpoint.save_model(model, tensors, json.loads(meta["rnnkit"]))
     rc, _, err = run_cli(capsys, "evaluate", run)
     assert_clear_error(rc, err, "does not match the model", "fc.weight (10, 99) vs (10, 16)")
     model.unlink()
@@ -554,12 +555,12 @@ def test_train_help_explains_each_shared_option(capsys):
 def test_threads_default_to_what_the_machine_can_serve(tmp_path, capsys, monkeypatch):
     before = torch.get_num_threads()
     try:
-        assert rnnkit.train.set_threads(3) == 3 and torch.get_num_threads() == 3
-        monkeypatch.setattr(rnnkit.train.os, "sched_getaffinity", lambda _: {0, 1, 2, 3})
-        monkeypatch.setattr(rnnkit.train.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
-        assert rnnkit.train.set_threads(None) == 3
-        monkeypatch.setattr(rnnkit.train.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
-        assert rnnkit.train.set_threads(None) == 1
+        assert rnnkit.train.run.set_threads(3) == 3 and torch.get_num_threads() == 3
+        monkeypatch.setattr(rnnkit.train.run.os, "sched_getaffinity", lambda _: {0, 1, 2, 3})
+        monkeypatch.setattr(rnnkit.train.run.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+        assert rnnkit.train.run.set_threads(None) == 3
+        monkeypatch.setattr(rnnkit.train.run.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+        assert rnnkit.train.run.set_threads(None) == 1
     finally:
         torch.set_num_threads(before)
     rc, _, err = run_cli(capsys, "train", "digits", "--out", tmp_path / "r", "--threads", "0")

@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 import rnnkit.tasks.classify
-import rnnkit.train
-import rnnkit.train_checkpoint
+import rnnkit.train.run
+import rnnkit.train.state
+import rnnkit.train.checkpoint
 from rnnkit.cli import main
-from rnnkit.train_checkpoint import CheckpointError, load_model, write_json
+from rnnkit.train.checkpoint import CheckpointError, load_model, write_json
 
 # Two epochs of a small LSTM on the bundled digits: a second or so.
 SMALL = ["--epochs", "2", "--hidden-size", "8", "--batch-size", "128", "--quiet"]
@@ -196,7 +197,7 @@ def test_ctrl_c_in_the_first_epoch_leaves_a_folder_the_same_command_reuses(
             def interrupt(path, state):
                 raise KeyboardInterrupt
 
-            m.setattr(rnnkit.train, "save_checkpoint", interrupt)
+            m.setattr(rnnkit.train.state, "save_checkpoint", interrupt)
             rc, _, err = run_cli(capsys, "train", "digits", "--out", run, *SMALL)
         assert rc == 130 and "Start over with the same command" in err
         assert (run / "config.json").exists() and not (run / "checkpoint.pt").exists()
@@ -215,13 +216,13 @@ def test_ctrl_c_in_the_first_epoch_leaves_a_folder_the_same_command_reuses(
 def test_a_stale_temporary_file_is_removed_on_resume(tmp_path, capsys, monkeypatch):
     run = tmp_path / "r"
     with monkeypatch.context() as m:
-        real = rnnkit.train.save_checkpoint
+        real = rnnkit.train.state.save_checkpoint
 
         def save_then_stop(path, state):
             real(path, state)
             raise KeyboardInterrupt
 
-        m.setattr(rnnkit.train, "save_checkpoint", save_then_stop)
+        m.setattr(rnnkit.train.state, "save_checkpoint", save_then_stop)
         assert run_cli(capsys, "train", "digits", "--out", run, *SMALL)[0] == 130
     # What a process killed in the middle of a write leaves; PID 2**22 + 1 is beyond pid_max.
     (run / f".checkpoint.pt.tmp-{2**22 + 1}").write_bytes(b"half")
@@ -242,10 +243,10 @@ def test_torch_save_failure_is_one_line_naming_the_file(tmp_path, capsys, monkey
             raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
         return real_save(obj, f, *a, **k)
 
-    usage = rnnkit.train_checkpoint.shutil.disk_usage(tmp_path)._replace(free=free)
+    usage = rnnkit.train.checkpoint.shutil.disk_usage(tmp_path)._replace(free=free)
     with monkeypatch.context() as m:
-        m.setattr(rnnkit.train_checkpoint.torch, "save", fail_on_second)
-        m.setattr(rnnkit.train_checkpoint.shutil, "disk_usage", lambda _: usage)
+        m.setattr(rnnkit.train.checkpoint.torch, "save", fail_on_second)
+        m.setattr(rnnkit.train.checkpoint.shutil, "disk_usage", lambda _: usage)
         rc, _, err = run_cli(capsys, "train", "digits", "--out", run, *SMALL)
     cause = "No space left on device" if free < 2**20 else "RuntimeError: [enforce fail"
     assert_one_line_error(
@@ -262,7 +263,7 @@ def test_a_failed_weights_write_is_one_line_naming_the_file(tmp_path, capsys, mo
     def full(*a, **k):
         raise SafetensorError("Error while serializing: I/O error: No space left on device")
 
-    monkeypatch.setattr(rnnkit.train_checkpoint, "save_file", full)
+    monkeypatch.setattr(rnnkit.train.checkpoint, "save_file", full)
     rc, _, err = run_cli(capsys, "train", "digits", "--out", tmp_path / "r", *SMALL)
     assert_one_line_error(
         rc, err, "could not write", "model.safetensors", "No space left", status=1
@@ -315,8 +316,8 @@ def test_json_files_hold_null_never_nan(tmp_path, capsys, monkeypatch):
     assert strict_json(tmp_path / "x.json") == {"a": None, "b": [None, 1.5]}
     real = rnnkit.tasks.classify.ClassificationTask.report
 
-    def report(self, out, split):
-        r = real(self, out, split)
+    def report(self, out, y, split):
+        r = real(self, out, y, split)
         r.metrics["test_loss"] = float("nan")
         return r
 
@@ -370,7 +371,7 @@ class Killed(BaseException):
 def _writes(monkeypatch, stop_after: int | None) -> list[str]:
     """Record the files written (atomically) in order; raise Killed after ``stop_after`` of them."""
     names: list[str] = []
-    real = rnnkit.train_checkpoint.atomic_write
+    real = rnnkit.train.checkpoint.atomic_write
 
     def write(path, fn):
         real(path, fn)
@@ -378,7 +379,7 @@ def _writes(monkeypatch, stop_after: int | None) -> list[str]:
         if len(names) == stop_after:
             raise Killed
 
-    monkeypatch.setattr(rnnkit.train_checkpoint, "atomic_write", write)
+    monkeypatch.setattr(rnnkit.train.checkpoint, "atomic_write", write)
     return names
 
 
@@ -407,7 +408,7 @@ def test_a_kill_between_any_two_writes_leaves_files_that_agree_and_resume(
 
 _KILL_IN_CHECKPOINT_2 = """
 import os, sys
-import rnnkit.train_checkpoint as tc
+import rnnkit.train.checkpoint as tc
 from rnnkit.cli import main
 
 real, seen = tc.atomic_write, []

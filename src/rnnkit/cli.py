@@ -148,10 +148,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main()
 
 
+def _without_training(sub: argparse._SubParsersAction, why: str) -> None:
+    """``train``, ``evaluate`` and ``predict`` that say which extra they need."""
+
+    def refuse(args: argparse.Namespace) -> int:
+        print(f"rnnkit {args.command}: error: {why}", file=sys.stderr)
+        return 2
+
+    for name in ("train", "evaluate", "predict"):
+        p = sub.add_parser(name, help=f"({why.split(';')[0]})", add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=refuse)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="rnnkit", description="Readable, fast, torch.nn-compatible recurrent networks."
     )
+    from rnnkit import __version__
+
+    parser.add_argument("--version", action="version", version=f"rnnkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("params", help="parameter count of a layer, per tensor, with the formula")
     _add_layer_args(p)
@@ -167,10 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo)
     try:
-        from rnnkit.train import add_commands
-    except ImportError:
-        add_commands = None
-    if add_commands is not None:
+        from rnnkit.train import require_extra
+
+        require_extra()
+    except ImportError as e:
+        _without_training(sub, str(e))
+    else:
+        from rnnkit.train.cli import add_commands
+
         add_commands(sub)
     return parser
 

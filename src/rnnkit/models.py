@@ -205,7 +205,10 @@ def _run_encoder(encoder: nn.Module, x: Tensor, lengths: Tensor | None) -> tuple
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild a model; saved beside its weights."""
+    """Everything needed to build a model, flat; every model takes one (``Model(config)``) and
+    it is saved beside the weights. ``kind`` names the model (:data:`KINDS`); ``input_size`` is
+    the features per step, or the vocabulary size of the models that read ids; ``output_size``
+    the classes, tags or forecast steps."""
 
     kind: str
     input_size: int
@@ -217,8 +220,8 @@ class ModelConfig:
     dropout: float = 0.0
     readout: str = "last"
     backend: str = "auto"
+    # tagger and charrnn: the token embedding
     embedding_dim: int = 0
-    horizon: int = 1
     # tagger: a character encoder of each word's spelling when char_vocab_size > 0
     char_vocab_size: int = 0
     char_embedding_dim: int = 0
@@ -228,7 +231,21 @@ class ModelConfig:
         return asdict(self)
 
 
-def _check_config(owner: str, c: ModelConfig, input_name: str, output_name: str) -> None:
+# The name of each model's input_size and output_size in its errors.
+_SIZE_NAMES = {
+    "classifier": ("input_size", "num_classes"),
+    "regressor": ("input_size", "horizon"),
+    "tagger": ("vocab_size", "num_tags"),
+    "charrnn": ("vocab_size", "num_classes"),
+}
+
+
+def _check_config(owner: str, c: object, kind: str) -> ModelConfig:
+    if not isinstance(c, ModelConfig):
+        raise TypeError(f"{owner}: expected a ModelConfig; got {type(c).__name__}")
+    if c.kind != kind:
+        raise ValueError(f"{owner}: expected a ModelConfig of kind {kind!r}; got {c.kind!r}")
+    input_name, output_name = _SIZE_NAMES[kind]
     check_size(owner, input_name, c.input_size)
     check_size(owner, output_name, c.output_size)
     check_size(owner, "hidden_size", c.hidden_size)
@@ -240,9 +257,12 @@ def _check_config(owner: str, c: ModelConfig, input_name: str, output_name: str)
         check_size(owner, "char_vocab_size", c.char_vocab_size)
         check_size(owner, "char_embedding_dim", c.char_embedding_dim)
         check_size(owner, "char_hidden_size", c.char_hidden_size)
+    return c
 
 
 class _Encoded(nn.Module):
+    """``encoder -> readout -> dropout -> linear`` over ``input_size`` features per step."""
+
     def __init__(self, config: ModelConfig, input_size: int) -> None:
         super().__init__()
         self.config = config
@@ -257,50 +277,29 @@ class _Encoded(nn.Module):
             config.backend,
         )
         self.drop = nn.Dropout(config.dropout)
+        head = readout_size(
+            config.readout, config.hidden_size, config.num_layers, self.num_directions
+        )
+        self.fc = nn.Linear(head, config.output_size)
 
     def encode(self, x: Tensor, lengths: Tensor | None) -> Tensor:
         output, h_n = _run_encoder(self.encoder, x, lengths)
-        return self.drop(readout(self.config.readout, output, h_n, lengths, self.num_directions))
-
-    def head_size(self) -> int:
         c = self.config
-        return readout_size(c.readout, c.hidden_size, c.num_layers, self.num_directions)
+        return self.drop(readout(c.readout, output, h_n, lengths, self.num_directions))
 
 
 class SequenceClassifier(_Encoded):
-    """``(B, T, I)`` sequences to ``(B, num_classes)`` logits through a readout and a linear layer.
+    """``(B, T, I)`` sequences to ``(B, num_classes)`` logits through a readout and a linear layer
+    (``ModelConfig("classifier", input_size, num_classes, ...)``).
 
     Seed 001's ``BiLSTM`` and seed 003's sequential-MNIST model are this with ``readout="last"``
     and ``readout="hn"``.
     """
 
-    def __init__(
-        self,
-        input_size: int,
-        num_classes: int,
-        cell: str = "lstm",
-        hidden_size: int = 64,
-        num_layers: int = 1,
-        bidirectional: bool = False,
-        dropout: float = 0.0,
-        readout: str = "last",
-        backend: str = "auto",
-    ) -> None:
-        config = ModelConfig(
-            "classifier",
-            input_size,
-            num_classes,
-            cell,
-            hidden_size,
-            num_layers,
-            bidirectional,
-            dropout,
-            readout,
-            backend,
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(
+            _check_config("SequenceClassifier", config, "classifier"), config.input_size
         )
-        _check_config("SequenceClassifier", config, "input_size", "num_classes")
-        super().__init__(config, input_size)
-        self.fc = nn.Linear(self.head_size(), num_classes)
 
     def forward(self, x: Tensor, lengths: Tensor | Sequence[int] | None = None) -> Tensor:
         _check_features("SequenceClassifier", x)
@@ -309,38 +308,12 @@ class SequenceClassifier(_Encoded):
 
 
 class SequenceRegressor(_Encoded):
-    """``(B, T, I)`` history to the next ``horizon`` values ``(B, horizon)``: seed 000's
-    ``LSTMModel`` with ``horizon=1``, seed 003's 24 h -> 2 h load forecaster with ``horizon=4``."""
+    """``(B, T, I)`` history to the next ``horizon`` values ``(B, horizon)``
+    (``ModelConfig("regressor", input_size, horizon, ...)``): seed 000's ``LSTMModel`` with
+    ``horizon=1``, seed 003's 24 h -> 2 h load forecaster with ``horizon=4``."""
 
-    def __init__(
-        self,
-        input_size: int,
-        horizon: int = 1,
-        cell: str = "lstm",
-        hidden_size: int = 64,
-        num_layers: int = 1,
-        bidirectional: bool = False,
-        dropout: float = 0.0,
-        readout: str = "last",
-        backend: str = "auto",
-    ) -> None:
-        check_size("SequenceRegressor", "horizon", horizon)
-        config = ModelConfig(
-            "regressor",
-            input_size,
-            horizon,
-            cell,
-            hidden_size,
-            num_layers,
-            bidirectional,
-            dropout,
-            readout,
-            backend,
-            horizon=horizon,
-        )
-        _check_config("SequenceRegressor", config, "input_size", "horizon")
-        super().__init__(config, input_size)
-        self.fc = nn.Linear(self.head_size(), horizon)
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(_check_config("SequenceRegressor", config, "regressor"), config.input_size)
 
     def forward(self, x: Tensor, lengths: Tensor | Sequence[int] | None = None) -> Tensor:
         _check_features("SequenceRegressor", x)
@@ -404,52 +377,21 @@ class Tagger(nn.Module):
     representation, from its spelling.
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        num_tags: int,
-        embedding_dim: int = 64,
-        cell: str = "lstm",
-        hidden_size: int = 64,
-        num_layers: int = 1,
-        bidirectional: bool = True,
-        dropout: float = 0.0,
-        backend: str = "auto",
-        char_vocab_size: int = 0,
-        char_embedding_dim: int = 32,
-        char_hidden_size: int = 64,
-    ) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        spelled = bool(char_vocab_size)
-        self.config = ModelConfig(
-            "tagger",
-            vocab_size,
-            num_tags,
-            cell,
-            hidden_size,
-            num_layers,
-            bidirectional,
-            dropout,
-            "last",
-            backend,
-            embedding_dim,
-            char_vocab_size=char_vocab_size,
-            char_embedding_dim=char_embedding_dim if spelled else 0,
-            char_hidden_size=char_hidden_size if spelled else 0,
-        )
-        _check_config("Tagger", self.config, "vocab_size", "num_tags")
-        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
-        self.chars = (
-            CharEncoder(char_vocab_size, char_embedding_dim, char_hidden_size, cell, backend)
-            if spelled
-            else None
-        )
-        input_size = embedding_dim + (self.chars.output_size if spelled else 0)
+        c = self.config = _check_config("Tagger", config, "tagger")
+        self.embedding = nn.Embedding(c.input_size, c.embedding_dim, padding_idx=0)
+        self.chars = None
+        if c.char_vocab_size:
+            self.chars = CharEncoder(
+                c.char_vocab_size, c.char_embedding_dim, c.char_hidden_size, c.cell, c.backend
+            )
+        input_size = c.embedding_dim + (self.chars.output_size if self.chars else 0)
         self.encoder = make_encoder(
-            cell, input_size, hidden_size, num_layers, bidirectional, dropout, backend
+            c.cell, input_size, c.hidden_size, c.num_layers, c.bidirectional, c.dropout, c.backend
         )
-        self.drop = nn.Dropout(dropout)
-        self.fc = nn.Linear((2 if bidirectional else 1) * hidden_size, num_tags)
+        self.drop = nn.Dropout(c.dropout)
+        self.fc = nn.Linear((2 if c.bidirectional else 1) * c.hidden_size, c.output_size)
 
     def forward(self, tokens: Tensor, lengths: Tensor | Sequence[int] | None = None) -> Tensor:
         if self.chars is None:
@@ -486,39 +428,13 @@ def _split_spelled(owner: str, tokens: object) -> tuple[Tensor, Tensor]:
 
 
 class CharRNN(_Encoded):
-    """Seed 002's character-level classifier: character ids ``(B, T)`` -> embedding ->
-    recurrent layer -> readout -> ``(B, num_classes)`` logits. Id 0 is padding, id 1 unknown."""
+    """Seed 002's character-level classifier (``ModelConfig("charrnn", vocab_size, num_classes,
+    embedding_dim=...)``): character ids ``(B, T)`` -> embedding -> recurrent layer -> readout ->
+    ``(B, num_classes)`` logits. Id 0 is padding, id 1 unknown."""
 
-    def __init__(
-        self,
-        vocab_size: int,
-        num_classes: int,
-        embedding_dim: int = 32,
-        cell: str = "gru",
-        hidden_size: int = 64,
-        num_layers: int = 1,
-        bidirectional: bool = False,
-        dropout: float = 0.0,
-        readout: str = "last",
-        backend: str = "auto",
-    ) -> None:
-        config = ModelConfig(
-            "charrnn",
-            vocab_size,
-            num_classes,
-            cell,
-            hidden_size,
-            num_layers,
-            bidirectional,
-            dropout,
-            readout,
-            backend,
-            embedding_dim,
-        )
-        _check_config("CharRNN", config, "vocab_size", "num_classes")
-        super().__init__(config, embedding_dim)
-        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
-        self.fc = nn.Linear(self.head_size(), num_classes)
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(_check_config("CharRNN", config, "charrnn"), config.embedding_dim)
+        self.embedding = nn.Embedding(config.input_size, config.embedding_dim, padding_idx=0)
 
     def forward(self, chars: Tensor, lengths: Tensor | Sequence[int] | None = None) -> Tensor:
         chars = check_tokens("CharRNN", chars, self.embedding.num_embeddings)
@@ -526,31 +442,20 @@ class CharRNN(_Encoded):
         return self.fc(self.encode(self.embedding(chars), lengths))  # (B, C)
 
 
+MODELS = {
+    "classifier": SequenceClassifier,
+    "regressor": SequenceRegressor,
+    "tagger": Tagger,
+    "charrnn": CharRNN,
+}
+
+
 def build_model(config: ModelConfig | dict) -> nn.Module:
     """The model a :class:`ModelConfig` (or its dict) describes, freshly initialised."""
-    c = config if isinstance(config, ModelConfig) else ModelConfig(**config)
-    common = dict(
-        cell=c.cell,
-        hidden_size=c.hidden_size,
-        num_layers=c.num_layers,
-        bidirectional=c.bidirectional,
-        dropout=c.dropout,
-        backend=c.backend,
-    )
-    if c.kind == "classifier":
-        return SequenceClassifier(c.input_size, c.output_size, readout=c.readout, **common)
-    if c.kind == "regressor":
-        return SequenceRegressor(c.input_size, c.horizon, readout=c.readout, **common)
-    if c.kind == "tagger":
-        return Tagger(
-            c.input_size,
-            c.output_size,
-            c.embedding_dim,
-            **common,
-            char_vocab_size=c.char_vocab_size,
-            char_embedding_dim=c.char_embedding_dim,
-            char_hidden_size=c.char_hidden_size,
-        )
-    if c.kind == "charrnn":
-        return CharRNN(c.input_size, c.output_size, c.embedding_dim, readout=c.readout, **common)
-    raise ValueError(f"model kind must be one of {', '.join(KINDS)}; got {c.kind!r}")
+    if isinstance(config, dict):
+        # Run folders of rnnkit 0.1 also saved a regressor's horizon, which is its output_size.
+        config = ModelConfig(**{k: v for k, v in config.items() if k != "horizon"})
+    c = config
+    if c.kind not in MODELS:
+        raise ValueError(f"model kind must be one of {', '.join(KINDS)}; got {c.kind!r}")
+    return MODELS[c.kind](c)

@@ -6,7 +6,8 @@ engine every plain layer runs on while a graph is traced or exported (``engines.
 exporters know ``torch._VF.lstm``, ``gru``, ``rnn_tanh`` and ``rnn_relu``.
 """
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -42,9 +43,12 @@ def _run_vf(
     return result[0], tuple(result[1:])
 
 
-# torch.compile does not trace torch's own RNN kernels (dynamo skips nn.LSTM for the same
-# reason); they run eagerly between the compiled parts.
-_run_between_compiled_parts = torch.compiler.disable(_run_vf)
+@functools.cache
+def _between_compiled_parts() -> Callable:
+    """``_run_vf`` marked to run eagerly between the compiled parts: torch.compile does not
+    trace torch's own RNN kernels (dynamo skips nn.LSTM for the same reason). Made on first
+    use, since ``torch.compiler.disable`` imports dynamo (slow) and plain eager use needs none."""
+    return torch.compiler.disable(_run_vf)
 
 
 def run(
@@ -60,4 +64,6 @@ def run(
     # exported graph cannot have a part that runs eagerly outside it.
     if torch.compiler.is_exporting():
         return _run_vf(spec, x, hx, weights, batch_sizes, training)
-    return _run_between_compiled_parts(spec, x, hx, weights, batch_sizes, training)
+    if torch.compiler.is_compiling():
+        return _between_compiled_parts()(spec, x, hx, weights, batch_sizes, training)
+    return _run_vf(spec, x, hx, weights, batch_sizes, training)

@@ -13,6 +13,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from rnnkit.train.objective import Objective
+
 
 @dataclass
 class Split:
@@ -34,30 +36,25 @@ class Prepared:
     train: Split
     val: Split
     test: Split
-    # kind, input_size, output_size and, where they apply, embedding_dim and horizon
+    # ModelConfig fields that the data decide: kind, input_size, output_size, embedding_dim, ...
     model: dict
     preprocessing: dict
     notes: list[str] = field(default_factory=list)
 
 
-@dataclass
-class Report:
-    """The final evaluation of one split: flat metrics for summary.json, the arrays behind them."""
+class Task(Objective):
+    """A task of ``rnnkit train``: its options and data, its objective (a loss, one metric, the
+    test report and plots: :class:`~rnnkit.train.objective.Objective`) and its predictions."""
 
-    metrics: dict
-    arrays: dict = field(default_factory=dict)
-
-
-class Task:
     name = ""
     help = ""
-    # "accuracy" (higher is better) or "mae" (lower is better), reported per epoch on both splits
-    metric = "accuracy"
-    loss_name = "cross-entropy"
     variable_length = False
     # the targets have a time axis (tagging): batches trim it with the inputs'
     per_step_targets = False
-    defaults: ClassVar[dict] = {}
+    # How this task trains and what its model is, where they differ from TrainConfig's and
+    # ModelConfig's defaults.
+    train: ClassVar[dict] = {}
+    model: ClassVar[dict] = {}
 
     def __init__(self) -> None:
         self.preprocessing: dict = {}
@@ -73,8 +70,9 @@ class Task:
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         """The task's own options (its data files), registered with :meth:`option`."""
 
-    def data_config(self, args: argparse.Namespace) -> dict:
-        """The task's options as a JSON-able dict, saved in config.json to reload the data."""
+    def data_config(self, o: dict) -> dict:
+        """The task's options (``o``, by name) as a JSON-able dict, saved in config.json to
+        reload the data."""
         return {}
 
     def prepare(self, data: dict) -> Prepared:
@@ -92,22 +90,9 @@ class Task:
         """The input of a training batch; the tagger drops rare words to the unknown word here."""
         return x
 
-    def scores(self, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(loss summed over the elements, element count, metric summed over the elements)``."""
-        raise NotImplementedError
-
-    def report(self, out: Tensor, split: Split) -> Report:
-        raise NotImplementedError
-
-    def plots(self, report: Report, run_dir: Path) -> list[str]:
-        return []
-
     def predict(self, model: nn.Module, path: Path, device: torch.device, batch_size: int) -> str:
         """Predictions for the input file ``path`` as the text of the output file."""
         raise NotImplementedError
-
-    def metric_value(self, metric_sum: float, count: float) -> float:
-        return metric_sum / max(count, 1)
 
 
 def trim(

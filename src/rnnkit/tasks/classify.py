@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rnnkit import train_plots
 from rnnkit.data import DataError, Vocab, load_digits, load_mnist, read_idx, read_labelled_text
 from rnnkit.data.readers import check_finite_images, check_pixels, parse_numbers, read_lines
-from rnnkit.tasks.base import Prepared, Report, Split, Task, forward_all
+from rnnkit.tasks.base import Prepared, Split, Task, forward_all
+from rnnkit.train import plots as draw
+from rnnkit.train.objective import Report
 
 
 def _split(x: np.ndarray, y: np.ndarray, idx: np.ndarray) -> Split:
@@ -40,12 +41,7 @@ def _rows_csv(rows: list[tuple], header: tuple) -> str:
 class ClassificationTask(Task):
     metric = "accuracy"
 
-    def scores(self, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        loss = nn.functional.cross_entropy(out, y, reduction="sum")
-        correct = (out.argmax(-1) == y).sum()
-        return loss, torch.tensor(float(y.numel())), correct.float()
-
-    def report(self, out: Tensor, split: Split) -> Report:
+    def report(self, out: Tensor, y: Tensor, split: Split) -> Report:
         classes = self.preprocessing["classes"]
         pred = out.argmax(-1).numpy()
         true = split.y.numpy()
@@ -66,7 +62,7 @@ class ClassificationTask(Task):
 
     def plots(self, report: Report, run_dir: Path) -> list[str]:
         acc = report.metrics["test_accuracy"]
-        train_plots.confusion(
+        draw.confusion(
             report.arrays["confusion"],
             list(self.preprocessing["classes"]),
             f"{self.name}: test confusion matrix (accuracy {100 * acc:.2f}%)",
@@ -87,19 +83,8 @@ class ClassificationTask(Task):
 class DigitsTask(ClassificationTask):
     name = "digits"
     help = "the 1,797 8x8 handwritten digits (bundled), read as 8 steps of 8 pixels"
-    defaults: ClassVar[dict] = dict(
-        cell="lstm",
-        hidden_size=128,
-        num_layers=1,
-        bidirectional=False,
-        dropout=0.0,
-        readout="last",
-        epochs=30,
-        batch_size=32,
-        lr=0.01,
-        optimizer="adam",
-        schedule="onecycle",
-    )
+    train: ClassVar[dict] = dict(epochs=30, lr=0.01)
+    model: ClassVar[dict] = dict(hidden_size=128)
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         self.option(
@@ -110,9 +95,9 @@ class DigitsTask(ClassificationTask):
             "default: the bundled copy of scikit-learn's digits",
         )
 
-    def data_config(self, args: argparse.Namespace) -> dict:
+    def data_config(self, o: dict) -> dict:
         return {
-            "data": str(Path(args.data).resolve()) if args.data else None,
+            "data": str(Path(o["data"]).resolve()) if o["data"] else None,
             "split": [0.7, 0.1, 0.2],
             "split_seed": 0,
         }
@@ -175,19 +160,8 @@ class DigitsTask(ClassificationTask):
 class MnistTask(ClassificationTask):
     name = "mnist"
     help = "sequential MNIST: 28 steps of 28 pixels, from IDX files in a folder you name"
-    defaults: ClassVar[dict] = dict(
-        cell="lstm",
-        hidden_size=128,
-        num_layers=1,
-        bidirectional=False,
-        dropout=0.0,
-        readout="hn",
-        epochs=5,
-        batch_size=128,
-        lr=0.005,
-        optimizer="adam",
-        schedule="onecycle",
-    )
+    train: ClassVar[dict] = dict(epochs=5, batch_size=128, lr=0.005)
+    model: ClassVar[dict] = dict(hidden_size=128, readout="hn")
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         self.option(
@@ -207,14 +181,14 @@ class MnistTask(ClassificationTask):
             help="share of the training images held out for validation (default 0.1)",
         )
 
-    def data_config(self, args: argparse.Namespace) -> dict:
-        if not args.data:
+    def data_config(self, o: dict) -> dict:
+        if not o["data"]:
             raise DataError("mnist needs --data DIR, the folder holding the MNIST IDX files")
-        if not 0 < args.val_fraction < 1:
-            raise DataError(f"--val-fraction must be between 0 and 1; got {args.val_fraction}")
+        if not 0 < o["val_fraction"] < 1:
+            raise DataError(f"--val-fraction must be between 0 and 1; got {o['val_fraction']}")
         return {
-            "data": str(Path(args.data).resolve()),
-            "val_fraction": args.val_fraction,
+            "data": str(Path(o["data"]).resolve()),
+            "val_fraction": o["val_fraction"],
             "split_seed": 0,
         }
 
@@ -260,18 +234,9 @@ class TextClassificationTask(ClassificationTask):
     name = "textclf"
     help = "char-level classification of short texts from a TSV of label<TAB>text"
     variable_length = True
-    defaults: ClassVar[dict] = dict(
-        cell="gru",
-        hidden_size=128,
-        num_layers=1,
-        bidirectional=True,
-        dropout=0.1,
-        readout="hn",
-        epochs=20,
-        batch_size=32,
-        lr=0.005,
-        optimizer="adam",
-        schedule="onecycle",
+    train: ClassVar[dict] = dict(epochs=20, lr=0.005)
+    model: ClassVar[dict] = dict(
+        cell="gru", hidden_size=128, bidirectional=True, dropout=0.1, readout="hn"
     )
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
@@ -285,21 +250,21 @@ class TextClassificationTask(ClassificationTask):
             p, "--embedding-dim", type=int, default=32, help="character embedding size (default 32)"
         )
 
-    def data_config(self, args: argparse.Namespace) -> dict:
-        if not args.data:
+    def data_config(self, o: dict) -> dict:
+        if not o["data"]:
             raise DataError("textclf needs --data TSV, a file of label<TAB>text lines")
-        if args.max_chars < 1:
-            raise DataError(f"--max-chars must be at least 1; got {args.max_chars}")
+        if o["max_chars"] < 1:
+            raise DataError(f"--max-chars must be at least 1; got {o['max_chars']}")
 
         def path(p: str | None) -> str | None:
             return str(Path(p).resolve()) if p else None
 
         return {
-            "data": path(args.data),
-            "dev": path(args.dev),
-            "test": path(args.test),
-            "max_chars": args.max_chars,
-            "embedding_dim": args.embedding_dim,
+            "data": path(o["data"]),
+            "dev": path(o["dev"]),
+            "test": path(o["test"]),
+            "max_chars": o["max_chars"],
+            "embedding_dim": o["embedding_dim"],
             "split_seed": 0,
         }
 

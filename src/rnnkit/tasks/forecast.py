@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rnnkit import train_plots
 from rnnkit.data import DataError, chronological_split, load_taylor, read_series
 from rnnkit.data.readers import read_times, taylor_csv
-from rnnkit.tasks.base import Prepared, Report, Split, Task, forward_all
+from rnnkit.tasks.base import Prepared, Split, Task, forward_all
+from rnnkit.train import plots as draw
+from rnnkit.train.objective import Report
 
 # The weekly naive looks back this many periods (a week when the period is a day).
 WEEK = 7
@@ -155,19 +156,7 @@ class ForecastTask(Task):
     )
     metric = "mae"
     loss_name = "MSE of the scaled residual over the linear AR"
-    defaults: ClassVar[dict] = dict(
-        cell="lstm",
-        hidden_size=64,
-        num_layers=1,
-        bidirectional=False,
-        dropout=0.0,
-        readout="last",
-        epochs=40,
-        batch_size=64,
-        lr=0.001,
-        optimizer="adam",
-        schedule="onecycle",
-    )
+    train: ClassVar[dict] = dict(epochs=40, batch_size=64)
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         self.option(
@@ -203,27 +192,27 @@ class ForecastTask(Task):
             "earlier in the window (default 48 = one day of half-hours)",
         )
 
-    def data_config(self, args: argparse.Namespace) -> dict:
+    def data_config(self, o: dict) -> dict:
         for name in ("window", "horizon", "period"):
-            if getattr(args, name) < 1:
-                raise DataError(f"--{name} must be at least 1; got {getattr(args, name)}")
-        if not args.data and args.column not in (None, "load_mw"):
+            if o[name] < 1:
+                raise DataError(f"--{name} must be at least 1; got {o[name]}")
+        if not o["data"] and o["column"] not in (None, "load_mw"):
             raise DataError(
-                f"--column {args.column!r} names a column of --data CSV, which is not given "
+                f"--column {o['column']!r} names a column of --data CSV, which is not given "
                 "(the bundled series has only load_mw)"
             )
-        if args.horizon > args.period:
+        if o["horizon"] > o["period"]:
             raise DataError(
-                f"--horizon {args.horizon} is longer than --period {args.period}: "
+                f"--horizon {o['horizon']} is longer than --period {o['period']}: "
                 "the seasonal-naive "
                 "baseline would need values from the future"
             )
         return {
-            "data": str(Path(args.data).resolve()) if args.data else None,
-            "column": args.column if args.data else "load_mw",
-            "window": args.window,
-            "horizon": args.horizon,
-            "period": args.period,
+            "data": str(Path(o["data"]).resolve()) if o["data"] else None,
+            "column": o["column"] if o["data"] else "load_mw",
+            "window": o["window"],
+            "horizon": o["horizon"],
+            "period": o["period"],
             "split": [0.7, 0.15, 0.15],
         }
 
@@ -303,7 +292,7 @@ class ForecastTask(Task):
         notes = [] if cal is not None else ["no time stamps in the CSV: no calendar inputs"]
         return Prepared(
             *splits,
-            {"kind": "regressor", "input_size": x.shape[2], "output_size": h, "horizon": h},
+            {"kind": "regressor", "input_size": x.shape[2], "output_size": h},
             self.preprocessing,
             notes,
         )
@@ -332,7 +321,7 @@ class ForecastTask(Task):
         out["linear AR"] = ar
         return out
 
-    def report(self, out: Tensor, split: Split) -> Report:
+    def report(self, out: Tensor, y: Tensor, split: Split) -> Report:
         starts = split.index.numpy()
         ar_z = linear_ar(self._z, starts, self._coef)
         pred = self.forecast(out.numpy().astype(np.float64), ar_z)
@@ -362,7 +351,7 @@ class ForecastTask(Task):
         title = f"forecast, test part: MAE model {m['mae']:.0f}, " + ", ".join(
             f"{n} {maes[n]:.0f}" for n in names
         )
-        train_plots.forecast(
+        draw.forecast(
             report.arrays["true"],
             report.arrays["pred"],
             {n: report.arrays[n] for n in names},

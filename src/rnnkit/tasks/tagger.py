@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rnnkit import train_plots
 from rnnkit.data import UNK, DataError, Vocab, ewt_conllu, read_conllu
 from rnnkit.data.readers import _existing, _read_text
-from rnnkit.tasks.base import Prepared, Report, Split, Task, forward_all
+from rnnkit.tasks.base import Prepared, Split, Task, forward_all
+from rnnkit.train import plots as draw
+from rnnkit.train.objective import IGNORE, Report
 
-IGNORE = -100
 # Characters of a word the encoder reads: the first and last half of this for longer words.
 MAX_CHARS = 24
 # The open word classes of Universal Dependencies: where an unseen word most likely belongs.
@@ -73,20 +73,8 @@ class TaggerTask(Task):
     loss_name = "cross-entropy per token"
     variable_length = True
     per_step_targets = True
-    defaults: ClassVar[dict] = dict(
-        cell="lstm",
-        hidden_size=128,
-        num_layers=1,
-        bidirectional=True,
-        dropout=0.33,
-        readout="last",
-        backend="fused",
-        epochs=16,
-        batch_size=64,
-        lr=0.006,
-        optimizer="adam",
-        schedule="onecycle",
-    )
+    train: ClassVar[dict] = dict(epochs=16, batch_size=64, lr=0.006)
+    model: ClassVar[dict] = dict(hidden_size=128, bidirectional=True, dropout=0.33, backend="fused")
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         for part in ("train", "dev", "test"):
@@ -125,8 +113,8 @@ class TaggerTask(Task):
             "a / (a + c) for the same a (default 0.25)",
         )
 
-    def data_config(self, args: argparse.Namespace) -> dict:
-        given = [args.train, args.dev, args.test]
+    def data_config(self, o: dict) -> dict:
+        given = [o["train"], o["dev"], o["test"]]
         if any(given) and not all(given):
             raise DataError(
                 "tagger: give all of --train, --dev and --test, or none for the bundled UD "
@@ -136,20 +124,20 @@ class TaggerTask(Task):
             k: str(Path(v).resolve()) if v else str(ewt_conllu(k))
             for k, v in zip(("train", "dev", "test"), given, strict=True)
         }
-        if not 0 <= args.word_dropout < 1:
-            raise DataError(f"--word-dropout must be in [0, 1); got {args.word_dropout}")
+        if not 0 <= o["word_dropout"] < 1:
+            raise DataError(f"--word-dropout must be in [0, 1); got {o['word_dropout']}")
         for flag, value in (
-            ("--char-embedding-dim", args.char_embedding_dim),
-            ("--char-hidden-size", args.char_hidden_size),
+            ("--char-embedding-dim", o["char_embedding_dim"]),
+            ("--char-hidden-size", o["char_hidden_size"]),
         ):
             if value < 1:
                 raise DataError(f"{flag} must be a positive integer; got {value}")
         return {
             **paths,
-            "embedding_dim": args.embedding_dim,
-            "char_embedding_dim": args.char_embedding_dim,
-            "char_hidden_size": args.char_hidden_size,
-            "word_dropout": args.word_dropout,
+            "embedding_dim": o["embedding_dim"],
+            "char_embedding_dim": o["char_embedding_dim"],
+            "char_hidden_size": o["char_hidden_size"],
+            "word_dropout": o["word_dropout"],
         }
 
     def _split(self, sentences: list[tuple[list[str], list[str]]], by_length: bool) -> Split:
@@ -246,15 +234,7 @@ class TaggerTask(Task):
         x[..., 0] = torch.where(drop, torch.full_like(x[..., 0], UNK), x[..., 0])
         return x
 
-    def scores(self, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        mask = y != IGNORE
-        loss = nn.functional.cross_entropy(
-            out.reshape(-1, out.shape[-1]), y.reshape(-1), ignore_index=IGNORE, reduction="sum"
-        )
-        correct = ((out.argmax(-1) == y) & mask).sum()
-        return loss, mask.sum().float(), correct.float()
-
-    def report(self, out: Tensor, split: Split) -> Report:
+    def report(self, out: Tensor, y: Tensor, split: Split) -> Report:
         tags = self.preprocessing["tags"]
         mask = split.y != IGNORE
         words = split.x[..., 0].long()
@@ -283,7 +263,7 @@ class TaggerTask(Task):
 
     def plots(self, report: Report, run_dir: Path) -> list[str]:
         acc = report.metrics["test_accuracy"]
-        train_plots.confusion(
+        draw.confusion(
             report.arrays["confusion"],
             list(self.preprocessing["tags"]),
             f"tagger: test confusion matrix of UPOS tags (token accuracy {100 * acc:.2f}%)",

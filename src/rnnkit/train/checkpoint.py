@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from rnnkit.models import ModelConfig, build_model
+from rnnkit.models import build_model
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.safetensors"
@@ -220,8 +220,10 @@ def save_model(path: Path, state: dict, meta: dict) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def load_model(path: Path) -> tuple[nn.Module, dict]:
-    """The model saved in ``path`` and its metadata (``task``, ``model_config``, ...)."""
+def load_model(path: Path, model: nn.Module | None = None) -> tuple[nn.Module, dict]:
+    """The model saved in ``path`` and its metadata (``task``, ``model_config``, ...): rebuilt
+    from its ``ModelConfig``, or for a model of the user's own class, ``model`` (an instance of
+    that class) with the saved weights loaded into it."""
     if path.is_dir():
         raise CheckpointError(f"model file {str(path)!r} is a folder; expected a safetensors file")
     if not path.is_file():
@@ -256,8 +258,17 @@ def load_model(path: Path) -> tuple[nn.Module, dict]:
         )
     try:
         meta = json.loads(metadata["rnnkit"])
-        model = build_model(ModelConfig(**meta["model_config"]))
+        if model is None and meta.get("model_config") is None:
+            raise CheckpointError(
+                f"model file {str(path)!r} holds a model of your own class "
+                f"({meta.get('model_class', 'unknown')}), which rnnkit cannot rebuild alone; "
+                "pass model=<a new instance of it> to rnnkit.load"
+            )
+        if model is None:
+            model = build_model(meta["model_config"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
         raise CheckpointError(
             f"model file {str(path)!r} holds an rnnkit model whose description is damaged or "
             f"from another version ({type(e).__name__}: {str(e)[:120]})"
@@ -281,10 +292,11 @@ def load_model(path: Path) -> tuple[nn.Module, dict]:
             )
             if part
         )
+        c = meta.get("model_config")
+        what = f"{c['cell']}, hidden_size {c['hidden_size']}" if c else meta.get("model_class")
         raise CheckpointError(
             f"model file {str(path)!r} does not match the model its metadata describes "
-            f"({meta['model_config']['cell']}, "
-            f"hidden_size {meta['model_config']['hidden_size']}): {detail}"
+            f"({what}): {detail}"
         )
     model.load_state_dict(tensors)
     return model, meta

@@ -9,13 +9,13 @@ matplotlib.use("Agg", force=True)
 import matplotlib.pyplot as plt
 import numpy as np
 
-from rnnkit import train_checkpoint
+from rnnkit.train import checkpoint
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
     # A temporary name then a rename, so that a crash never leaves half a PNG.
     try:
-        train_checkpoint.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        checkpoint.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
 
