@@ -110,7 +110,19 @@ def test_wheel_installed_in_a_fresh_venv_passes_the_smoke_test(dist, tmp_path):
         # smoke test imports. torch pinned to the CPU build, as scripts/setup-venv installs it.
         pip = [str(python), "-m", "pip", "install", "-q", "--no-compile"]
         _run([*pip, "torch==2.13.0"], 600)
-        _run([*pip, str(_only(dist, "rnnkit-*.whl"))], 600)
+        wheel = str(_only(dist, "rnnkit-*.whl"))
+        _run([*pip, wheel], 600)
+        # Without the train extra: the layers work, and training names the extra it needs.
+        bare = subprocess.run(
+            [str(venv / "bin" / "rnnkit"), "train", "digits"],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=_env(),
+        )
+        assert bare.returncode == 2 and "pip install 'rnnkit[train]'" in bare.stderr, bare.stderr
+        _run([*pip, f"{wheel}[train]"], 600)
         # Run from a copy, in a folder outside the checkout, so that nothing of src/ is on
         # sys.path; with an empty kernel cache, so that the installed C source is built.
         script = shutil.copy(ROOT / "scripts" / "wheel_smoke.py", work)

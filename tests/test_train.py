@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import rnnkit.train.checkpoint
 import rnnkit.train.run
 import rnnkit.train.state
-import rnnkit.train.checkpoint
 from rnnkit.cli import main
 from rnnkit.data import chronological_split, load_taylor, sample_conllu, write_idx
 
@@ -41,6 +41,24 @@ def assert_real_png(path: Path) -> None:
     assert img.shape[0] > 200 and img.shape[1] > 200
     # Not a blank canvas: a plot has lines, text and markers in several colours.
     assert img[..., :3].std() > 0.05
+
+
+def assert_load_round_trips(run: Path) -> None:
+    """rnnkit.load gives the run's best weights and preprocessing, from a str and from a Path."""
+    import rnnkit
+    from rnnkit.train.checkpoint import load_model
+
+    saved, meta = load_model(run / "model.safetensors")
+    best = torch.load(run / "checkpoint.pt", weights_only=True)["best"]
+    for where in (str(run), run):
+        model = rnnkit.load(where)
+        assert type(model) is type(saved) and not model.training
+        assert (
+            model.preprocessing == meta["preprocessing"]
+            and model.run_info["epoch"] == best["epoch"]
+        )
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, best["state"][k]), k
 
 
 def epoch_records(run: Path) -> list[dict]:
@@ -79,6 +97,7 @@ def test_digits_writes_the_whole_run_folder(digits_run):
     assert summary["best_epoch"] in (1, 2, 3)
     assert_real_png(run / "curves.png")
     assert_real_png(run / "confusion.png")
+    assert_load_round_trips(run)
 
 
 def test_digits_console_ends_with_a_table_and_the_run_folder(tmp_path, capsys):
@@ -143,6 +162,7 @@ def test_forecast_on_bundled_load_beats_the_naive_baselines(tmp_path, capsys):
     naive = np.stack([series[t - 48 : t - 44] for t in starts])
     weekly = np.stack([series[t - 336 : t - 332] for t in starts])
     assert s["test_windows"] == len(starts)
+    assert_load_round_trips(run)
     assert s["weekly_naive_mae"] == pytest.approx(np.abs(weekly - truth).mean())
     assert s["baseline_mae"] == pytest.approx(np.abs(naive - truth).mean())
     assert s["baseline_rmse"] == pytest.approx(np.sqrt(((naive - truth) ** 2).mean()))
@@ -208,6 +228,7 @@ def test_tagger_on_the_bundled_sample_and_predict(tmp_path, capsys):
     assert rc == 0, err
     s = json.loads((run / "summary.json").read_text())
     assert s["test_tokens"] == 65 and s["test_sentences"] == 9
+    assert_load_round_trips(run)
     assert 0 < s["test_unknown_tokens"] < 65
     assert 0 <= s["test_accuracy"] <= 1
     assert 0 < s["test_baseline_accuracy"] <= 1 and 0 <= s["test_baseline_unknown_accuracy"] <= 1
@@ -280,6 +301,7 @@ def test_textclf_trains_on_a_tsv_and_predicts_lines(tmp_path, capsys):
     assert rc == 0, err
     s = json.loads((run / "summary.json").read_text())
     assert s["test_examples"] == 12 and s["test_accuracy"] > 0.6
+    assert_load_round_trips(run)
     (tmp_path / "in.txt").write_text("aeiouaeiou\nkqxzt pkz\n")
     rc, out, _ = run_cli(capsys, "predict", run, tmp_path / "in.txt")
     assert rc == 0
@@ -322,6 +344,7 @@ def test_mnist_from_idx_files(tmp_path, capsys, gz):
     assert rc == 0, err
     s = json.loads((run / "summary.json").read_text())
     assert s["test_examples"] == 30
+    assert_load_round_trips(run)
     assert s["test_accuracy"] > 0.5
     images = tmp_path / "mnist" / ("t10k-images-idx3-ubyte" + (".gz" if gz else ""))
     rc, out, _ = run_cli(capsys, "predict", run, images)

@@ -148,6 +148,50 @@ def _windows(n: int, first: int, horizon: int, split: tuple) -> list[int] | None
     return counts
 
 
+def _window_starts(
+    n: int, w: int, h: int, period: int, split: tuple, source: str
+) -> list[np.ndarray]:
+    """The first target step of every window of each part (train, validation, test)."""
+    first = max(w, period)
+    if _windows(n, first, h, split) is None:
+        # The least length that works: the parts grow with the series, so search upward.
+        lengths = range(first + h, 20 * (first + h) + 100)
+        need = next((k for k in lengths if _windows(k, first, h, split)), lengths.stop)
+        raise DataError(
+            f"{source}: {n} values are too few for windows of {w} steps predicting {h} with a "
+            f"baseline {period} steps back; need at least {need}"
+        )
+    starts = []
+    for part in chronological_split(n, split):
+        s = np.arange(max(part.start, first), part.stop - h + 1)
+        if len(s) == 0:
+            raise DataError(f"the series of {n} values leaves a part without windows")
+        starts.append(s)
+    return starts
+
+
+def _standardise(
+    series: np.ndarray, train: np.ndarray, source: str
+) -> tuple[float, float, np.ndarray]:
+    """``(mean, std, z)``: the training part's mean and deviation, and the standardised series."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        mean, std = float(train.mean()), float(train.std())
+        z = (series - mean) / std
+    if std <= np.finfo(np.float64).tiny:
+        raise DataError(
+            f"{source}: the training part of the series is constant (standard deviation "
+            f"{std:g}); there is nothing to learn"
+        )
+    if not (math.isfinite(mean) and math.isfinite(std) and np.isfinite(z).all()):
+        i = int(np.argmax(np.abs(series)))
+        raise DataError(
+            f"{source}: the values are too large to standardise (the mean or standard "
+            f"deviation of the training part overflows); the largest is {series[i]:g}, at "
+            f"step {i + 1} of the series; rescale the column (e.g. to thousands)"
+        )
+    return mean, std, z
+
+
 class ForecastTask(Task):
     name = "forecast"
     help = (
@@ -222,42 +266,10 @@ class ForecastTask(Task):
         else:
             series, times = read_series(data["data"], data["column"]), read_times(data["data"])
         w, h, period = data["window"], data["horizon"], data["period"]
-        parts = chronological_split(len(series), tuple(data["split"]))
-        first = max(w, period)
-        split = tuple(data["split"])
-        if _windows(len(series), first, h, split) is None:
-            # The least length that works: the parts grow with the series, so search upward.
-            lengths = range(first + h, 20 * (first + h) + 100)
-            need = next((n for n in lengths if _windows(n, first, h, split)), lengths.stop)
-            raise DataError(
-                f"{data['data'] or 'the load series'}: {len(series)} values are too few for "
-                f"windows of "
-                f"{w} steps predicting {h} with a baseline {period} steps back; need at least "
-                f"{need}"
-            )
         source = data["data"] or "the load series"
-        train = series[parts[0]]
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            mean, std = float(train.mean()), float(train.std())
-            z = (series - mean) / std
-        if std <= np.finfo(np.float64).tiny:
-            raise DataError(
-                f"{source}: the training part of the series is constant (standard deviation "
-                f"{std:g}); there is nothing to learn"
-            )
-        if not (math.isfinite(mean) and math.isfinite(std) and np.isfinite(z).all()):
-            i = int(np.argmax(np.abs(series)))
-            raise DataError(
-                f"{source}: the values are too large to standardise (the mean or standard "
-                f"deviation of the training part overflows); the largest is {series[i]:g}, at "
-                f"step {i + 1} of the series; rescale the column (e.g. to thousands)"
-            )
-        starts = []
-        for part in parts:
-            s = np.arange(max(part.start, first), part.stop - h + 1)
-            if len(s) == 0:
-                raise DataError(f"the series of {len(series)} values leaves a part without windows")
-            starts.append(s)
+        starts = _window_starts(len(series), w, h, period, tuple(data["split"]), source)
+        train_part = chronological_split(len(series), tuple(data["split"]))[0]
+        mean, std, z = _standardise(series, series[train_part], source)
         coef = fit_linear_ar(z, starts[0], w, h)
         # The training windows are forecast out of fold, as the later parts are.
         train_ar = out_of_fold_ar(z, starts[0], w, h, AR_FOLDS)

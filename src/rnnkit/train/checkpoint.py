@@ -273,6 +273,13 @@ def load_model(path: Path, model: nn.Module | None = None) -> tuple[nn.Module, d
             f"model file {str(path)!r} holds an rnnkit model whose description is damaged or "
             f"from another version ({type(e).__name__}: {str(e)[:120]})"
         ) from None
+    _check_shapes(path, model, tensors, meta)
+    model.load_state_dict(tensors)
+    return model, meta
+
+
+def _check_shapes(path: Path, model: nn.Module, tensors: dict, meta: dict) -> None:
+    """The saved tensors are exactly the model's, by name and shape."""
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in tensors.items()}
     if want != have:
@@ -298,5 +305,3 @@ def load_model(path: Path, model: nn.Module | None = None) -> tuple[nn.Module, d
             f"model file {str(path)!r} does not match the model its metadata describes "
             f"({what}): {detail}"
         )
-    model.load_state_dict(tensors)
-    return model, meta
