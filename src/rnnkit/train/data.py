@@ -55,6 +55,11 @@ class Source:
         for idx in order.split(batch_size):
             yield self.rows(idx, True)
 
+    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
+        """Every example once, in order."""
+        for idx in torch.arange(len(self)).split(batch_size):
+            yield self.rows(idx, False)
+
     @torch.no_grad()
     def outputs(
         self, net: nn.Module, device: torch.device, batch_size: int
@@ -62,8 +67,7 @@ class Source:
         """The model's outputs for every example, in order, and the targets; both on the CPU."""
         net.eval()
         outs, ys = [], []
-        for idx in torch.arange(len(self)).split(batch_size):
-            inputs, y = self.rows(idx, False)
+        for inputs, y in self.eval_batches(batch_size):
             outs.append(net(*(t.to(device) for t in inputs)).float().cpu())
             ys.append(y)
         return torch.cat(outs), torch.cat(ys)
@@ -113,16 +117,8 @@ class LoaderSource(Source):
             sampler.set_epoch(epoch)
         return self._batches()
 
-    @torch.no_grad()
-    def outputs(
-        self, net: nn.Module, device: torch.device, batch_size: int
-    ) -> tuple[Tensor, Tensor]:
-        net.eval()
-        outs, ys = [], []
-        for inputs, y in self._batches():
-            outs.append(net(*(t.to(device) for t in inputs)).float().cpu())
-            ys.append(y)
-        return torch.cat(outs), torch.cat(ys)
+    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
+        return self._batches()
 
 
 class SplitSource(Source):
