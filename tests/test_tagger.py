@@ -1,7 +1,6 @@
 """The tagger task and its model: the spelling encoder, the bundled EWT treebank, the baseline,
 word dropout and length-bucketed batches, on small data."""
 
-
 import pytest
 import torch
 

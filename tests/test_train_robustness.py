@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 import rnnkit.tasks.classify
+import rnnkit.train.checkpoint
 import rnnkit.train.run
 import rnnkit.train.state
-import rnnkit.train.checkpoint
 from rnnkit.cli import main
 from rnnkit.train.checkpoint import CheckpointError, load_model, write_json
 
