@@ -315,3 +315,12 @@ def test_quantize_dynamic_on_an_unconverted_model_warns():
     assert isinstance(quantized.lstm, rnnkit.LSTM)
     # The flow's own bookkeeping still works: it sets qconfig, reads it and deletes it at the end.
     assert not hasattr(quantized.lstm, "qconfig") and not hasattr(quantized.head, "qconfig")
+
+
+def test_quantize_dynamic_of_only_linear_layers_does_not_warn():
+    model = Tagger().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    assert isinstance(quantized.lstm, rnnkit.LSTM)
+    assert type(quantized.head) is torch.ao.nn.quantized.dynamic.Linear

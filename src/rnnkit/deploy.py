@@ -12,6 +12,7 @@
 """
 
 import copy
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -19,6 +20,20 @@ from torch import nn
 
 # Where the qconfig property below keeps its value.
 _QCONFIG_KEY = "_rnnkit_qconfig"
+
+
+def _quantisation_asks_for(torch_class: type | None) -> bool:
+    """Whether the quantisation flow assigning a qconfig asks to quantise ``torch_class``: its
+    ``qconfig_dict`` (torch's name, a local of the flow's propagate step) lists it. A spec of
+    only ``nn.Linear`` does not; the default spec, and any flow whose spec cannot be found,
+    count as asking, so the warning errs on the side of saying it."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        spec = frame.f_locals.get("qconfig_dict")
+        if isinstance(spec, dict):
+            return torch_class in spec
+        frame = frame.f_back
+    return True
 
 
 class TorchNNInterop:
@@ -49,13 +64,14 @@ class TorchNNInterop:
     @qconfig.setter
     def qconfig(self, value) -> None:
         name = type(self).__name__
-        warnings.warn(
-            f"torch.ao.quantization leaves rnnkit.{name} unquantised: it finds modules by type, "
-            f"and rnnkit.{name} is not torch.nn.{name}. Convert plain layers first with "
-            "rnnkit.to_torch(model) (same weights, same numbers), then quantise",
-            UserWarning,
-            stacklevel=3,
-        )
+        if _quantisation_asks_for(getattr(nn, name, None)):
+            warnings.warn(
+                f"torch.ao.quantization leaves rnnkit.{name} unquantised: it finds modules by "
+                f"type, and rnnkit.{name} is not torch.nn.{name}. Convert plain layers first "
+                "with rnnkit.to_torch(model) (same weights, same numbers), then quantise",
+                UserWarning,
+                stacklevel=3,
+            )
         self.__dict__[_QCONFIG_KEY] = value
 
     @qconfig.deleter
