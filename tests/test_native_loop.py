@@ -50,8 +50,8 @@ def run_both(mode, reverse, batch_sizes, layer, native_opts, kernels=None):
         tensors = [t.detach().requires_grad_() if t is not None else None for t in args]
         if name == "fused":
             kern = kernels or fused.pointwise_kernels(tensors[0].device, tensors[0].dtype)
-            outs = fused.FusedLayer.apply(mode, reverse, batch_sizes, kern, None,
-                                          *tensors[:5], tensors[5], tensors[6], None)  # fmt: skip
+            # Not native: run_layer's per-step path, FusedLayer.
+            outs = fused.run_layer(mode, reverse, batch_sizes, kern, *tensors, None)
         else:
             outs = ops.run_layer(mode, reverse, batch_sizes, *tensors, **native_opts)
         outs = [o for o in outs if o is not None]

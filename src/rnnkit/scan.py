@@ -2,7 +2,8 @@
 
 A step is ``step(x_t, carry) -> (y_t, carry)`` where ``carry`` is a tuple of ``(B, *)`` tensors
 (``(h,)`` or ``(h, c)``). ``stack`` runs one step per layer and direction in torch.nn's order and
-joins the directions and the layers. Variable lengths follow ``PackedSequence``: ``batch_sizes[t]``
+joins the directions and the layers, through ``stack_layers``, the layer and direction loop that
+the fused engine shares. Variable lengths follow ``PackedSequence``: ``batch_sizes[t]``
 sequences are alive at step ``t`` (sorted by decreasing length), and a finished sequence keeps the
 state of its own last step, which is torch.nn's ``h_n``.
 """
@@ -106,19 +107,37 @@ def stack(
     ``extras_for(layer, direction)``, when given, returns tensors laid out like ``xs`` (per-step
     masks) that the step then receives beside its input, as ``(x_t, *extras_t)``.
     """
+
+    def run(layer: int, direction: int, xs: Tensor) -> tuple[Tensor, Carry]:
+        k = layer * num_directions + direction
+        inputs = xs if extras_for is None else (xs, *extras_for(layer, direction))
+        step = step_for(layer, direction)
+        carry = tuple(s[k] for s in hx)
+        return scan(step, inputs, carry, reverse=direction == 1, batch_sizes=batch_sizes)
+
+    return stack_layers(run, xs, num_layers, num_directions, dropout, training)
+
+
+def stack_layers(
+    run: Callable[[int, int, Tensor], tuple[Tensor, Carry]],
+    xs: Tensor,
+    num_layers: int,
+    num_directions: int,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> tuple[Tensor, Carry]:
+    """The layer and direction loop of every engine, in torch.nn's order.
+
+    ``run(layer, direction, xs)`` runs one layer and direction over that layer's input ``xs``
+    and returns its output and final carry. The directions' outputs are concatenated on the
+    feature dimension; dropout applies to the output of every layer but the last. Returns the
+    last layer's output and the final carries stacked to ``(L * D, B, *)`` per state tensor.
+    """
     finals: list[Carry] = []
     for layer in range(num_layers):
         outs = []
         for direction in range(num_directions):
-            k = layer * num_directions + direction
-            inputs = xs if extras_for is None else (xs, *extras_for(layer, direction))
-            y, last = scan(
-                step_for(layer, direction),
-                inputs,
-                tuple(s[k] for s in hx),
-                reverse=direction == 1,
-                batch_sizes=batch_sizes,
-            )
+            y, last = run(layer, direction, xs)
             outs.append(y)
             finals.append(last)
         xs = outs[0] if num_directions == 1 else torch.cat(outs, dim=-1)

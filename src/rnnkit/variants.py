@@ -169,14 +169,11 @@ def draw_step_variants(
             keep = 1 - v.recurrent_dropout
             rmask = torch.bernoulli(torch.full((batch, h_size), keep, **like)) / keep
         zh = zc = None
-        if v.zoneout > 0:
-            if training:
-                zh = zoneout_mask((*shape, h_size), v.zoneout, rows_like)
-                if lstm:
-                    zc = zoneout_mask((*shape, hidden_size), v.zoneout, rows_like)
-            else:
-                zh = float(v.zoneout)
-                zc = zh if lstm else None
+        if v.zoneout > 0 and training:
+            zh = zoneout_mask((*shape, h_size), v.zoneout, rows_like)
+            if lstm:
+                zc = zoneout_mask((*shape, hidden_size), v.zoneout, rows_like)
+        p = float(v.zoneout) if v.zoneout > 0 else None
         ln = ln_params[k] if ln_params is not None else None
-        out.append(StepVariants(ln, rmask, zh, zc))
+        out.append(StepVariants(ln, rmask, p, zh, zc))
     return out

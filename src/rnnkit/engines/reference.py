@@ -38,9 +38,9 @@ def cell_step(mode: str, w: Weights, v: StepVariants | None = None) -> Step:
 
 
 def _variant_step(mode: str, w: Weights, v: StepVariants) -> Step:
-    masks = isinstance(v.zoneout_h, Tensor)
-    zh = None if masks else v.zoneout_h
-    zc = None if masks else v.zoneout_c
+    # Training's zoneout masks arrive per step beside x; eval's p is the same at every step.
+    masks = v.zoneout_h_mask is not None
+    zh = zc = v.zoneout_p
     if mode == "LSTM":
 
         def lstm_step(inputs, carry: Carry) -> tuple[Tensor, Carry]:
@@ -76,11 +76,11 @@ def run(
         return cell_step(spec.mode, weights[k], None if variants is None else variants[k])
 
     extras_for = None
-    if variants is not None and isinstance(variants[0].zoneout_h, Tensor):
+    if variants is not None and variants[0].zoneout_h_mask is not None:
 
         def extras_for(layer: int, direction: int) -> tuple[Tensor, ...]:
             v = variants[layer * D + direction]
-            return (v.zoneout_h,) if v.zoneout_c is None else (v.zoneout_h, v.zoneout_c)
+            return tuple(m for m in (v.zoneout_h_mask, v.zoneout_c_mask) if m is not None)
 
     return stack(
         step_for,

@@ -45,7 +45,10 @@ class StepVariants:
     layer_norm: tuple[Tensor, ...] | None = None
     # (B, R): the already scaled dropout mask on h where it enters W_hh.
     recurrent_mask: Tensor | None = None
-    # Zoneout of h and c: 1 keeps the previous value. Masks laid out like the input rows
-    # ((T, B, *) padded or (N, *) packed) in training; the probability p itself in eval.
-    zoneout_h: Tensor | float | None = None
-    zoneout_c: Tensor | float | None = None
+    # Zoneout's probability p; None when zoneout is off. Eval uses p itself, the expectation:
+    # h_t = p h_{t-1} + (1 - p) h~_t, and c alike.
+    zoneout_p: float | None = None
+    # Training draws zoneout's masks instead (1 keeps the previous value), laid out like the
+    # input rows ((T, B, *) padded or (N, *) packed): h's, and for LSTM c's.
+    zoneout_h_mask: Tensor | None = None
+    zoneout_c_mask: Tensor | None = None
