@@ -360,3 +360,11 @@ def test_fused_runs_under_cpu_autocast_in_bfloat16(mode):
     assert (out.float() - expected).abs().max() < 5e-2
     out.float().sum().backward()
     assert x.grad is not None and all(p.grad is not None for p in layer.parameters())
+
+
+def test_constant_under_compile_marks_a_function_as_torch_compiler_does():
+    from rnnkit.engines import native_build
+
+    ours = native_build.constant_under_compile(lambda: 1)
+    torchs = torch.compiler.assume_constant_result(lambda: 1)
+    assert vars(ours) == vars(torchs) == {"_dynamo_marked_constant": True}

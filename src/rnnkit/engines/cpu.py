@@ -55,7 +55,7 @@ def _build() -> ctypes.CDLL:
 
 # Building touches the file system, which torch.compile cannot trace: under compile this
 # runs once at trace time and its answer is a constant of the graph.
-@torch.compiler.assume_constant_result
+@native_build.constant_under_compile
 def available(dtype: torch.dtype) -> bool:
     """True when the kernels are built (building them on the first call) and support ``dtype``."""
     global _lib, _failed

@@ -14,6 +14,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 HEADERS = [Path(__file__).with_name("native_math.h")]
@@ -79,3 +80,11 @@ def build(source: Path, flag_sets: list[list[str]]) -> ctypes.CDLL:
         except OSError as e:
             error = error or e
     raise error
+
+
+def constant_under_compile(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result(fn)`` without importing dynamo, which takes a
+    second, when the library is imported: torch's decorator only marks the function so (a test
+    checks that it still does)."""
+    fn._dynamo_marked_constant = True
+    return fn
