@@ -2,11 +2,14 @@
 
     .venv/bin/python benchmarks/bench_native_loop.py
     .venv/bin/python benchmarks/bench_native_loop.py --modes lstm --batches 1 --repeats 21
+    .venv/bin/python benchmarks/bench_native_loop.py --modes lstm gru --layer-norm
 
 Prints a Markdown table: median milliseconds of forward (no grad) and forward+backward for
 torch.nn (oneDNN), rnnkit's fused engine (backend="fused") and the native loop (the same layer's
-weights through ``native_loop.run_layer``), and each one's ratio to torch.nn. The three run
-interleaved, repeat by repeat, so that a machine shared with other work slows all alike.
+weights through ``ops.run_layer``), and each one's ratio to torch.nn. The three run
+interleaved, repeat by repeat, so that a machine shared with other work slows all alike. With
+``--layer-norm`` the fused and native columns run the layer-norm variant (issue 9's target
+compares it with torch.nn's plain layer).
 """
 
 import argparse
@@ -17,6 +20,7 @@ import torch
 
 import rnnkit
 from rnnkit.engines import native_loop, ops
+from rnnkit.engines.spec import StepVariants
 
 TORCH = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
 OURS = {"rnn": rnnkit.RNN, "lstm": rnnkit.LSTM, "gru": rnnkit.GRU}
@@ -24,15 +28,17 @@ MODE = {"rnn": "RNN_TANH", "lstm": "LSTM", "gru": "GRU"}
 
 
 def native_call(mode: str, layer: torch.nn.Module, T: int, B: int):
-    """``x -> out`` on the native loop with ``layer``'s parameters."""
+    """``x -> out`` on the native loop with ``layer``'s parameters (and its layer norm's)."""
     weights = [getattr(layer, f"{n}_l0") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    ln = getattr(layer, "variants", None) is not None and layer.variants.layer_norm
+    variants = StepVariants(layer._layer_norm_params()[0]) if ln else None
 
     def run(x):
         H = layer.hidden_size
         h0 = x.new_zeros(B, H)
         c0 = x.new_zeros(B, H) if mode == "LSTM" else None
         out, _, _ = ops.run_layer(mode, False, (B,) * T, x.reshape(T * B, -1), h0, c0,
-                                          *weights)  # fmt: skip
+                                  *weights, None, variants)  # fmt: skip
         return out
 
     return run
@@ -59,6 +65,7 @@ def main() -> None:
     ap.add_argument("--H", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layer-norm", action="store_true", help="fused and native: layer_norm=True")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -66,20 +73,21 @@ def main() -> None:
     print(f"T={args.T}, I=H={args.H}, float32, {args.threads} threads, median of "
           f"{args.repeats} interleaved repeats; torch {torch.__version__}, native BLAS "
           f"{'MKL' if native_loop.blas_available() else 'absent'} from {native_loop.BLAS_MIN_ROWS}"
-          " rows\n")  # fmt: skip
+          f" rows{'; fused and native: layer_norm=True' if args.layer_norm else ''}\n")  # fmt: skip
     print("| mode | B | torch.nn fwd | fused fwd | native fwd | torch.nn f+b | fused f+b | "
           "native f+b | fused/torch fwd, f+b | native/torch fwd, f+b |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
     for m in args.modes:
         for B in args.batches:
             ref = TORCH[m](args.H, args.H)
-            fused = OURS[m](args.H, args.H, backend="fused")
-            fused.load_state_dict(ref.state_dict())
+            extra = {"layer_norm": True} if args.layer_norm and m != "rnn" else {}
+            fused = OURS[m](args.H, args.H, backend="fused", **extra)
+            fused.load_state_dict(ref.state_dict(), strict=not extra)
             x = torch.randn(args.T, B, args.H)
             runs = {
                 "torch": steps(ref, x),
                 "fused": steps(fused, x),
-                "native": steps(native_call(MODE[m], ref, args.T, B), x),
+                "native": steps(native_call(MODE[m], fused, args.T, B), x),
             }
             times = {(k, p): [] for k in runs for p in ("fwd", "f+b")}
             for fwd, train in runs.values():

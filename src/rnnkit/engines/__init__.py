@@ -7,7 +7,7 @@ direction]`` holds that layer's tensors. Layers validate and reshape; engines on
 
 - ``reference``: the functional cells stepped under autograd (``scan.py``); the spec.
 - ``fused``: one autograd.Function per layer and direction with a hand-written backward; per-step
-  pointwise kernels in C on the CPU and Triton on CUDA (``fused.py``); plain layers on the CPU
+  pointwise kernels in C on the CPU and Triton on CUDA (``fused/``); plain layers on the CPU
   run all their steps in one native call (``native_loop``, as the operator ``ops.native_layer``).
 - ``triton``: the fused engine with the Triton kernels forced (CUDA, or the CPU under
   ``TRITON_INTERPRET=1``, which is how CI tests them).
@@ -20,7 +20,7 @@ from types import ModuleType
 
 import torch
 
-from rnnkit.engines import fused, reference, torch_native
+from rnnkit.engines import fused, native_loop, reference, torch_native
 from rnnkit.engines.spec import LayerSpec
 
 BACKENDS = ("auto", "reference", "fused", "triton", "torch")
@@ -101,8 +101,9 @@ def plan(
        - CUDA: torch's cuDNN kernels; the Triton path has not been timed on a GPU yet.
     6. The fused engine's kernels: Triton for ``backend="triton"`` (an error where it cannot
        run), else C on the CPU and Triton on CUDA where they build, else their torch-op twins;
-       on the CPU plain layers (no projection, no per-step variant) run the native loop; plain
-       LSTM inference with Triton kernels and a small H runs the persistent kernel. Under
+       on the CPU the layers that ``native_loop.covers`` (every layer: projection, layer
+       norm, recurrent dropout and zoneout included) run the native loop; plain LSTM
+       inference with Triton kernels and a small H runs the persistent kernel. Under
        ``torch.compile``, a layer the native operator cannot run takes the reference steps,
        which compile traces.
     """
@@ -144,7 +145,7 @@ def plan(
     else:
         kernels = fused.pointwise_kernels(device, dtype)
     plain = not per_step and not projected
-    native = plain and fused.native_applies(kernels, dtype)
+    native = native_loop.covers(spec) and fused.native_applies(kernels, dtype)
     if torch.compiler.is_compiling() and not native:
         # The per-step kernels are opaque to torch.compile; the reference steps are torch ops
         # that it traces (and fuses).

@@ -9,8 +9,15 @@ The recurrent product goes to the BLAS that torch ships (MKL's Fortran ``sgemm_`
 looked up in ``libtorch_cpu`` at run time) for steps of at least ``BLAS_MIN_ROWS`` rows, else to
 the C file's own register-blocked loops (a GEMV over ``W_hh`` at B=1). Without that BLAS (or
 with ``RNNKIT_NATIVE_BLAS=0`` set before the first call, which acts as if it were absent), or
-with ``blas=False``, the own loops run every step: same numbers up to rounding. The hidden
-units are split over ``threads`` OpenMP threads (default: torch's).
+with ``blas=False``, the own loops run every step: same numbers up to rounding. A float32
+forward packs ``W_hh`` once for MKL's packed GEMM where torch's MKL has it (``PACKED``,
+``RNNKIT_NATIVE_PACKED=0`` to turn it off). The hidden units are split over ``threads`` OpenMP
+threads (default: torch's).
+
+LSTM's projection (``w_hr``) and the variants (``rnnkit.variants``, given as
+:class:`NativeVariants`): the layer norm of the recurrent product and of the LSTM cell (the
+input side's norm is the caller's, in ``G``), recurrent dropout and zoneout; :func:`covers`
+says which layers the loop runs.
 
 Built like ``cpu.py`` builds its kernels: on first use into ``$RNNKIT_CACHE``, named by a hash
 of the source, the flags and the CPU; any failure makes :func:`available` False after one
@@ -28,6 +35,7 @@ import torch
 from torch import Tensor
 
 from rnnkit.engines import native_build
+from rnnkit.engines.spec import LN_EPS, LayerSpec
 
 _SOURCE = Path(__file__).with_name("native_loop.c")
 # As cpu.py: no -ffast-math (NaN and inf must propagate). -fopenmp for the threads; where the
@@ -46,36 +54,105 @@ _ERRORS = {
     -2: "bad sizes",
     -3: "batch sizes not positive, non-increasing, at most B and summing to the rows",
     -4: "a required tensor is missing",
+    -5: "the variants' tensors are incomplete or do not apply to this mode",
 }
 # Steps with at least this many rows use the BLAS; below, the own loops (measured on 2 cores,
 # I=H=256: the own GEMV wins at B=1, MKL from a few rows on).
 BLAS_MIN_ROWS = 4
+# Whether a float32 forward packs its W_hh blocks once for MKL's packed GEMM (where torch's MKL
+# has it) instead of sgemm_ packing them every step.
+PACKED = os.environ.get("RNNKIT_NATIVE_PACKED", "1") != "0"
 
 _lib: ctypes.CDLL | None = None
 _failed = False
 _blas: tuple[int, int, int | None] | None = None
 
 
+class NativeVariants(NamedTuple):
+    """The per-step variants of one layer and direction that the loop runs, each None when off.
+
+    ``ln_hw``, ``ln_hb`` (G*H,): gain and bias of the layer norm of ``h_{t-1} W_hh^T`` (LSTM,
+    GRU); ``ln_cw``, ``ln_cb`` (H,): of the LSTM cell before its tanh (with ``ln_hw``);
+    ``rmask`` (B, H): the scaled recurrent-dropout mask on ``h_{t-1}`` where it enters W_hh.
+    Zoneout (LSTM, GRU): ``zoneout_p`` its probability, the keep of every unit in eval;
+    training's masks ``zh`` and (LSTM) ``zc`` (N, H), laid out like the rows (1 keeps the
+    previous value), replace it where given.
+    """
+
+    ln_hw: Tensor | None = None
+    ln_hb: Tensor | None = None
+    ln_cw: Tensor | None = None
+    ln_cb: Tensor | None = None
+    rmask: Tensor | None = None
+    zoneout_p: float | None = None
+    zh: Tensor | None = None
+    zc: Tensor | None = None
+
+    @property
+    def layer_norm(self) -> bool:
+        return self.ln_hw is not None
+
+    @property
+    def zoneout(self) -> bool:
+        return self.zoneout_p is not None or self.zh is not None
+
+
 class ForwardResult(NamedTuple):
     """``out`` (N, H), ``h_n``, ``c_n`` (B, H; ``c_n`` None but for LSTM); saved for backward:
-    ``C`` (N, H) the c_t of LSTM, ``GH`` (N, 3H) the Z_t + b_hh of GRU (None when not saved).
-    The caller's ``G`` now holds the gate activations."""
+    ``C`` (N, H) the c_t of LSTM (the cell's own c~ under zoneout, and ``CZ`` (N, H) the zoned
+    c_t), ``GH`` (N, 3H) the Z_t + b_hh of GRU (after its norm, if any), and with a layer norm
+    ``Zr`` (N, G*H) the recurrent product before it and ``stats`` (2 or 4, N) the means and
+    reciprocal deviations of that norm and (LSTM) of the cell's, ``A`` (N, G*H) the gate
+    activations of LSTM and GRU, and with a projection ``Rs`` (N, H) the r_t it projects
+    (each None when not saved)."""
 
     out: Tensor
     h_n: Tensor
     c_n: Tensor | None
     C: Tensor | None
     GH: Tensor | None
+    Zr: Tensor | None = None
+    stats: Tensor | None = None
+    CZ: Tensor | None = None
+    A: Tensor | None = None
+    Rs: Tensor | None = None
 
 
 class BackwardResult(NamedTuple):
     """``dG`` (N, G*H) the input-side pre-activation gradients, ``dGH`` (N, 3H) the hidden-side
-    ones of GRU (None otherwise: they are ``dG``), ``dh0`` and ``dc0`` (B, H)."""
+    ones of GRU (None otherwise: they are ``dG``), ``dh0`` and ``dc0`` (B, H); with a layer norm
+    ``dZ`` (N, G*H) the gradient of the recurrent product before it and (LSTM) ``dCN`` (N, H)
+    that of the cell norm's output; with a projection ``dHt`` (N, P) that of the projected h_t
+    before zoneout."""
 
     dG: Tensor
     dGH: Tensor | None
     dh0: Tensor
     dc0: Tensor | None
+    dZ: Tensor | None = None
+    dCN: Tensor | None = None
+    dHt: Tensor | None = None
+
+
+class _CVariants(ctypes.Structure):
+    """``nl_variants`` of native_loop.c."""
+
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in (
+            "ln_hw", "ln_hb", "ln_cw", "ln_cb", "rmask", "zh", "zc", "w_hr", "Zr", "stats", "dZ",
+            "dCN", "CZ", "Rs", "dHt", "scratch", "ln_scratch", "zo_scratch", "r_scratch")),
+        ("eps", ctypes.c_double),
+        ("zoneout_p", ctypes.c_double),
+        ("zoneout", ctypes.c_int64),
+        ("proj", ctypes.c_int64),
+    ]  # fmt: skip
+
+
+def covers(spec: LayerSpec) -> bool:
+    """Whether the native loop runs layers of ``spec``: every mode, LSTM's projection, and LSTM
+    and GRU with layer norm, recurrent dropout and zoneout, alone or together (weight drop,
+    learned initial states and the forget bias change only the tensors it receives)."""
+    return spec.mode in _MODES
 
 
 def _build() -> ctypes.CDLL:
@@ -85,6 +162,7 @@ def _build() -> ctypes.CDLL:
             getattr(lib, f"{name}_{suffix}").restype = ctypes.c_int64
     lib.nl_has_openmp.restype = ctypes.c_int64
     lib.nl_set_blas.restype = None
+    lib.nl_set_packed_blas.restype = None
     return lib
 
 
@@ -105,9 +183,20 @@ def _find_blas() -> tuple[int, int, int | None] | None:
     return (*gemms, None if local is None else ctypes.cast(local, ctypes.c_void_p).value)
 
 
+def _find_packed_blas() -> tuple[int, int, int] | None:
+    """Addresses of MKL's ``sgemm_pack_get_size``, ``sgemm_pack`` and ``sgemm_compute``
+    (packed GEMM, float32) in torch's ``libtorch_cpu``, or None."""
+    try:
+        torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        names = ("sgemm_pack_get_size", "sgemm_pack", "sgemm_compute")
+        return tuple(ctypes.cast(getattr(torch_cpu, n), ctypes.c_void_p).value for n in names)
+    except (OSError, AttributeError):
+        return None
+
+
 # Building touches the file system, which torch.compile cannot trace: under compile this
 # runs once at trace time and its answer is a constant of the graph.
-@torch.compiler.assume_constant_result
+@native_build.constant_under_compile
 def available(dtype: torch.dtype) -> bool:
     """True when the library is built (building it on the first call) and supports ``dtype``."""
     global _lib, _failed, _blas
@@ -128,6 +217,8 @@ def available(dtype: torch.dtype) -> bool:
         _blas = None if os.environ.get("RNNKIT_NATIVE_BLAS") == "0" else _find_blas()
         blas = (ctypes.c_void_p(a) for a in _blas) if _blas else (None, None, None)
         _lib.nl_set_blas(*blas)
+        packed = _find_packed_blas() if _blas and PACKED else None
+        _lib.nl_set_packed_blas(*(ctypes.c_void_p(a) for a in packed or (0, 0, 0)))
     return True
 
 
@@ -186,19 +277,87 @@ def _run(fn, *args) -> None:
         raise RuntimeError(f"native_loop: the C loop refused its arguments: {_ERRORS.get(rc, rc)}")
 
 
-def _layout(mode: str, G: Tensor, h0: Tensor, w_hh: Tensor) -> tuple[int, int, int, int]:
+class _Layout(NamedTuple):
+    """Sizes: rows N, batch B, hidden H, gate columns GW = G*H, width R of h (P or H)."""
+
+    N: int
+    B: int
+    H: int
+    GW: int
+    R: int
+
+
+def _layout(mode: str, G: Tensor, h0: Tensor, w_hh: Tensor, w_hr: Tensor | None) -> _Layout:
     if mode not in _MODES:
         raise ValueError(f"native_loop: mode must be one of {sorted(_MODES)}; got {mode!r}")
     if G.dim() != 2 or h0.dim() != 2:
         raise ValueError(f"native_loop: G and h0 must be matrices; got {G.dim()}-D, {h0.dim()}-D")
-    (N, GW), (B, H) = G.shape, h0.shape
-    if GW != _GATES[mode] * H:
-        raise ValueError(f"native_loop: G has {GW} columns, but {mode} with H={H} needs "
-                         f"{_GATES[mode] * H}")  # fmt: skip
-    if H < 1 or B < 1:
+    (N, GW), (B, R), gates = G.shape, h0.shape, _GATES[mode]
+    if R < 1 or B < 1:
         raise ValueError(f"native_loop: h0 must be non-empty; got {tuple(h0.shape)}")
-    _check("w_hh", w_hh, (GW, H), G.dtype)
-    return N, B, H, GW
+    if w_hr is None and GW != gates * R:
+        raise ValueError(f"native_loop: G has {GW} columns, but {mode} with H={R} needs "
+                         f"{gates * R}")  # fmt: skip
+    H = GW // gates
+    if w_hr is not None:
+        if mode != "LSTM":
+            raise ValueError(f"native_loop: a projection (w_hr) is for LSTM, not {mode}")
+        if GW % gates or H < 1:
+            raise ValueError(f"native_loop: G has {GW} columns, not 4*H for some H >= 1")
+        _check("w_hr", w_hr, (R, H), G.dtype)
+    _check("w_hh", w_hh, (GW, R), G.dtype)
+    return _Layout(N, B, H, GW, R)
+
+
+def _check_variants(
+    mode: str, v: NativeVariants | None, size: _Layout, dtype: torch.dtype
+) -> NativeVariants:
+    v = v or NativeVariants()
+    N, B, H, GW, R = size
+    ln_parts = (v.ln_hw, v.ln_hb, v.ln_cw, v.ln_cb)
+    if any(t is not None for t in ln_parts):
+        if mode not in ("LSTM", "GRU"):
+            raise ValueError(f"native_loop: layer norm is for LSTM and GRU, not {mode}")
+        _check("ln_hw", v.ln_hw, (GW,), dtype)
+        _check("ln_hb", v.ln_hb, (GW,), dtype)
+        if mode == "LSTM":
+            _check("ln_cw", v.ln_cw, (H,), dtype)
+            _check("ln_cb", v.ln_cb, (H,), dtype)
+        elif v.ln_cw is not None or v.ln_cb is not None:
+            raise ValueError("native_loop: GRU has no cell to normalise; ln_cw, ln_cb must be None")
+    if v.rmask is not None:
+        _check("rmask", v.rmask, (B, R), dtype)
+    if v.zoneout:
+        if mode not in ("LSTM", "GRU"):
+            raise ValueError(f"native_loop: zoneout is for LSTM and GRU, not {mode}")
+        p = v.zoneout_p
+        if p is not None and not 0 <= p <= 1:
+            raise ValueError(f"native_loop: zoneout_p must be in [0, 1]; got {p}")
+        if v.zh is None and p is None:
+            raise ValueError("native_loop: zoneout needs its probability or its masks")
+        if v.zh is not None:
+            _check("zh", v.zh, (N, R), dtype)
+        if mode == "LSTM" and (v.zh is None) != (v.zc is None):
+            raise ValueError("native_loop: LSTM zoneout takes both masks, zh and zc, or neither")
+        if v.zc is not None:
+            if mode != "LSTM":
+                raise ValueError("native_loop: GRU has no cell to zone out; zc must be None")
+            _check("zc", v.zc, (N, H), dtype)
+    return v
+
+
+def _c_variants(v: NativeVariants, w_hr: Tensor | None, **saved: Tensor | None) -> object:
+    """The C structure of ``v``, the projection and the buffers that go with them (None for a
+    plain layer: the C loop then runs its plain steps)."""
+    if not v.layer_norm and v.rmask is None and not v.zoneout and w_hr is None:
+        return None
+    proj = 0 if w_hr is None else w_hr.shape[0]
+    cv = _CVariants(eps=LN_EPS, zoneout_p=v.zoneout_p or 0.0, zoneout=int(v.zoneout), proj=proj)
+    cv.w_hr = None if w_hr is None else w_hr.data_ptr()
+    tensors = {k: t for k, t in v._asdict().items() if k != "zoneout_p"}
+    for name, t in [*tensors.items(), *saved.items()]:
+        setattr(cv, name, None if t is None else t.data_ptr())
+    return ctypes.byref(cv)
 
 
 def forward(
@@ -212,6 +371,8 @@ def forward(
     b_hh: Tensor | None,
     save: bool = True,
     *,
+    w_hr: Tensor | None = None,
+    variants: NativeVariants | None = None,
     threads: int | None = None,
     blas: bool | None = None,
 ) -> ForwardResult:
@@ -219,38 +380,57 @@ def forward(
 
     ``mode``: "LSTM", "GRU", "RNN_TANH" or "RNN_RELU". ``G`` (N, G*H), contiguous: ``x W_ih^T``
     plus the biases as ``FusedLayer.forward`` adds them (``b_ih + b_hh`` for LSTM and RNN,
-    ``b_ih`` only for GRU); overwritten with the gate activations. ``h0``, ``c0`` (B, H);
-    ``w_hh`` (G*H, H); ``b_hh`` (G*H,) is used by GRU only (None: no bias). Step t (of
-    ``batch_sizes``, positive, non-increasing) touches rows ``[:batch_sizes[t]]`` of the state.
-    ``save=False`` (inference) skips storing ``C`` and ``GH``.
+    ``b_ih`` only for GRU); read only. ``h0`` (B, R), ``c0`` (B, H); ``w_hh`` (G*H, R);
+    ``b_hh`` (G*H,) is used by GRU only (None: no bias); ``w_hr`` (P, H): LSTM's projection
+    (then R = P, else R = H). Step t (of ``batch_sizes``, positive, non-increasing) touches rows
+    ``[:batch_sizes[t]]`` of the state. ``save=False`` (inference) skips storing what backward
+    reads (the activations ``A`` too: each step's stay in a scratch row). ``variants``: see
+    :class:`NativeVariants`.
     """
-    N, B, H, GW = _layout(mode, G, h0, w_hh)
+    size = _layout(mode, G, h0, w_hh, w_hr)
+    N, B, H, GW, R = size
     dtype, lstm, gru = G.dtype, mode == "LSTM", mode == "GRU"
     _check("G", G, (N, GW), dtype)
-    _check("h0", h0, (B, H), dtype)
+    _check("h0", h0, (B, R), dtype)
     if lstm:
         _check("c0", c0, (B, H), dtype)
     if gru and b_hh is not None:
         _check("b_hh", b_hh, (GW,), dtype)
+    v = _check_variants(mode, variants, size, dtype)
     bs = _sizes(batch_sizes, N, B)
     if not available(dtype):
         raise RuntimeError(f"native_loop: the native library is unavailable for {dtype}")
-    out = G.new_empty(N, H)
+    ln, proj = v.layer_norm, w_hr is not None
+    Zr = G.new_empty(N, GW) if ln and save else None
+    stats = G.new_empty(4 if lstm else 2, N) if ln and save else None
+    # h_{t-1} * mask, double-buffered: the product of step t reads one, step t writes the other.
+    scratch = G.new_empty(2, B, R) if v.rmask is not None else None
+    # Without saving, the normed product needs a place of its own (the raw one is in Z).
+    ln_scratch = G.new_empty(B, GW) if ln and not save else None
+    CZ = G.new_empty(N, H) if v.zoneout and lstm and save else None
+    zo_scratch = G.new_empty(B * R + 2 * B * H) if v.zoneout else None
+    Rs = G.new_empty(N, H) if proj and save else None
+    r_scratch = G.new_empty(B, H) if proj and not save else None
+    cv = _c_variants(v, w_hr, Zr=Zr, stats=stats, CZ=CZ, Rs=Rs, scratch=scratch,
+                     ln_scratch=ln_scratch, zo_scratch=zo_scratch, r_scratch=r_scratch)  # fmt: skip
+    out = G.new_empty(N, R)
     h = h0.clone()
     c = c0.clone() if lstm else None
     C = G.new_empty(N, H) if lstm and save else None
     GH = G.new_empty(N, GW) if gru and save else None
-    Z = G.new_empty(B, GW)
+    A = G.new_empty(N, GW) if (lstm or gru) and save else None
+    # Without A, each step's activations go to Z's second half.
+    Z = G.new_empty(B, GW) if A is not None else G.new_empty(2, B, GW)
     offsets = torch.empty(len(bs) + 1, dtype=torch.int64)
     i64 = ctypes.c_int64
     _run(
         getattr(_lib, f"nl_forward_{_SUFFIX[dtype]}"),
         i64(_MODES[mode]), i64(int(reverse)), i64(len(bs)), _ptr(bs), i64(N), i64(B), i64(H),
-        _ptr(G), _ptr(w_hh), _ptr(b_hh if gru else None), _ptr(h0), _ptr(out), _ptr(h),
+        _ptr(G), _ptr(A), _ptr(w_hh), _ptr(b_hh if gru else None), _ptr(h0), _ptr(out), _ptr(h),
         _ptr(c), _ptr(C), _ptr(GH), _ptr(Z), _ptr(offsets),
-        i64(threads or _default_threads(B, H, GW)), _blas_min_rows(blas),
+        i64(threads or _default_threads(B, R, GW)), _blas_min_rows(blas), cv,
     )  # fmt: skip
-    return ForwardResult(out, h, c, C, GH)
+    return ForwardResult(out, h, c, C, GH, Zr, stats, CZ, A, Rs)
 
 
 def backward(
@@ -268,19 +448,29 @@ def backward(
     d_hn: Tensor | None,
     d_cn: Tensor | None,
     *,
+    variants: NativeVariants | None = None,
+    Zr: Tensor | None = None,
+    stats: Tensor | None = None,
+    CZ: Tensor | None = None,
+    w_hr: Tensor | None = None,
     threads: int | None = None,
     blas: bool | None = None,
 ) -> BackwardResult:
     """The backward walk of :func:`forward` (``engines/README.md``), all steps in one call.
 
-    ``G`` (the activations), ``out``, ``C``, ``GH``: what :func:`forward` left with
-    ``save=True``; ``d_out`` (N, H), ``d_hn``, ``d_cn`` (B, H): incoming gradients, None for
-    zero. The caller finishes as ``FusedLayer.backward`` does: ``dX = dG W_ih``,
-    ``dW_ih = dG^T X``, ``dW_hh = dY^T H_prev`` with ``dY = dGH`` for GRU else ``dG``.
+    ``G`` (N, G*H): the activations ``A`` that :func:`forward` saved (for RNN, which saves none,
+    any matrix of that shape: unread); ``out``, ``C``, ``GH``: what it saved; ``d_out`` (N, R),
+    ``d_hn`` (B, R), ``d_cn`` (B, H): incoming gradients, None for zero. ``variants``, ``Zr``,
+    ``stats``, ``CZ``, ``w_hr``: as :func:`forward` had and saved (with a projection the
+    caller adds ``dW_hr = dHt^T Rs``). The caller finishes as
+    ``FusedLayer.backward`` does: ``dX = dG W_ih``, ``dW_ih = dG^T X``, ``dW_hh = dY^T H_prev``
+    with ``dY`` = ``dZ`` under a layer norm, else ``dGH`` for GRU, else ``dG`` (and ``H_prev``
+    times the recurrent-dropout mask).
     """
-    N, B, H, GW = _layout(mode, G, h0, w_hh)
+    size = _layout(mode, G, h0, w_hh, w_hr)
+    N, B, H, GW, R = size
     dtype, lstm, gru = G.dtype, mode == "LSTM", mode == "GRU"
-    for name, t, shape in [("G", G, (N, GW)), ("out", out, (N, H)), ("h0", h0, (B, H))]:
+    for name, t, shape in [("G", G, (N, GW)), ("out", out, (N, R)), ("h0", h0, (B, R))]:
         _check(name, t, shape, dtype)
     if lstm:
         _check("C", C, (N, H), dtype)
@@ -289,13 +479,19 @@ def backward(
         _check("GH", GH, (N, GW), dtype)
     if d_out is not None:
         d_out = d_out.contiguous()
-        _check("d_out", d_out, (N, H), dtype)
+        _check("d_out", d_out, (N, R), dtype)
+    v = _check_variants(mode, variants, size, dtype)
+    if v.layer_norm:
+        _check("Zr", Zr, (N, GW), dtype)
+        _check("stats", stats, (4 if lstm else 2, N), dtype)
+    if v.zoneout and lstm:
+        _check("CZ", CZ, (N, H), dtype)
     bs = _sizes(batch_sizes, N, B)
     if not available(dtype):
         raise RuntimeError(f"native_loop: the native library is unavailable for {dtype}")
-    dh = h0.new_zeros(B, H) if d_hn is None else d_hn.to(dtype).clone(
+    dh = h0.new_zeros(B, R) if d_hn is None else d_hn.to(dtype).clone(
         memory_format=torch.contiguous_format)  # fmt: skip
-    _check("d_hn", dh, (B, H), dtype)
+    _check("d_hn", dh, (B, R), dtype)
     dc = None
     if lstm:
         dc = h0.new_zeros(B, H) if d_cn is None else d_cn.to(dtype).clone(
@@ -303,6 +499,16 @@ def backward(
         _check("d_cn", dc, (B, H), dtype)
     dG = torch.empty_like(G)
     dGH = torch.empty_like(G) if gru else None
+    dZ = torch.empty_like(G) if v.layer_norm else None
+    dCN = G.new_empty(N, H) if v.layer_norm and lstm else None
+    scratch = G.new_empty(B, R) if v.rmask is not None else None
+    zo_scratch = G.new_empty(B * R + B * H) if v.zoneout else None
+    proj = w_hr is not None
+    dHt = G.new_empty(N, R) if proj else None
+    r_scratch = G.new_empty(B, H) if proj else None
+    cv = _c_variants(v, w_hr, Zr=Zr, stats=stats, dZ=dZ, dCN=dCN, CZ=CZ if v.zoneout else None,
+                     dHt=dHt, scratch=scratch, zo_scratch=zo_scratch,
+                     r_scratch=r_scratch)  # fmt: skip
     offsets = torch.empty(len(bs) + 1, dtype=torch.int64)
     i64 = ctypes.c_int64
     _run(
@@ -310,6 +516,7 @@ def backward(
         i64(_MODES[mode]), i64(int(reverse)), i64(len(bs)), _ptr(bs), i64(N), i64(B), i64(H),
         _ptr(G), _ptr(GH if gru else None), _ptr(out), _ptr(C if lstm else None), _ptr(h0),
         _ptr(c0 if lstm else None), _ptr(w_hh), _ptr(d_out), _ptr(dh), _ptr(dc), _ptr(dG),
-        _ptr(dGH), _ptr(offsets), i64(threads or _default_threads(B, H, GW)), _blas_min_rows(blas),
+        _ptr(dGH), _ptr(offsets), i64(threads or _default_threads(B, R, GW)), _blas_min_rows(blas),
+        cv,
     )  # fmt: skip
-    return BackwardResult(dG, dGH, dh, dc)
+    return BackwardResult(dG, dGH, dh, dc, dZ, dCN, dHt)

@@ -1,20 +1,26 @@
 """The native time loop as PyTorch operators (``torch.library``), so that the default CPU path
 is one opaque node for ``torch.compile`` (``fullgraph=True`` too) and ``torch.export``.
 
-- ``rnnkit::native_layer`` runs one plain layer and direction forward (``native_loop.forward``)
-  on the input projection ``G = x W_ih^T + biases``, which the caller computes with torch ops
-  (so autograd owns ``dX``, ``dW_ih`` and the biases folded into ``G``).
+- ``rnnkit::native_layer`` runs one layer and direction forward (``native_loop.forward``) on the
+  input projection ``G = x W_ih^T + biases`` (under a layer norm, ``LN(x W_ih^T) + biases``),
+  which the caller computes with torch ops (so autograd owns ``dX``, ``dW_ih``, the input-side
+  norm and the biases folded into ``G``), with LSTM's projection, the layer norms of the
+  recurrent side, the recurrent-dropout mask and zoneout's probability and masks as optional
+  arguments.
 - ``rnnkit::native_layer_backward`` is its backward walk (``native_loop.backward``).
 
 Both have fake implementations (shapes only) for tracing; the forward's autograd formula is
 registered with :func:`torch.library.register_autograd`. Double backward and batched gradients
-(vmap) differentiate the reference steps instead, as ``FusedLayer`` does.
+(vmap) differentiate :func:`reference_layer`, the same steps in torch ops, instead.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from rnnkit.engines import fused, native_loop
+from rnnkit.engines.spec import LN_EPS, StepVariants
+from rnnkit.scan import scan
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
@@ -24,11 +30,21 @@ def _none_if_empty(t: Tensor) -> Tensor | None:
     return None if t.numel() == 0 and t.dim() == 1 else t
 
 
-def _saved_shapes(mode: str, G: Tensor, h0: Tensor, save: bool) -> tuple[tuple, tuple]:
-    N, H = G.shape[0], h0.shape[1]
-    C = (N, H) if mode == "LSTM" and save else (0,)
-    GH = tuple(G.shape) if mode == "GRU" and save else (0,)
-    return C, GH
+def _saved_shapes(
+    mode: str, G: Tensor, ln: bool, zoneout: bool, proj: bool, save: bool
+) -> dict[str, tuple]:
+    """Shapes of what forward saves (``(0,)``: absent)."""
+    N, H = G.shape[0], G.shape[1] // _GATES[mode]
+    lstm, absent = mode == "LSTM", (0,)
+    return dict(
+        A=tuple(G.shape) if mode in ("LSTM", "GRU") and save else absent,
+        C=(N, H) if lstm and save else absent,
+        GH=tuple(G.shape) if mode == "GRU" and save else absent,
+        Zr=tuple(G.shape) if ln and save else absent,
+        stats=(4 if lstm else 2, N) if ln and save else absent,
+        CZ=(N, H) if lstm and zoneout and save else absent,
+        Rs=(N, H) if proj and save else absent,
+    )
 
 
 @torch.library.custom_op("rnnkit::native_layer", mutates_args=())
@@ -41,27 +57,45 @@ def native_layer(
     c0: Tensor | None,
     w_hh: Tensor,
     b_hh: Tensor | None,
+    w_hr: Tensor | None,
+    ln_hw: Tensor | None,
+    ln_hb: Tensor | None,
+    ln_cw: Tensor | None,
+    ln_cb: Tensor | None,
+    rmask: Tensor | None,
+    zoneout_p: float | None,
+    zh: Tensor | None,
+    zc: Tensor | None,
     save: bool,
     threads: int,
     blas: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(out (N, H), h_n, c_n or empty, gate activations A, C or empty, GH or empty)``;
-    ``threads=0``: torch's; ``blas=-1``: automatic, 0: the own loops only."""
-    A = G.clone()  # the loop overwrites its input with the activations; G stays the input
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(out (N, R), h_n, c_n or empty, activations A, C, GH, Zr, stats, CZ, Rs)`` (the saved
+    tensors of ``native_loop.ForwardResult``, empty where absent: all without ``save``, ``A``
+    for RNN); ``threads=0``: torch's; ``blas=-1``: automatic, 0: the own loops only."""
+    v = native_loop.NativeVariants(ln_hw, ln_hb, ln_cw, ln_cb, rmask, zoneout_p, zh, zc)
     r = native_loop.forward(
-        mode, reverse, batch_sizes, A, h0, c0, w_hh, b_hh, save,
+        mode, reverse, batch_sizes, G, h0, c0, w_hh, b_hh, save, w_hr=w_hr, variants=v,
         threads=threads or None, blas=None if blas < 0 else bool(blas),
     )  # fmt: skip
-    c_n, C, GH = (t if t is not None else G.new_empty(0) for t in (r.c_n, r.C, r.GH))
-    return r.out, r.h_n, c_n, A, C, GH
+    c_n, A, C, GH, Zr, stats, CZ, Rs = (
+        t if t is not None else G.new_empty(0)
+        for t in (r.c_n, r.A, r.C, r.GH, r.Zr, r.stats, r.CZ, r.Rs)
+    )
+    return r.out, r.h_n, c_n, A, C, GH, Zr, stats, CZ, Rs
 
 
 @native_layer.register_fake
-def _native_layer_fake(mode, reverse, batch_sizes, G, h0, c0, w_hh, b_hh, save, threads, blas):
-    C, GH = _saved_shapes(mode, G, h0, save)
+def _native_layer_fake(mode, reverse, batch_sizes, G, h0, c0, w_hh, b_hh, w_hr, ln_hw, ln_hb,
+                       ln_cw, ln_cb, rmask, zoneout_p, zh, zc, save, threads, blas):  # fmt: skip
+    zoneout = zoneout_p is not None or zh is not None
+    saved = _saved_shapes(mode, G, ln_hw is not None, zoneout, w_hr is not None, save)
     c_n = torch.empty_like(c0) if mode == "LSTM" else G.new_empty(0)
     out = G.new_empty(G.shape[0], h0.shape[1])
-    return out, torch.empty_like(h0), c_n, torch.empty_like(G), G.new_empty(C), G.new_empty(GH)
+    return (
+        out, torch.empty_like(h0), c_n,
+        *(G.new_empty(saved[k]) for k in ("A", "C", "GH", "Zr", "stats", "CZ", "Rs")),
+    )  # fmt: skip
 
 
 @torch.library.custom_op("rnnkit::native_layer_backward", mutates_args=())
@@ -73,72 +107,203 @@ def native_layer_backward(
     out: Tensor,
     C: Tensor | None,
     GH: Tensor | None,
+    Zr: Tensor | None,
+    stats: Tensor | None,
+    CZ: Tensor | None,
     h0: Tensor,
     c0: Tensor | None,
     w_hh: Tensor,
+    w_hr: Tensor | None,
+    ln_hw: Tensor | None,
+    ln_hb: Tensor | None,
+    ln_cw: Tensor | None,
+    ln_cb: Tensor | None,
+    rmask: Tensor | None,
+    zoneout_p: float | None,
+    zh: Tensor | None,
+    zc: Tensor | None,
     d_out: Tensor | None,
     d_hn: Tensor | None,
     d_cn: Tensor | None,
     threads: int,
     blas: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(dG, dGH or empty, dh0, dc0 or empty)``: the gradients of :func:`native_layer`'s
-    ``G`` (pre-activations), of its hidden side (GRU) and of ``h0``, ``c0``."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dG, dGH, dh0, dc0, dZ, dCN, dHt)``, empty where absent: the gradients of
+    :func:`native_layer`'s ``G`` (pre-activations), of its hidden side (GRU), of ``h0``, ``c0``,
+    of the recurrent product before its norm, of the cell norm's output (LSTM) and of the
+    projected h_t before zoneout."""
+    v = native_loop.NativeVariants(ln_hw, ln_hb, ln_cw, ln_cb, rmask, zoneout_p, zh, zc)
     r = native_loop.backward(
         mode, reverse, batch_sizes, A, out, C, GH, h0, c0, w_hh, d_out, d_hn, d_cn,
-        threads=threads or None, blas=None if blas < 0 else bool(blas),
+        variants=v, Zr=Zr, stats=stats, CZ=CZ, w_hr=w_hr, threads=threads or None,
+        blas=None if blas < 0 else bool(blas),
     )  # fmt: skip
-    dGH, dc0 = (t if t is not None else A.new_empty(0) for t in (r.dGH, r.dc0))
-    return r.dG, dGH, r.dh0, dc0
+    dGH, dc0, dZ, dCN, dHt = (
+        t if t is not None else A.new_empty(0) for t in (r.dGH, r.dc0, r.dZ, r.dCN, r.dHt)
+    )
+    return r.dG, dGH, r.dh0, dc0, dZ, dCN, dHt
 
 
 @native_layer_backward.register_fake
-def _native_layer_backward_fake(
-    mode, reverse, batch_sizes, A, out, C, GH, h0, c0, w_hh, d_out, d_hn, d_cn, threads, blas
-):
+def _native_layer_backward_fake(mode, reverse, batch_sizes, A, out, C, GH, Zr, stats, CZ, h0,
+                                c0, w_hh, w_hr, ln_hw, ln_hb, ln_cw, ln_cb, rmask, zoneout_p, zh,
+                                zc, d_out, d_hn, d_cn, threads, blas):  # fmt: skip
+    lstm, ln = mode == "LSTM", ln_hw is not None
+    N, H = A.shape[0], A.shape[1] // _GATES[mode]
     dGH = torch.empty_like(A) if mode == "GRU" else A.new_empty(0)
-    dc0 = torch.empty_like(c0) if mode == "LSTM" else A.new_empty(0)
-    return torch.empty_like(A), dGH, torch.empty_like(h0), dc0
+    dc0 = torch.empty_like(c0) if lstm else A.new_empty(0)
+    dZ = torch.empty_like(A) if ln else A.new_empty(0)
+    dCN = A.new_empty(N, H) if ln and lstm else A.new_empty(0)
+    dHt = A.new_empty(out.shape) if w_hr is not None else A.new_empty(0)
+    return torch.empty_like(A), dGH, torch.empty_like(h0), dc0, dZ, dCN, dHt
+
+
+def reference_layer(
+    mode: str,
+    reverse: bool,
+    batch_sizes,
+    G: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    w_hh: Tensor,
+    b_hh: Tensor | None,
+    w_hr: Tensor | None = None,
+    ln_hw: Tensor | None = None,
+    ln_hb: Tensor | None = None,
+    ln_cw: Tensor | None = None,
+    ln_cb: Tensor | None = None,
+    rmask: Tensor | None = None,
+    zoneout_p: float | None = None,
+    zh: Tensor | None = None,
+    zc: Tensor | None = None,
+) -> tuple[Tensor, ...]:
+    """What :func:`native_layer` computes, from ``G`` on, as torch ops stepped by ``scan``
+    (the equations of ``rnnkit.variants``): ``(out, h_n)`` or, for LSTM, ``(out, h_n, c_n)``.
+    Differentiable any number of times, and under vmap."""
+    lstm, H = mode == "LSTM", G.shape[1] // _GATES[mode]
+    masks = zh is not None
+
+    def zone(keep: Tensor | float | None, prev: Tensor, new: Tensor) -> Tensor:
+        return new if keep is None else keep * prev + (1 - keep) * new
+
+    def split(inputs) -> tuple[Tensor, Tensor | float | None, Tensor | float | None]:
+        # Training's masks arrive per step beside G's rows; eval's p is every step's.
+        if not masks:
+            return inputs, zoneout_p, zoneout_p
+        return (*inputs, None) if len(inputs) == 2 else inputs
+
+    def recurrent(h: Tensor) -> Tensor:
+        z = (h if rmask is None else h * rmask[: h.shape[0]]) @ w_hh.t()  # (bs, G*H)
+        return z if ln_hw is None else F.layer_norm(z, (z.shape[1],), ln_hw, ln_hb, LN_EPS)
+
+    def lstm_step(inputs, carry):
+        g, kh, kc = split(inputs)
+        i, f, gg, o = (g + recurrent(carry[0])).chunk(4, dim=1)
+        c = torch.sigmoid(f) * carry[1] + torch.sigmoid(i) * torch.tanh(gg)
+        cell = c if ln_cw is None else F.layer_norm(c, (H,), ln_cw, ln_cb, LN_EPS)
+        h = torch.sigmoid(o) * torch.tanh(cell)
+        h = zone(kh, carry[0], h if w_hr is None else h @ w_hr.t())
+        c = zone(kc, carry[1], c)
+        return h, (h, c)
+
+    def gru_step(inputs, carry):
+        g, kh, _ = split(inputs)
+        (h,) = carry
+        y = recurrent(h) if b_hh is None else recurrent(h) + b_hh
+        (g_r, g_z, g_n), (y_r, y_z, y_n) = g.chunk(3, dim=1), y.chunk(3, dim=1)
+        r, z = torch.sigmoid(g_r + y_r), torch.sigmoid(g_z + y_z)
+        n = torch.tanh(g_n + r * y_n)
+        h_new = zone(kh, h, (1 - z) * n + z * h)
+        return h_new, (h_new,)
+
+    def rnn_step(g, carry):
+        a = g + recurrent(carry[0])
+        h = torch.relu(a) if mode == "RNN_RELU" else torch.tanh(a)
+        return h, (h,)
+
+    step = {"LSTM": lstm_step, "GRU": gru_step}.get(mode, rnn_step)
+    xs = G if not masks else ((G, zh, zc) if lstm else (G, zh))
+    out, last = scan(step, xs, (h0, c0) if lstm else (h0,), reverse, tuple(batch_sizes))
+    return (out, *last)
+
+
+# Positions of the differentiable inputs of native_layer, in its argument order.
+_DIFF = ("G", "h0", "c0", "w_hh", "b_hh", "w_hr", "ln_hw", "ln_hb", "ln_cw", "ln_cb")
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    mode, reverse, batch_sizes, G, h0, c0, w_hh, b_hh, _save, threads, blas = inputs
-    out, _, _, A, C, GH = output
-    ctx.where = (mode, reverse, tuple(batch_sizes), threads, blas)
-    ctx.save_for_backward(G, h0, c0, w_hh, b_hh, out, A, C, GH)
+    mode, reverse, batch_sizes, *tensors, rmask, zoneout_p, zh, zc, _save, threads, blas = inputs
+    out, _, _, A, C, GH, Zr, stats, CZ, Rs = output
+    ctx.where = (mode, reverse, tuple(batch_sizes), threads, blas, zoneout_p)
+    # The saved outputs never receive a gradient; materialised, each would be a zero-filled
+    # (N, G*H) tensor per backward. None reads as zero below.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*tensors, rmask, zh, zc, out, A, C, GH, Zr, stats, CZ, Rs)
+
+
+def _layer_norm_param_grads(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor):
+    """Gain and bias gradients of a layer norm over all rows at once."""
+    _, dw, db = torch.ops.aten.native_layer_norm_backward(
+        dy, x, (x.shape[1],), mean, rstd, weight, weight, [False, True, True]
+    )
+    return dw, db
 
 
 def _backward(ctx, d_out, d_hn, d_cn, *_saved_outputs):
-    mode, reverse, batch_sizes, threads, blas = ctx.where
-    G, h0, c0, w_hh, b_hh, out, A, C, GH = ctx.saved_tensors
-    lstm, gru = mode == "LSTM", mode == "GRU"
-    needs = ctx.needs_input_grad  # (mode, reverse, batch_sizes, G, h0, c0, w_hh, b_hh, ...)
+    mode, reverse, batch_sizes, threads, blas, zoneout_p = ctx.where
+    *tensors, rmask, zh, zc, out, A, C, GH, Zr, stats, CZ, Rs = ctx.saved_tensors
+    zoneout = (rmask, zoneout_p, zh, zc)
+    t = dict(zip(_DIFF, tensors, strict=True))
+    G, h0, c0, w_hh, b_hh = (t[k] for k in ("G", "h0", "c0", "w_hh", "b_hh"))
+    lstm, gru, ln = mode == "LSTM", mode == "GRU", t["ln_hw"] is not None
+    needs = dict(zip(_DIFF, ctx.needs_input_grad[3 : 3 + len(_DIFF)], strict=True))
     d_cn = d_cn if lstm else None
+    grads: dict[str, Tensor | None] = dict.fromkeys(_DIFF)
     if fused.needs_reference_backward(d_out, d_hn, d_cn):
-        # The reference cell with x = G and W_ih = I computes the same step from G.
-        eye = torch.eye(G.shape[1], dtype=G.dtype, device=G.device)
-        layer = (G, h0, c0 if lstm else None, eye, w_hh, None, b_hh if gru else None, None)
-        wanted = (needs[3], needs[4], needs[5], False, needs[6], False, needs[7], False)
-        grads = fused.vjp_by_reference(
-            (mode, reverse, batch_sizes, None),
-            (*wanted, *([False] * 6)),
-            (*layer, *([None] * 6)),
-            None, None, None,
-            (d_out, d_hn, d_cn),
+        wanted = [k for k in _DIFF if needs[k] and t[k] is not None]
+
+        def f(*diff: Tensor) -> tuple[Tensor, ...]:
+            args = {**t, **dict(zip(wanted, diff, strict=True))}
+            return reference_layer(mode, reverse, batch_sizes, *args.values(), *zoneout)
+
+        outputs, vjp = torch.func.vjp(f, *(t[k] for k in wanted))
+        cots = tuple(
+            torch.zeros_like(o) if g is None else g
+            for o, g in zip(outputs, (d_out, d_hn, d_cn), strict=False)
+        )
+        grads.update(zip(wanted, vjp(cots), strict=True))
+    else:
+        dG, dGH, dh0, dc0, dZ, dCN, dHt = native_layer_backward(
+            # RNN saves no activations: its backward reads none, G stands in for the shape.
+            mode, reverse, list(batch_sizes), A if A.numel() else G, out, _none_if_empty(C),
+            _none_if_empty(GH), _none_if_empty(Zr), _none_if_empty(stats), _none_if_empty(CZ), h0,
+            c0 if lstm else None, w_hh, t["w_hr"], t["ln_hw"], t["ln_hb"], t["ln_cw"],
+            t["ln_cb"], *zoneout,
+            d_out, d_hn, d_cn, threads, blas,
         )  # fmt: skip
-        dG, dh0, dc0, _, dw_hh, _, db_hh = grads[:7]
-        return None, None, None, dG, dh0, dc0, dw_hh, db_hh, None, None, None
-    dG, dGH, dh0, dc0 = native_layer_backward(
-        mode, reverse, list(batch_sizes), A, out, _none_if_empty(C), _none_if_empty(GH), h0,
-        c0 if lstm else None, w_hh, d_out, d_hn, d_cn, threads, blas,
-    )  # fmt: skip
-    dY = dGH if gru else dG  # the gradient at W_hh h's output
-    dw_hh = None
-    if needs[6]:
-        prev, _ = fused._prev_rows(batch_sizes, reverse, G.device)
-        dw_hh = dY.t() @ torch.cat((out, h0)).index_select(0, prev)  # (G*H, H)
-    db_hh = dGH.sum(0) if gru and b_hh is not None and needs[7] else None
-    return None, None, None, dG, dh0, dc0 if lstm else None, dw_hh, db_hh, None, None, None
+        grads.update(G=dG, h0=dh0, c0=dc0 if lstm else None)
+        dY = dGH if gru else dG  # the gradient at the recurrent side, after its norm
+        if needs["w_hh"]:
+            prev, batch_row = fused._prev_rows(batch_sizes, reverse, G.device)
+            h_prev = torch.cat((out, h0)).index_select(0, prev)  # (N, H)
+            if rmask is not None:
+                h_prev = h_prev * rmask.index_select(0, batch_row)
+            grads["w_hh"] = (dZ if ln else dY).t() @ h_prev  # (G*H, H)
+        if gru and b_hh is not None and needs["b_hh"]:
+            grads["b_hh"] = dGH.sum(0)
+        if t["w_hr"] is not None and needs["w_hr"]:
+            grads["w_hr"] = dHt.t() @ Rs  # (P, H)
+        if ln:
+            N = G.shape[0]
+            mean, rstd = stats.view(-1, N, 1).unbind(0)[:2]
+            grads["ln_hw"], grads["ln_hb"] = _layer_norm_param_grads(dY, Zr, mean, rstd, t["ln_hw"])
+            if lstm:
+                mean_c, rstd_c = stats.view(-1, N, 1).unbind(0)[2:]
+                grads["ln_cw"], grads["ln_cb"] = _layer_norm_param_grads(
+                    dCN, C, mean_c, rstd_c, t["ln_cw"]
+                )
+    diff = tuple(grads[k] if needs[k] else None for k in _DIFF)
+    return None, None, None, *diff, *([None] * 7)
 
 
 torch.library.register_autograd("rnnkit::native_layer", _backward, setup_context=_setup_context)
@@ -155,22 +320,49 @@ def run_layer(
     w_hh: Tensor,
     b_ih: Tensor | None,
     b_hh: Tensor | None,
+    w_hr: Tensor | None = None,
+    variants: StepVariants | None = None,
     *,
     threads: int | None = None,
     blas: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """One plain layer and direction, as ``fused.run_layer``: ``(out (N, H), h_n, c_n)``."""
+    """One layer and direction, as ``fused.run_layer``: ``(out (N, R), h_n, c_n)``, with LSTM's
+    projection ``w_hr`` and the variants of ``variants`` (layer norm, recurrent dropout,
+    zoneout)."""
+    v = variants or StepVariants()
+    ln = tuple(t.contiguous() for t in v.layer_norm) if v.layer_norm is not None else ()
     G = x @ w_ih.t()  # (N, G*H)
+    if ln:
+        G = F.layer_norm(G, (G.shape[1],), ln[0], ln[1], LN_EPS)
     if b_ih is not None:
         G = G + (b_ih if mode == "GRU" else b_ih + b_hh)
     # The loop reads plain row-major memory; users may pass any strides (a permuted h0).
     h0, w_hh = h0.contiguous(), w_hh.contiguous()
+    w_hr = None if w_hr is None else w_hr.contiguous()
     c0 = None if c0 is None else c0.contiguous()
     gru_bias = b_hh.contiguous() if mode == "GRU" and b_hh is not None else None
-    tensors = (G, h0, c0, w_hh, gru_bias)
+    ln_h = ln[2:4] if ln else (None, None)
+    ln_c = ln[4:6] if ln and mode == "LSTM" else (None, None)
+    rmask = None if v.recurrent_mask is None else v.recurrent_mask.contiguous()
+    # Zoneout's masks laid out like x's rows: padded (T, B, H) -> (T*B, H).
+    masks = (v.zoneout_h_mask, v.zoneout_c_mask if mode == "LSTM" else None)
+    zh, zc = (None if m is None else m.reshape(x.shape[0], -1).contiguous() for m in masks)
+    tensors = (G, h0, c0, w_hh, gru_bias, w_hr, *ln_h, *ln_c)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not save and not torch.compiler.is_compiling() and not _functorch_active():
+        # Eager inference: no graph to record and no gradient, so the operator's dispatch (about
+        # 0.2 ms a call, a tenth of a B=1 layer) buys nothing; the same function runs directly.
+        nv = native_loop.NativeVariants(*ln_h, *ln_c, rmask, v.zoneout_p, zh, zc)
+        r = native_loop.forward(mode, reverse, batch_sizes, G, h0, c0, w_hh, gru_bias, False,
+                                w_hr=w_hr, variants=nv, threads=threads, blas=blas)  # fmt: skip
+        return r.out, r.h_n, r.c_n
     blas_arg = -1 if blas is None else int(blas)
     out, h_n, c_n, *_ = native_layer(
-        mode, reverse, list(batch_sizes), G, h0, c0, w_hh, gru_bias, save, threads or 0, blas_arg
-    )
+        mode, reverse, list(batch_sizes), G, h0, c0, w_hh, gru_bias, w_hr, *ln_h, *ln_c, rmask,
+        v.zoneout_p, zh, zc, save, threads or 0, blas_arg,
+    )  # fmt: skip
     return out, h_n, (c_n if mode == "LSTM" else None)
+
+
+def _functorch_active() -> bool:
+    return torch._C._functorch.peek_interpreter_stack() is not None

@@ -127,7 +127,8 @@ def run_layer(
 
     As the plan says (``engines.plan``): ``persistent``, plain LSTM inference as the kernels'
     persistent forward (Triton: one launch for all steps, ``W_hh`` kept on chip); ``native``,
-    a plain layer's steps in one native call; else :class:`FusedLayer`.
+    the layer's steps (projection and variants included) in one native call; else
+    :class:`FusedLayer`.
     """
     if persistent:
         G = x @ w_ih.t()  # (N, 4H)
@@ -137,7 +138,9 @@ def run_layer(
     if native:
         from rnnkit.engines import ops
 
-        return ops.run_layer(mode, reverse, batch_sizes, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        return ops.run_layer(
+            mode, reverse, batch_sizes, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, variants
+        )
     v = variants or StepVariants()
     ln = tuple(t.contiguous() for t in v.layer_norm or ())
     zh, zc = v.zoneout_h_mask, v.zoneout_c_mask
