@@ -285,6 +285,11 @@ def test_auto_backend_follows_the_documented_rule():
         return engines.plan("x", "auto", spec, device, torch.float32, **kw).engine
 
     assert engine("LSTM", cpu_) is torch_native
+    # LSTM training on the CPU: the native loop at small batches, oneDNN from B=16.
+    assert engine("LSTM", cpu_, needs_grad=True) is fused
+    assert engine("LSTM", cpu_, needs_grad=True, batch=engines.LSTM_FUSED_MAX_BATCH) is fused
+    assert engine("LSTM", cpu_, needs_grad=True, batch=16) is torch_native
+    assert engine("LSTM", cuda, needs_grad=True) is torch_native
     assert engine("GRU", cpu_) is fused
     assert engine("RNN_RELU", cpu_) is fused
     assert all(engine(m, cuda) is torch_native for m in ("LSTM", "GRU"))

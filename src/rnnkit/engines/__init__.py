@@ -24,6 +24,8 @@ from rnnkit.engines import fused, native_loop, reference, torch_native
 from rnnkit.engines.spec import LayerSpec
 
 BACKENDS = ("auto", "reference", "fused", "triton", "torch")
+# The largest batch at which auto trains a CPU LSTM on the fused engine (BENCHMARKS.md, engine v2).
+LSTM_FUSED_MAX_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -95,9 +97,12 @@ def plan(
 
        - CPU, GRU and RNN: the fused engine (its native loop), faster than torch.nn at every
          measured shape.
-       - CPU, LSTM: torch's kernels (oneDNN), except under ``torch.compile``, which cannot
-         trace them (it breaks the graph there, as on torch.nn.LSTM) but keeps the fused
-         engine's native-loop operator in its graph (``fullgraph=True`` works).
+       - CPU, LSTM: the fused engine for training (a gradient is needed) with batches up to
+         ``LSTM_FUSED_MAX_BATCH``, where its native loop is the faster (0.75x torch.nn's time
+         at B=1, level at B=8, H=256) and under ``torch.compile``, which cannot trace torch's
+         kernels (it breaks the graph there, as on torch.nn.LSTM) but keeps the native-loop
+         operator in its graph (``fullgraph=True`` works); otherwise torch's kernels (oneDNN),
+         level at B=1 and faster at larger batches in inference, faster in training from B=16.
        - CUDA: torch's cuDNN kernels; the Triton path has not been timed on a GPU yet.
     6. The fused engine's kernels: Triton for ``backend="triton"`` (an error where it cannot
        run), else C on the CPU and Triton on CUDA where they build, else their torch-op twins;
@@ -129,7 +134,8 @@ def plan(
     why = f"backend={backend!r}"
     if backend == "auto":
         compiling = torch.compiler.is_compiling()
-        on_fused = device.type == "cpu" and (spec.mode != "LSTM" or compiling)
+        small_training = needs_grad and batch <= LSTM_FUSED_MAX_BATCH
+        on_fused = device.type == "cpu" and (spec.mode != "LSTM" or compiling or small_training)
         backend, why = ("fused" if on_fused else "torch"), "the auto rule"
     if backend == "reference":
         return Plan(reference, why)
