@@ -48,7 +48,9 @@ class TrainConfig:
     clip_grad: float = 1.0  # the gradient norm is clipped to this; 0 = off
     patience: int = 0  # stop after this many epochs without a better validation metric; 0 = off
     precision: str = "fp32"  # "fp32", or "bf16": forward passes under bfloat16 autocast
-    seed: int = 0  # seeds the weights, the batch order and dropout
+    # The batch order; the command line also seeds torch with it before building the model (its
+    # weights, then dropout): with rnnkit.fit, call torch.manual_seed before building yours.
+    seed: int = 0
     device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when there is one)
     threads: int | None = None  # CPU threads per process; None: what the machine can serve
     out: str | None = None  # the run folder; None: runs/<name>-<timestamp>
