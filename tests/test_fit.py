@@ -128,6 +128,19 @@ def test_fit_resumes_bit_identically(tmp_path, monkeypatch):
     assert strip == [re.sub(r'"seconds": [0-9.e-]+', "", line) for line in b]
 
 
+def test_fit_refuses_to_resume_with_other_options(tmp_path):
+    torch.manual_seed(0)
+    c = config(tmp_path, epochs=1)
+    rnnkit.fit(Net(), sign_data(32, 0), sign_data(16, 1), config=c)
+    with pytest.raises(ValueError, match=r"these differ: lr 0.5 \(the run has 0.02\)"):
+        rnnkit.fit(Net(), sign_data(32, 0), sign_data(16, 1), config=c.replace(resume=True, lr=0.5))
+    # What may change between a run and its resumption: threads, quiet, the device.
+    h = rnnkit.fit(
+        Net(), sign_data(32, 0), sign_data(16, 1), config=c.replace(resume=True, threads=1)
+    )
+    assert [r["epoch"] for r in h.epochs] == [1]
+
+
 class Frozen(nn.Module):
     """Outputs that no step can change: every epoch after the first ties with it."""
 

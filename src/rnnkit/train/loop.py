@@ -44,7 +44,7 @@ from rnnkit.train.checkpoint import (
     write_json,
     write_text,
 )
-from rnnkit.train.config import RunError, TrainConfig, TrainingFailed
+from rnnkit.train.config import RESUME_FREE, RunError, TrainConfig, TrainingFailed
 from rnnkit.train.data import Source, as_source
 from rnnkit.train.objective import Objective, infer
 from rnnkit.train.state import TrainState, better_key, finite, rng_state
@@ -302,6 +302,16 @@ class _Trainer:
             raise RunError(
                 f"the run was started with {saved.get('world_size', 1)} process(es); resume it "
                 f"with the same number (this is {self.world})"
+            )
+        before, now = saved.get("options", {}), self.record["options"]
+        changed = [
+            f"{k} {now.get(k)!r} (the run has {before.get(k)!r})"
+            for k in sorted(set(before) | set(now))
+            if k not in RESUME_FREE and before.get(k) != now.get(k)
+        ]
+        if changed:
+            raise RunError(
+                "resuming continues a run with its own options; these differ: " + "; ".join(changed)
             )
         if saved.get("data_fingerprint") != self.record["data_fingerprint"]:
             raise DataError(
