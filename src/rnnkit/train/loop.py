@@ -574,6 +574,10 @@ class _Trainer:
         )
         if self.writer:
             self._summarise(state, report, checksums, stopped)
+        if self.world > 1:
+            # The processes end together: one tearing down gloo while another still writes
+            # aborted now and then ("terminate called without an active exception").
+            dist.barrier()
         return history
 
     def _summarise(self, state: TrainState, report, checksums: list[str], stopped: bool) -> None:
