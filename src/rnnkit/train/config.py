@@ -52,7 +52,9 @@ class TrainConfig:
     # weights, then dropout): with rnnkit.fit, call torch.manual_seed before building yours.
     seed: int = 0
     device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when there is one)
-    threads: int | None = None  # CPU threads per process; None: what the machine can serve
+    # torch's CPU threads per process; None: rnnkit.fit leaves them as they are, the command line
+    # takes what the machine can serve (run.set_threads)
+    threads: int | None = None
     out: str | None = None  # the run folder; None: runs/<name>-<timestamp>
     resume: bool = False  # continue the run in ``out`` from its last checkpoint
     log_every: int = 0  # log the training loss every N steps; 0: about 10 times an epoch

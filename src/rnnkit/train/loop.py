@@ -109,7 +109,10 @@ def fit(
         raise RunError("patience (early stopping) needs val_data to watch; give val_data")
     if objective is None:
         objective = infer(train.rows(torch.arange(1), False)[1], loss, metric)
-    runs.set_threads(config.threads)
+    if config.threads is not None:
+        # Only when asked: a library call does not change torch's threads behind the user's back
+        # (the command line picks them from the load; see run.set_threads).
+        runs.set_threads(config.threads)
     started = not (dist.is_available() and dist.is_initialized())
     rank, world, device = runs.init_distributed(config.device)
     run = None
