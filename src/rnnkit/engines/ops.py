@@ -293,7 +293,7 @@ def _backward(ctx, d_out, d_hn, d_cn, *_saved_outputs):
         grads.update(G=dG, h0=dh0, c0=dc0 if lstm else None)
         dY = dGH if gru else dG  # the gradient at the recurrent side, after its norm
         if needs["w_hh"]:
-            prev, batch_row = fused._prev_rows(batch_sizes, reverse, G.device)
+            prev, batch_row = fused.prev_rows(batch_sizes, reverse, G.device)
             h_prev = torch.cat((out, h0)).index_select(0, prev)  # (N, H)
             if rmask is not None:
                 h_prev = h_prev * rmask.index_select(0, batch_row)

@@ -32,7 +32,6 @@ from rnnkit.engines.fused.loop import (
     FusedLayer,
     needs_reference_backward,
     prev_rows,
-    reference_vjp,
 )
 from rnnkit.engines.spec import LayerSpec, StepVariants, Weights
 from rnnkit.scan import Carry, stack_layers
@@ -45,13 +44,10 @@ __all__ = [
     "needs_reference_backward",
     "persistent_applies",
     "pointwise_kernels",
+    "prev_rows",
     "run",
     "run_layer",
-    "vjp_by_reference",
 ]
-
-# ops.py's name for it.
-_prev_rows = prev_rows
 
 
 def pointwise_kernels(device: torch.device, dtype: torch.dtype) -> ModuleType:
@@ -90,19 +86,6 @@ def persistent_applies(kernels: ModuleType, spec: LayerSpec, needs_grad: bool) -
         and spec.hidden_size <= kernels.PERSISTENT_MAX_H
         and not needs_grad
     )
-
-
-def vjp_by_reference(
-    where: tuple, needs: Sequence[bool], layer, rmask, zh, zc, cotangents
-) -> tuple[Tensor | None, ...]:
-    """:func:`loop.reference_vjp` in the positional form of the native operator (``ops.py``):
-    ``where = (mode, reverse, batch_sizes, zoneout_p)``, ``layer`` and ``needs`` the first 14
-    fields of :class:`LayerTensors` (``x`` to ``ln_c_bias``); the gradients in that order."""
-    mode, reverse, batch_sizes, zoneout_p = where
-    w = LayerTensors(*layer, rmask, zh, zc)
-    s = LayerSettings.make(mode, reverse, batch_sizes, pointwise, w, zoneout_p)
-    grads = reference_vjp(s, w, LayerTensors(*needs), cotangents)
-    return tuple(grads)[: len(layer)]
 
 
 def run_layer(
