@@ -13,8 +13,6 @@ the kernel's dtype with unit column stride and at least the rows and columns the
 """
 
 import ctypes
-import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -35,8 +33,6 @@ _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _KERNELS = [
     f"{op}_{step}" for op in ("lstm", "gru", "rnn", "ln_lstm") for step in ("forward", "backward")
 ] + ["lstm_forward_zoneout", "lstm_backward_zoneout", "gru_forward_zoneout", "gru_backward_zoneout"]
-_lib: ctypes.CDLL | None = None
-_failed = False
 
 
 def library_path(compiler: str, cache: Path) -> Path:
@@ -53,26 +49,19 @@ def _build() -> ctypes.CDLL:
     return lib
 
 
+_LIBRARY = native_build.OnFirstUse(
+    _build,
+    "the CPU kernels are unavailable ({}); the fused engine runs the same steps with torch ops "
+    "(correct, slower)",
+)
+
+
 # Building touches the file system, which torch.compile cannot trace: under compile this
 # runs once at trace time and its answer is a constant of the graph.
 @native_build.constant_under_compile
 def available(dtype: torch.dtype) -> bool:
     """True when the kernels are built (building them on the first call) and support ``dtype``."""
-    global _lib, _failed
-    if dtype not in _SUFFIX or _failed or os.environ.get("RNNKIT_NO_CPU_KERNELS") == "1":
-        return False
-    if _lib is None:
-        try:
-            _lib = _build()
-        except (OSError, AttributeError) as e:
-            _failed = True
-            warnings.warn(
-                f"rnnkit: the CPU kernels are unavailable ({e}); the fused engine runs the same "
-                "steps with torch ops (correct, slower)",
-                stacklevel=4,
-            )
-            return False
-    return True
+    return dtype in _SUFFIX and _LIBRARY.get() is not None
 
 
 def _args(*tensors: Tensor | None) -> list:
@@ -117,7 +106,7 @@ def _guard_vectors(name: str, dtype: torch.dtype, *vectors: tuple[Tensor, int]) 
 
 
 def _fn(name: str, ref: Tensor):
-    return getattr(_lib, f"{name}_{_SUFFIX[ref.dtype]}")
+    return getattr(_LIBRARY.lib, f"{name}_{_SUFFIX[ref.dtype]}")
 
 
 def _call(name: str, ref: Tensor, H: int, *tensors: Tensor | None, widths: tuple, extra=()) -> None:

@@ -14,6 +14,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,3 +89,26 @@ def constant_under_compile(fn: Callable) -> Callable:
     checks that it still does)."""
     fn._dynamo_marked_constant = True
     return fn
+
+
+class OnFirstUse:
+    """A C library built (or found in the cache) and loaded on first use, once. :meth:`get`
+    gives it, or None: after one warning where the build or the load failed (``fallback``
+    says what runs instead, ``{}`` the error), and whenever ``RNNKIT_NO_CPU_KERNELS=1``
+    switches rnnkit's native code off."""
+
+    def __init__(self, build: Callable[[], ctypes.CDLL], fallback: str) -> None:
+        self._build, self._fallback = build, fallback
+        self.lib: ctypes.CDLL | None = None
+        self.failed = False
+
+    def get(self) -> ctypes.CDLL | None:
+        if self.failed or os.environ.get("RNNKIT_NO_CPU_KERNELS") == "1":
+            return None
+        if self.lib is None:
+            try:
+                self.lib = self._build()
+            except (OSError, AttributeError) as e:
+                self.failed = True
+                warnings.warn(f"rnnkit: {self._fallback.format(e)}", stacklevel=4)
+        return self.lib

@@ -27,7 +27,6 @@ warning. The C code trusts its pointers, so every tensor is checked here first.
 import ctypes
 import itertools
 import os
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -63,8 +62,6 @@ BLAS_MIN_ROWS = 4
 # has it) instead of sgemm_ packing them every step.
 PACKED = os.environ.get("RNNKIT_NATIVE_PACKED", "1") != "0"
 
-_lib: ctypes.CDLL | None = None
-_failed = False
 _blas: tuple[int, int, int | None] | None = None
 
 
@@ -163,6 +160,13 @@ def _build() -> ctypes.CDLL:
     lib.nl_has_openmp.restype = ctypes.c_int64
     lib.nl_set_blas.restype = None
     lib.nl_set_packed_blas.restype = None
+    global _blas
+    # RNNKIT_NATIVE_BLAS=0: behave as where torch ships no BLAS (the own loops only).
+    _blas = None if os.environ.get("RNNKIT_NATIVE_BLAS") == "0" else _find_blas()
+    blas = (ctypes.c_void_p(a) for a in _blas) if _blas else (None, None, None)
+    lib.nl_set_blas(*blas)
+    packed = _find_packed_blas() if _blas and PACKED else None
+    lib.nl_set_packed_blas(*(ctypes.c_void_p(a) for a in packed or (0, 0, 0)))
     return lib
 
 
@@ -194,32 +198,19 @@ def _find_packed_blas() -> tuple[int, int, int] | None:
         return None
 
 
+_LIBRARY = native_build.OnFirstUse(
+    _build,
+    "the native time loop is unavailable ({}); the fused engine steps in Python instead "
+    "(correct, slower)",
+)
+
+
 # Building touches the file system, which torch.compile cannot trace: under compile this
 # runs once at trace time and its answer is a constant of the graph.
 @native_build.constant_under_compile
 def available(dtype: torch.dtype) -> bool:
     """True when the library is built (building it on the first call) and supports ``dtype``."""
-    global _lib, _failed, _blas
-    if dtype not in _SUFFIX or _failed or os.environ.get("RNNKIT_NO_CPU_KERNELS") == "1":
-        return False
-    if _lib is None:
-        try:
-            _lib = _build()
-        except (OSError, AttributeError) as e:
-            _failed = True
-            warnings.warn(
-                f"rnnkit: the native time loop is unavailable ({e}); the fused engine steps in "
-                "Python instead (correct, slower)",
-                stacklevel=2,
-            )
-            return False
-        # RNNKIT_NATIVE_BLAS=0: behave as where torch ships no BLAS (the own loops only).
-        _blas = None if os.environ.get("RNNKIT_NATIVE_BLAS") == "0" else _find_blas()
-        blas = (ctypes.c_void_p(a) for a in _blas) if _blas else (None, None, None)
-        _lib.nl_set_blas(*blas)
-        packed = _find_packed_blas() if _blas and PACKED else None
-        _lib.nl_set_packed_blas(*(ctypes.c_void_p(a) for a in packed or (0, 0, 0)))
-    return True
+    return dtype in _SUFFIX and _LIBRARY.get() is not None
 
 
 def blas_available() -> bool:
@@ -424,7 +415,7 @@ def forward(
     offsets = torch.empty(len(bs) + 1, dtype=torch.int64)
     i64 = ctypes.c_int64
     _run(
-        getattr(_lib, f"nl_forward_{_SUFFIX[dtype]}"),
+        getattr(_LIBRARY.lib, f"nl_forward_{_SUFFIX[dtype]}"),
         i64(_MODES[mode]), i64(int(reverse)), i64(len(bs)), _ptr(bs), i64(N), i64(B), i64(H),
         _ptr(G), _ptr(A), _ptr(w_hh), _ptr(b_hh if gru else None), _ptr(h0), _ptr(out), _ptr(h),
         _ptr(c), _ptr(C), _ptr(GH), _ptr(Z), _ptr(offsets),
@@ -512,7 +503,7 @@ def backward(
     offsets = torch.empty(len(bs) + 1, dtype=torch.int64)
     i64 = ctypes.c_int64
     _run(
-        getattr(_lib, f"nl_backward_{_SUFFIX[dtype]}"),
+        getattr(_LIBRARY.lib, f"nl_backward_{_SUFFIX[dtype]}"),
         i64(_MODES[mode]), i64(int(reverse)), i64(len(bs)), _ptr(bs), i64(N), i64(B), i64(H),
         _ptr(G), _ptr(GH if gru else None), _ptr(out), _ptr(C if lstm else None), _ptr(h0),
         _ptr(c0 if lstm else None), _ptr(w_hh), _ptr(d_out), _ptr(dh), _ptr(dc), _ptr(dG),
