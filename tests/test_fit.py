@@ -74,6 +74,11 @@ def test_fit_takes_datasets_and_dataloaders_and_regression_targets(tmp_path):
     )
     assert set(h.epochs[0]) >= {"train_mae", "val_mae", "val_loss"}
     assert h["train_loss"][1] < h["train_loss"][0]
+    # A DataLoader as the training data: the objective is inferred from one of its batches.
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(*sign_data(64, 0)), batch_size=16, shuffle=True)
+    h = rnnkit.fit(Net(), loader, config=config(tmp_path / "loader", epochs=2))
+    assert "train_accuracy" in h.epochs[0] and h["train_loss"][1] < h["train_loss"][0]
 
 
 def test_fit_with_a_loss_and_metric_given(tmp_path):

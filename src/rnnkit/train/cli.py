@@ -7,8 +7,6 @@ flat dict of names (as ``config.json`` records them) that become a ``TrainConfig
 """
 
 import argparse
-import hashlib
-import json
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -310,22 +308,7 @@ def _options(args: argparse.Namespace, task: Task) -> tuple[dict, set[str]]:
 def _resumed(run: Path, task: Task, options: dict, given: set[str], world: int) -> dict:
     """The options of the run to resume: its own, once the given ones are found to match."""
     saved = read_json(run / CONFIG, "run config")
-    if saved.get("task") != task.name:
-        raise RunError(f"{str(run)!r} holds a {saved.get('task')!r} run, not {task.name!r}")
-    changed = [
-        f"{flag(k)} {options[k]!r} (the run has {saved['options'].get(k)!r})"
-        for k in sorted(given - RESUME_FREE)
-        if saved["options"].get(k) != options[k]
-    ]
-    if changed:
-        raise RunError(
-            "--resume continues a run with its own options; these differ: " + "; ".join(changed)
-        )
-    if saved.get("world_size", 1) != world:
-        raise RunError(
-            f"the run was started with {saved.get('world_size', 1)} process(es); resume it with "
-            f"the same number (this is {world})"
-        )
+    runs.check_resumable(run, saved, task.name, world, options, given, spell=flag)
     free = {k: options[k] for k in RESUME_FREE if k in options}
     return {**saved["options"], **free}
 
@@ -403,18 +386,12 @@ def _train(args: argparse.Namespace, task: Task, options: dict, run: Path) -> in
         raise TrainingFailed(f"the model does not fit in memory ({str(e)[:160]})") from None
     train_fields = {k: options[k] for k in TRAIN_FIELDS if k in options}
     config = TrainConfig(**train_fields).replace(out=str(run), resume=args.resume, quiet=args.quiet)
-    digest = hashlib.sha256(json.dumps(prepared.preprocessing, sort_keys=True).encode())
     info = {
         "task": task.name,
         "title": f"rnnkit train {task.name}",
         "options": {k: v for k, v in options.items() if k != "device"},
         "data": data,
         "preprocessing": prepared.preprocessing,
-        "fingerprint": {
-            "sizes": [len(prepared.train), len(prepared.val), len(prepared.test)],
-            "preprocessing": digest.hexdigest()[:16],
-        },
-        "test_size": len(prepared.test),
         "resume": f"rnnkit train {task.name} --out {run} --resume",
         "again": f"the same command (rnnkit train {task.name} --out {run} ...)",
     }

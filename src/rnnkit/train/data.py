@@ -48,6 +48,10 @@ class Source:
     def steps(self, batch_size: int, world: int) -> int:
         return math.ceil(math.ceil(len(self) / world) / batch_size)
 
+    def targets_sample(self) -> Tensor:
+        """The targets of one batch: what an objective is inferred from."""
+        return self.rows(torch.arange(1), False)[1]
+
     def train_batches(
         self, epoch: int, seed: int, batch_size: int, rank: int, world: int
     ) -> Iterator[Batch]:
@@ -106,6 +110,9 @@ class LoaderSource(Source):
 
     def steps(self, batch_size: int, world: int) -> int:
         return len(self.loader)
+
+    def targets_sample(self) -> Tensor:
+        return next(self._batches())[1]
 
     def _batches(self) -> Iterator[Batch]:
         for batch in self.loader:

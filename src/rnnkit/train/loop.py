@@ -44,7 +44,7 @@ from rnnkit.train.checkpoint import (
     write_json,
     write_text,
 )
-from rnnkit.train.config import RESUME_FREE, RunError, TrainConfig, TrainingFailed
+from rnnkit.train.config import RunError, TrainConfig, TrainingFailed
 from rnnkit.train.data import Source, as_source
 from rnnkit.train.objective import Objective, infer
 from rnnkit.train.state import TrainState, better_key, finite, rng_state
@@ -92,7 +92,8 @@ def fit(
     both (see :mod:`rnnkit.train.objective`). ``config`` (:class:`TrainConfig`) sets everything
     else, the run folder (``out``) and ``resume`` included. ``test_data`` are evaluated once, with
     the best weights, into ``summary.json``. ``run_info`` is what the command line records about
-    its task (``task``, ``title``, ``options``, ``data``, ``preprocessing``, ``fingerprint``).
+    its task (``task``, ``title``, ``options``, ``data``, ``preprocessing``, and how to resume or
+    start again, ``resume`` and ``again``).
     Returns the :class:`History`; ``model`` ends with the best epoch's weights.
     """
     config = (config or TrainConfig()).check()
@@ -108,7 +109,7 @@ def fit(
     if config.patience and val is None:
         raise RunError("patience (early stopping) needs val_data to watch; give val_data")
     if objective is None:
-        objective = infer(train.rows(torch.arange(1), False)[1], loss, metric)
+        objective = infer(train.targets_sample(), loss, metric)
     if config.threads is not None:
         # Only when asked: a library call does not change torch's threads behind the user's back
         # (the command line picks them from the load; see run.set_threads).
@@ -118,9 +119,10 @@ def fit(
     run = None
     try:
         run = runs.run_dir(config.out, config.resume, info.get("task", "fit"), rank, world)
-        trainer = _Trainer(model, objective, train, val, config, info, run, (rank, world, device))
+        parts = (train, val, test)
+        trainer = _Trainer(model, objective, parts, config, info, run, (rank, world, device))
         state = trainer.loop(trainer.start())
-        return trainer.finish(state, test, test_data)
+        return trainer.finish(state, test_data)
     except KeyboardInterrupt:
         if rank == 0:
             _say_interrupted(run, info)
@@ -209,7 +211,7 @@ def _all_finite(loss: torch.Tensor, norm: torch.Tensor, world: int) -> bool:
 class _Trainer:
     """The set-up of one run and the steps of its loop (:meth:`loop`)."""
 
-    def __init__(self, net, objective, train, val, config, info, run, where) -> None:
+    def __init__(self, net, objective, parts, config, info, run, where) -> None:
         self.rank, self.world, self.device = where
         self.net, self.objective, self.config, self.info, self.run = (
             net,
@@ -218,7 +220,7 @@ class _Trainer:
             info,
             run,
         )
-        self.train, self.val = train, val
+        self.train, self.val, self.test = parts  # Sources; val and test may be None
         self.writer = self.rank == 0
         self.loud = self.writer and not config.quiet
         self.net.to(self.device)
@@ -226,7 +228,7 @@ class _Trainer:
         if self.world > 1:
             ids = [self.device] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
-        self.steps_per_epoch = train.steps(config.batch_size, self.world)
+        self.steps_per_epoch = self.train.steps(config.batch_size, self.world)
         total = config.epochs * self.steps_per_epoch
         self.opt, self.sched = _optimizer(self.net, config, total)
         self.log_every = config.log_every or max(1, self.steps_per_epoch // 10)
@@ -241,13 +243,11 @@ class _Trainer:
         options = info.get("options") or {
             k: v for k, v in c.to_dict().items() if k not in ("device", "out", "resume", "quiet")
         }
-        preprocessing = info.get("preprocessing", {})
-        sizes = [len(self.train), len(self.val) if self.val else 0]
-        fingerprint = info.get("fingerprint") or {
-            "sizes": sizes,
-            "preprocessing": hashlib.sha256(
-                json.dumps(preprocessing, sort_keys=True).encode()
-            ).hexdigest()[:16],
+        digest = hashlib.sha256(json.dumps(info.get("preprocessing", {}), sort_keys=True).encode())
+        # What a resumed run must find again: the split sizes and the preprocessing.
+        fingerprint = {
+            "sizes": [len(part) if part else 0 for part in (self.train, self.val, self.test)],
+            "preprocessing": digest.hexdigest()[:16],
         }
         return {
             "task": info.get("task", "fit"),
@@ -297,25 +297,9 @@ class _Trainer:
     def _resume(self) -> TrainState:
         run = self.run
         saved = read_json(run / CONFIG, "run config")
-        if saved.get("task") != self.record["task"]:
-            raise RunError(
-                f"{str(run)!r} holds a {saved.get('task')!r} run, not {self.record['task']!r}"
-            )
-        if saved.get("world_size", 1) != self.world:
-            raise RunError(
-                f"the run was started with {saved.get('world_size', 1)} process(es); resume it "
-                f"with the same number (this is {self.world})"
-            )
-        before, now = saved.get("options", {}), self.record["options"]
-        changed = [
-            f"{k} {now.get(k)!r} (the run has {before.get(k)!r})"
-            for k in sorted(set(before) | set(now))
-            if k not in RESUME_FREE and before.get(k) != now.get(k)
-        ]
-        if changed:
-            raise RunError(
-                "resuming continues a run with its own options; these differ: " + "; ".join(changed)
-            )
+        now = self.record["options"]
+        names = set(saved.get("options", {})) | set(now)
+        runs.check_resumable(run, saved, self.record["task"], self.world, now, names)
         if saved.get("data_fingerprint") != self.record["data_fingerprint"]:
             raise DataError(
                 f"the data of {str(run)!r} changed since the run started (split sizes or "
@@ -341,8 +325,8 @@ class _Trainer:
         if not self.loud:
             return
         sizes = f"{len(self.train)} train / {len(self.val) if self.val else 0} val"
-        if "test_size" in self.info:
-            sizes += f" / {self.info['test_size']} test"
+        if self.test is not None:
+            sizes += f" / {len(self.test)} test"
         print(
             f"{self.info.get('title', 'rnnkit.fit')}: {what} {_describe(self.net)} "
             f"({count_parameters(self.net):,} parameters) on {self.device}"
@@ -555,12 +539,12 @@ class _Trainer:
 
     # ---- the end: best weights, test figures, summary and plots
 
-    def finish(self, state: TrainState, test: Source | None, test_data: object) -> History:
+    def finish(self, state: TrainState, test_data: object) -> History:
         self.net.load_state_dict(state.best["state"])
         report = None
-        if test is not None:
-            out, y, _, _ = self.evaluate(test)
-            report = self.objective.report(out, y, getattr(test, "split", test_data))
+        if self.test is not None:
+            out, y, _, _ = self.evaluate(self.test)
+            report = self.objective.report(out, y, getattr(self.test, "split", test_data))
         checksums = [_checksum(self.net)]
         if self.world > 1:
             gathered: list = [None] * self.world

@@ -36,25 +36,21 @@ def curves(history: list[dict], metric: str, loss_name: str, title: str, path: P
             label="train (logged steps)",
         )
     x = [r["epoch"] for r in epochs]
-    ax_loss.plot(x, [r["train_loss"] for r in epochs], "o-", color="tab:blue", label="train")
-    ax_loss.plot(x, [r["val_loss"] for r in epochs], "o-", color="tab:orange", label="validation")
+    scale = 100.0 if metric == "accuracy" else 1.0
+    # Validation only where the run had validation data (rnnkit.fit without val_data has none).
+    for part, color in (("train", "tab:blue"), ("val", "tab:orange")):
+        if epochs and f"{part}_loss" not in epochs[0]:
+            continue
+        label = "train" if part == "train" else "validation"
+        ax_loss.plot(x, [r[f"{part}_loss"] for r in epochs], "o-", color=color, label=label)
+        values = [r[f"{part}_{metric}"] * scale for r in epochs]
+        ax_metric.plot(x, values, "o-", color=color, label=label)
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel(loss_name)
     ax_loss.set_yscale("log")
     ax_loss.set_title("loss")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
-    scale = 100.0 if metric == "accuracy" else 1.0
-    ax_metric.plot(
-        x, [r[f"train_{metric}"] * scale for r in epochs], "o-", color="tab:blue", label="train"
-    )
-    ax_metric.plot(
-        x,
-        [r[f"val_{metric}"] * scale for r in epochs],
-        "o-",
-        color="tab:orange",
-        label="validation",
-    )
     ax_metric.set_xlabel("epoch")
     ax_metric.set_ylabel(
         "accuracy (%)" if metric == "accuracy" else f"{metric.upper()} (data units)"

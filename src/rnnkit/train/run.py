@@ -14,7 +14,7 @@ import torch
 from torch import distributed as dist
 
 from rnnkit.train.checkpoint import CHECKPOINT
-from rnnkit.train.config import RunError
+from rnnkit.train.config import RESUME_FREE, RunError
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -150,3 +150,28 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def check_resumable(
+    run: Path, saved: dict, task: str, world: int, options: dict, names: set[str], spell=str
+) -> None:
+    """Refuse to resume the run in ``run`` (``saved``: its config.json) as another task, on
+    another number of processes, or with other values of the options ``names`` (those outside
+    RESUME_FREE); ``spell`` writes an option's name as the user gave it (a flag, a field)."""
+    if saved.get("task") != task:
+        raise RunError(f"{str(run)!r} holds a {saved.get('task')!r} run, not {task!r}")
+    before = saved.get("options", {})
+    changed = [
+        f"{spell(k)} {options.get(k)!r} (the run has {before.get(k)!r})"
+        for k in sorted(names - RESUME_FREE)
+        if before.get(k) != options.get(k)
+    ]
+    if changed:
+        raise RunError(
+            "resuming continues a run with its own options; these differ: " + "; ".join(changed)
+        )
+    if saved.get("world_size", 1) != world:
+        raise RunError(
+            f"the run was started with {saved.get('world_size', 1)} process(es); resume it with "
+            f"the same number (this is {world})"
+        )
