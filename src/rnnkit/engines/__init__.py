@@ -1,48 +1,49 @@
 """Engines: how a layer stack runs, and :func:`plan`, the one place that decides which.
 
-An engine is a module with ``run(spec, x, hx, weights, batch_sizes, training) -> (output, h_n)``:
-``x`` is time-major ``(T, B, I)`` or packed data ``(N, I)`` with ``batch_sizes``; ``hx`` is
-``(h0,)`` or ``(h0, c0)``, each ``(L * D, B, *)`` and already validated; ``weights[layer * D +
-direction]`` holds that layer's tensors. Layers validate and reshape; engines only compute.
+An engine is a module with ``run(spec, x, hx, weights, batch_sizes, training, variants=None) ->
+(output, h_n)``: ``x`` is time-major ``(T, B, I)`` or packed data ``(N, I)`` with
+``batch_sizes``; ``hx`` is ``(h0,)`` or ``(h0, c0)``, each ``(L * D, B, *)`` and already
+validated; ``weights[layer * D + direction]`` holds that layer's tensors; ``variants`` (one
+:class:`~rnnkit.engines.spec.StepVariants` per layer and direction, or None) the per-step
+variants. Layers validate and reshape; engines only compute. One engine per job:
 
-- ``reference``: the functional cells stepped under autograd (``scan.py``); the spec.
-- ``fused``: one autograd.Function per layer and direction with a hand-written backward; per-step
-  pointwise kernels in C on the CPU and Triton on CUDA (``fused/``); plain layers on the CPU
-  run all their steps in one native call (``native_loop``, as the operator ``ops.native_layer``).
-- ``triton``: the fused engine with the Triton kernels forced (CUDA, or the CPU under
-  ``TRITON_INTERPRET=1``, which is how CI tests them).
-- ``torch``: torch's own kernels (cuDNN, oneDNN), behind rnnkit's validation.
-- ``auto``: see :func:`plan`.
+- ``reference``: the cells' steps (``steps.py``) under autograd; the spec. Also what runs under
+  torch.func transforms, for second derivatives and for an unrolled export.
+- ``torch``: torch's own kernels (cuDNN, oneDNN), behind rnnkit's validation (``torch_native``).
+- ``native`` (CPU): the C time loop, forward and backward, every variant and the projection, as
+  the operator ``rnnkit::native_layer`` (``native/``).
+- ``triton`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``): the per-step loop over Triton
+  kernels and the persistent LSTM kernel (``triton/``).
+
+``backend="fused"`` names "the fast engine of this device": native on the CPU, triton on CUDA.
+``auto``: see :func:`plan`.
 """
 
-from dataclasses import dataclass
+from typing import NamedTuple
 from types import ModuleType
 
 import torch
 
-from rnnkit.engines import fused, native_loop, reference, torch_native
+from rnnkit.engines import native, reference, torch_native
+from rnnkit.engines import triton as triton_engine
 from rnnkit.engines.spec import LayerSpec
 
-BACKENDS = ("auto", "reference", "fused", "triton", "torch")
-# The largest batch at which auto trains a CPU LSTM on the fused engine (BENCHMARKS.md, engine v2).
-LSTM_FUSED_MAX_BATCH = 8
+BACKENDS = ("auto", "reference", "fused", "native", "triton", "torch")
+# The largest batch at which auto trains a CPU LSTM on the native engine (BENCHMARKS.md).
+LSTM_NATIVE_MAX_BATCH = 8
+# Dtypes that torch's CPU kernels (oneDNN) run on every x86 CPU; bfloat16 and float16 need
+# instructions that AMD and older Intel CPUs lack.
+TORCH_CPU_DTYPES = (torch.float32, torch.float64)
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """What runs one call of a layer stack, as :func:`plan` decided it."""
 
-    engine: ModuleType  # reference, fused or torch_native
+    engine: ModuleType  # reference, torch_native, native or triton
     why: str  # the rule that chose it, in words
-    kernels: ModuleType | None = None  # fused: the pointwise kernels (cpu, triton_kernels, ...)
-    native: bool = False  # fused: every plain layer's steps in one native call
-    persistent: bool = False  # fused: plain LSTM inference as one persistent Triton launch
 
     def run(self, spec, x, hx, weights, batch_sizes, training, variants=None):
-        extra = {} if variants is None else {"variants": variants}
-        if self.engine is fused:
-            extra.update(kernels=self.kernels, native=self.native, persistent=self.persistent)
-        return self.engine.run(spec, x, hx, weights, batch_sizes, training, **extra)
+        return self.engine.run(spec, x, hx, weights, batch_sizes, training, variants)
 
 
 def check_backend(owner: str, backend: str) -> str:
@@ -70,6 +71,23 @@ def transformed() -> bool:
     return active and not torch.compiler.is_compiling()
 
 
+def _auto(spec: LayerSpec, device: torch.device, dtype: torch.dtype, *, batch: int,
+          per_step: bool, needs_grad: bool) -> str:  # fmt: skip
+    """``backend="auto"``'s engine, from the measured tables in BENCHMARKS.md."""
+    if device.type == "cpu":
+        lstm_on_torch = (
+            spec.mode == "LSTM"
+            and not per_step
+            and dtype in TORCH_CPU_DTYPES
+            and not torch.compiler.is_compiling()
+            and not (needs_grad and batch <= LSTM_NATIVE_MAX_BATCH)
+        )
+        return "torch" if lstm_on_torch else "native"
+    if device.type == "cuda":
+        return "triton" if per_step else "torch"
+    return "reference" if per_step else "torch"
+
+
 def plan(
     owner: str,
     backend: str,
@@ -89,32 +107,29 @@ def plan(
        exporters write as ONNX's own LSTM, GRU and RNN operators; layers with ``per_step``
        variants, and a projected LSTM under ONNX export (ONNX's LSTM has no projection), on
        the reference engine, an unrolled graph of plain torch ops.
-    3. Under a torch.func transform (:func:`transformed`): the reference engine instead of the
-       fused one (transforms cannot look inside kernels) and instead of ``auto``'s choice.
-    4. ``per_step`` variants (layer norm, zoneout, recurrent dropout): ``auto`` means fused;
-       ``torch`` cannot run them.
+    3. Under a torch.func transform (:func:`transformed`): the reference engine instead of
+       native, triton or ``auto``'s choice (transforms cannot look inside kernels).
+    4. ``"fused"`` is native on the CPU and triton on CUDA.
     5. ``"auto"`` follows the measured tables in BENCHMARKS.md:
 
-       - CPU, GRU and RNN: the fused engine (its native loop), faster than torch.nn at every
-         measured shape.
-       - CPU, LSTM: the fused engine for training (a gradient is needed) with batches up to
-         ``LSTM_FUSED_MAX_BATCH``, where its native loop is the faster (0.75x torch.nn's time
-         at B=1, level at B=8, H=256) and under ``torch.compile``, which cannot trace torch's
-         kernels (it breaks the graph there, as on torch.nn.LSTM) but keeps the native-loop
-         operator in its graph (``fullgraph=True`` works); otherwise torch's kernels (oneDNN),
-         level at B=1 and faster at larger batches in inference, faster in training from B=16.
-       - CUDA: torch's cuDNN kernels; the Triton path has not been timed on a GPU yet.
-    6. The fused engine's kernels: Triton for ``backend="triton"`` (an error where it cannot
-       run), else C on the CPU and Triton on CUDA where they build, else their torch-op twins;
-       on the CPU the layers that ``native_loop.covers`` (every layer: projection, layer
-       norm, recurrent dropout and zoneout included) run the native loop; plain LSTM
-       inference with Triton kernels and a small H runs the persistent kernel. Under
-       ``torch.compile``, a layer the native operator cannot run takes the reference steps,
-       which compile traces.
+       - CPU: the native engine, except a plain LSTM in float32 or float64 that either runs
+         inference or trains with batches over ``LSTM_NATIVE_MAX_BATCH``, where torch's oneDNN
+         kernel is the faster (level at B=1 in inference, faster from B=16 in training). Under
+         ``torch.compile`` the native engine, whose operator stays in the graph (torch's
+         kernels break it). bfloat16 and float16 always run native: torch's oneDNN LSTM fails
+         on CPUs without AVX-512 BF16 (every AMD CPU).
+       - CUDA: torch's cuDNN kernels; with ``per_step`` variants the triton engine.
+       - Other devices: torch's kernels; with ``per_step`` variants the reference engine.
+    6. An engine that cannot run: ``torch`` with ``per_step`` variants, or ``native`` and
+       ``triton`` named on a device they do not run on, is an error. Where the native loop
+       cannot be built, or Triton is missing, ``auto`` and ``fused`` run the reference engine
+       (the native loop's build warns once, naming why); ``native`` and ``triton`` named
+       explicitly raise. Under ``torch.compile`` the triton engine's per-step kernels are
+       opaque, so its layers take the reference steps, which compile traces.
     """
     projected = spec.proj_size > 0
     if torch.is_autocast_enabled(device.type):
-        # The fused engine runs in the autocast dtype (as torch.nn does): its kernels must too.
+        # The engines run in the autocast dtype (as torch.nn does): their kernels must too.
         dtype = torch.get_autocast_dtype(device.type)
     if batch == 0:
         return Plan(reference, "an empty batch")
@@ -122,39 +137,31 @@ def plan(
     if capture is not None:
         unrolled = per_step or (projected and capture == "onnx")
         return Plan(reference if unrolled else torch_native, f"{capture} capture")
-    if transformed() and backend in ("auto", "fused", "triton"):
+    if transformed() and backend != "torch" and backend != "reference":
         return Plan(reference, "a torch.func transform")
-    if per_step:
-        if backend == "torch":
-            raise ValueError(
-                f"{owner}: backend='torch' cannot run layer_norm, zoneout or recurrent_dropout; "
-                "use backend='fused' or 'reference'"
-            )
-        backend = "fused" if backend == "auto" else backend
+    if per_step and backend == "torch":
+        raise ValueError(
+            f"{owner}: backend='torch' cannot run layer_norm, zoneout or recurrent_dropout; "
+            "use backend='fused' or 'reference'"
+        )
+    explicit = backend in ("native", "triton")
     why = f"backend={backend!r}"
-    if backend == "auto":
-        compiling = torch.compiler.is_compiling()
-        small_training = needs_grad and batch <= LSTM_FUSED_MAX_BATCH
-        on_fused = device.type == "cpu" and (spec.mode != "LSTM" or compiling or small_training)
-        backend, why = ("fused" if on_fused else "torch"), "the auto rule"
+    if backend == "fused":
+        backend = "native" if device.type == "cpu" else "triton"
+        why = f"backend='fused' on {device.type}"
+    elif backend == "auto":
+        backend = _auto(spec, device, dtype, batch=batch, per_step=per_step, needs_grad=needs_grad)
+        why = "the auto rule"
     if backend == "reference":
         return Plan(reference, why)
     if backend == "torch":
         return Plan(torch_native, why)
-    if backend == "triton":
-        from rnnkit.engines import triton_kernels
-
-        reason = triton_kernels.unavailable_reason(dtype, device)
-        if reason:
-            raise ValueError(f"{owner}: backend='triton' cannot run: {reason}")
-        kernels = triton_kernels
-    else:
-        kernels = fused.pointwise_kernels(device, dtype)
-    plain = not per_step and not projected
-    native = native_loop.covers(spec) and fused.native_applies(kernels, dtype)
-    if torch.compiler.is_compiling() and not native:
-        # The per-step kernels are opaque to torch.compile; the reference steps are torch ops
-        # that it traces (and fuses).
-        return Plan(reference, "torch.compile of a layer outside the native operator")
-    persistent = plain and fused.persistent_applies(kernels, spec, needs_grad)
-    return Plan(fused, why, kernels, native, persistent)
+    engine = native if backend == "native" else triton_engine
+    reason = engine.unavailable_reason(device, dtype)
+    if reason is not None:
+        if explicit:
+            raise ValueError(f"{owner}: backend={backend!r} cannot run: {reason}")
+        return Plan(reference, f"{why}, but {reason}")
+    if engine is triton_engine and torch.compiler.is_compiling():
+        return Plan(reference, "torch.compile of a layer on the triton engine")
+    return Plan(engine, why)

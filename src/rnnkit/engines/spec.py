@@ -1,7 +1,8 @@
 """What every engine receives: the static description of a layer stack and its weights."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import torch
 from torch import Tensor
 
 # (w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction; absent tensors are None.
@@ -52,3 +53,16 @@ class StepVariants:
     # input rows ((T, B, *) padded or (N, *) packed): h's, and for LSTM c's.
     zoneout_h_mask: Tensor | None = None
     zoneout_c_mask: Tensor | None = None
+
+    def to(self, dtype: torch.dtype) -> "StepVariants":
+        """The same variants with every tensor in ``dtype`` (differentiably)."""
+
+        def cast(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(dtype)
+
+        ln = None if self.layer_norm is None else tuple(t.to(dtype) for t in self.layer_norm)
+        masks = (self.recurrent_mask, self.zoneout_h_mask, self.zoneout_c_mask)
+        rmask, zh, zc = (cast(m) for m in masks)
+        return replace(
+            self, layer_norm=ln, recurrent_mask=rmask, zoneout_h_mask=zh, zoneout_c_mask=zc
+        )

@@ -58,8 +58,12 @@ def run(
     weights: Sequence[Weights],
     batch_sizes: Sequence[int] | None,
     training: bool,
+    variants: None = None,
 ) -> tuple[Tensor, Carry]:
-    """Run a whole layer stack; see ``rnnkit.engines`` for the contract."""
+    """Run a whole layer stack; see ``rnnkit.engines`` for the contract. torch's kernels have
+    no per-step variants (``engines.plan`` never sends them any)."""
+    if variants is not None:
+        raise ValueError("the torch engine cannot run per-step variants")
     # torch.export needs the kernels in its graph (as torch.nn.LSTM puts them there), and an
     # exported graph cannot have a part that runs eagerly outside it.
     if torch.compiler.is_exporting():

@@ -130,7 +130,7 @@ def check_backend(backend: str, here: torch.device) -> None:
     """Refuse an engine that cannot run here before the run folder is made."""
     if backend != "triton":
         return
-    from rnnkit.engines import triton_kernels
+    from rnnkit.engines.triton import kernels as triton_kernels
 
     reason = triton_kernels.unavailable_reason(torch.float32, here)
     if reason is not None:

@@ -1,4 +1,4 @@
-"""The named structures that the fused engine's time loop (``loop.py``) and its step definitions
+"""The named structures that the triton engine's time loop (``loop.py``) and its step definitions
 (``lstm.py``, ``gru.py``, ``rnn.py``) share: one layer and direction's tensors, its settings,
 its resolved kernels, and the contract of a step definition."""
 
@@ -9,10 +9,9 @@ from dataclasses import dataclass, fields
 from types import ModuleType
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
-from rnnkit.engines import pointwise
+from rnnkit.engines.triton import twins
 
 
 class LayerTensors(NamedTuple):
@@ -47,8 +46,8 @@ class LayerTensors(NamedTuple):
 
 @dataclass(frozen=True)
 class StepKernels:
-    """The pointwise kernels of a layer's steps, with the signatures of ``pointwise.py``,
-    resolved once from a kernels module (``cpu``, ``triton_kernels`` or ``pointwise``): the
+    """The pointwise kernels of a layer's steps, with the signatures of ``twins.py``,
+    resolved once from a kernels module (``kernels`` or ``twins``): the
     module's own where it has one, else its torch-op twin. The steps ask nothing more."""
 
     lstm_forward: Callable
@@ -70,7 +69,7 @@ class StepKernels:
     def of(cls, module: ModuleType) -> StepKernels:
         # Read afresh on every call, not cached: the tests rebuild the Triton module in place.
         names = (f.name for f in fields(cls))
-        return cls(**{n: getattr(module, n, None) or getattr(pointwise, n) for n in names})
+        return cls(**{n: getattr(module, n, None) or getattr(twins, n) for n in names})
 
 
 @dataclass(frozen=True)
@@ -159,14 +158,3 @@ class Backward(NamedTuple):
     step: Callable[[slice, int, Tensor, Tensor], Tensor]
     accumulates: bool
     finish: Callable[[Tensor, LayerTensors], CellGrads]
-
-
-def layer_norm_param_grads(
-    dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Gain and bias gradients of a layer norm over all rows at once."""
-    mask = [False, True, True]
-    _, dw, db = torch.ops.aten.native_layer_norm_backward(
-        dy, x, (x.shape[1],), mean, rstd, weight, weight, mask
-    )
-    return dw, db

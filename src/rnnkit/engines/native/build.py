@@ -1,4 +1,4 @@
-"""Building rnnkit's C libraries (``cpu_kernels.c``, ``native_loop.c``) on first use.
+"""Building the native engine's C library (``loop.c``) on first use.
 
 Each is compiled with the machine's C compiler into ``$RNNKIT_CACHE`` (default
 ``~/.cache/rnnkit``), named by a hash of its source, the headers it includes, the compiler, the
@@ -94,21 +94,25 @@ def constant_under_compile(fn: Callable) -> Callable:
 class OnFirstUse:
     """A C library built (or found in the cache) and loaded on first use, once. :meth:`get`
     gives it, or None: after one warning where the build or the load failed (``fallback``
-    says what runs instead, ``{}`` the error), and whenever ``RNNKIT_NO_CPU_KERNELS=1``
+    says what runs instead, ``{}`` the error), and whenever ``RNNKIT_NO_NATIVE=1``
     switches rnnkit's native code off."""
 
     def __init__(self, build: Callable[[], ctypes.CDLL], fallback: str) -> None:
         self._build, self._fallback = build, fallback
         self.lib: ctypes.CDLL | None = None
         self.failed = False
+        self.error: str | None = None
 
     def get(self) -> ctypes.CDLL | None:
-        if self.failed or os.environ.get("RNNKIT_NO_CPU_KERNELS") == "1":
+        if os.environ.get("RNNKIT_NO_NATIVE") == "1":
+            self.error = "RNNKIT_NO_NATIVE=1 switches it off"
+            return None
+        if self.failed:
             return None
         if self.lib is None:
             try:
                 self.lib = self._build()
             except (OSError, AttributeError) as e:
-                self.failed = True
+                self.failed, self.error = True, str(e)
                 warnings.warn(f"rnnkit: {self._fallback.format(e)}", stacklevel=4)
         return self.lib

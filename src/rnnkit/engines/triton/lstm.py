@@ -1,4 +1,4 @@
-"""The LSTM step of the fused engine, forward and backward, with layer norm, zoneout and a
+"""The LSTM step of the triton engine, forward and backward, with layer norm, zoneout and a
 projection as flags; ``loop.py`` runs it. Derivations: ``engines/README.md``.
 
     i, f, g, o = s(a_i), s(a_f), tanh(a_g), s(a_o)   a = A_t + LN(W_hh h_{t-1})  (A: input side)
@@ -14,15 +14,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from rnnkit.engines.fused.layer import (
+from rnnkit.engines.triton.layer import (
     Backward,
     CellGrads,
     Forward,
     LayerSettings,
     LayerTensors,
     LoopSaved,
-    layer_norm_param_grads,
 )
+from rnnkit.engines.shared import layer_norm_param_grads
 from rnnkit.engines.spec import LN_EPS
 
 GATES = 4

@@ -1,9 +1,10 @@
-"""The whole time loop of one layer and direction in one native call: ``native_loop.c``.
+"""The native time loop of one layer and direction: ``loop.c``, built on first use and called
+through ctypes.
 
-Where the fused engine returns to Python every step (a slice, a GEMM call, a kernel call), this
-runs all T steps in C: per step the recurrent product and the pointwise step of ``cpu_kernels.c``
-(same formulas), saving what :class:`rnnkit.engines.fused.FusedLayer` saves, so that its
-one-GEMM weight and input gradients and the derivation in ``engines/README.md`` apply unchanged.
+Per step the loop runs the recurrent product and the cell (with the variants and LSTM's
+projection), and saves what backward reads; :func:`backward` walks the steps in reverse. The
+derivation is in ``engines/README.md``; the operator and the gradients over all steps at once
+are ``op.py``'s.
 
 The recurrent product goes to the BLAS that torch ships (MKL's Fortran ``sgemm_``/``dgemm_``,
 looked up in ``libtorch_cpu`` at run time) for steps of at least ``BLAS_MIN_ROWS`` rows, else to
@@ -14,40 +15,40 @@ forward packs ``W_hh`` once for MKL's packed GEMM where torch's MKL has it (``PA
 ``RNNKIT_NATIVE_PACKED=0`` to turn it off). The hidden units are split over ``threads`` OpenMP
 threads (default: torch's).
 
-LSTM's projection (``w_hr``) and the variants (``rnnkit.variants``, given as
-:class:`NativeVariants`): the layer norm of the recurrent product and of the LSTM cell (the
-input side's norm is the caller's, in ``G``), recurrent dropout and zoneout; :func:`covers`
-says which layers the loop runs.
-
-Built like ``cpu.py`` builds its kernels: on first use into ``$RNNKIT_CACHE``, named by a hash
-of the source, the flags and the CPU; any failure makes :func:`available` False after one
-warning. The C code trusts its pointers, so every tensor is checked here first.
+Built into ``$RNNKIT_CACHE`` for this CPU (``-march=native``) or, with
+``RNNKIT_NATIVE_ARCH=baseline``, for the baseline x86-64 level that every supported CPU runs
+(AVX2 and FMA, no AVX-512); :func:`use_arch` switches in-process (the tests run the parity
+checks on both). A failed build makes :func:`available` False after one warning. The C code
+checks sizes and batch sizes itself, but trusts its pointers, so every tensor is checked here
+first.
 """
 
+import contextlib
 import ctypes
 import itertools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from rnnkit.engines import native_build
+from rnnkit.engines.native import build as native_build
+from rnnkit.engines.shared import GATES as _GATES
 from rnnkit.engines.spec import LN_EPS, LayerSpec
 
-_SOURCE = Path(__file__).with_name("native_loop.c")
-# As cpu.py: no -ffast-math (NaN and inf must propagate). -fopenmp for the threads; where the
-# compiler lacks it, the second set builds the single-threaded loop.
-_FLAG_SETS = [
-    ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC",
-     "-shared"],
-    ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-fPIC",
-     "-shared"],
-]  # fmt: skip
+_SOURCE = Path(__file__).with_name("loop.c")
+# No -ffast-math (NaN and inf must propagate). -fopenmp for the threads; where the compiler lacks
+# it, the second set builds the single-threaded loop.
+_COMMON_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
+# What -march each build targets: this CPU, or the x86-64 level every supported CPU has (AVX2,
+# FMA; no AVX-512), whose vector width, and so whose summation order, AMD and older Intel
+# users get.
+ARCHES = {"native": "native", "baseline": "x86-64-v3"}
+ARCH = os.environ.get("RNNKIT_NATIVE_ARCH", "native")
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _MODES = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
-_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _ERRORS = {
     -1: "unknown mode",
     -2: "bad sizes",
@@ -152,8 +153,15 @@ def covers(spec: LayerSpec) -> bool:
     return spec.mode in _MODES
 
 
-def _build() -> ctypes.CDLL:
-    lib = native_build.build(_SOURCE, _FLAG_SETS)
+def _flag_sets(arch: str) -> list[list[str]]:
+    if arch not in ARCHES:
+        raise OSError(f"RNNKIT_NATIVE_ARCH must be one of {sorted(ARCHES)}; got {arch!r}")
+    march = f"-march={ARCHES[arch]}"
+    return [[march, openmp, *_COMMON_FLAGS] for openmp in ("-fopenmp", "-fopenmp-simd")]
+
+
+def _build(arch: str) -> ctypes.CDLL:
+    lib = native_build.build(_SOURCE, _flag_sets(arch))
     for suffix in _SUFFIX.values():
         for name in ("nl_forward", "nl_backward"):
             getattr(lib, f"{name}_{suffix}").restype = ctypes.c_int64
@@ -198,19 +206,47 @@ def _find_packed_blas() -> tuple[int, int, int] | None:
         return None
 
 
-_LIBRARY = native_build.OnFirstUse(
-    _build,
-    "the native time loop is unavailable ({}); the fused engine steps in Python instead "
-    "(correct, slower)",
-)
+_LIBRARIES = {
+    arch: native_build.OnFirstUse(
+        lambda arch=arch: _build(arch),
+        "the native time loop is unavailable ({}); the reference engine runs instead "
+        "(correct, slower)",
+    )
+    for arch in ARCHES
+}
+
+
+def _library() -> native_build.OnFirstUse:
+    if ARCH not in _LIBRARIES:
+        raise ValueError(f"RNNKIT_NATIVE_ARCH must be one of {sorted(ARCHES)}; got {ARCH!r}")
+    return _LIBRARIES[ARCH]
+
+
+@contextlib.contextmanager
+def use_arch(arch: str) -> Iterator[None]:
+    """Run the loop built for ``arch`` (a key of ``ARCHES``) inside the block."""
+    global ARCH
+    if arch not in ARCHES:
+        raise ValueError(f"use_arch: arch must be one of {sorted(ARCHES)}; got {arch!r}")
+    previous, ARCH = ARCH, arch
+    try:
+        yield
+    finally:
+        ARCH = previous
 
 
 # Building touches the file system, which torch.compile cannot trace: under compile this
 # runs once at trace time and its answer is a constant of the graph.
 @native_build.constant_under_compile
-def available(dtype: torch.dtype) -> bool:
-    """True when the library is built (building it on the first call) and supports ``dtype``."""
-    return dtype in _SUFFIX and _LIBRARY.get() is not None
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """True when the library is built (building it on the first call) and supports ``dtype``
+    (float32 or float64)."""
+    return dtype in _SUFFIX and _library().get() is not None
+
+
+def build_error() -> str | None:
+    """Why the library could not be built or loaded (after :func:`available`), or None."""
+    return _library().error
 
 
 def blas_available() -> bool:
@@ -370,7 +406,7 @@ def forward(
     """One layer and direction forward over packed-layout rows, all steps in one native call.
 
     ``mode``: "LSTM", "GRU", "RNN_TANH" or "RNN_RELU". ``G`` (N, G*H), contiguous: ``x W_ih^T``
-    plus the biases as ``FusedLayer.forward`` adds them (``b_ih + b_hh`` for LSTM and RNN,
+    plus the biases as ``op.run_layer`` adds them (``b_ih + b_hh`` for LSTM and RNN,
     ``b_ih`` only for GRU); read only. ``h0`` (B, R), ``c0`` (B, H); ``w_hh`` (G*H, R);
     ``b_hh`` (G*H,) is used by GRU only (None: no bias); ``w_hr`` (P, H): LSTM's projection
     (then R = P, else R = H). Step t (of ``batch_sizes``, positive, non-increasing) touches rows
@@ -415,7 +451,7 @@ def forward(
     offsets = torch.empty(len(bs) + 1, dtype=torch.int64)
     i64 = ctypes.c_int64
     _run(
-        getattr(_LIBRARY.lib, f"nl_forward_{_SUFFIX[dtype]}"),
+        getattr(_library().lib, f"nl_forward_{_SUFFIX[dtype]}"),
         i64(_MODES[mode]), i64(int(reverse)), i64(len(bs)), _ptr(bs), i64(N), i64(B), i64(H),
         _ptr(G), _ptr(A), _ptr(w_hh), _ptr(b_hh if gru else None), _ptr(h0), _ptr(out), _ptr(h),
         _ptr(c), _ptr(C), _ptr(GH), _ptr(Z), _ptr(offsets),
@@ -454,7 +490,7 @@ def backward(
     ``d_hn`` (B, R), ``d_cn`` (B, H): incoming gradients, None for zero. ``variants``, ``Zr``,
     ``stats``, ``CZ``, ``w_hr``: as :func:`forward` had and saved (with a projection the
     caller adds ``dW_hr = dHt^T Rs``). The caller finishes as
-    ``FusedLayer.backward`` does: ``dX = dG W_ih``, ``dW_ih = dG^T X``, ``dW_hh = dY^T H_prev``
+    ``op.py`` does: ``dX = dG W_ih``, ``dW_ih = dG^T X``, ``dW_hh = dY^T H_prev``
     with ``dY`` = ``dZ`` under a layer norm, else ``dGH`` for GRU, else ``dG`` (and ``H_prev``
     times the recurrent-dropout mask).
     """
@@ -503,7 +539,7 @@ def backward(
     offsets = torch.empty(len(bs) + 1, dtype=torch.int64)
     i64 = ctypes.c_int64
     _run(
-        getattr(_LIBRARY.lib, f"nl_backward_{_SUFFIX[dtype]}"),
+        getattr(_library().lib, f"nl_backward_{_SUFFIX[dtype]}"),
         i64(_MODES[mode]), i64(int(reverse)), i64(len(bs)), _ptr(bs), i64(N), i64(B), i64(H),
         _ptr(G), _ptr(GH if gru else None), _ptr(out), _ptr(C if lstm else None), _ptr(h0),
         _ptr(c0 if lstm else None), _ptr(w_hh), _ptr(d_out), _ptr(dh), _ptr(dc), _ptr(dG),

@@ -1,6 +1,6 @@
-"""Triton pointwise kernels of the fused engine.
+"""The triton engine's kernels: per-step pointwise kernels and the persistent LSTM kernel.
 
-The Triton twins of :mod:`rnnkit.engines.pointwise`, which is their spec: same functions, same
+The Triton twins of :mod:`rnnkit.engines.triton.twins`, which is their spec: same functions, same
 signatures, same in-place contract. Every kernel works on a ``(BLOCK_B, BLOCK_H)`` tile of one
 step's rows; each program loads everything it needs before it stores, so an output may alias an
 input of the same shape (as ``h`` does in the GRU and RNN forwards). Math runs in float32 for
@@ -14,7 +14,7 @@ steps in one launch.
 Tiles depend on H only and the batch size is not specialised, so that the shrinking batches of a
 packed sequence reuse one compiled kernel. A kernel that fails to compile or launch (an old GPU,
 an unknown Triton, a compiler error) makes its launcher warn once and run its torch-op twin from
-then on. A compiler *abort* cannot be caught in the process: :mod:`rnnkit.engines.triton_aot`
+then on. A compiler *abort* cannot be caught in the process: ``tools/triton_aot.py``
 compiles every kernel ahead of time for sm_80, sm_90 and sm_100 in CI to rule it out.
 
 Triton is imported here only, and guarded: without it this module still imports and
@@ -33,7 +33,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from rnnkit.engines import pointwise
+from rnnkit.engines.shared import offsets as _offsets
+from rnnkit.engines.triton import twins
 from rnnkit.engines.spec import LN_EPS
 
 try:
@@ -729,7 +730,7 @@ def unavailable_reason(dtype: torch.dtype, device: torch.device | None = None) -
     if device is not None and device.type != "cuda":
         return (
             f"the Triton kernels run on CUDA tensors, or on any device with TRITON_INTERPRET=1 "
-            f"set before rnnkit.engines.triton_kernels is imported; got a {device.type} tensor"
+            f"set before rnnkit.engines.triton.kernels is imported; got a {device.type} tensor"
         )
     if not torch.cuda.is_available():
         return "no CUDA device, and TRITON_INTERPRET=1 was not set when the kernels were built"
@@ -836,48 +837,48 @@ def _launch(
     )  # fmt: skip
 
 
-@_twin_on_failure(pointwise.lstm_forward)
+@_twin_on_failure(twins.lstm_forward)
 def lstm_forward(
     g: Tensor, gh: Tensor, c: Tensor, c_save: Tensor, h: Tensor | None, out: Tensor
 ) -> None:
-    """See :func:`rnnkit.engines.pointwise.lstm_forward`."""
+    """See :func:`rnnkit.engines.twins.lstm_forward`."""
     B, H = c.shape
     _launch(lstm_fwd_kernel, [g, gh, c, c_save, h, out], B, H, constexprs=(h is not None,))
 
 
-@_twin_on_failure(pointwise.lstm_backward)
+@_twin_on_failure(twins.lstm_backward)
 def lstm_backward(g: Tensor, c: Tensor, c_prev: Tensor, dh: Tensor, dc: Tensor, dg: Tensor) -> None:
-    """See :func:`rnnkit.engines.pointwise.lstm_backward`."""
+    """See :func:`rnnkit.engines.twins.lstm_backward`."""
     B, H = c.shape
     _launch(lstm_bwd_kernel, [g, c, c_prev, dh, dc, dg], B, H)
 
 
-@_twin_on_failure(pointwise.gru_forward)
+@_twin_on_failure(twins.gru_forward)
 def gru_forward(g: Tensor, gh: Tensor, h: Tensor, out: Tensor) -> None:
-    """See :func:`rnnkit.engines.pointwise.gru_forward`."""
+    """See :func:`rnnkit.engines.twins.gru_forward`."""
     B, H = h.shape
     _launch(gru_fwd_kernel, [g, gh, h, out], B, H)
 
 
-@_twin_on_failure(pointwise.gru_backward)
+@_twin_on_failure(twins.gru_backward)
 def gru_backward(
     g: Tensor, gh: Tensor, h_prev: Tensor, dh: Tensor, dg: Tensor, dgh: Tensor, dh_prev: Tensor
 ) -> None:
-    """See :func:`rnnkit.engines.pointwise.gru_backward`."""
+    """See :func:`rnnkit.engines.twins.gru_backward`."""
     B, H = h_prev.shape
     _launch(gru_bwd_kernel, [g, gh, h_prev, dh, dg, dgh, dh_prev], B, H)
 
 
-@_twin_on_failure(pointwise.rnn_forward)
+@_twin_on_failure(twins.rnn_forward)
 def rnn_forward(g: Tensor, gh: Tensor, h: Tensor, out: Tensor, relu: bool) -> None:
-    """See :func:`rnnkit.engines.pointwise.rnn_forward`."""
+    """See :func:`rnnkit.engines.twins.rnn_forward`."""
     B, H = g.shape
     _launch(rnn_fwd_kernel, [g, gh, h, out], B, H, constexprs=(relu,))
 
 
-@_twin_on_failure(pointwise.rnn_backward)
+@_twin_on_failure(twins.rnn_backward)
 def rnn_backward(h: Tensor, dh: Tensor, dg: Tensor, relu: bool) -> None:
-    """See :func:`rnnkit.engines.pointwise.rnn_backward`."""
+    """See :func:`rnnkit.engines.twins.rnn_backward`."""
     B, H = h.shape
     _launch(rnn_bwd_kernel, [h, dh, dg], B, H, constexprs=(relu,))
 
@@ -894,44 +895,44 @@ def _zoneout_args(like: Tensor, *keeps: Tensor | float) -> tuple[list, list, lis
     return tensors, scalars, masked
 
 
-@_twin_on_failure(pointwise.lstm_forward_zoneout)
+@_twin_on_failure(twins.lstm_forward_zoneout)
 def lstm_forward_zoneout(
     g: Tensor, gh: Tensor, c: Tensor, c_save: Tensor, cz_save: Tensor, h: Tensor, out: Tensor,
     zh: Tensor | float, zc: Tensor | float,
 ) -> None:  # fmt: skip
-    """See :func:`rnnkit.engines.pointwise.lstm_forward_zoneout`."""
+    """See :func:`rnnkit.engines.twins.lstm_forward_zoneout`."""
     B, H = c.shape
     masks, scalars, masked = _zoneout_args(c, zh, zc)
     tensors = [g, gh, c, c_save, cz_save, h, out, *masks]
     _launch(lstm_fwd_zoneout_kernel, tensors, B, H, scalars, masked)
 
 
-@_twin_on_failure(pointwise.lstm_backward_zoneout)
+@_twin_on_failure(twins.lstm_backward_zoneout)
 def lstm_backward_zoneout(
     g: Tensor, c: Tensor, c_prev: Tensor, dh: Tensor, dc: Tensor, dg: Tensor, dh_carry: Tensor,
     zh: Tensor | float, zc: Tensor | float,
 ) -> None:  # fmt: skip
-    """See :func:`rnnkit.engines.pointwise.lstm_backward_zoneout`."""
+    """See :func:`rnnkit.engines.twins.lstm_backward_zoneout`."""
     B, H = c.shape
     masks, scalars, masked = _zoneout_args(c, zh, zc)
     tensors = [g, c, c_prev, dh, dc, dg, dh_carry, *masks]
     _launch(lstm_bwd_zoneout_kernel, tensors, B, H, scalars, masked)
 
 
-@_twin_on_failure(pointwise.gru_forward_zoneout)
+@_twin_on_failure(twins.gru_forward_zoneout)
 def gru_forward_zoneout(g: Tensor, gh: Tensor, h: Tensor, out: Tensor, zh: Tensor | float) -> None:
-    """See :func:`rnnkit.engines.pointwise.gru_forward_zoneout`."""
+    """See :func:`rnnkit.engines.twins.gru_forward_zoneout`."""
     B, H = h.shape
     masks, scalars, masked = _zoneout_args(h, zh)
     _launch(gru_fwd_zoneout_kernel, [g, gh, h, out, *masks], B, H, scalars, masked)
 
 
-@_twin_on_failure(pointwise.gru_backward_zoneout)
+@_twin_on_failure(twins.gru_backward_zoneout)
 def gru_backward_zoneout(
     g: Tensor, gh: Tensor, h_prev: Tensor, dh: Tensor, dg: Tensor, dgh: Tensor, dh_prev: Tensor,
     zh: Tensor | float,
 ) -> None:  # fmt: skip
-    """See :func:`rnnkit.engines.pointwise.gru_backward_zoneout`."""
+    """See :func:`rnnkit.engines.twins.gru_backward_zoneout`."""
     B, H = h_prev.shape
     masks, scalars, masked = _zoneout_args(h_prev, zh)
     tensors = [g, gh, h_prev, dh, dg, dgh, dh_prev, *masks]
@@ -964,25 +965,25 @@ def _launch_rows(kernel, tensors: list[Tensor], B: int, H: int, scalars=()) -> N
     )  # fmt: skip
 
 
-@_twin_on_failure(pointwise.ln_lstm_forward)
+@_twin_on_failure(twins.ln_lstm_forward)
 def ln_lstm_forward(
     g: Tensor, z: Tensor, ln_hw: Tensor, ln_hb: Tensor, mu_h: Tensor, rs_h: Tensor, c: Tensor,
     c_save: Tensor, cn_save: Tensor, mu_c: Tensor, rs_c: Tensor, ln_cw: Tensor, ln_cb: Tensor,
     out: Tensor, eps: float,
 ) -> None:  # fmt: skip
-    """See :func:`rnnkit.engines.pointwise.ln_lstm_forward`."""
+    """See :func:`rnnkit.engines.twins.ln_lstm_forward`."""
     B, H = c.shape
     tensors = [g, z, ln_hw, ln_hb, mu_h, rs_h, c, c_save, cn_save, mu_c, rs_c, ln_cw, ln_cb, out]
     _launch_rows(ln_lstm_fwd_kernel, tensors, B, H, _split(float(eps)))
 
 
-@_twin_on_failure(pointwise.ln_lstm_backward)
+@_twin_on_failure(twins.ln_lstm_backward)
 def ln_lstm_backward(
     g: Tensor, c: Tensor, c_prev: Tensor, cn: Tensor, mu_c: Tensor, rs_c: Tensor, ln_cw: Tensor,
     z: Tensor, mu_h: Tensor, rs_h: Tensor, ln_hw: Tensor, dh: Tensor, dc: Tensor, dg: Tensor,
     dcn: Tensor, dz: Tensor,
 ) -> None:  # fmt: skip
-    """See :func:`rnnkit.engines.pointwise.ln_lstm_backward`."""
+    """See :func:`rnnkit.engines.twins.ln_lstm_backward`."""
     B, H = c.shape
     tensors = [g, c, c_prev, cn, mu_c, rs_c, ln_cw, z, mu_h, rs_h, ln_hw, dh, dc, dg, dcn, dz]
     _launch_rows(ln_lstm_bwd_kernel, tensors, B, H)
@@ -1001,11 +1002,11 @@ def _stats_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if half and x.device.type == "cuda" else x.dtype
 
 
-@_twin_on_failure(pointwise.layer_norm)
+@_twin_on_failure(twins.layer_norm)
 def layer_norm(
     x: Tensor, weight: Tensor, bias: Tensor, eps: float = LN_EPS
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """See :func:`rnnkit.engines.pointwise.layer_norm`."""
+    """See :func:`rnnkit.engines.twins.layer_norm`."""
     x, weight, bias = _adjacent_columns(x), weight.contiguous(), bias.contiguous()
     B, W = x.shape
     y = x.new_empty(B, W)
@@ -1014,11 +1015,11 @@ def layer_norm(
     return y, mean, rstd
 
 
-@_twin_on_failure(pointwise.layer_norm_input_grad)
+@_twin_on_failure(twins.layer_norm_input_grad)
 def layer_norm_input_grad(
     dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor
 ) -> Tensor:
-    """See :func:`rnnkit.engines.pointwise.layer_norm_input_grad`."""
+    """See :func:`rnnkit.engines.twins.layer_norm_input_grad`."""
     dy, x, weight = _adjacent_columns(dy), _adjacent_columns(x), weight.contiguous()
     B, W = x.shape
     mean, rstd = mean.reshape(B, 1), rstd.reshape(B, 1)
@@ -1030,19 +1031,12 @@ def layer_norm_input_grad(
 PERSISTENT_MAX_H = 64
 
 
-def _offsets(batch_sizes: tuple[int, ...]) -> list[int]:
-    offsets = [0]
-    for bs in batch_sizes:
-        offsets.append(offsets[-1] + bs)
-    return offsets
-
-
 def _lstm_persistent_twin(
     G: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, batch_sizes: tuple[int, ...],
     reverse: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """:func:`lstm_persistent_forward` stepped with torch ops: the product and
-    :func:`rnnkit.engines.pointwise.lstm_forward` per step."""
+    :func:`rnnkit.engines.twins.lstm_forward` per step."""
     N, H = G.shape[0], w_hh.shape[1]
     out = G.new_empty(N, H)
     h = h0.clone(memory_format=torch.contiguous_format)
@@ -1052,7 +1046,7 @@ def _lstm_persistent_twin(
     for t in steps:
         bs, rows = batch_sizes[t], slice(offsets[t], offsets[t + 1])
         g = G[rows].clone()
-        pointwise.lstm_forward(g, h[:bs] @ w_hh.t(), c[:bs], torch.empty_like(c[:bs]), h[:bs],
+        twins.lstm_forward(g, h[:bs] @ w_hh.t(), c[:bs], torch.empty_like(c[:bs]), h[:bs],
                                out[rows])  # fmt: skip
     return out, h, c
 
@@ -1070,7 +1064,7 @@ def lstm_persistent_forward(
 
     ``G`` (N, 4H) is ``x @ w_ih.T + b_ih + b_hh`` in packed layout for ``batch_sizes`` (padded
     data is ``(B,) * T``); ``w_hh`` (4H, H); ``h0``, ``c0`` (B, H). Returns ``out`` (N, H),
-    ``h_n`` and ``c_n`` (B, H), as :class:`rnnkit.engines.fused.FusedLayer` does, without saving
+    ``h_n`` and ``c_n`` (B, H), as :class:`rnnkit.engines.triton.FusedLayer` does, without saving
     anything for backward. One program per block of 16 sequences walks all steps, reading
     ``W_hh`` from the cache, so ``H`` is at most ``PERSISTENT_MAX_H``; float32 (IEEE products,
     no TF32), float64, bfloat16 and float16, accumulating in float32 (float64 for float64).

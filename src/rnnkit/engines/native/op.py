@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rnnkit.engines import fused, native_loop
+from rnnkit.engines import shared
+from rnnkit.engines.native import loop as native_loop
 from rnnkit.engines.spec import LN_EPS, StepVariants
 from rnnkit.scan import scan
 
-_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+_GATES = shared.GATES
 
 
 def _none_if_empty(t: Tensor) -> Tensor | None:
@@ -248,14 +249,6 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*tensors, rmask, zh, zc, out, A, C, GH, Zr, stats, CZ, Rs)
 
 
-def _layer_norm_param_grads(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor):
-    """Gain and bias gradients of a layer norm over all rows at once."""
-    _, dw, db = torch.ops.aten.native_layer_norm_backward(
-        dy, x, (x.shape[1],), mean, rstd, weight, weight, [False, True, True]
-    )
-    return dw, db
-
-
 def _backward(ctx, d_out, d_hn, d_cn, *_saved_outputs):
     mode, reverse, batch_sizes, threads, blas, zoneout_p = ctx.where
     *tensors, rmask, zh, zc, out, A, C, GH, Zr, stats, CZ, Rs = ctx.saved_tensors
@@ -266,7 +259,7 @@ def _backward(ctx, d_out, d_hn, d_cn, *_saved_outputs):
     needs = dict(zip(_DIFF, ctx.needs_input_grad[3 : 3 + len(_DIFF)], strict=True))
     d_cn = d_cn if lstm else None
     grads: dict[str, Tensor | None] = dict.fromkeys(_DIFF)
-    if fused.needs_reference_backward(d_out, d_hn, d_cn):
+    if shared.needs_reference_backward(d_out, d_hn, d_cn):
         wanted = [k for k in _DIFF if needs[k] and t[k] is not None]
 
         def f(*diff: Tensor) -> tuple[Tensor, ...]:
@@ -293,7 +286,7 @@ def _backward(ctx, d_out, d_hn, d_cn, *_saved_outputs):
         grads.update(G=dG, h0=dh0, c0=dc0 if lstm else None)
         dY = dGH if gru else dG  # the gradient at the recurrent side, after its norm
         if needs["w_hh"]:
-            prev, batch_row = fused.prev_rows(batch_sizes, reverse, G.device)
+            prev, batch_row = shared.prev_rows(batch_sizes, reverse, G.device)
             h_prev = torch.cat((out, h0)).index_select(0, prev)  # (N, H)
             if rmask is not None:
                 h_prev = h_prev * rmask.index_select(0, batch_row)
@@ -305,10 +298,10 @@ def _backward(ctx, d_out, d_hn, d_cn, *_saved_outputs):
         if ln:
             N = G.shape[0]
             mean, rstd = stats.view(-1, N, 1).unbind(0)[:2]
-            grads["ln_hw"], grads["ln_hb"] = _layer_norm_param_grads(dY, Zr, mean, rstd, t["ln_hw"])
+            grads["ln_hw"], grads["ln_hb"] = shared.layer_norm_param_grads(dY, Zr, mean, rstd, t["ln_hw"])
             if lstm:
                 mean_c, rstd_c = stats.view(-1, N, 1).unbind(0)[2:]
-                grads["ln_cw"], grads["ln_cb"] = _layer_norm_param_grads(
+                grads["ln_cw"], grads["ln_cb"] = shared.layer_norm_param_grads(
                     dCN, C, mean_c, rstd_c, t["ln_cw"]
                 )
     diff = tuple(grads[k] if needs[k] else None for k in _DIFF)
@@ -353,7 +346,7 @@ def run_layer(
     threads: int | None = None,
     blas: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """One layer and direction, as ``fused.run_layer``: ``(out (N, R), h_n, c_n)``, with LSTM's
+    """One layer and direction: ``(out (N, R), h_n, c_n)``, with LSTM's
     projection ``w_hr`` and the variants of ``variants`` (layer norm, recurrent dropout,
     zoneout)."""
     v = variants or StepVariants()
@@ -378,7 +371,7 @@ def run_layer(
     zh, zc = (None if m is None else m.reshape(x.shape[0], -1).contiguous() for m in masks)
     tensors = (G, h0, c0, w_hh, gru_bias, w_hr, *ln_h, *ln_c)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if not save and not torch.compiler.is_compiling() and not _functorch_active():
+    if not save and not torch.compiler.is_compiling() and not shared.functorch_active():
         # Eager inference: no graph to record and no gradient, so the operator's dispatch (about
         # 0.2 ms a call, a tenth of a B=1 layer) buys nothing; the same function runs directly.
         nv = native_loop.NativeVariants(*ln_h, *ln_c, rmask, v.zoneout_p, zh, zc)
@@ -386,14 +379,10 @@ def run_layer(
                                 w_hr=w_hr, variants=nv, threads=threads, blas=blas)  # fmt: skip
         return r.out, r.h_n, r.c_n
     blas_arg = -1 if blas is None else int(blas)
-    traced = torch.compiler.is_compiling() or torch.compiler.is_exporting() or _functorch_active()
+    traced = torch.compiler.is_compiling() or torch.compiler.is_exporting() or shared.functorch_active()
     layer = native_layer if traced else _EagerLayer.apply
     out, h_n, c_n, *_ = layer(
         mode, reverse, list(batch_sizes), G, h0, c0, w_hh, gru_bias, w_hr, *ln_h, *ln_c, rmask,
         v.zoneout_p, zh, zc, save, threads or 0, blas_arg,
     )  # fmt: skip
     return out, h_n, (c_n if mode == "LSTM" else None)
-
-
-def _functorch_active() -> bool:
-    return torch._C._functorch.peek_interpreter_stack() is not None

@@ -1,4 +1,4 @@
-"""The Elman RNN step of the fused engine, forward and backward; ``loop.py`` runs it.
+"""The Elman RNN step of the triton engine, forward and backward; ``loop.py`` runs it.
 
     h_t = act(A_t + W_hh h_{t-1})     act: tanh (RNN_TANH) or ReLU (RNN_RELU); A: input side
 
@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from rnnkit.engines.fused.layer import (
+from rnnkit.engines.triton.layer import (
     Backward,
     CellGrads,
     Forward,

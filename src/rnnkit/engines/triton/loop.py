@@ -1,4 +1,4 @@
-"""The fused engine's one time loop, forward and backward, over any step definition (``lstm.py``,
+"""The triton engine's one time loop, forward and backward, over any step definition (``lstm.py``,
 ``gru.py``, ``rnn.py``), and :class:`FusedLayer`, its ``autograd.Function``.
 
 The loop owns what every cell shares: the input projections of all steps in one GEMM (and their
@@ -15,9 +15,9 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from rnnkit.engines import pointwise, reference
-from rnnkit.engines.fused import gru, lstm, rnn
-from rnnkit.engines.fused.layer import LayerSettings, LayerTensors, LoopSaved
+from rnnkit.engines import reference, shared
+from rnnkit.engines.triton import gru, lstm, rnn, twins
+from rnnkit.engines.triton.layer import LayerSettings, LayerTensors, LoopSaved
 from rnnkit.engines.spec import StepVariants
 from rnnkit.scan import scan
 
@@ -38,33 +38,6 @@ def _matmul_by(w: Tensor, batch: int) -> Callable[[Tensor], Tensor]:
 _MKL_PACKED = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
-def _offsets(batch_sizes: Sequence[int]) -> list[int]:
-    offsets = [0]
-    for bs in batch_sizes:
-        offsets.append(offsets[-1] + bs)
-    return offsets
-
-
-def prev_rows(
-    batch_sizes: Sequence[int], reverse: bool, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """For every row of the packed data, the row of ``cat(out, h0)`` that held its h_{t-1},
-    and the sequence (batch row) it belongs to."""
-    # Sizes from the host list, not from the tensor: no device sync, and a static shape for
-    # torch.compile.
-    bs = torch.tensor(batch_sizes, device=device)
-    T, N = len(batch_sizes), sum(batch_sizes)
-    off = torch.cumsum(bs, 0) - bs  # (T,)
-    t = torch.repeat_interleave(torch.arange(T, device=device), bs, output_size=N)  # (N,)
-    b = torch.arange(N, device=device) - off[t]
-    step = 1 if reverse else -1
-    src = t + step
-    inside = (src >= 0) & (src < T)
-    src = src.clamp(0, T - 1)
-    valid = inside & (b < bs[src])
-    return torch.where(valid, off[src] + b, N + b), b
-
-
 def forward(s: LayerSettings, w: LayerTensors) -> tuple[Tensor, Tensor, Tensor | None, tuple]:
     """``(out (N, R), h_n (B, R), c_n (B, H) or None, (LoopSaved, the cell's Saved))``."""
     cell = CELLS[s.mode]
@@ -74,7 +47,7 @@ def forward(s: LayerSettings, w: LayerTensors) -> tuple[Tensor, Tensor, Tensor |
     if s.layer_norm:
         # The input side's layer norm, over all steps at once.
         P = G
-        G, mu_i, rs_i = pointwise.layer_norm(P, w.ln_ih_weight, w.ln_ih_bias)
+        G, mu_i, rs_i = twins.layer_norm(P, w.ln_ih_weight, w.ln_ih_bias)
     if w.b_ih is not None:
         G += cell.input_bias(w)
     out = x.new_empty(x.shape[0], h0.shape[1])  # (N, R)
@@ -82,7 +55,7 @@ def forward(s: LayerSettings, w: LayerTensors) -> tuple[Tensor, Tensor, Tensor |
     h = h0.clone(memory_format=torch.contiguous_format)
     step, c, saved = cell.forward(s, w, out, h)
     recurrent = _matmul_by(w.w_hh, h0.shape[0])  # h -> h @ W_hh^T
-    rmask, batch_sizes, offsets = w.recurrent_mask, s.batch_sizes, _offsets(s.batch_sizes)
+    rmask, batch_sizes, offsets = w.recurrent_mask, s.batch_sizes, shared.offsets(s.batch_sizes)
     for t in s.steps():
         bs, rows = batch_sizes[t], slice(offsets[t], offsets[t + 1])
         hs = h[:bs]
@@ -107,12 +80,12 @@ def backward(
     x, h0, out, G = w.x, w.h0, loop.out, loop.G
     d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
     dh = torch.zeros_like(h0) if d_hn is None else d_hn.clone(memory_format=torch.contiguous_format)
-    prev, batch_row = prev_rows(s.batch_sizes, s.reverse, x.device)
+    prev, batch_row = shared.prev_rows(s.batch_sizes, s.reverse, x.device)
     H_prev = torch.cat((out, h0)).index_select(0, prev)  # (N, R)
     dG = torch.empty_like(G)
     step, accumulates, finish = cell.backward(s, w, loop, saved, H_prev, prev, dh, d_cn)
     recurrent = _matmul_by(w.w_hh.t().contiguous(), dh.shape[0])  # dg -> dg @ W_hh
-    rmask, batch_sizes, offsets = w.recurrent_mask, s.batch_sizes, _offsets(s.batch_sizes)
+    rmask, batch_sizes, offsets = w.recurrent_mask, s.batch_sizes, shared.offsets(s.batch_sizes)
     for t in s.steps(backward=True):
         bs, rows = batch_sizes[t], slice(offsets[t], offsets[t + 1])
         # The output and the next step both read h_t.
@@ -174,7 +147,7 @@ class FusedLayer(torch.autograd.Function):
         w, loop, saved = _unflatten(ctx.saved_tensors, *types)
         # The first input is the settings; the rest are w's fields.
         needs = LayerTensors(*ctx.needs_input_grad[1:])
-        if needs_reference_backward(d_out, d_hn, d_cn):
+        if shared.needs_reference_backward(d_out, d_hn, d_cn):
             # The kernels' backward is not itself differentiable, nor batchable under vmap:
             # double backward (create_graph=True) and batched gradients (jacobian(vectorize=
             # True)) differentiate the reference steps of this layer instead; same numbers.
@@ -192,23 +165,6 @@ def _unflatten(flat: Sequence, *types: type) -> list:
         parts.append(kind._make(flat[start:end]))
         start = end
     return parts
-
-
-def _functorch_active() -> bool:
-    """Whether a torch.func transform (grad, vjp, jacrev, vmap) is running around this call."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
-def _batched(*grads: Tensor | None) -> bool:
-    """Whether backward runs under torch.autograd's own vmap (``is_grads_batched``, used by
-    ``jacobian(vectorize=True)``): its tensors have no storage for the kernels."""
-    return any(g is not None and torch._C._functorch.is_legacy_batchedtensor(g) for g in grads)
-
-
-def needs_reference_backward(*grads: Tensor | None) -> bool:
-    """Whether a backward must differentiate the reference steps instead of running the
-    kernels: double backward (``create_graph=True``) or batched gradients (vmap)."""
-    return torch.is_grad_enabled() or _functorch_active() or _batched(*grads)
 
 
 def reference_layer(s: LayerSettings, w: LayerTensors) -> tuple[Tensor, ...]:

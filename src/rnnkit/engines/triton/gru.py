@@ -1,4 +1,4 @@
-"""The GRU step of the fused engine, forward and backward, with layer norm and zoneout as flags;
+"""The GRU step of the triton engine, forward and backward, with layer norm and zoneout as flags;
 ``loop.py`` runs it. Derivations: ``engines/README.md``.
 
     Y = LN(W_hh h_{t-1}) + b_hh                     (LN with layer norm; Y saved as GH)
@@ -13,14 +13,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from rnnkit.engines.fused.layer import (
+from rnnkit.engines.shared import layer_norm_param_grads
+from rnnkit.engines.triton.layer import (
     Backward,
     CellGrads,
     Forward,
     LayerSettings,
     LayerTensors,
     LoopSaved,
-    layer_norm_param_grads,
 )
 
 GATES = 3
