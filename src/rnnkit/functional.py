@@ -1,15 +1,18 @@
 """The spec: one pure function per cell step.
 
-Every other implementation in rnnkit (the layers, the fused engine, the Triton kernels) is tested
-against these functions, and these functions are tested against ``torch.nn`` and with float64
-``gradcheck``. Shapes: ``x`` is ``(B, I)`` and states are ``(B, H)`` (``(B, P)`` for a projected
-LSTM hidden state); weights use torch.nn's layouts, gate blocks stacked along the first dimension.
+Every other implementation in rnnkit (the layers, the native and triton engines, the Triton
+kernels) is tested against these functions, and these functions are tested against ``torch.nn``
+and with float64 ``gradcheck``. Each is its input projection followed by the cell's step in
+``rnnkit.engines.steps``, where the step's math is written once. Shapes: ``x`` is ``(B, I)``
+and states are ``(B, H)`` (``(B, P)`` for a projected LSTM hidden state); weights use torch.nn's
+layouts, gate blocks stacked along the first dimension.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
+
+from rnnkit.engines import steps
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -31,7 +34,7 @@ def rnn_tanh_cell(
 
     ``w_ih`` is ``(H, I)``, ``w_hh`` is ``(H, H)``, biases ``(H,)``. Returns h' ``(B, H)``.
     """
-    return torch.tanh(_linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh))
+    return steps.rnn(_linear(x, w_ih, b_ih), h, w_hh, b_hh, relu=False)
 
 
 def rnn_relu_cell(
@@ -46,7 +49,7 @@ def rnn_relu_cell(
 
     h' = relu(W_ih x + b_ih + W_hh h + b_hh)
     """
-    return torch.relu(_linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh))
+    return steps.rnn(_linear(x, w_ih, b_ih), h, w_hh, b_hh, relu=True)
 
 
 def lstm_cell(
@@ -73,13 +76,7 @@ def lstm_cell(
     ``(4H, H)`` without; ``w_hr`` is ``(P, H)``. Returns ``(h', c')``: ``(B, P or H)`` and
     ``(B, H)``.
     """
-    gates = _linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh)  # (B, 4H)
-    i, f, g, o = gates.chunk(4, dim=1)
-    c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h_next = torch.sigmoid(o) * torch.tanh(c_next)
-    if w_hr is not None:
-        h_next = h_next @ w_hr.t()  # (B, P)
-    return h_next, c_next
+    return steps.lstm(_linear(x, w_ih, b_ih), h, c, w_hh, b_hh, w_hr)
 
 
 def gru_cell(
@@ -100,11 +97,4 @@ def gru_cell(
     The reset gate multiplies ``W_hn h + b_hn``, after the recurrent product, as torch.nn and
     cuDNN do (not ``W_hn (r * h)`` as in the paper). ``w_ih`` is ``(3H, I)`` stacked as r, z, n.
     """
-    gi = _linear(x, w_ih, b_ih)  # (B, 3H)
-    gh = _linear(h, w_hh, b_hh)  # (B, 3H)
-    i_r, i_z, i_n = gi.chunk(3, dim=1)
-    h_r, h_z, h_n = gh.chunk(3, dim=1)
-    r = torch.sigmoid(i_r + h_r)
-    z = torch.sigmoid(i_z + h_z)
-    n = torch.tanh(i_n + r * h_n)
-    return (1 - z) * n + z * h
+    return steps.gru(_linear(x, w_ih, b_ih), h, w_hh, b_hh)

@@ -27,7 +27,8 @@ The per-step equations (LSTM; GRU alike with its own gates):
     h~ = o * tanh(LN(c~))         (LN only with layer_norm)
     c_t = k_c * c_{t-1} + (1 - k_c) * c~,   h_t = k_h * h_{t-1} + (1 - k_h) * h~   (zoneout)
 
-The fused engine implements the same steps with a hand-written backward pass.
+The steps are ``rnnkit.engines.steps``'; the native and triton engines implement them with a
+hand-written backward pass.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from rnnkit.engines.spec import LN_EPS, StepVariants
+from rnnkit.engines import steps
+from rnnkit.engines.spec import StepVariants
 
 
 @dataclass(frozen=True)
@@ -81,53 +82,21 @@ class Variants:
                 raise TypeError(f"{name}: {arg} should be of type bool, got: {got}")
 
 
-def layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, LN_EPS)
-
-
-def zone(keep: Tensor | float, prev: Tensor, new: Tensor) -> Tensor:
-    """Zoneout: ``keep`` is the mask (1 keeps the previous value) in training, p in eval."""
-    return keep * prev + (1 - keep) * new
-
-
-def _projections(x, h, w_ih, w_hh, v: StepVariants) -> tuple[Tensor, Tensor]:
-    # Packed input runs the first bs sequences at a step; the mask has a row per sequence.
-    h_in = h if v.recurrent_mask is None else h * v.recurrent_mask[: h.shape[0]]
-    gi, gh = x @ w_ih.t(), h_in @ w_hh.t()
+def _input_side(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, v: StepVariants) -> Tensor:
+    gi = x @ w_ih.t()
     if v.layer_norm is not None:
-        g_ih, b_ih, g_hh, b_hh = v.layer_norm[:4]
-        gi, gh = layer_norm(gi, g_ih, b_ih), layer_norm(gh, g_hh, b_hh)
-    return gi, gh
+        gi = steps.layer_norm(gi, *v.layer_norm[:2])
+    return gi if b_ih is None else gi + b_ih
 
 
 def lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, v: StepVariants, zh=None, zc=None):
     """One LSTM step with the variants of ``v`` (zoneout keeps ``zh``/``zc``); see the module."""
-    gi, gh = _projections(x, h, w_ih, w_hh, v)
-    if b_ih is not None:
-        gi, gh = gi + b_ih, gh + b_hh
-    i, f, g, o = (gi + gh).chunk(4, dim=1)
-    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    cell = c_new if v.layer_norm is None else layer_norm(c_new, *v.layer_norm[4:6])
-    h_new = torch.sigmoid(o) * torch.tanh(cell)
-    if w_hr is not None:
-        h_new = h_new @ w_hr.t()
-    if zh is not None:
-        h_new, c_new = zone(zh, h, h_new), zone(zc, c, c_new)
-    return h_new, c_new
+    return steps.lstm(_input_side(x, w_ih, b_ih, v), h, c, w_hh, b_hh, w_hr, v, zh, zc)
 
 
 def gru_cell(x, h, w_ih, w_hh, b_ih, b_hh, v: StepVariants, zh=None):
     """One GRU step with the variants of ``v``; the interpolation uses the true h_{t-1}."""
-    gi, gh = _projections(x, h, w_ih, w_hh, v)
-    if b_ih is not None:
-        gi, gh = gi + b_ih, gh + b_hh
-    i_r, i_z, i_n = gi.chunk(3, dim=1)
-    h_r, h_z, h_n = gh.chunk(3, dim=1)
-    r = torch.sigmoid(i_r + h_r)
-    z = torch.sigmoid(i_z + h_z)
-    n = torch.tanh(i_n + r * h_n)
-    h_new = (1 - z) * n + z * h
-    return h_new if zh is None else zone(zh, h, h_new)
+    return steps.gru(_input_side(x, w_ih, b_ih, v), h, w_hh, b_hh, v, zh)
 
 
 def zoneout_mask(shape: tuple[int, ...], p: float, like: Tensor) -> Tensor:

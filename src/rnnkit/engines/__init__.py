@@ -19,8 +19,8 @@ variants. Layers validate and reshape; engines only compute. One engine per job:
 ``auto``: see :func:`plan`.
 """
 
-from typing import NamedTuple
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 

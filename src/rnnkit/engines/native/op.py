@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rnnkit.engines import shared
+from rnnkit.engines import shared, steps
 from rnnkit.engines.native import loop as native_loop
 from rnnkit.engines.spec import LN_EPS, StepVariants
-from rnnkit.scan import scan
 
 _GATES = shared.GATES
 
@@ -184,54 +183,12 @@ def reference_layer(
     zh: Tensor | None = None,
     zc: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
-    """What :func:`native_layer` computes, from ``G`` on, as torch ops stepped by ``scan``
-    (the equations of ``rnnkit.variants``): ``(out, h_n)`` or, for LSTM, ``(out, h_n, c_n)``.
-    Differentiable any number of times, and under vmap."""
-    lstm, H = mode == "LSTM", G.shape[1] // _GATES[mode]
-    masks = zh is not None
-
-    def zone(keep: Tensor | float | None, prev: Tensor, new: Tensor) -> Tensor:
-        return new if keep is None else keep * prev + (1 - keep) * new
-
-    def split(inputs) -> tuple[Tensor, Tensor | float | None, Tensor | float | None]:
-        # Training's masks arrive per step beside G's rows; eval's p is every step's.
-        if not masks:
-            return inputs, zoneout_p, zoneout_p
-        return (*inputs, None) if len(inputs) == 2 else inputs
-
-    def recurrent(h: Tensor) -> Tensor:
-        z = (h if rmask is None else h * rmask[: h.shape[0]]) @ w_hh.t()  # (bs, G*H)
-        return z if ln_hw is None else F.layer_norm(z, (z.shape[1],), ln_hw, ln_hb, LN_EPS)
-
-    def lstm_step(inputs, carry):
-        g, kh, kc = split(inputs)
-        i, f, gg, o = (g + recurrent(carry[0])).chunk(4, dim=1)
-        c = torch.sigmoid(f) * carry[1] + torch.sigmoid(i) * torch.tanh(gg)
-        cell = c if ln_cw is None else F.layer_norm(c, (H,), ln_cw, ln_cb, LN_EPS)
-        h = torch.sigmoid(o) * torch.tanh(cell)
-        h = zone(kh, carry[0], h if w_hr is None else h @ w_hr.t())
-        c = zone(kc, carry[1], c)
-        return h, (h, c)
-
-    def gru_step(inputs, carry):
-        g, kh, _ = split(inputs)
-        (h,) = carry
-        y = recurrent(h) if b_hh is None else recurrent(h) + b_hh
-        (g_r, g_z, g_n), (y_r, y_z, y_n) = g.chunk(3, dim=1), y.chunk(3, dim=1)
-        r, z = torch.sigmoid(g_r + y_r), torch.sigmoid(g_z + y_z)
-        n = torch.tanh(g_n + r * y_n)
-        h_new = zone(kh, h, (1 - z) * n + z * h)
-        return h_new, (h_new,)
-
-    def rnn_step(g, carry):
-        a = g + recurrent(carry[0])
-        h = torch.relu(a) if mode == "RNN_RELU" else torch.tanh(a)
-        return h, (h,)
-
-    step = {"LSTM": lstm_step, "GRU": gru_step}.get(mode, rnn_step)
-    xs = G if not masks else ((G, zh, zc) if lstm else (G, zh))
-    out, last = scan(step, xs, (h0, c0) if lstm else (h0,), reverse, tuple(batch_sizes))
-    return (out, *last)
+    """What :func:`native_layer` computes, from ``G`` on: the steps of ``engines.steps``
+    (``steps.layer``): ``(out, h_n)`` or, for LSTM, ``(out, h_n, c_n)``. Differentiable any
+    number of times, and under vmap."""
+    ln = None if ln_hw is None else (None, None, ln_hw, ln_hb, ln_cw, ln_cb)
+    v = StepVariants(ln, rmask, zoneout_p, zh, zc)
+    return steps.layer(mode, reverse, batch_sizes, G, h0, c0, w_hh, b_hh, w_hr, v)
 
 
 # Positions of the differentiable inputs of native_layer, in its argument order.

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from rnnkit.engines.shared import offsets as _offsets
-from rnnkit.engines.triton import twins
 from rnnkit.engines.spec import LN_EPS
+from rnnkit.engines.triton import twins
 
 try:
     import triton

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from rnnkit.engines import reference, shared
+from rnnkit.engines.spec import StepVariants
 from rnnkit.engines.triton import gru, lstm, rnn, twins
 from rnnkit.engines.triton.layer import LayerSettings, LayerTensors, LoopSaved
-from rnnkit.engines.spec import StepVariants
 from rnnkit.scan import scan
 
 CELLS: dict[str, ModuleType] = {"LSTM": lstm, "GRU": gru, "RNN_TANH": rnn, "RNN_RELU": rnn}

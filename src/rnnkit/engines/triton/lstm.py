@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from rnnkit.engines.shared import layer_norm_param_grads
+from rnnkit.engines.spec import LN_EPS
 from rnnkit.engines.triton.layer import (
     Backward,
     CellGrads,
@@ -22,8 +24,6 @@ from rnnkit.engines.triton.layer import (
     LayerTensors,
     LoopSaved,
 )
-from rnnkit.engines.shared import layer_norm_param_grads
-from rnnkit.engines.spec import LN_EPS
 
 GATES = 4
 

@@ -1,8 +1,10 @@
-"""The per-step pointwise work of the fused engine, written with torch ops.
+"""The torch-op twins of the triton engine's pointwise kernels (``kernels.py``).
 
-This is the deliberately plain twin of the compiled kernels (``cpu_kernels.c`` and the Triton
-kernels): same signatures, same in-place contract, and the tests hold the kernels to it. Every
-argument is a 2-D ``(bs, *)`` view; nothing here builds an autograd graph.
+Same signatures, same in-place contract: the tests hold the kernels to them, and a kernel that
+cannot compile or launch runs its twin instead. The forwards compute with the step functions of
+``engines.steps`` (the math written once); the backwards are the derivation of
+``engines/README.md`` in torch ops, which the tests hold to autograd through those step
+functions. Every argument is a 2-D ``(bs, *)`` view; nothing here builds an autograd graph.
 
 Forward functions receive the pre-activations of one step and write the new state, the output and
 what backward needs. Backward functions receive ``dh``, the total gradient reaching h at this step,
@@ -12,6 +14,7 @@ and write the gradients of the pre-activations. The derivations are in ``engines
 import torch
 from torch import Tensor
 
+from rnnkit.engines import steps
 from rnnkit.engines.spec import LN_EPS
 
 
@@ -21,15 +24,11 @@ def lstm_forward(
     """g (bs, 4H): W_ih x + b in (gates i, f, g, o), activations out; gh (bs, 4H): W_hh h,
     added to g. c (bs, H): c_{t-1} in, c_t out; c_save receives c_t. out, and h unless None,
     receive o * tanh(c_t)."""
-    H = c.shape[1]
-    g.add_(gh)
-    g[:, : 2 * H].sigmoid_()
-    g[:, 2 * H : 3 * H].tanh_()
-    g[:, 3 * H :].sigmoid_()
-    i, f, gg, o = g.split(H, dim=1)
-    c.mul_(f).addcmul_(i, gg)
+    i, f, gg, o = steps.lstm_gates(g + gh)
+    g.copy_(torch.cat((i, f, gg, o), dim=1))
+    c.copy_(steps.lstm_cell_state(i, f, gg, c))
     c_save.copy_(c)
-    torch.mul(o, torch.tanh(c), out=out)
+    out.copy_(steps.lstm_output(o, c))
     if h is not None:
         h.copy_(out)
 
@@ -51,12 +50,9 @@ def lstm_backward(g: Tensor, c: Tensor, c_prev: Tensor, dh: Tensor, dc: Tensor, 
 def gru_forward(g: Tensor, gh: Tensor, h: Tensor, out: Tensor) -> None:
     """g (bs, 3H): W_ih x + b_ih in (r, z, n), activations r, z, n out. gh (bs, 3H): W_hh h +
     b_hh, left as is (backward needs its n part). h: h_{t-1} in, h_t out; out receives h_t."""
-    H = h.shape[1]
-    g[:, : 2 * H].add_(gh[:, : 2 * H]).sigmoid_()
-    r, z, n = g.split(H, dim=1)
-    n.addcmul_(r, gh[:, 2 * H :]).tanh_()
-    # h_t = (1 - z) * n + z * h_{t-1} = n + z * (h_{t-1} - n)
-    torch.addcmul(n, z, h - n, out=out)
+    r, z, n = steps.gru_gates(g, gh)
+    g.copy_(torch.cat((r, z, n), dim=1))
+    out.copy_(steps.gru_output(z, n, h))
     h.copy_(out)
 
 
@@ -80,11 +76,7 @@ def gru_backward(
 
 def rnn_forward(g: Tensor, gh: Tensor, h: Tensor, out: Tensor, relu: bool) -> None:
     """g (bs, H): W_ih x + b; gh (bs, H): W_hh h. h and out receive act(g + gh)."""
-    g = g + gh
-    if relu:
-        torch.clamp_min(g, 0, out=out)
-    else:
-        torch.tanh(g, out=out)
+    out.copy_(steps.rnn_activation(g + gh, relu))
     h.copy_(out)
 
 
@@ -131,18 +123,14 @@ def ln_lstm_forward(
     out; z (bs, 4H): W_hh h before its norm; mu_h, rs_h (bs, 1) receive that norm's statistics.
     c: c_{t-1} in, c_t out, also into c_save; cn_save receives LN(c_t) and mu_c, rs_c its
     statistics; out receives o * tanh(LN(c_t))."""
-    H = c.shape[1]
     zn, mu_h[:], rs_h[:] = layer_norm(z, ln_hw, ln_hb, eps)
-    g.add_(zn)
-    g[:, : 2 * H].sigmoid_()
-    g[:, 2 * H : 3 * H].tanh_()
-    g[:, 3 * H :].sigmoid_()
-    i, f, gg, o = g.split(H, dim=1)
-    c.mul_(f).addcmul_(i, gg)
+    i, f, gg, o = steps.lstm_gates(g + zn)
+    g.copy_(torch.cat((i, f, gg, o), dim=1))
+    c.copy_(steps.lstm_cell_state(i, f, gg, c))
     c_save.copy_(c)
     cn, mu_c[:], rs_c[:] = layer_norm(c, ln_cw, ln_cb, eps)
     cn_save.copy_(cn)
-    torch.mul(o, torch.tanh(cn), out=out)
+    out.copy_(steps.lstm_output(o, cn))
 
 
 def ln_lstm_backward(
@@ -194,9 +182,9 @@ def lstm_forward_zoneout(
     masks where 1 keeps the previous value, or the probability p in eval)."""
     c_prev, h_prev = c.clone(), h.clone()
     lstm_forward(g, gh, c, c_save, None, out)
-    c.lerp_(c_prev, zc)
+    c.copy_(steps.zone(zc, c_prev, c))
     cz_save.copy_(c)
-    out.lerp_(h_prev, zh)
+    out.copy_(steps.zone(zh, h_prev, out))
     h.copy_(out)
 
 
@@ -224,7 +212,7 @@ def gru_forward_zoneout(g: Tensor, gh: Tensor, h: Tensor, out: Tensor, zh: Tenso
     """:func:`gru_forward` with zoneout on h."""
     h_prev = h.clone()
     gru_forward(g, gh, h, out)
-    out.lerp_(h_prev, zh)
+    out.copy_(steps.zone(zh, h_prev, out))
     h.copy_(out)
 
 
