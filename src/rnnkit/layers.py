@@ -5,6 +5,7 @@ state dicts move both ways and a seeded layer holds the same weights as torch.nn
 once through ``rnnkit.validation`` and hand the computation to an engine.
 """
 
+import dataclasses
 import math
 
 import torch
@@ -109,6 +110,19 @@ class RNNBase(TorchNNInterop, nn.Module):
             if mode == "LSTM":
                 self.init_c = nn.Parameter(torch.empty(rows, hidden_size, **factory))
         self.reset_parameters()
+
+    def __getstate__(self) -> dict:
+        # The variants travel as a plain dict, so that a whole-model torch.load (weights_only)
+        # needs only the layer's own class in safe_globals, as torch.nn's layers do.
+        state = self.__dict__.copy()
+        state["variants"] = dataclasses.asdict(self.variants)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        variants = state.get("variants")
+        if isinstance(variants, dict):
+            state = {**state, "variants": Variants(**variants)}
+        super().__setstate__(state)
 
     def _layer_norm_parts(self) -> list[tuple[str, int]]:
         gates = self._spec().gates * self.hidden_size

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from rnnkit.engines import native, reference, torch_native
+from rnnkit.engines import native, reference, shared, torch_native
 from rnnkit.engines import triton as triton_engine
 from rnnkit.engines.spec import LayerSpec
 
@@ -128,9 +128,8 @@ def plan(
        opaque, so its layers take the reference steps, which compile traces.
     """
     projected = spec.proj_size > 0
-    if torch.is_autocast_enabled(device.type):
-        # The engines run in the autocast dtype (as torch.nn does): their kernels must too.
-        dtype = torch.get_autocast_dtype(device.type)
+    # The engines run in the autocast dtype (as torch.nn does): their kernels must too.
+    dtype = shared.autocast_dtype(device.type) or dtype
     if batch == 0:
         return Plan(reference, "an empty batch")
     capture = capturing_graph()

@@ -72,6 +72,15 @@ def layer_norm_param_grads(
     return dw, db
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs in on this device type, or None where it is off."""
+    if not torch.amp.is_autocast_available(device_type):
+        return None
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
@@ -96,8 +105,8 @@ def run_stack(
     tensors to it once (differentiably, so gradients come back in the parameters' dtype) and
     its outputs back."""
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = autocast_dtype(device_type)
+    if dtype is not None:
         x, hx = x.to(dtype), tuple(s.to(dtype) for s in hx)
         weights = [tuple(_cast(w, dtype) for w in ws) for ws in weights]
     stored, dtype = x.dtype, compute(x.dtype)

@@ -1,0 +1,198 @@
+"""bfloat16 on the native engine (stored in bfloat16, computed in float32), the auto rule's dtype
+guard, and whole-model pickling under ``torch.load(weights_only=True)``.
+
+bfloat16 bounds come from the arithmetic: the reference is float64 on the same bfloat16-rounded
+inputs and weights, so what remains is the float32 arithmetic (about 1e-7 relative, negligible)
+and one rounding of each result to bfloat16, at most half an ulp, 2^-9 of its magnitude.
+Norm-wise that is at most 2^-9 of the reference's norm; the tests allow 2^-8.
+"""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import rnnkit
+from rnnkit import engines
+from rnnkit.engines import native
+from rnnkit.engines.native import loop as native_loop
+from rnnkit.engines.spec import LayerSpec
+
+BF16_BOUND = 2.0**-8
+LAYERS = {"LSTM": rnnkit.LSTM, "GRU": rnnkit.GRU, "RNN": rnnkit.RNN}
+VARIANTS = {
+    "plain": {},
+    "layer-norm+zoneout": dict(layer_norm=True, zoneout=0.25),
+    "projection": dict(proj_size=5),
+}
+
+needs_native = pytest.mark.skipif(
+    not native_loop.available(), reason="the native loop could not be built"
+)
+
+
+def _cases():
+    for mode in LAYERS:
+        for name, options in VARIANTS.items():
+            if mode != "LSTM" and name == "projection" or mode == "RNN" and name != "plain":
+                continue
+            yield pytest.param(mode, options, id=f"{mode}-{name}")
+
+
+def _norm_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def _run(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Output, final states and the gradients of the input and every parameter, for a loss
+    linear in the outputs (fixed cotangents: both runs backpropagate the same numbers)."""
+    out, state = layer(x)
+    states = state if isinstance(state, tuple) else (state,)
+    generator = torch.Generator().manual_seed(1)
+    loss = sum(
+        (t.double() * torch.randn(t.shape, generator=generator, dtype=torch.float64)).sum()
+        for t in (out, *states)
+    )
+    params = list(layer.parameters())
+    grads = torch.autograd.grad(loss, [x, *params])
+    return (out, *states, *grads)
+
+
+@needs_native
+@pytest.mark.parametrize("arch", ["native", "baseline"])
+@pytest.mark.parametrize("mode, options", list(_cases()))
+def test_bfloat16_layer_on_native_engine_matches_float64_within_one_rounding(mode, options, arch):
+    if arch == "baseline" and not _baseline_builds():
+        pytest.skip("the baseline x86-64 build needs an x86-64 machine and compiler")
+    torch.manual_seed(0)
+    layer = LAYERS[mode](7, 12, num_layers=2, bidirectional=True, backend="native", **options)
+    layer = layer.bfloat16().eval()
+    x = torch.randn(9, 3, 7).bfloat16().requires_grad_()
+    reference = LAYERS[mode](7, 12, num_layers=2, bidirectional=True, backend="reference",
+                             **options).double().eval()  # fmt: skip
+    reference.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+    x64 = x.detach().double().requires_grad_()
+    with native_loop.use_arch(arch):
+        got = _run(layer, x)
+    want = _run(reference, x64)
+    assert got[0].dtype == torch.bfloat16 and got[-1].dtype == torch.bfloat16
+    for g, w in zip(got, want, strict=True):
+        assert _norm_error(g, w) <= BF16_BOUND
+
+
+def _baseline_builds() -> bool:
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    with native_loop.use_arch("baseline"):
+        return native_loop.available()
+
+
+@needs_native
+def test_autocast_bfloat16_training_runs_native_and_matches_float64():
+    torch.manual_seed(0)
+    layer = rnnkit.LSTM(6, 10, batch_first=True)
+    x = torch.randn(4, 8, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chosen = engines.plan("LSTM", "auto", layer._spec(), x.device, x.dtype, batch=4,
+                              needs_grad=True)  # fmt: skip
+        out, (h, c) = layer(x)
+    assert chosen.engine is native, chosen.why
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert layer.weight_hh_l0.grad.dtype == torch.float32
+    # The reference: float64 on the weights autocast rounded to bfloat16.
+    ref = rnnkit.LSTM(6, 10, batch_first=True, backend="reference").double()
+    ref.load_state_dict({k: v.bfloat16().double() for k, v in layer.state_dict().items()})
+    want_out, _ = ref(x.bfloat16().double())
+    want_out.sum().backward()
+    assert _norm_error(out, want_out) <= BF16_BOUND
+    # The gradient reaches the float32 weight through autocast's cast: rounded once.
+    grad, want = layer.weight_hh_l0.grad, ref.weight_hh_l0.grad
+    assert _norm_error(grad, want) <= BF16_BOUND
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+@pytest.mark.parametrize("needs_grad", [False, True], ids=["inference", "training"])
+def test_auto_never_sends_low_precision_to_torch_kernels_on_the_cpu(mode, dtype, needs_grad):
+    spec = LayerSpec(mode, 8, 8, 1, 1, True, 0.0, 0)
+    for batch in (1, 16, 64):
+        chosen = engines.plan("x", "auto", spec, torch.device("cpu"), dtype, batch=batch,
+                              needs_grad=needs_grad)  # fmt: skip
+        assert chosen.engine is not engines.torch_native, chosen.why
+
+
+def test_plan_names_its_rule():
+    spec = LayerSpec("LSTM", 8, 8, 1, 1, True, 0.0, 0)
+    cpu = torch.device("cpu")
+    engine, why = engines.plan("x", "fused", spec, cpu, torch.float32, batch=2)
+    if native_loop.available():
+        assert engine is native and why == "backend='fused' on cpu"
+    else:
+        assert engine is engines.reference and "could not be built" in why
+    with pytest.raises(ValueError, match="backend='native' cannot run: the native engine runs "
+                       "on the CPU; got a meta tensor"):  # fmt: skip
+        engines.plan("x", "native", spec, torch.device("meta"), torch.float32, batch=2)
+
+
+def test_native_loop_unavailable_falls_back_to_reference_with_the_reason(monkeypatch):
+    monkeypatch.setenv("RNNKIT_NO_NATIVE", "1")
+    spec = LayerSpec("GRU", 8, 8, 1, 1, True, 0.0, 0)
+    engine, why = engines.plan("x", "auto", spec, torch.device("cpu"), torch.float32, batch=2)
+    assert engine is engines.reference
+    assert "RNNKIT_NO_NATIVE=1" in why
+    with pytest.raises(ValueError, match="backend='native' cannot run"):
+        engines.plan("x", "native", spec, torch.device("cpu"), torch.float32, batch=2)
+    torch.manual_seed(0)
+    layer = rnnkit.GRU(3, 4)
+    x = torch.randn(5, 2, 3)
+    out = layer(x)[0]
+    layer.backend = "reference"
+    torch.testing.assert_close(out, layer(x)[0], atol=0, rtol=0)
+
+
+class _Model(nn.Module):
+    def __init__(self, layer: nn.Module, width: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x)
+        y = y[0] if isinstance(y, tuple) else y
+        return self.head(y)
+
+
+PICKLED = {
+    "LSTM": lambda: rnnkit.LSTM(4, 6, num_layers=2),
+    "LSTM-variants": lambda: rnnkit.LSTM(4, 6, layer_norm=True, zoneout=0.1,
+                                         recurrent_dropout=0.2, forget_bias=1.0),  # fmt: skip
+    "LSTM-projection": lambda: rnnkit.LSTM(4, 6, proj_size=3, bidirectional=True),
+    "GRU": lambda: rnnkit.GRU(4, 6, backend="reference"),
+    "GRU-variants": lambda: rnnkit.GRU(4, 6, layer_norm=True, weight_drop=0.1, learn_init=True),
+    "RNN": lambda: rnnkit.RNN(4, 6, nonlinearity="relu"),
+    "LSTMCell": lambda: rnnkit.LSTMCell(4, 6),
+    "LSTMCell-layer-norm": lambda: rnnkit.LSTMCell(4, 6, layer_norm=True),
+    "GRUCell": lambda: rnnkit.GRUCell(4, 6, layer_norm=True),
+    "RNNCell": lambda: rnnkit.RNNCell(4, 6),
+}
+
+
+@pytest.mark.parametrize("name", list(PICKLED))
+def test_whole_model_loads_with_only_the_public_classes_in_safe_globals(name):
+    torch.manual_seed(0)
+    layer = PICKLED[name]()
+    # Every case's output is 6 wide (the projection: 3 per direction, both directions).
+    model = _Model(layer, 6).eval()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    with torch.serialization.safe_globals([_Model, type(layer), nn.Linear]):
+        loaded = torch.load(buffer, weights_only=True)
+    assert type(loaded.layer) is type(layer)
+    assert loaded.layer.extra_repr() == layer.extra_repr()
+    x = torch.randn(5, 3, 4) if "Cell" not in name else torch.randn(3, 4)
+    torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
