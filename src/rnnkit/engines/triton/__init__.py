@@ -35,8 +35,10 @@ from rnnkit.engines.triton.loop import FusedLayer
 __all__ = ["FusedLayer", "LayerSettings", "LayerTensors", "run", "run_layer"]
 
 
-def kernels() -> ModuleType:
-    """The Triton kernels (imported on first use: Triton takes a while to import)."""
+def kernel_module() -> ModuleType:
+    """The Triton kernels (imported on first use: Triton takes a while to import). Not named
+    ``kernels``: importing the submodule of that name sets the package's attribute to it,
+    and ``from ... import kernels`` would find this function instead of the module."""
     from rnnkit.engines.triton import kernels
 
     return kernels
@@ -44,7 +46,7 @@ def kernels() -> ModuleType:
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the triton engine cannot run a layer of ``dtype`` on ``device``, or None."""
-    return kernels().unavailable_reason(dtype, device)
+    return kernel_module().unavailable_reason(dtype, device)
 
 
 def _persistent(module: ModuleType, mode: str, w_hh: Tensor, tensors: tuple) -> bool:
@@ -80,7 +82,7 @@ def run_layer(
     """One layer and direction: ``(out (N, R), h_n (B, R), c_n (B, H) or None)``, on the
     kernels of ``module`` (default: Triton's; the tests also pass ``twins``). Plain LSTM
     inference at a small H runs the persistent kernel; everything else :class:`FusedLayer`."""
-    module = module or kernels()
+    module = module or kernel_module()
     plain = variants is None and w_hr is None
     if plain and _persistent(module, mode, w_hh, (x, h0, c0, w_ih, w_hh, b_ih, b_hh)):
         G = x @ w_ih.t()  # (N, 4H)
