@@ -23,6 +23,8 @@ checks sizes and batch sizes itself, but trusts its pointers, so every tensor is
 first.
 """
 
+from __future__ import annotations
+
 import contextlib
 import ctypes
 import itertools
@@ -36,7 +38,7 @@ from torch import Tensor
 
 from rnnkit.engines.native import build as native_build
 from rnnkit.engines.shared import GATES as _GATES
-from rnnkit.engines.spec import LN_EPS, LayerSpec
+from rnnkit.engines.spec import LN_EPS, LayerSpec, StepVariants
 
 _SOURCE = Path(__file__).with_name("loop.c")
 # No -ffast-math (NaN and inf must propagate). -fopenmp for the threads; where the compiler lacks
@@ -67,14 +69,16 @@ _blas: tuple[int, int, int | None] | None = None
 
 
 class NativeVariants(NamedTuple):
-    """The per-step variants of one layer and direction that the loop runs, each None when off.
+    """The per-step variants of one layer and direction as the loop runs them, each None when
+    off: built once from the layer's :class:`~rnnkit.engines.spec.StepVariants` (:meth:`of`);
+    its tensor fields are, by name and in order, the first fields of the C ``nl_variants``.
 
     ``ln_hw``, ``ln_hb`` (G*H,): gain and bias of the layer norm of ``h_{t-1} W_hh^T`` (LSTM,
     GRU); ``ln_cw``, ``ln_cb`` (H,): of the LSTM cell before its tanh (with ``ln_hw``);
     ``rmask`` (B, H): the scaled recurrent-dropout mask on ``h_{t-1}`` where it enters W_hh.
-    Zoneout (LSTM, GRU): ``zoneout_p`` its probability, the keep of every unit in eval;
-    training's masks ``zh`` and (LSTM) ``zc`` (N, H), laid out like the rows (1 keeps the
-    previous value), replace it where given.
+    Zoneout (LSTM, GRU): training's masks ``zh`` and (LSTM) ``zc`` (N, H), laid out like the
+    rows (1 keeps the previous value); else ``zoneout_p``, its probability, the keep of every
+    unit in eval.
     """
 
     ln_hw: Tensor | None = None
@@ -82,9 +86,42 @@ class NativeVariants(NamedTuple):
     ln_cw: Tensor | None = None
     ln_cb: Tensor | None = None
     rmask: Tensor | None = None
-    zoneout_p: float | None = None
     zh: Tensor | None = None
     zc: Tensor | None = None
+    zoneout_p: float | None = None
+
+    # The tensor fields, in the order of the operator's list and of the C structure.
+    TENSORS = ("ln_hw", "ln_hb", "ln_cw", "ln_cb", "rmask", "zh", "zc")
+
+    @classmethod
+    def of(cls, mode: str, v: StepVariants | None, rows: int) -> NativeVariants:
+        """The loop's variants from the layer's: the norms of the recurrent side and of the
+        cell (the input side's is the caller's, inside G), the mask, and zoneout's masks laid
+        out like the ``rows`` rows of the packed input; contiguous."""
+        if v is None:
+            return cls()
+        ln = v.layer_norm
+        lstm = mode == "LSTM"
+        zh, zc = v.zoneout_h_mask, v.zoneout_c_mask if lstm else None
+        tensors = (
+            *(ln[2:4] if ln is not None else (None, None)),
+            *(ln[4:6] if ln is not None and lstm else (None, None)),
+            v.recurrent_mask,
+            # Padded masks (T, B, R) -> (T*B, R).
+            None if zh is None else zh.reshape(rows, -1),
+            None if zc is None else zc.reshape(rows, -1),
+        )
+        return cls(*(None if t is None else t.contiguous() for t in tensors), v.zoneout_p)
+
+    @classmethod
+    def from_tensors(cls, tensors: list[Tensor | None], zoneout_p: float | None):
+        """From :meth:`tensors`' list, where an empty 1-D tensor also stands for None (the
+        operator's lists hold tensors only)."""
+        absent = [t is None or (t.dim() == 1 and t.numel() == 0) for t in tensors]
+        return cls(*(None if a else t for a, t in zip(absent, tensors, strict=True)), zoneout_p)
+
+    def tensors(self) -> list[Tensor | None]:
+        return [getattr(self, name) for name in self.TENSORS]
 
     @property
     def layer_norm(self) -> bool:
@@ -132,13 +169,17 @@ class BackwardResult(NamedTuple):
     dHt: Tensor | None = None
 
 
+# What the C structure carries besides the variants' tensors: the projection, what forward saves
+# and backward reads or writes, and scratch buffers.
+_C_BUFFERS = ("w_hr", "Zr", "stats", "dZ", "dCN", "CZ", "Rs", "dHt", "scratch", "ln_scratch",
+              "zo_scratch", "r_scratch")  # fmt: skip
+
+
 class _CVariants(ctypes.Structure):
-    """``nl_variants`` of native_loop.c."""
+    """``nl_variants`` of loop.c: :class:`NativeVariants`' tensors, then the buffers."""
 
     _fields_ = [
-        *((name, ctypes.c_void_p) for name in (
-            "ln_hw", "ln_hb", "ln_cw", "ln_cb", "rmask", "zh", "zc", "w_hr", "Zr", "stats", "dZ",
-            "dCN", "CZ", "Rs", "dHt", "scratch", "ln_scratch", "zo_scratch", "r_scratch")),
+        *((name, ctypes.c_void_p) for name in (*NativeVariants.TENSORS, *_C_BUFFERS)),
         ("eps", ctypes.c_double),
         ("zoneout_p", ctypes.c_double),
         ("zoneout", ctypes.c_int64),
@@ -381,7 +422,7 @@ def _c_variants(v: NativeVariants, w_hr: Tensor | None, **saved: Tensor | None) 
     proj = 0 if w_hr is None else w_hr.shape[0]
     cv = _CVariants(eps=LN_EPS, zoneout_p=v.zoneout_p or 0.0, zoneout=int(v.zoneout), proj=proj)
     cv.w_hr = None if w_hr is None else w_hr.data_ptr()
-    tensors = {k: t for k, t in v._asdict().items() if k != "zoneout_p"}
+    tensors = dict(zip(NativeVariants.TENSORS, v.tensors(), strict=True))
     for name, t in [*tensors.items(), *saved.items()]:
         setattr(cv, name, None if t is None else t.data_ptr())
     return ctypes.byref(cv)

@@ -4,15 +4,18 @@ is one opaque node for ``torch.compile`` (``fullgraph=True`` too) and ``torch.ex
 - ``rnnkit::native_layer`` runs one layer and direction forward (``native_loop.forward``) on the
   input projection ``G = x W_ih^T + biases`` (under a layer norm, ``LN(x W_ih^T) + biases``),
   which the caller computes with torch ops (so autograd owns ``dX``, ``dW_ih``, the input-side
-  norm and the biases folded into ``G``), with LSTM's projection, the layer norms of the
-  recurrent side, the recurrent-dropout mask and zoneout's probability and masks as optional
-  arguments.
+  norm and the biases folded into ``G``), with LSTM's projection ``w_hr`` and the variants as
+  one list of optional tensors in the order of ``NativeVariants.TENSORS`` (the layer norms of
+  the recurrent side, the recurrent-dropout mask, zoneout's masks) plus zoneout's probability.
 - ``rnnkit::native_layer_backward`` is its backward walk (``native_loop.backward``).
 
 Both have fake implementations (shapes only) for tracing; the forward's autograd formula is
 registered with :func:`torch.library.register_autograd`. Double backward and batched gradients
-(vmap) differentiate :func:`reference_layer`, the same steps in torch ops, instead.
+(vmap) differentiate :func:`reference_layer`, the same steps in torch ops, instead. Gradients
+are matched to the inputs by name (``_GRAD_INPUTS``, ``NativeVariants.TENSORS``).
 """
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +23,7 @@ from torch import Tensor
 
 from rnnkit.engines import shared, steps
 from rnnkit.engines.native import loop as native_loop
+from rnnkit.engines.native.loop import NativeVariants
 from rnnkit.engines.spec import LN_EPS, StepVariants
 
 _GATES = shared.GATES
@@ -57,22 +61,18 @@ def _native_layer(
     w_hh: Tensor,
     b_hh: Tensor | None,
     w_hr: Tensor | None,
-    ln_hw: Tensor | None,
-    ln_hb: Tensor | None,
-    ln_cw: Tensor | None,
-    ln_cb: Tensor | None,
-    rmask: Tensor | None,
+    variants: list[Tensor],
     zoneout_p: float | None,
-    zh: Tensor | None,
-    zc: Tensor | None,
     save: bool,
     threads: int,
     blas: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(out (N, R), h_n, c_n or empty, activations A, C, GH, Zr, stats, CZ, Rs)`` (the saved
     tensors of ``native_loop.ForwardResult``, empty where absent: all without ``save``, ``A``
-    for RNN); ``threads=0``: torch's; ``blas=-1``: automatic, 0: the own loops only."""
-    v = native_loop.NativeVariants(ln_hw, ln_hb, ln_cw, ln_cb, rmask, zoneout_p, zh, zc)
+    for RNN); ``variants``: ``NativeVariants``' tensors in order, an empty tensor where one is
+    absent (a list holding None would be opaque to the operator's autograd); ``threads=0``: torch's;
+    ``blas=-1``: automatic, 0: the own loops only."""
+    v = native_loop.NativeVariants.from_tensors(variants, zoneout_p)
     r = native_loop.forward(
         mode, reverse, batch_sizes, G, h0, c0, w_hh, b_hh, save, w_hr=w_hr, variants=v,
         threads=threads or None, blas=None if blas < 0 else bool(blas),
@@ -88,10 +88,10 @@ native_layer = torch.library.custom_op("rnnkit::native_layer", mutates_args=())(
 
 
 @native_layer.register_fake
-def _native_layer_fake(mode, reverse, batch_sizes, G, h0, c0, w_hh, b_hh, w_hr, ln_hw, ln_hb,
-                       ln_cw, ln_cb, rmask, zoneout_p, zh, zc, save, threads, blas):  # fmt: skip
-    zoneout = zoneout_p is not None or zh is not None
-    saved = _saved_shapes(mode, G, ln_hw is not None, zoneout, w_hr is not None, save)
+def _native_layer_fake(mode, reverse, batch_sizes, G, h0, c0, w_hh, b_hh, w_hr, variants,
+                       zoneout_p, save, threads, blas):  # fmt: skip
+    v = native_loop.NativeVariants.from_tensors(variants, zoneout_p)
+    saved = _saved_shapes(mode, G, v.layer_norm, v.zoneout, w_hr is not None, save)
     c_n = torch.empty_like(c0) if mode == "LSTM" else G.new_empty(0)
     out = G.new_empty(G.shape[0], h0.shape[1])
     return (
@@ -115,14 +115,8 @@ def _native_layer_backward(
     c0: Tensor | None,
     w_hh: Tensor,
     w_hr: Tensor | None,
-    ln_hw: Tensor | None,
-    ln_hb: Tensor | None,
-    ln_cw: Tensor | None,
-    ln_cb: Tensor | None,
-    rmask: Tensor | None,
+    variants: list[Tensor],
     zoneout_p: float | None,
-    zh: Tensor | None,
-    zc: Tensor | None,
     d_out: Tensor | None,
     d_hn: Tensor | None,
     d_cn: Tensor | None,
@@ -133,7 +127,7 @@ def _native_layer_backward(
     :func:`native_layer`'s ``G`` (pre-activations), of its hidden side (GRU), of ``h0``, ``c0``,
     of the recurrent product before its norm, of the cell norm's output (LSTM) and of the
     projected h_t before zoneout."""
-    v = native_loop.NativeVariants(ln_hw, ln_hb, ln_cw, ln_cb, rmask, zoneout_p, zh, zc)
+    v = native_loop.NativeVariants.from_tensors(variants, zoneout_p)
     r = native_loop.backward(
         mode, reverse, batch_sizes, A, out, C, GH, h0, c0, w_hh, d_out, d_hn, d_cn,
         variants=v, Zr=Zr, stats=stats, CZ=CZ, w_hr=w_hr, threads=threads or None,
@@ -152,9 +146,10 @@ native_layer_backward = torch.library.custom_op("rnnkit::native_layer_backward",
 
 @native_layer_backward.register_fake
 def _native_layer_backward_fake(mode, reverse, batch_sizes, A, out, C, GH, Zr, stats, CZ, h0,
-                                c0, w_hh, w_hr, ln_hw, ln_hb, ln_cw, ln_cb, rmask, zoneout_p, zh,
-                                zc, d_out, d_hn, d_cn, threads, blas):  # fmt: skip
-    lstm, ln = mode == "LSTM", ln_hw is not None
+                                c0, w_hh, w_hr, variants, zoneout_p, d_out, d_hn, d_cn, threads,
+                                blas):  # fmt: skip
+    v = native_loop.NativeVariants.from_tensors(variants, zoneout_p)
+    lstm, ln = mode == "LSTM", v.layer_norm
     N, H = A.shape[0], A.shape[1] // _GATES[mode]
     dGH = torch.empty_like(A) if mode == "GRU" else A.new_empty(0)
     dc0 = torch.empty_like(c0) if lstm else A.new_empty(0)
@@ -174,95 +169,137 @@ def reference_layer(
     w_hh: Tensor,
     b_hh: Tensor | None,
     w_hr: Tensor | None = None,
-    ln_hw: Tensor | None = None,
-    ln_hb: Tensor | None = None,
-    ln_cw: Tensor | None = None,
-    ln_cb: Tensor | None = None,
-    rmask: Tensor | None = None,
-    zoneout_p: float | None = None,
-    zh: Tensor | None = None,
-    zc: Tensor | None = None,
+    v: NativeVariants | None = None,
 ) -> tuple[Tensor, ...]:
     """What :func:`native_layer` computes, from ``G`` on: the steps of ``engines.steps``
     (``steps.layer``): ``(out, h_n)`` or, for LSTM, ``(out, h_n, c_n)``. Differentiable any
     number of times, and under vmap."""
-    ln = None if ln_hw is None else (None, None, ln_hw, ln_hb, ln_cw, ln_cb)
-    v = StepVariants(ln, rmask, zoneout_p, zh, zc)
-    return steps.layer(mode, reverse, batch_sizes, G, h0, c0, w_hh, b_hh, w_hr, v)
+    v = v or native_loop.NativeVariants()
+    ln = None if v.ln_hw is None else (None, None, v.ln_hw, v.ln_hb, v.ln_cw, v.ln_cb)
+    step_variants = StepVariants(ln, v.rmask, v.zoneout_p, v.zh, v.zc)
+    return steps.layer(mode, reverse, batch_sizes, G, h0, c0, w_hh, b_hh, w_hr, step_variants)
 
 
-# Positions of the differentiable inputs of native_layer, in its argument order.
-_DIFF = ("G", "h0", "c0", "w_hh", "b_hh", "w_hr", "ln_hw", "ln_hb", "ln_cw", "ln_cb")
+# The inputs of native_layer that may need a gradient besides the variants' tensors, by name.
+_GRAD_INPUTS = ("G", "h0", "c0", "w_hh", "b_hh", "w_hr")
+# The variants' tensors that are learned (the masks are drawn, not learned).
+_LEARNED = ("ln_hw", "ln_hb", "ln_cw", "ln_cb")
+
+
+class _Inputs(NamedTuple):
+    """native_layer's arguments by name."""
+
+    mode: str
+    reverse: bool
+    batch_sizes: list[int]
+    G: Tensor
+    h0: Tensor
+    c0: Tensor | None
+    w_hh: Tensor
+    b_hh: Tensor | None
+    w_hr: Tensor | None
+    variants: list[Tensor | None]
+    zoneout_p: float | None
+    save: bool
+    threads: int
+    blas: int
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    mode, reverse, batch_sizes, *tensors, rmask, zoneout_p, zh, zc, _save, threads, blas = inputs
+    a = _Inputs(*inputs)
     out, _, _, A, C, GH, Zr, stats, CZ, Rs = output
-    ctx.where = (mode, reverse, tuple(batch_sizes), threads, blas, zoneout_p)
+    ctx.where = (a.mode, a.reverse, tuple(a.batch_sizes), a.threads, a.blas, a.zoneout_p)
+    ctx.needs = {
+        name: t is not None and t.requires_grad
+        for name, t in (
+            *((k, getattr(a, k)) for k in _GRAD_INPUTS),
+            *zip(native_loop.NativeVariants.TENSORS, a.variants, strict=True),
+        )
+    }
     ctx.eager = False
     # The saved outputs never receive a gradient; materialised, each would be a zero-filled
     # (N, G*H) tensor per backward. None reads as zero below.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*tensors, rmask, zh, zc, out, A, C, GH, Zr, stats, CZ, Rs)
+    tensors = [getattr(a, k) for k in _GRAD_INPUTS]
+    ctx.save_for_backward(*tensors, *a.variants, out, A, C, GH, Zr, stats, CZ, Rs)
+
+
+def _reference_grads(ctx, t: dict, v, cotangents) -> dict[str, Tensor]:
+    """Gradients through :func:`reference_layer` (double backward, vmap), by name."""
+    mode, reverse, batch_sizes = ctx.where[:3]
+    wanted = [k for k, need in ctx.needs.items() if need and k in (*_GRAD_INPUTS, *_LEARNED)]
+
+    def f(*diff: Tensor) -> tuple[Tensor, ...]:
+        named = {**t, **v._asdict(), **dict(zip(wanted, diff, strict=True))}
+        layer_v = native_loop.NativeVariants(**{k: named[k] for k in v._fields})
+        core = (named[k] for k in ("G", "h0", "c0", "w_hh", "b_hh", "w_hr"))
+        return reference_layer(mode, reverse, batch_sizes, *core, layer_v)
+
+    source = {**t, **v._asdict()}
+    outputs, vjp = torch.func.vjp(f, *(source[k] for k in wanted))
+    cots = tuple(
+        torch.zeros_like(o) if g is None else g for o, g in zip(outputs, cotangents, strict=False)
+    )
+    return dict(zip(wanted, vjp(cots), strict=True))
+
+
+def _native_grads(ctx, t: dict, v, saved: tuple, d_out, d_hn, d_cn) -> dict[str, Tensor | None]:
+    """Gradients through the native backward walk and the one-GEMM sums over all steps."""
+    mode, reverse, batch_sizes, threads, blas, zoneout_p = ctx.where
+    out, A, C, GH, Zr, stats, CZ, Rs = saved
+    G, h0, c0, w_hh, b_hh = (t[k] for k in ("G", "h0", "c0", "w_hh", "b_hh"))
+    lstm, gru, ln = mode == "LSTM", mode == "GRU", v.layer_norm
+    # The eager path (_EagerLayer) calls the function itself; a traced graph, the operator.
+    backward_op = _native_layer_backward if ctx.eager else native_layer_backward
+    dG, dGH, dh0, dc0, dZ, dCN, dHt = backward_op(
+        # RNN saves no activations: its backward reads none, G stands in for the shape.
+        mode, reverse, list(batch_sizes), A if A.numel() else G, out, _none_if_empty(C),
+        _none_if_empty(GH), _none_if_empty(Zr), _none_if_empty(stats), _none_if_empty(CZ), h0,
+        c0 if lstm else None, w_hh, t["w_hr"], [G.new_empty(0) if u is None else u for u in
+        v.tensors()], zoneout_p, d_out, d_hn, d_cn,
+        threads, blas,
+    )  # fmt: skip
+    grads = {"G": dG, "h0": dh0, "c0": dc0 if lstm else None}
+    dY = dGH if gru else dG  # the gradient at the recurrent side, after its norm
+    if ctx.needs["w_hh"]:
+        prev, batch_row = shared.prev_rows(batch_sizes, reverse, G.device)
+        h_prev = torch.cat((out, h0)).index_select(0, prev)  # (N, H)
+        if v.rmask is not None:
+            h_prev = h_prev * v.rmask.index_select(0, batch_row)
+        grads["w_hh"] = (dZ if ln else dY).t() @ h_prev  # (G*H, H)
+    if gru and b_hh is not None and ctx.needs["b_hh"]:
+        grads["b_hh"] = dGH.sum(0)
+    if t["w_hr"] is not None and ctx.needs["w_hr"]:
+        grads["w_hr"] = dHt.t() @ Rs  # (P, H)
+    if ln:
+        N = G.shape[0]
+        mean, rstd, *cell_stats = stats.view(-1, N, 1).unbind(0)
+        grads["ln_hw"], grads["ln_hb"] = shared.layer_norm_param_grads(
+            dY, Zr, mean, rstd, v.ln_hw
+        )
+        if lstm:
+            grads["ln_cw"], grads["ln_cb"] = shared.layer_norm_param_grads(
+                dCN, C, *cell_stats, v.ln_cw
+            )
+    return grads
 
 
 def _backward(ctx, d_out, d_hn, d_cn, *_saved_outputs):
-    mode, reverse, batch_sizes, threads, blas, zoneout_p = ctx.where
-    *tensors, rmask, zh, zc, out, A, C, GH, Zr, stats, CZ, Rs = ctx.saved_tensors
-    zoneout = (rmask, zoneout_p, zh, zc)
-    t = dict(zip(_DIFF, tensors, strict=True))
-    G, h0, c0, w_hh, b_hh = (t[k] for k in ("G", "h0", "c0", "w_hh", "b_hh"))
-    lstm, gru, ln = mode == "LSTM", mode == "GRU", t["ln_hw"] is not None
-    needs = dict(zip(_DIFF, ctx.needs_input_grad[3 : 3 + len(_DIFF)], strict=True))
-    d_cn = d_cn if lstm else None
-    grads: dict[str, Tensor | None] = dict.fromkeys(_DIFF)
+    mode, zoneout_p = ctx.where[0], ctx.where[5]
+    saved = ctx.saved_tensors
+    k, n = len(_GRAD_INPUTS), len(native_loop.NativeVariants.TENSORS)
+    t = dict(zip(_GRAD_INPUTS, saved[:k], strict=True))
+    v = native_loop.NativeVariants.from_tensors(list(saved[k : k + n]), zoneout_p)
+    d_cn = d_cn if mode == "LSTM" else None
     if shared.needs_reference_backward(d_out, d_hn, d_cn):
-        wanted = [k for k in _DIFF if needs[k] and t[k] is not None]
-
-        def f(*diff: Tensor) -> tuple[Tensor, ...]:
-            args = {**t, **dict(zip(wanted, diff, strict=True))}
-            return reference_layer(mode, reverse, batch_sizes, *args.values(), *zoneout)
-
-        outputs, vjp = torch.func.vjp(f, *(t[k] for k in wanted))
-        cots = tuple(
-            torch.zeros_like(o) if g is None else g
-            for o, g in zip(outputs, (d_out, d_hn, d_cn), strict=False)
-        )
-        grads.update(zip(wanted, vjp(cots), strict=True))
+        grads = _reference_grads(ctx, t, v, (d_out, d_hn, d_cn))
     else:
-        # The eager path (_EagerLayer) calls the function itself; a traced graph, the operator.
-        backward_op = _native_layer_backward if ctx.eager else native_layer_backward
-        dG, dGH, dh0, dc0, dZ, dCN, dHt = backward_op(
-            # RNN saves no activations: its backward reads none, G stands in for the shape.
-            mode, reverse, list(batch_sizes), A if A.numel() else G, out, _none_if_empty(C),
-            _none_if_empty(GH), _none_if_empty(Zr), _none_if_empty(stats), _none_if_empty(CZ), h0,
-            c0 if lstm else None, w_hh, t["w_hr"], t["ln_hw"], t["ln_hb"], t["ln_cw"],
-            t["ln_cb"], *zoneout,
-            d_out, d_hn, d_cn, threads, blas,
-        )  # fmt: skip
-        grads.update(G=dG, h0=dh0, c0=dc0 if lstm else None)
-        dY = dGH if gru else dG  # the gradient at the recurrent side, after its norm
-        if needs["w_hh"]:
-            prev, batch_row = shared.prev_rows(batch_sizes, reverse, G.device)
-            h_prev = torch.cat((out, h0)).index_select(0, prev)  # (N, H)
-            if rmask is not None:
-                h_prev = h_prev * rmask.index_select(0, batch_row)
-            grads["w_hh"] = (dZ if ln else dY).t() @ h_prev  # (G*H, H)
-        if gru and b_hh is not None and needs["b_hh"]:
-            grads["b_hh"] = dGH.sum(0)
-        if t["w_hr"] is not None and needs["w_hr"]:
-            grads["w_hr"] = dHt.t() @ Rs  # (P, H)
-        if ln:
-            N = G.shape[0]
-            mean, rstd = stats.view(-1, N, 1).unbind(0)[:2]
-            grads["ln_hw"], grads["ln_hb"] = shared.layer_norm_param_grads(dY, Zr, mean, rstd, t["ln_hw"])
-            if lstm:
-                mean_c, rstd_c = stats.view(-1, N, 1).unbind(0)[2:]
-                grads["ln_cw"], grads["ln_cb"] = shared.layer_norm_param_grads(
-                    dCN, C, mean_c, rstd_c, t["ln_cw"]
-                )
-    diff = tuple(grads[k] if needs[k] else None for k in _DIFF)
-    return None, None, None, *diff, *([None] * 7)
+        grads = _native_grads(ctx, t, v, saved[k + n :], d_out, d_hn, d_cn)
+    # By name: one gradient per input of native_layer (a list for the variants' list).
+    named = {name: grads.get(name) if need else None for name, need in ctx.needs.items()}
+    core = (named[name] for name in _GRAD_INPUTS)
+    variants = [named[name] for name in native_loop.NativeVariants.TENSORS]
+    return None, None, None, *core, variants, None, None, None, None
 
 
 torch.library.register_autograd("rnnkit::native_layer", _backward, setup_context=_setup_context)
@@ -272,10 +309,12 @@ class _EagerLayer(torch.autograd.Function):
     """:func:`native_layer` with its registered autograd, for eager training without the
     operator's dispatch (about 0.2 ms a call, and a second to import dynamo on first use): the
     same forward, context and backward functions run. Graphs (compile, export) and torch.func
-    transforms use the operator."""
+    transforms use the operator. An autograd.Function tracks only tensors passed as arguments,
+    so the variants' list travels flattened."""
 
     @staticmethod
-    def forward(ctx, *inputs):
+    def forward(ctx, *flat):
+        inputs = _unflatten(flat)
         output = _native_layer(*inputs)
         _setup_context(ctx, inputs, output)
         ctx.eager = True
@@ -283,7 +322,18 @@ class _EagerLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return _backward(ctx, *grads)
+        *head, variants, zoneout_p, save, threads, blas = _backward(ctx, *grads)
+        return (*head, *variants, zoneout_p, save, threads, blas)
+
+
+def _flatten(inputs: tuple) -> tuple:
+    a = _Inputs(*inputs)
+    return (*inputs[:9], *a.variants, *inputs[10:])
+
+
+def _unflatten(flat: tuple) -> tuple:
+    n = len(native_loop.NativeVariants.TENSORS)
+    return (*flat[:9], list(flat[9 : 9 + n]), *flat[9 + n :])
 
 
 def run_layer(
@@ -303,43 +353,38 @@ def run_layer(
     threads: int | None = None,
     blas: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """One layer and direction: ``(out (N, R), h_n, c_n)``, with LSTM's
-    projection ``w_hr`` and the variants of ``variants`` (layer norm, recurrent dropout,
-    zoneout)."""
-    v = variants or StepVariants()
-    ln = tuple(t.contiguous() for t in v.layer_norm) if v.layer_norm is not None else ()
+    """One layer and direction: ``(out (N, R), h_n, c_n)``, with LSTM's projection ``w_hr`` and
+    the variants of ``variants`` (layer norm, recurrent dropout, zoneout)."""
+    ln = variants.layer_norm if variants is not None else None
     bias = None if b_ih is None else (b_ih if mode == "GRU" else b_ih + b_hh)
-    if ln:
+    if ln is not None:
         G = F.layer_norm(x @ w_ih.t(), (w_ih.shape[0],), ln[0], ln[1], LN_EPS)  # (N, G*H)
         G = G if bias is None else G + bias
     else:
         # The bias inside the GEMM: a separate add re-reads all of G (5 ms of 33 at B=64).
         G = x @ w_ih.t() if bias is None else torch.addmm(bias, x, w_ih.t())  # (N, G*H)
+    v = native_loop.NativeVariants.of(mode, variants, x.shape[0])
     # The loop reads plain row-major memory; users may pass any strides (a permuted h0).
     h0, w_hh = h0.contiguous(), w_hh.contiguous()
     w_hr = None if w_hr is None else w_hr.contiguous()
     c0 = None if c0 is None else c0.contiguous()
     gru_bias = b_hh.contiguous() if mode == "GRU" and b_hh is not None else None
-    ln_h = ln[2:4] if ln else (None, None)
-    ln_c = ln[4:6] if ln and mode == "LSTM" else (None, None)
-    rmask = None if v.recurrent_mask is None else v.recurrent_mask.contiguous()
-    # Zoneout's masks laid out like x's rows: padded (T, B, H) -> (T*B, H).
-    masks = (v.zoneout_h_mask, v.zoneout_c_mask if mode == "LSTM" else None)
-    zh, zc = (None if m is None else m.reshape(x.shape[0], -1).contiguous() for m in masks)
-    tensors = (G, h0, c0, w_hh, gru_bias, w_hr, *ln_h, *ln_c)
+    tensors = (G, h0, c0, w_hh, gru_bias, w_hr, *v.tensors())
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if not save and not torch.compiler.is_compiling() and not shared.functorch_active():
+    functorch = shared.functorch_active()
+    if not save and not torch.compiler.is_compiling() and not functorch:
         # Eager inference: no graph to record and no gradient, so the operator's dispatch (about
         # 0.2 ms a call, a tenth of a B=1 layer) buys nothing; the same function runs directly.
-        nv = native_loop.NativeVariants(*ln_h, *ln_c, rmask, v.zoneout_p, zh, zc)
         r = native_loop.forward(mode, reverse, batch_sizes, G, h0, c0, w_hh, gru_bias, False,
-                                w_hr=w_hr, variants=nv, threads=threads, blas=blas)  # fmt: skip
+                                w_hr=w_hr, variants=v, threads=threads, blas=blas)  # fmt: skip
         return r.out, r.h_n, r.c_n
-    blas_arg = -1 if blas is None else int(blas)
-    traced = torch.compiler.is_compiling() or torch.compiler.is_exporting() or shared.functorch_active()
-    layer = native_layer if traced else _EagerLayer.apply
-    out, h_n, c_n, *_ = layer(
-        mode, reverse, list(batch_sizes), G, h0, c0, w_hh, gru_bias, w_hr, *ln_h, *ln_c, rmask,
-        v.zoneout_p, zh, zc, save, threads or 0, blas_arg,
+    inputs = (
+        mode, reverse, list(batch_sizes), G, h0, c0, w_hh, gru_bias, w_hr,
+        [G.new_empty(0) if t is None else t for t in v.tensors()],
+        v.zoneout_p, save, threads or 0, -1 if blas is None else int(blas),
     )  # fmt: skip
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or functorch:
+        out, h_n, c_n, *_ = native_layer(*inputs)
+    else:
+        out, h_n, c_n, *_ = _EagerLayer.apply(*_flatten(inputs))
     return out, h_n, (c_n if mode == "LSTM" else None)
