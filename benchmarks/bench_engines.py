@@ -5,12 +5,19 @@
     .venv/bin/python benchmarks/bench_engines.py --shapes 100x64x256 --modes lstm
     .venv/bin/python benchmarks/bench_engines.py --shapes 100x1x256 100x16x256 100x64x256 \
         --engines fused fused+ln --onnxruntime --repeats 15     # issue 9's targets
+    .venv/bin/python benchmarks/bench_engines.py --dtype bfloat16 --engines auto fused \
+        --shapes 100x16x256 100x64x256 --modes lstm gru         # bfloat16 against float32
 
 Prints a Markdown table: median milliseconds of forward (no grad) and forward+backward, peak memory
 of forward+backward (CUDA only), and each engine's ratio to torch.nn (cuDNN or oneDNN) at the same
 configuration. Timing uses CUDA events on CUDA and perf_counter on the CPU, after warm-up; the
 rows of one configuration run interleaved (a b c a b c ...), medians of --repeats. ``fused+ln``
 is the fused engine with layer_norm=True, compared with torch.nn's plain layer.
+
+With a low-precision ``--dtype`` on the CPU every row is compared with torch.nn in float32 (the
+rows ``torch.nn float32`` and, per engine, ``ENGINE float32`` are added), since bfloat16 is
+there to be faster than float32; torch.nn's own bfloat16 row is printed where its oneDNN kernel
+runs on this CPU, else marked as failing.
 """
 
 import argparse
@@ -153,11 +160,29 @@ def main() -> None:
                 table(mode, T, B, H, dtype, dtype_name, device, args)
 
 
+def _runs(layer, x) -> bool:
+    try:
+        with torch.no_grad():
+            layer(x[:2])
+        return True
+    except RuntimeError:
+        return False
+
+
 def table(mode, T, B, H, dtype, dtype_name, device, args) -> None:
     torch.manual_seed(0)
+    low = device == "cpu" and dtype not in (torch.float32, torch.float64)
     x = torch.randn(T, B, H, device=device, dtype=dtype)
-    ref = TORCH[mode](H, H, device=device, dtype=dtype)
-    layers = {"torch.nn": ref}
+    base = "torch.nn float32" if low else "torch.nn"
+    ref = TORCH[mode](H, H, device=device)
+    layers = {base: ref}
+    if low:
+        ref_low = TORCH[mode](H, H, device=device, dtype=dtype)
+        if _runs(ref_low, x):
+            layers["torch.nn"] = ref_low
+        else:
+            print(f"| {mode} | {T} | {B} | {H} | {dtype_name} | torch.nn | fails on this CPU "
+                  "| | | | |")  # fmt: skip
     for engine in args.engines:
         if engine == "reference" and T > args.reference_max_steps:
             continue
@@ -166,12 +191,15 @@ def table(mode, T, B, H, dtype, dtype_name, device, args) -> None:
             if mode == "rnn":
                 continue
             engine, kwargs = engine[:-3], {"layer_norm": True}
-        layer = OURS[mode](H, H, device=device, dtype=dtype, backend=engine, **kwargs)
-        layer.load_state_dict(ref.state_dict(), strict=not kwargs)
-        layers[engine + ("+ln" if kwargs else "")] = layer
+        name = engine + ("+ln" if kwargs else "")
+        for layer_dtype in (dtype, torch.float32) if low else (dtype,):
+            layer = OURS[mode](H, H, device=device, dtype=layer_dtype, backend=engine, **kwargs)
+            layer.load_state_dict(ref.state_dict(), strict=not kwargs)
+            layers[name if layer_dtype == dtype else f"{name} float32"] = layer
     forwards, trains = {}, {}
     for name, layer in layers.items():
-        forwards[name], trains[name] = steps(layer, x)
+        # Each layer reads the input in its own dtype.
+        forwards[name], trains[name] = steps(layer, x.to(layer.weight_hh_l0.dtype))
     if args.onnxruntime and device == "cpu" and dtype == torch.float32:
         ort_forward = onnxruntime_forward(ref, x)
         if ort_forward is not None:
@@ -182,10 +210,10 @@ def table(mode, T, B, H, dtype, dtype_name, device, args) -> None:
         peak = peak_memory(trains[name]) if device == "cuda" and name in trains else None
         mem = f"{peak:.0f}" if peak is not None else "n/a"
         train = f"{both[name]:.2f}" if name in both else "n/a"
-        ratio = f"{both[name] / both['torch.nn']:.2f}" if name in both else "n/a"
+        ratio = f"{both[name] / both[base]:.2f}" if name in both else "n/a"
         print(
             f"| {mode} | {T} | {B} | {H} | {dtype_name} | {name} | {fwd[name]:.2f} | {train} | "
-            f"{mem} | {fwd[name] / fwd['torch.nn']:.2f} | {ratio} |",
+            f"{mem} | {fwd[name] / fwd[base]:.2f} | {ratio} |",
             flush=True,
         )
 
