@@ -1,17 +1,35 @@
-"""The native time loop (engines/native_loop.py) against the fused engine's FusedLayer, which the
-engine tests hold to the reference: outputs, states and every gradient, on odd shapes."""
+"""The native engine's C time loop (engines/native/) against the reference engine, the spec:
+outputs, states and every gradient, on odd shapes, with every variant and LSTM's projection;
+float64 to 1e-10, float32 within the bound of ``helpers`` (the reference engine's own float32
+error on the same input). The parity tests run on two builds of the loop: this CPU's
+(``-march=native``) and the baseline x86-64 level (AVX2, no AVX-512), whose summation order the
+users on AMD and older Intel CPUs get. Then the loop's own guards, in Python and in C."""
 
-import dataclasses
+import ctypes
 import os
+import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor
+from helpers import FACTOR, FLOOR
+from one_layer import (
+    GATES,
+    MODES,
+    VARIANT_MODES,
+    VARIANTS,
+    assert_matches_reference,
+    make_layer,
+    make_variants,
+)
 
-from rnnkit.engines import fused, native_loop, ops, pointwise, reference
+from rnnkit.engines import reference
+from rnnkit.engines.native import build as native_build
+from rnnkit.engines.native import loop as native_loop
+from rnnkit.engines.native import op
 from rnnkit.engines.spec import StepVariants
 from rnnkit.scan import scan
 
@@ -19,65 +37,29 @@ pytestmark = pytest.mark.skipif(
     not native_loop.available(torch.float64), reason="the native loop could not be built"
 )
 
-GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
-TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
+F64 = torch.float64
+BUILDS = [
+    pytest.param("native", id="native-build"),
+    pytest.param(
+        "baseline",
+        id="baseline-build",
+        marks=pytest.mark.skipif(
+            platform.machine() not in ("x86_64", "AMD64"),
+            reason=f"the baseline build is x86-64's; this is {platform.machine()}",
+        ),
+    ),
+]
 
 
-def make_layer(mode, I, H, B, N, dtype, bias=True, seed=0, P=0):
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return (torch.rand(*shape, generator=gen, dtype=dtype) * 2 - 1).requires_grad_()
-
-    GW, R = GATES[mode] * H, P or H
-    layer = dict(
-        x=rand(N, I),
-        h0=rand(B, R),
-        c0=rand(B, H) if mode == "LSTM" else None,
-        w_ih=rand(GW, I) * 0.5,
-        w_hh=rand(GW, R) * (0.5 / R**0.5),
-        b_ih=rand(GW) if bias else None,
-        b_hh=rand(GW) if bias else None,
-    )
-    if P:
-        layer["w_hr"] = (rand(P, H) * (1 / H**0.5)).detach().requires_grad_()
-    return layer
+@pytest.fixture(params=BUILDS)
+def build(request):
+    """Run the test on the loop built for this CPU, then on the baseline x86-64 build."""
+    with native_loop.use_arch(request.param):
+        if not native_loop.available(F64):
+            pytest.skip(f"the {request.param} build failed: {native_loop.build_error()}")
+        yield request.param
 
 
-def leaves(layer: dict) -> dict[str, Tensor]:
-    return {k: v for k, v in layer.items() if v is not None}
-
-
-def run_both(mode, reverse, batch_sizes, layer, native_opts, kernels=None):
-    """Outputs and all gradients from FusedLayer and from ops.native_layer."""
-    args = [layer[k] for k in ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh")]
-    results = []
-    for name in ("fused", "native"):
-        tensors = [t.detach().requires_grad_() if t is not None else None for t in args]
-        if name == "fused":
-            kern = kernels or fused.pointwise_kernels(tensors[0].device, tensors[0].dtype)
-            # Not native: run_layer's per-step path, FusedLayer.
-            outs = fused.run_layer(mode, reverse, batch_sizes, kern, *tensors, None)
-        else:
-            outs = ops.run_layer(mode, reverse, batch_sizes, *tensors, **native_opts)
-        outs = [o for o in outs if o is not None]
-        gen = torch.Generator().manual_seed(1)
-        loss = sum((o * torch.rand(o.shape, generator=gen, dtype=o.dtype)).sum() for o in outs)
-        loss.backward()
-        grads = [t.grad for t in tensors if t is not None]
-        results.append(([o.detach() for o in outs], grads))
-    return results
-
-
-def assert_same(results, dtype):
-    (outs_f, grads_f), (outs_n, grads_n) = results
-    assert len(outs_f) == len(outs_n) and len(grads_f) == len(grads_n)
-    for a, b in zip(outs_f + grads_f, outs_n + grads_n, strict=True):
-        assert b is not None
-        torch.testing.assert_close(b, a, **TOL[dtype])
-
-
-MODES = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
 SHAPES = {
     "T1-B1-H100": ((1,), 100),
     "T37-B1-H100": ((1,) * 37, 100),
@@ -85,56 +67,49 @@ SHAPES = {
     "packed-ragged-H100": ((3, 3, 2, 2, 2, 1, 1), 100),
     "packed-B9-H33": ((9, 9, 7, 4, 4, 1), 33),
 }
+# Rows below and above BLAS_MIN_ROWS, so that both the own loops and the BLAS run.
+MIXED_ROWS = (16, 16, 12, 5, 5, 5, 3, 1)
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_native_loop_matches_fused_layer(mode, shape, reverse, dtype):
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
+def test_native_loop_matches_reference(build, mode, shape, reverse, dtype):
     batch_sizes, H = SHAPES[shape]
     layer = make_layer(mode, 7, H, batch_sizes[0], sum(batch_sizes), dtype)
-    assert_same(run_both(mode, reverse, batch_sizes, layer, {}), dtype)
+    assert_matches_reference("native", mode, reverse, batch_sizes, layer)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("blas", [False, True], ids=["own-loops", "blas"])
 @pytest.mark.parametrize("threads", [1, 2], ids=["1-thread", "2-threads"])
-def test_native_loop_own_loops_and_blas_agree_with_fused(mode, blas, threads):
-    batch_sizes = (16, 16, 12, 5, 5, 5, 3, 1)  # rows below and above BLAS_MIN_ROWS
-    layer = make_layer(mode, 5, 37, 17, sum(batch_sizes), torch.float64, seed=3)
-    opts = dict(blas=blas, threads=threads)
-    assert_same(run_both(mode, True, batch_sizes, layer, opts), torch.float64)
-    assert_same(run_both(mode, False, batch_sizes, layer, opts), torch.float64)
+def test_native_loop_own_loops_and_blas_match_reference(build, mode, blas, threads):
+    layer = make_layer(mode, 5, 37, 16, sum(MIXED_ROWS), F64, seed=3)
+    for reverse in (False, True):
+        assert_matches_reference("native", mode, reverse, MIXED_ROWS, layer, blas=blas,
+                                 threads=threads)  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("threads", [1, 2], ids=["1-thread", "2-threads"])
-def test_native_loop_float32_packed_gemm_agrees_with_fused(mode, threads):
+def test_native_loop_float32_packed_gemm_matches_reference(build, mode, threads):
     """Float32 with at least BLAS_MIN_ROWS rows packs W_hh once for MKL's packed GEMM (where
     torch's MKL has it); the later steps run fewer rows than it was packed for."""
-    batch_sizes = (16, 16, 12, 5, 5, 5, 3, 1)
-    layer = make_layer(mode, 5, 40, 16, sum(batch_sizes), torch.float32, seed=4)
+    layer = make_layer(mode, 5, 40, 16, sum(MIXED_ROWS), torch.float32, seed=4)
     for reverse in (False, True):
-        results = run_both(mode, reverse, batch_sizes, layer, dict(threads=threads))
-        assert_same(results, torch.float32)
+        assert_matches_reference("native", mode, reverse, MIXED_ROWS, layer, threads=threads)
 
 
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_native_loop_without_bias_matches_fused(mode):
-    layer = make_layer(mode, 4, 20, 3, 12, torch.float64, bias=False)
-    assert_same(run_both(mode, False, (3, 3, 3, 3), layer, {}), torch.float64)
-
-
-def test_native_loop_matches_the_torch_op_twins():
-    """Against FusedLayer running pointwise.py (torch ops), not only the C kernels."""
-    layer = make_layer("GRU", 6, 24, 4, 16, torch.float64)
-    assert_same(run_both("GRU", False, (4,) * 4, layer, {}, pointwise), torch.float64)
+def test_native_loop_without_bias_matches_reference(mode):
+    layer = make_layer(mode, 4, 20, 3, 12, F64, bias=False)
+    assert_matches_reference("native", mode, False, (3, 3, 3, 3), layer)
 
 
 def test_native_loop_inference_saves_nothing_and_gives_the_same_outputs():
     layer = {k: (v.detach() if v is not None else None) for k, v in make_layer(
-        "LSTM", 5, 32, 2, 6, torch.float64).items()}  # fmt: skip
+        "LSTM", 5, 32, 2, 6, F64).items()}  # fmt: skip
     G = layer["x"] @ layer["w_ih"].t() + layer["b_ih"] + layer["b_hh"]
     a = native_loop.forward("LSTM", False, (2, 2, 2), G.clone(), layer["h0"], layer["c0"],
                             layer["w_hh"], None, save=False)  # fmt: skip
@@ -146,18 +121,58 @@ def test_native_loop_inference_saves_nothing_and_gives_the_same_outputs():
 
 
 def test_native_loop_propagates_nan():
-    G = torch.zeros(3, 4 * 8, dtype=torch.float64)
+    G = torch.zeros(3, 4 * 8, dtype=F64)
     G[1, 0] = float("nan")
-    h0, c0, w = torch.zeros(1, 8, dtype=torch.float64), torch.zeros(1, 8, dtype=torch.float64), \
-        torch.full((32, 8), 0.1, dtype=torch.float64)  # fmt: skip
+    h0, c0, w = torch.zeros(1, 8, dtype=F64), torch.zeros(1, 8, dtype=F64), \
+        torch.full((32, 8), 0.1, dtype=F64)  # fmt: skip
     r = native_loop.forward("LSTM", False, (1, 1, 1), G, h0, c0, w, None)
     assert not r.out[0].isnan().any() and r.out[1, 0].isnan() and r.out[2].isnan().all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+def test_native_loop_activations_are_exact_over_the_whole_range(build, dtype):
+    """The loop's own exp (built without -ffast-math) against torch's, from -inf to inf: an
+    LSTM step with W_hh = 0 and zero states computes c = i g and h = o tanh(c) from the gates
+    alone. Element-wise, as there is no reduction to reorder: each value within FACTOR times
+    torch's own error (in the same dtype, against float64) plus FLOOR roundings of the outputs'
+    range (-1, 1). Of that range, not of the value: the loop's tanh(x) = (1 - e^-2x) / (...)
+    cancels near 0, so its error there is a few ulps of 1, not of x (torch's is of x); in a
+    layer, where h and c sit beside values of order 1, that is the same rounding."""
+    values = torch.cat([
+        torch.linspace(-800, 800, 4001, dtype=F64),
+        torch.tensor([0.0, -0.0, 1e-30, -1e-30, float("inf"), float("-inf"), float("nan")],
+                     dtype=F64),
+    ]).to(dtype)  # fmt: skip
+    H = values.numel()
+    G = torch.stack([values, torch.zeros_like(values), values, values]).reshape(1, 4 * H)
+    zeros = torch.zeros(1, H, dtype=dtype)
+    r = native_loop.forward("LSTM", False, (1,), G, zeros, zeros, torch.zeros(4 * H, H,
+                            dtype=dtype), None, save=False)  # fmt: skip
+
+    def spec(v):
+        c = torch.sigmoid(v) * torch.tanh(v)
+        return torch.sigmoid(v) * torch.tanh(c), c
+
+    u = torch.finfo(dtype).eps / 2
+    results = zip(
+        ("h", "c"), (r.out[0], r.c_n[0]), spec(values), spec(values.double()), strict=True
+    )
+    for name, ours, base, exact in results:
+        assert torch.equal(ours.isnan(), exact.isnan()), name
+        ours, base, exact = (t.double().nan_to_num() for t in (ours, base, exact))
+        error = (ours - exact).abs()
+        bound = FACTOR * (base - exact).abs() + FLOOR * u * exact.abs().clamp_min(1)
+        worst = (error - bound).argmax()
+        assert (error <= bound).all(), (
+            f"{name} at {values[worst].item()}: {ours[worst].item()} against "
+            f"{exact[worst].item()}, error {error[worst].item():.3g} > {bound[worst].item():.3g}"
+        )
+
+
 def _good_args():
-    G = torch.zeros(6, 12, dtype=torch.float64)
-    h0 = torch.zeros(2, 4, dtype=torch.float64)
-    return G, h0, torch.zeros(12, 4, dtype=torch.float64)
+    G = torch.zeros(6, 12, dtype=F64)
+    h0 = torch.zeros(2, 4, dtype=F64)
+    return G, h0, torch.zeros(12, 4, dtype=F64)
 
 
 @pytest.mark.parametrize(
@@ -181,16 +196,24 @@ def test_native_loop_rejects_bad_batch_sizes(batch_sizes, message):
     "change, message",
     [
         (dict(G=torch.zeros(6, 12, dtype=torch.float32)), "float64"),
-        (dict(G=torch.zeros(6, 13, dtype=torch.float64)), "columns"),
-        (dict(G=torch.zeros(12, 6, dtype=torch.float64).t()), "contiguous"),
-        (dict(w=torch.zeros(12, 5, dtype=torch.float64)), "w_hh"),
-        (dict(h0=torch.zeros(2, 4, 1, dtype=torch.float64)), "matrices"),
+        (dict(G=torch.zeros(6, 13, dtype=F64)), "columns"),
+        (dict(G=torch.zeros(12, 6, dtype=F64).t()), "contiguous"),
+        (dict(w=torch.zeros(12, 5, dtype=F64)), "w_hh"),
+        (dict(w=torch.zeros(13, 4, dtype=F64)), "w_hh"),
+        (dict(w=torch.zeros(4, 12, dtype=F64).t()), "contiguous"),
+        (dict(h0=torch.zeros(2, 4, 1, dtype=F64)), "matrices"),
+        (dict(h0=torch.zeros(2, 4, dtype=torch.float32)), "h0"),
         (dict(mode="LSTM"), "columns"),
         (dict(mode="lstm"), "mode"),
     ],
-    ids=["dtype", "width", "strided", "w_hh-shape", "h0-3d", "lstm-width", "mode-name"],
-)
+    ids=[
+        "dtype", "width", "strided", "w_hh-shape", "w_hh-rows", "w_hh-strided", "h0-3d",
+        "h0-dtype", "lstm-width", "mode-name",
+    ],
+)  # fmt: skip
 def test_native_loop_rejects_malformed_tensors(change, message):
+    """Every tensor is checked in Python before the C loop trusts its pointers: a wrong dtype,
+    shape or stride is a ValueError naming the tensor, never a read out of bounds."""
     G, h0, w = _good_args()
     args = dict(mode="GRU", G=G, h0=h0, w=w) | change
     with pytest.raises(ValueError, match=message):
@@ -200,63 +223,63 @@ def test_native_loop_rejects_malformed_tensors(change, message):
 
 def test_native_loop_backward_rejects_missing_saved_tensors():
     G, h0, w = _good_args()
-    out = torch.zeros(6, 4, dtype=torch.float64)
+    out = torch.zeros(6, 4, dtype=F64)
     with pytest.raises(ValueError, match="GH"):
         native_loop.backward("GRU", False, (2, 2, 2), G, out, None, None, h0, None, w,
                              None, None, None)  # fmt: skip
     with pytest.raises(ValueError, match="d_out"):
         native_loop.backward("GRU", False, (2, 2, 2), G, out, None, G.clone(), h0, None, w,
-                             torch.zeros(5, 4, dtype=torch.float64), None, None)  # fmt: skip
+                             torch.zeros(5, 4, dtype=F64), None, None)  # fmt: skip
+
+
+def _c_library() -> ctypes.CDLL:
+    assert native_loop.available(F64)
+    return native_loop._library().get()
 
 
 def test_native_loop_c_side_refuses_bad_batch_sizes_without_crashing():
     """The C loop checks the batch sizes again: called past the Python guard, it refuses."""
-    import ctypes
-
     G, h0, w = _good_args()
     bs = torch.tensor([2, 3, 1], dtype=torch.int64)  # increasing, and 3 > B
-    scratch = [torch.zeros(6, 12, dtype=torch.float64) for _ in range(4)]
+    scratch = [torch.zeros(6, 12, dtype=F64) for _ in range(4)]
     offsets = torch.zeros(4, dtype=torch.int64)
     p = [ctypes.c_void_p(t.data_ptr()) for t in (G, w, h0, *scratch)]
     i64 = ctypes.c_int64
-    rc = native_loop._LIBRARY.lib.nl_forward_f64(
+    rc = _c_library().nl_forward_f64(
         i64(1), i64(0), i64(3), ctypes.c_void_p(bs.data_ptr()), i64(6), i64(2), i64(4),
         p[0], None, p[1], None, p[2], p[3], p[4], None, None, None, p[5],
         ctypes.c_void_p(offsets.data_ptr()), i64(1), i64(4), None,
     )  # fmt: skip
     assert rc == -3
-    rc = native_loop._LIBRARY.lib.nl_forward_f64(
+    rc = _c_library().nl_forward_f64(
         i64(7), i64(0), i64(3), ctypes.c_void_p(bs.data_ptr()), i64(6), i64(2), i64(4),
         *([None] * 12), None, i64(1), i64(4), None,
     )  # fmt: skip
     assert rc == -1
 
 
-def test_native_loop_fallback_when_blas_is_absent(tmp_path):
-    """With RNNKIT_NATIVE_BLAS=0 the library loads without torch's BLAS: same numbers."""
+def test_native_loop_fallback_when_blas_is_absent():
+    """With RNNKIT_NATIVE_BLAS=0 the library loads without torch's BLAS: the own loops run
+    every step, plain and with every variant, and still match the reference."""
     here = str(Path(__file__).parent)
     code = "\n".join([
         f"import sys; sys.path.insert(0, {here!r})",
         "import torch",
-        "from rnnkit.engines import native_loop",
-        "from test_native_loop import make_layer, run_both, assert_same",
-        "assert native_loop.available(torch.float32) and not native_loop.blas_available()",
+        "from rnnkit.engines.native import loop",
+        "from one_layer import assert_matches_reference, make_layer, make_variants",
+        "assert loop.available(torch.float32) and not loop.blas_available()",
         "for mode in ('LSTM', 'GRU', 'RNN_TANH'):",
         "    layer = make_layer(mode, 5, 40, 16, 16 * 6, torch.float32)",
-        "    assert_same(run_both(mode, False, (16,) * 6, layer, {}), torch.float32)",
-        "from test_native_loop import make_variants, run_native_and_reference",
-        "from test_native_loop import assert_same_variant",
+        "    assert_matches_reference('native', mode, False, (16,) * 6, layer)",
         "for mode in ('LSTM', 'GRU'):",
         "    layer = make_layer(mode, 5, 40, 16, 16 * 6, torch.float32)",
         "    v = make_variants(mode, 'layer-norm+recurrent-dropout+zoneout', 16, 40,",
         "                      torch.float32, N=16 * 6)",
-        "    r = run_native_and_reference(mode, True, (16,) * 6, layer, v)",
-        "    assert_same_variant(r, torch.float32)",
+        "    assert_matches_reference('native', mode, True, (16,) * 6, layer, v)",
         "layer = make_layer('LSTM', 5, 40, 16, 16 * 6, torch.float32, P=13)",
         "v = make_variants('LSTM', 'layer-norm+recurrent-dropout+zoneout', 16, 40,",
         "                  torch.float32, N=16 * 6, R=13)",
-        "assert_same_variant(run_native_and_reference('LSTM', False, (16,) * 6, layer, v),",
-        "                    torch.float32)",
+        "assert_matches_reference('native', 'LSTM', False, (16,) * 6, layer, v)",
         "print('ok')",
     ])  # fmt: skip
     env = dict(os.environ, RNNKIT_NATIVE_BLAS="0")
@@ -264,17 +287,8 @@ def test_native_loop_fallback_when_blas_is_absent(tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
-# The variants (rnnkit.variants) in the native loop, against the reference engine's steps.
+# The variants (rnnkit.variants) in the native loop.
 
-VARIANT_MODES = ["LSTM", "GRU"]
-VARIANTS = [
-    "layer-norm",
-    "recurrent-dropout",
-    "zoneout",
-    "zoneout-eval",
-    "layer-norm+recurrent-dropout",
-    "layer-norm+recurrent-dropout+zoneout",
-]
 VARIANT_SHAPES = {
     "T1-B1-H100": ((1,), 100),
     "T37-B1-H100": ((1,) * 37, 100),
@@ -283,117 +297,42 @@ VARIANT_SHAPES = {
 }
 
 
-def make_variants(mode, variant, B, H, dtype, seed=0, N=None, R=None):
-    """StepVariants as the layers draw them: layer-norm gains and biases near 1 and 0, a mask
-    of zeros and 1/(1-p), zoneout's 0/1 masks over the N rows (or, in eval, p alone). R: the
-    width of h (a projection's P), H by default."""
-    R = R or H
-    gen = torch.Generator().manual_seed(seed + 100)
-    GW = GATES[mode] * H
-
-    def near(value, n):
-        return (value + 0.3 * torch.randn(n, generator=gen, dtype=dtype)).requires_grad_()
-
-    ln = rmask = None
-    if "layer-norm" in variant:
-        ln = (near(1, GW), near(0, GW), near(1, GW), near(0, GW))
-        ln += (near(1, H), near(0, H)) if mode == "LSTM" else ()
-    if "recurrent-dropout" in variant:
-        rmask = torch.bernoulli(torch.full((B, R), 0.75, dtype=dtype), generator=gen) / 0.75
-    p = zh = zc = None
-    if "zoneout" in variant:
-        p = 0.3
-        if not variant.endswith("eval"):
-            zh = torch.bernoulli(torch.full((N, R), p, dtype=dtype), generator=gen)
-            zc = torch.bernoulli(torch.full((N, H), p, dtype=dtype), generator=gen)
-            zc = zc if mode == "LSTM" else None
-    return StepVariants(ln, rmask, p, zh, zc)
-
-
-def run_native_and_reference(mode, reverse, batch_sizes, layer, v, native_opts=None):
-    """Outputs and the gradients of every leaf (layer-norm tensors too) from ops.run_layer and
-    from the reference engine's steps."""
-    names = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
-    results = []
-    for name in ("reference", "native"):
-        t = {k: layer[k].detach().requires_grad_() if layer.get(k) is not None else None
-             for k in names}  # fmt: skip
-        ln = tuple(p.detach().requires_grad_() for p in v.layer_norm or ())
-        vv = dataclasses.replace(v, layer_norm=ln or None)
-        weights = (t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"])
-        carry = (t["h0"], t["c0"]) if mode == "LSTM" else (t["h0"],)
-        if name == "reference":
-            step = reference.cell_step(mode, (*weights, t["w_hr"]), vv)
-            masks = (vv.zoneout_h_mask, vv.zoneout_c_mask)
-            xs = (t["x"], *(m for m in masks if m is not None)) if masks[0] is not None else t["x"]
-            out, last = scan(step, xs, carry, reverse, batch_sizes)
-            outs = [out, *last]
-        else:
-            opts = native_opts or {}
-            outs = ops.run_layer(mode, reverse, batch_sizes, t["x"], *carry[:1], t["c0"],
-                                 *weights, t["w_hr"], vv, **opts)  # fmt: skip
-            outs = [o for o in outs if o is not None]
-        gen = torch.Generator().manual_seed(1)
-        loss = sum((o * torch.rand(o.shape, generator=gen, dtype=o.dtype)).sum() for o in outs)
-        leaves_ = [x for x in (*t.values(), *ln) if x is not None]
-        grads = torch.autograd.grad(loss, leaves_)
-        results.append(([o.detach() for o in outs], list(grads)))
-    return results
-
-
-# Float32 through two layer norms a step: rounding differs in the norms' sums.
-VARIANT_TOL = {
-    torch.float64: dict(atol=1e-10, rtol=1e-10),
-    torch.float32: dict(atol=1e-4, rtol=1e-4),
-}
-
-
-def assert_same_variant(results, dtype):
-    (outs_r, grads_r), (outs_n, grads_n) = results
-    assert len(outs_r) == len(outs_n) and len(grads_r) == len(grads_n)
-    for a, b in zip(outs_r + grads_r, outs_n + grads_n, strict=True):
-        torch.testing.assert_close(b, a, **VARIANT_TOL[dtype])
-
-
 @pytest.mark.parametrize("mode", VARIANT_MODES)
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("shape", list(VARIANT_SHAPES), ids=list(VARIANT_SHAPES))
+@pytest.mark.parametrize("shape", list(VARIANT_SHAPES))
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_native_loop_variants_match_reference(mode, variant, shape, reverse, dtype):
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
+def test_native_loop_variants_match_reference(build, mode, variant, shape, reverse, dtype):
     batch_sizes, H = VARIANT_SHAPES[shape]
     B = batch_sizes[0]
     layer = make_layer(mode, 7, H, B, sum(batch_sizes), dtype)
     v = make_variants(mode, variant, B, H, dtype, N=sum(batch_sizes))
-    results = run_native_and_reference(mode, reverse, batch_sizes, layer, v)
-    assert_same_variant(results, dtype)
+    assert_matches_reference("native", mode, reverse, batch_sizes, layer, v)
 
 
 @pytest.mark.parametrize("mode", VARIANT_MODES)
 @pytest.mark.parametrize("blas", [False, True], ids=["own-loops", "blas"])
 @pytest.mark.parametrize("threads", [1, 2], ids=["1-thread", "2-threads"])
-def test_native_loop_variants_own_loops_and_blas_match_reference(mode, blas, threads):
-    batch_sizes = (16, 16, 12, 5, 5, 5, 3, 1)  # rows below and above BLAS_MIN_ROWS
-    layer = make_layer(mode, 5, 37, 16, sum(batch_sizes), torch.float64, seed=3)
+def test_native_loop_variants_own_loops_and_blas_match_reference(build, mode, blas, threads):
+    layer = make_layer(mode, 5, 37, 16, sum(MIXED_ROWS), F64, seed=3)
     for variant in ("layer-norm+recurrent-dropout+zoneout", "zoneout-eval"):
-        v = make_variants(mode, variant, 16, 37, torch.float64, seed=3, N=sum(batch_sizes))
-        opts = dict(blas=blas, threads=threads)
+        v = make_variants(mode, variant, 16, 37, F64, seed=3, N=sum(MIXED_ROWS))
         for reverse in (False, True):
-            results = run_native_and_reference(mode, reverse, batch_sizes, layer, v, opts)
-            assert_same_variant(results, torch.float64)
+            assert_matches_reference("native", mode, reverse, MIXED_ROWS, layer, v, blas=blas,
+                                     threads=threads)  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", VARIANT_MODES)
 def test_native_loop_layer_norm_without_bias_matches_reference(mode):
-    layer = make_layer(mode, 4, 20, 3, 12, torch.float64, bias=False)
-    v = make_variants(mode, "layer-norm", 3, 20, torch.float64)
-    assert_same_variant(run_native_and_reference(mode, False, (3,) * 4, layer, v), torch.float64)
+    layer = make_layer(mode, 4, 20, 3, 12, F64, bias=False)
+    v = make_variants(mode, "layer-norm", 3, 20, F64)
+    assert_matches_reference("native", mode, False, (3,) * 4, layer, v)
 
 
 def test_native_loop_layer_norm_inference_saves_nothing_and_gives_the_same_outputs():
     layer = {k: (t.detach() if t is not None else None)
-             for k, t in make_layer("LSTM", 5, 32, 2, 6, torch.float64).items()}  # fmt: skip
-    v = make_variants("LSTM", "layer-norm+recurrent-dropout", 2, 32, torch.float64)
+             for k, t in make_layer("LSTM", 5, 32, 2, 6, F64).items()}  # fmt: skip
+    v = make_variants("LSTM", "layer-norm+recurrent-dropout", 2, 32, F64)
     ln = [t.detach() for t in v.layer_norm]
     nv = native_loop.NativeVariants(*ln[2:], rmask=v.recurrent_mask)
     G = layer["x"] @ layer["w_ih"].t()
@@ -410,18 +349,17 @@ def test_native_loop_layer_norm_inference_saves_nothing_and_gives_the_same_outpu
 @pytest.mark.parametrize("mode, P", [("LSTM", 0), ("GRU", 0), ("LSTM", 4)],
                          ids=["LSTM", "GRU", "LSTM-projected"])  # fmt: skip
 def test_native_loop_variants_double_backward_matches_reference(mode, P):
-    """create_graph=True differentiates ops.reference_layer's steps (torch.func transforms
+    """create_graph=True differentiates op.reference_layer's steps (torch.func transforms
     never reach the operator: engines.plan routes them to the reference engine)."""
     batch_sizes = (3, 2, 2, 1)
-    layer = make_layer(mode, 4, 6, 3, 8, torch.float64, P=P)
-    v = make_variants(mode, "layer-norm+recurrent-dropout+zoneout", 3, 6, torch.float64, N=8,
-                      R=P)  # fmt: skip
+    layer = make_layer(mode, 4, 6, 3, 8, F64, P=P)
+    v = make_variants(mode, "layer-norm+recurrent-dropout+zoneout", 3, 6, F64, N=8, R=P)
     x, h0, c0, w_hr = layer["x"], layer["h0"], layer["c0"], layer.get("w_hr")
     weights = [layer[k] for k in ("w_ih", "w_hh", "b_ih", "b_hh")]
 
     def native(w_hh):
-        out = ops.run_layer(mode, True, batch_sizes, x, h0, c0, weights[0], w_hh, *weights[2:],
-                            w_hr, v)[0]  # fmt: skip
+        out = op.run_layer(mode, True, batch_sizes, x, h0, c0, weights[0], w_hh, *weights[2:],
+                           w_hr, v)[0]  # fmt: skip
         return out.pow(2).sum()
 
     def ref(w_hh):
@@ -441,36 +379,31 @@ def test_native_loop_variants_double_backward_matches_reference(mode, P):
 
 def _ln_args(mode="LSTM", H=4, B=2):
     GW = GATES[mode] * H
-    G = torch.zeros(6, GW, dtype=torch.float64)
-    h0 = torch.zeros(B, H, dtype=torch.float64)
+    G = torch.zeros(6, GW, dtype=F64)
+    h0 = torch.zeros(B, H, dtype=F64)
     c0 = h0.clone() if mode == "LSTM" else None
-    ones = torch.ones(GW, dtype=torch.float64)
+    ones = torch.ones(GW, dtype=F64)
     nv = native_loop.NativeVariants(ones, ones * 0, ones[:H], ones[:H] * 0)
-    return G, h0, c0, torch.zeros(GW, H, dtype=torch.float64), nv
+    return G, h0, c0, torch.zeros(GW, H, dtype=F64), nv
 
 
 @pytest.mark.parametrize(
     "mode, change, message",
     [
-        ("LSTM", dict(ln_hw=torch.ones(15, dtype=torch.float64)), "ln_hw"),
+        ("LSTM", dict(ln_hw=torch.ones(15, dtype=F64)), "ln_hw"),
         ("LSTM", dict(ln_hb=None), "ln_hb"),
         ("LSTM", dict(ln_cw=None), "ln_cw"),
         ("LSTM", dict(ln_cb=torch.ones(4, dtype=torch.float32)), "ln_cb"),
         ("GRU", dict(), "no cell"),
         ("RNN_TANH", dict(), "LSTM and GRU"),
-        ("LSTM", dict(rmask=torch.ones(3, 4, dtype=torch.float64)), "rmask"),
-        ("LSTM", dict(rmask=torch.ones(4, 2, dtype=torch.float64).t()), "contiguous"),
+        ("LSTM", dict(rmask=torch.ones(3, 4, dtype=F64)), "rmask"),
+        ("LSTM", dict(rmask=torch.ones(4, 2, dtype=F64).t()), "contiguous"),
         ("LSTM", dict(zoneout_p=1.5), "zoneout_p"),
-        ("LSTM", dict(zh=torch.ones(6, 4, dtype=torch.float64)), "both masks"),
-        ("LSTM", dict(zh=torch.ones(5, 4, dtype=torch.float64), zc=torch.ones(5, 4)), "zh"),
+        ("LSTM", dict(zh=torch.ones(6, 4, dtype=F64)), "both masks"),
+        ("LSTM", dict(zh=torch.ones(5, 4, dtype=F64), zc=torch.ones(5, 4)), "zh"),
         (
             "GRU",
-            dict(
-                ln_cw=None,
-                ln_cb=None,
-                zh=torch.ones(6, 4, dtype=torch.float64),
-                zc=torch.ones(6, 4),
-            ),
+            dict(ln_cw=None, ln_cb=None, zh=torch.ones(6, 4, dtype=F64), zc=torch.ones(6, 4)),
             "zc",
         ),
         ("RNN_TANH", dict(ln_hw=None, ln_hb=None, zoneout_p=0.5), "zoneout is for"),
@@ -519,11 +452,9 @@ def test_native_loop_c_side_refuses_incomplete_variants_without_crashing():
     """Past the Python guard, the C loop refuses a layer norm without its cell's tensors or
     room for its normed product, one for RNN, a mask without its scratch buffer, and zoneout
     without room for the previous state."""
-    import ctypes
-
     G, h0, c0, w, nv = _ln_args()
     bs = torch.tensor([2, 2, 2], dtype=torch.int64)
-    out, h, c, Z = torch.zeros(6, 4, dtype=torch.float64), h0.clone(), c0.clone(), G.clone()
+    out, h, c, Z = torch.zeros(6, 4, dtype=F64), h0.clone(), c0.clone(), G.clone()
     offsets = torch.zeros(4, dtype=torch.int64)
     p = {
         k: ctypes.c_void_p(t.data_ptr())
@@ -534,7 +465,7 @@ def test_native_loop_c_side_refuses_incomplete_variants_without_crashing():
     def call(mode, zoneout=0, **fields):
         pointers = {k: t.data_ptr() for k, t in fields.items()}
         cv = native_loop._CVariants(eps=1e-5, zoneout_p=0.5, zoneout=zoneout, **pointers)
-        return native_loop._LIBRARY.lib.nl_forward_f64(
+        return _c_library().nl_forward_f64(
             i64(mode), i64(0), i64(3), p["bs"], i64(6), i64(2), i64(4), p["G"], None, p["w"], None,
             p["h0"], p["out"], p["h"], p["c"], None, None, p["Z"], p["off"], i64(1), i64(4),
             ctypes.byref(cv),
@@ -546,7 +477,7 @@ def test_native_loop_c_side_refuses_incomplete_variants_without_crashing():
     assert call(0, zoneout=1) == -5  # no room for the previous h and c
     ln = dict(ln_hw=nv.ln_hw, ln_hb=nv.ln_hb, ln_cw=nv.ln_cw, ln_cb=nv.ln_cb)
     assert call(0, **ln) == -5  # saves nothing and has no room for the normed product
-    assert call(0, **ln, ln_scratch=torch.zeros(2, 16, dtype=torch.float64)) == 0
+    assert call(0, **ln, ln_scratch=torch.zeros(2, 16, dtype=F64)) == 0
 
 
 @pytest.mark.parametrize(
@@ -565,22 +496,25 @@ def test_native_loop_c_side_refuses_incomplete_variants_without_crashing():
         "all-three-projected",
     ],
 )  # fmt: skip
-def test_plan_routes_every_variant_and_projection_to_the_native_loop(mode, options, proj_size):
+def test_plan_routes_every_variant_and_projection_to_the_native_engine(mode, options, proj_size):
     from rnnkit import engines
+    from rnnkit.engines import native
     from rnnkit.engines.spec import LayerSpec
     from rnnkit.variants import Variants
 
     v = Variants(**options)
     spec = LayerSpec(mode, 4, 8, 1, 1, True, 0.0, proj_size)
-    chosen = engines.plan("LSTM", "fused", spec, torch.device("cpu"), torch.float32, batch=2,
-                          per_step=v.per_step)  # fmt: skip
-    assert chosen.native and native_loop.covers(spec)
+    for dtype in (torch.float32, F64, torch.bfloat16):
+        chosen = engines.plan("LSTM", "fused", spec, torch.device("cpu"), dtype, batch=2,
+                              per_step=v.per_step)  # fmt: skip
+        assert chosen.engine is native, chosen.why
+    assert native_loop.covers(spec)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("variant", ["plain", "layer-norm+recurrent-dropout+zoneout"])
 def test_native_loop_eager_inference_equals_the_operator(mode, variant):
-    """Under no_grad ops.run_layer calls the loop without the operator's dispatch and saves
+    """Under no_grad op.run_layer calls the loop without the operator's dispatch and saves
     nothing; the numbers are the operator's, bit for bit."""
     if variant != "plain" and mode not in VARIANT_MODES:
         pytest.skip("the variants are for LSTM and GRU")
@@ -588,9 +522,9 @@ def test_native_loop_eager_inference_equals_the_operator(mode, variant):
     layer = make_layer(mode, 3, 24, 5, sum(batch_sizes), torch.float32)
     v = None if variant == "plain" else make_variants(mode, variant, 5, 24, torch.float32, N=17)
     args = [layer[k] for k in ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh")]
-    with_grad = ops.run_layer(mode, True, batch_sizes, *args, None, v)
+    with_grad = op.run_layer(mode, True, batch_sizes, *args, None, v)
     with torch.no_grad():
-        without = ops.run_layer(mode, True, batch_sizes, *args, None, v)
+        without = op.run_layer(mode, True, batch_sizes, *args, None, v)
     for a, b in zip(with_grad, without, strict=True):
         assert (a is None) == (b is None)
         if a is not None:
@@ -601,11 +535,11 @@ def test_native_loop_eager_inference_equals_the_operator(mode, variant):
 def test_native_loop_gradients_of_one_output_match_reference(output):
     """The other outputs' gradients arrive as None (not zero-filled) and read as zero."""
     batch_sizes = (4, 3, 3, 1)
-    layer = make_layer("LSTM", 3, 10, 4, 11, torch.float64)
-    v = make_variants("LSTM", "layer-norm+recurrent-dropout+zoneout", 4, 10, torch.float64, N=11)
+    layer = make_layer("LSTM", 3, 10, 4, 11, F64)
+    v = make_variants("LSTM", "layer-norm+recurrent-dropout+zoneout", 4, 10, F64, N=11)
     args = [layer[k] for k in ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh")]
     leaves_ = [*args, *v.layer_norm]
-    native = ops.run_layer("LSTM", False, batch_sizes, *args, None, v)[output]
+    native = op.run_layer("LSTM", False, batch_sizes, *args, None, v)[output]
     step = reference.cell_step("LSTM", (*args[3:], None), v)
     xs = (args[0], v.zoneout_h_mask, v.zoneout_c_mask)
     out, last = scan(step, xs, tuple(args[1:3]), False, batch_sizes)
@@ -619,43 +553,88 @@ PROJECTED_VARIANTS = ["plain", "zoneout-eval", "layer-norm+recurrent-dropout+zon
 
 
 @pytest.mark.parametrize("variant", PROJECTED_VARIANTS)
-@pytest.mark.parametrize("shape", list(VARIANT_SHAPES), ids=list(VARIANT_SHAPES))
+@pytest.mark.parametrize("shape", list(VARIANT_SHAPES))
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_native_loop_projected_lstm_matches_reference(variant, shape, reverse, dtype):
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
+def test_native_loop_projected_lstm_matches_reference(build, variant, shape, reverse, dtype):
     """LSTM with proj_size: h = (o tanh(c)) W_hr^T, P < H, alone and with the variants."""
     batch_sizes, H = VARIANT_SHAPES[shape]
     B, N, P = batch_sizes[0], sum(batch_sizes), H // 3
     layer = make_layer("LSTM", 7, H, B, N, dtype, P=P)
     v = StepVariants() if variant == "plain" else make_variants("LSTM", variant, B, H, dtype,
                                                                  N=N, R=P)  # fmt: skip
-    results = run_native_and_reference("LSTM", reverse, batch_sizes, layer, v)
-    assert_same_variant(results, dtype)
+    assert_matches_reference("native", "LSTM", reverse, batch_sizes, layer, v)
 
 
 @pytest.mark.parametrize("blas", [False, True], ids=["own-loops", "blas"])
 @pytest.mark.parametrize("threads", [1, 2], ids=["1-thread", "2-threads"])
-def test_native_loop_projected_own_loops_and_blas_match_reference(blas, threads):
-    batch_sizes = (16, 16, 12, 5, 5, 5, 3, 1)
-    layer = make_layer("LSTM", 5, 37, 16, sum(batch_sizes), torch.float64, seed=5, P=20)
-    v = make_variants("LSTM", "layer-norm+recurrent-dropout+zoneout", 16, 37, torch.float64,
-                      seed=5, N=sum(batch_sizes), R=20)  # fmt: skip
+def test_native_loop_projected_own_loops_and_blas_match_reference(build, blas, threads):
+    layer = make_layer("LSTM", 5, 37, 16, sum(MIXED_ROWS), F64, seed=5, P=20)
+    v = make_variants("LSTM", "layer-norm+recurrent-dropout+zoneout", 16, 37, F64, seed=5,
+                      N=sum(MIXED_ROWS), R=20)  # fmt: skip
     for reverse in (False, True):
-        results = run_native_and_reference("LSTM", reverse, batch_sizes, layer, v,
-                                           dict(blas=blas, threads=threads))  # fmt: skip
-        assert_same_variant(results, torch.float64)
+        assert_matches_reference("native", "LSTM", reverse, MIXED_ROWS, layer, v, blas=blas,
+                                 threads=threads)  # fmt: skip
 
 
 def test_native_loop_rejects_a_malformed_projection():
     G, _, c0, w, _ = _ln_args()  # LSTM, H=4, B=2
-    h0p, wp = torch.zeros(2, 3, dtype=torch.float64), torch.zeros(16, 3, dtype=torch.float64)
+    h0p, wp = torch.zeros(2, 3, dtype=F64), torch.zeros(16, 3, dtype=F64)
     with pytest.raises(ValueError, match="w_hr"):
         native_loop.forward("LSTM", False, (2, 2, 2), G, h0p, c0, wp, None,
-                            w_hr=torch.zeros(3, 5, dtype=torch.float64))  # fmt: skip
+                            w_hr=torch.zeros(3, 5, dtype=F64))  # fmt: skip
     with pytest.raises(ValueError, match="w_hh"):
         native_loop.forward("LSTM", False, (2, 2, 2), G, h0p, c0, w, None,
-                            w_hr=torch.zeros(3, 4, dtype=torch.float64))  # fmt: skip
+                            w_hr=torch.zeros(3, 4, dtype=F64))  # fmt: skip
     with pytest.raises(ValueError, match="for LSTM"):
         native_loop.forward("GRU", False, (2, 2, 2), G[:, :12].contiguous(), h0p, None,
                             wp[:12].contiguous(), None,
-                            w_hr=torch.zeros(3, 4, dtype=torch.float64))  # fmt: skip
+                            w_hr=torch.zeros(3, 4, dtype=F64))  # fmt: skip
+
+
+# The build: one library per CPU and per instruction-set level.
+
+
+def _library_file(arch: str) -> Path:
+    with native_loop.use_arch(arch):
+        if not native_loop.available(F64):
+            pytest.skip(f"the {arch} build failed: {native_loop.build_error()}")
+        return Path(native_loop._library().get()._name)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the baseline build is x86-64's")
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump is not installed")
+def test_baseline_build_has_no_avx512_instructions():
+    """The baseline library is what a CPU without AVX-512 runs: not one instruction of it
+    names a 512-bit register (zmm) or a mask register (k0-k7), while it does use AVX2's
+    256-bit ones (ymm), so the check can see vector code at all."""
+    code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(_library_file("baseline"))],
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "%ymm" in code
+    assert "%zmm" not in code
+    assert not any(f"%k{i}" in code for i in range(8))
+
+
+def test_the_builds_and_cpus_get_libraries_of_their_own(monkeypatch, tmp_path):
+    """The cache key holds the CPU's features (``-march=native`` code must not load on
+    another CPU sharing the cache) and the flags (the baseline and native builds differ)."""
+    cc, source = "cc", native_loop._SOURCE
+    flags = {arch: native_loop._flag_sets(arch)[0] for arch in native_loop.ARCHES}
+    assert "-march=x86-64-v3" in flags["baseline"] and "-march=native" in flags["native"]
+    names = set()
+    for features in ("model name: A\nflags: avx2 avx512f", "model name: B\nflags: avx2"):
+        monkeypatch.setattr(native_build, "cpu_features", lambda f=features: f)
+        for arch_flags in flags.values():
+            names.add(native_build.library_path(source, cc, arch_flags, tmp_path).name)
+    assert len(names) == 4, names
+
+
+def test_use_arch_switches_the_library_in_process_and_back():
+    before = native_loop.ARCH
+    with native_loop.use_arch("baseline"):
+        assert native_loop.ARCH == "baseline"
+        assert native_loop._library() is native_loop._LIBRARIES["baseline"]
+    assert native_loop.ARCH == before
+    with pytest.raises(ValueError, match="arch must be one of"):
+        with native_loop.use_arch("avx9000"):
+            pass

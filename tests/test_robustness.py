@@ -1,6 +1,7 @@
 """What a hostile user found on the layers (issue 8), each case against torch.nn on every engine:
 hand-made PackedSequences, NaN and inf, non-contiguous states, empty batches, constructor types,
-double backward and batched gradients, and the CPU kernels' own guards and fallback."""
+double backward and batched gradients, and the native engine's fallback where its C loop cannot
+be built (the loop's own guards are tests/test_native_loop.py's)."""
 
 import subprocess
 import sys
@@ -14,7 +15,6 @@ from torch.autograd import gradgradcheck
 from torch.nn.utils.rnn import PackedSequence
 
 import rnnkit
-from rnnkit.engines import cpu, native_build, pointwise
 
 ENGINES = ["reference", "fused", "torch", "triton", "auto"]
 F64 = torch.float64
@@ -198,54 +198,10 @@ def test_vmap_over_a_batch_of_sequences_equals_a_loop(backend):
     torch.testing.assert_close(mapped, torch.stack([layer(x)[0] for x in xs]))
 
 
-needs_cpu_kernels = pytest.mark.skipif(
-    not cpu.available(torch.float32), reason="no C compiler for the CPU kernels"
-)
-
-
-@needs_cpu_kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_cpu_activations_are_exact_over_the_whole_range(dtype):
-    """The kernels' own exp (built without -ffast-math) against torch, from -inf to inf."""
-    values = torch.cat(
-        [
-            torch.linspace(-800, 800, 4001, dtype=dtype),
-            torch.tensor([0.0, -0.0, 1e-30, -1e-30, float("inf"), float("-inf"), float("nan")]),
-        ]
-    ).to(dtype)
-    H = values.numel()
-    g = torch.zeros(1, 4 * H, dtype=dtype)
-    g[0, :H], g[0, 2 * H : 3 * H], g[0, 3 * H :] = values, values, values
-    results = []
-    for k in (cpu, pointwise):
-        gg, c = g.clone(), torch.zeros(1, H, dtype=dtype)
-        out = torch.empty(1, H, dtype=dtype)
-        k.lstm_forward(gg, torch.zeros_like(g), c, torch.empty_like(c), None, out)
-        results.append((gg, c, out))
-    for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b, equal_nan=True, atol=1e-7 if dtype == F64 else 2e-7,
-                                   rtol=1e-12 if dtype == F64 else 1e-6)  # fmt: skip
-
-
-@needs_cpu_kernels
-def test_cpu_kernels_refuse_out_of_bounds_matrices():
-    H = 4
-    g, gh = torch.zeros(3, 4 * H), torch.zeros(3, 4 * H)
-    c, c_save, out = torch.zeros(3, H), torch.zeros(3, H), torch.zeros(2, H)  # out: a row short
-    with pytest.raises(RuntimeError, match="at least \\(3, 4\\)"):
-        cpu.lstm_forward(g, gh, c, c_save, None, out)
-    with pytest.raises(RuntimeError, match="at least \\(3, 16\\)"):
-        cpu.lstm_forward(g[:, :5], gh, c, c_save, None, torch.zeros(3, H))
-    with pytest.raises(RuntimeError, match="unit column stride"):
-        cpu.gru_forward(torch.zeros(3, 3 * H), torch.zeros(3, 3 * H), torch.zeros(H, 3).t(),
-                        torch.zeros(3, H))  # fmt: skip
-    with pytest.raises(RuntimeError, match=r"torch\.float32"):
-        cpu.rnn_forward(g, gh, c.double(), torch.zeros(3, H), relu=False)
-
-
-def test_cpu_kernel_build_failure_falls_back_with_one_warning(tmp_path):
-    """A compiler that fails (as one without the C source or a broken toolchain would): the
-    fused engine warns once and runs the torch-op twins, same numbers."""
+def test_native_loop_build_failure_falls_back_to_the_reference_engine_with_one_warning(tmp_path):
+    """A compiler that fails (as a machine without one, or a broken toolchain, would): the
+    CPU's fused and auto layers warn once, naming why, and run the reference engine with the
+    same numbers; naming the native engine is an error that says why."""
     script = textwrap.dedent(
         """
         import warnings
@@ -254,12 +210,21 @@ def test_cpu_kernel_build_failure_falls_back_with_one_warning(tmp_path):
             warnings.simplefilter("always")
             a = rnnkit.GRU(3, 4, backend="fused")
             b = rnnkit.GRU(3, 4, backend="reference")
+            c = rnnkit.LSTM(3, 4, layer_norm=True)
             b.load_state_dict(a.state_dict())
             x = torch.randn(5, 2, 3)
             for _ in range(3):
-                torch.testing.assert_close(a(x)[0], b(x)[0])
-        mine = [w for w in caught if "CPU kernels are unavailable" in str(w.message)]
+                torch.testing.assert_close(a(x)[0], b(x)[0], rtol=0, atol=0)
+                c(x)[0].sum().backward()
+        mine = [w for w in caught if "native time loop is unavailable" in str(w.message)]
         assert len(mine) == 1, [str(w.message) for w in caught]
+        assert "reference engine runs instead" in str(mine[0].message)
+        try:
+            rnnkit.GRU(3, 4, backend="native")(x)
+        except ValueError as e:
+            assert "backend='native' cannot run" in str(e), e
+        else:
+            raise AssertionError("backend='native' ran without its C loop")
         print(mine[0].message)
         """
     )
@@ -269,14 +234,6 @@ def test_cpu_kernel_build_failure_falls_back_with_one_warning(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "false failed" in result.stdout
-
-
-def test_cpu_kernel_cache_is_keyed_by_the_cpu(monkeypatch, tmp_path):
-    names = []
-    for features in ("model name: A\nflags: avx2", "model name: B\nflags: sse2"):
-        monkeypatch.setattr(native_build, "cpu_features", lambda f=features: f)
-        names.append(cpu.library_path("cc", tmp_path).name)
-    assert names[0] != names[1]
 
 
 @pytest.mark.parametrize("build", [rnnkit.LSTM, rnnkit.LSTMCell])

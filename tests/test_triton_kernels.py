@@ -1,5 +1,8 @@
-"""The Triton kernels equal their torch-op twins in ``engines/pointwise.py``: each kernel on its
-own, and the whole fused layer (outputs, final states and every gradient) run with either set.
+"""The Triton kernels equal their torch-op twins in ``engines/triton/twins.py``: each kernel on
+its own, and the triton engine's whole layer (outputs, final states and every gradient) run with
+either set. float64 to 1e-10; float32 within the bound of ``helpers`` (the twin in float32 as the
+base, the twin in float64 on the same inputs as the exact result); bfloat16 and float16 within a
+few roundings of their own.
 
 Without CUDA the kernels run through Triton's interpreter on tiny shapes; with CUDA the same tests
 run on the GPU at real shapes, plus bfloat16.
@@ -20,10 +23,12 @@ if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from rnnkit.engines import pointwise  # noqa: E402
-from rnnkit.engines import triton_kernels as tk  # noqa: E402
-from rnnkit.engines.fused import run_layer as fused_layer  # noqa: E402
+from helpers import assert_float32_as_accurate  # noqa: E402
+
+from rnnkit.engines import triton as triton_engine  # noqa: E402
 from rnnkit.engines.spec import LN_EPS  # noqa: E402
+from rnnkit.engines.triton import kernels as tk  # noqa: E402
+from rnnkit.engines.triton import twins  # noqa: E402
 
 # A kernel that fails falls back to its twin with a warning: here that is an error, or the
 # parity tests would compare the twin with itself.
@@ -39,7 +44,6 @@ KERNEL_SHAPES = [(1, 1), (3, 5), (3, 33)] + ([(64, 256), (37, 1000)] if CUDA els
 LAYER_SHAPE = (20, 64, 48, 256, 96) if CUDA else (4, 3, 2, 5, 3)
 TOL = {
     torch.float64: {"atol": 1e-10, "rtol": 1e-10},
-    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
     # One rounding to 8 (11) mantissa bits here against one per torch op in the twin.
     torch.bfloat16: {"atol": 5e-2, "rtol": 5e-2},
     torch.float16: {"atol": 5e-3, "rtol": 5e-3},
@@ -48,6 +52,30 @@ TOL = {
 
 def _dtype_id(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _as(tensors, dtype):
+    """Copies of ``tensors`` (None stays None) in ``dtype``, leaves again if they were."""
+    return [
+        None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad) for t in tensors
+    ]
+
+
+def assert_agree(got, want, exact, dtype, tol=None) -> None:
+    """The kernels' results ``got`` equal the twins' ``want``: float32 within the bound of
+    ``helpers`` (``exact``: the twins' float64 results on the same inputs), other dtypes
+    element-wise to ``tol`` (TOL by default)."""
+    got, want = [t for t in got if t is not None], [t for t in want if t is not None]
+    if dtype == torch.float32:
+        assert_float32_as_accurate(got, want, [t for t in exact if t is not None])
+        return
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **(tol or TOL)[dtype])
+
+
+def fused_layer(mode, reverse, batch_sizes, kernels, *tensors):
+    """One layer of the triton engine on ``kernels`` (Triton's, or the torch-op twins)."""
+    return triton_engine.run_layer(mode, reverse, batch_sizes, *tensors, module=kernels)
 
 
 # name -> (function, width of each tensor argument in units of H (None: the argument is None),
@@ -87,14 +115,16 @@ def test_kernel_matches_pointwise(name, bs, H, dtype, strided):
     args = [_kernel_arg(w, bs, H, gen).to(DEVICE, dtype) if w is not None else None
             for w in widths]  # fmt: skip
     ours = [None if a is None else _copy(a, strided) for a in args]
+    exact = _as(args, torch.float64)
     args = [None if a is None else _copy(a, strided) for a in args]
-    getattr(pointwise, fn)(*args, *extra)
+    getattr(twins, fn)(*args, *extra)
     getattr(tk, fn)(*ours, *extra)
-    for want, got in zip(args, ours, strict=True):
-        if want is not None:
-            torch.testing.assert_close(got, want, **TOL[dtype])
-            if strided:
-                assert got.as_strided((bs, 2), (got.stride(0), 1), got.shape[1]).isnan().all()
+    if dtype == torch.float32:
+        getattr(twins, fn)(*exact, *extra)
+    assert_agree(ours, args, exact, dtype)
+    for got in ours:
+        if strided and got is not None:
+            assert got.as_strided((bs, 2), (got.stride(0), 1), got.shape[1]).isnan().all()
 
 
 def _kernel_arg(width: int, bs: int, H: int, gen: torch.Generator) -> torch.Tensor:
@@ -182,15 +212,17 @@ def test_fused_layer_with_triton_kernels_matches_pointwise(mode_id, reverse, lay
     leaves = _layer_inputs(mode_id, batch_sizes, bias, dtype)
     if dtype == torch.bfloat16:
         # bfloat16 GEMMs and states drift over T steps: hold the kernels to the float32 twin.
-        want = _run_layer(pointwise, mode_id, reverse, batch_sizes, _as_float32(leaves))
+        want = _run_layer(twins, mode_id, reverse, batch_sizes, _as_float32(leaves))
         got = _run_layer(tk, mode_id, reverse, batch_sizes, leaves)
         for w, g in zip(want[0] + want[1], got[0] + got[1], strict=True):
             assert (g.float() - w).norm() <= 3e-2 * w.norm()
         return
-    want = _run_layer(pointwise, mode_id, reverse, batch_sizes, leaves)
+    want = _run_layer(twins, mode_id, reverse, batch_sizes, leaves)
     got = _run_layer(tk, mode_id, reverse, batch_sizes, leaves)
-    for w, g in zip(want[0] + want[1], got[0] + got[1], strict=True):
-        torch.testing.assert_close(g, w, **TOL[dtype])
+    exact = ([], [])
+    if dtype == torch.float32:
+        exact = _run_layer(twins, mode_id, reverse, batch_sizes, _as(leaves, torch.float64))
+    assert_agree(got[0] + got[1], want[0] + want[1], exact[0] + exact[1], dtype)
 
 
 def _as_float32(leaves):
@@ -241,15 +273,16 @@ def test_persistent_lstm_forward_matches_fused_layer(case, dtype):
     got = tk.lstm_persistent_forward(G, w_hh, h0, c0, batch_sizes, reverse)
     if dtype == torch.bfloat16:
         ref = [t.float() for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
-        want = fused_layer("LSTM", reverse, batch_sizes, pointwise, *ref, None)
+        want = fused_layer("LSTM", reverse, batch_sizes, twins, *ref, None)
         for w, g in zip(want, got, strict=True):
             assert (g.float() - w).norm() <= 3e-2 * w.norm()
         return
-    want = fused_layer(
-        "LSTM", reverse, batch_sizes, pointwise, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None
-    )
-    for w, g in zip(want, got, strict=True):
-        torch.testing.assert_close(g, w, **TOL[dtype])
+    tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    want = fused_layer("LSTM", reverse, batch_sizes, twins, *tensors, None)
+    exact = ()
+    if dtype == torch.float32:
+        exact = fused_layer("LSTM", reverse, batch_sizes, twins, *_as(tensors, torch.float64), None)
+    assert_agree(got, want, exact, dtype)
 
 
 def test_persistent_lstm_forward_rejects_large_hidden_size():
@@ -285,22 +318,24 @@ def test_layer_norm_lstm_kernels_match_pointwise(bs, H, dtype, strided):
     fwd = [rand(bs, 4 * H), rand(bs, 4 * H), rand(4 * H) + 1, rand(4 * H), rand(bs, 1),
            rand(bs, 1), rand(bs, H), rand(bs, H), rand(bs, H), rand(bs, 1), rand(bs, 1),
            rand(H) + 1, rand(H), rand(bs, H)]  # fmt: skip
-    want, got = [copy(t) for t in fwd], [copy(t) for t in fwd]
+    want, got, exact = [copy(t) for t in fwd], [copy(t) for t in fwd], _as(fwd, torch.float64)
     c_prev = fwd[6]
-    pointwise.ln_lstm_forward(*want, LN_EPS)
+    twins.ln_lstm_forward(*want, LN_EPS)
     tk.ln_lstm_forward(*got, LN_EPS)
-    for w, g in zip(want, got, strict=True):
-        torch.testing.assert_close(g, w, **LN_TOL[dtype])
+    if dtype == torch.float32:
+        twins.ln_lstm_forward(*exact, LN_EPS)
+    assert_agree(got, want, exact, dtype, LN_TOL)
     # Backward from the twin's saved tensors: g, c, c_prev, cn, mu_c, rs_c, ln_cw, z, mu_h,
     # rs_h, ln_hw, then dh, dc in/out, and the outputs dg, dcn, dz.
     g, z, hw, _, mu_h, rs_h, c, _, cn, mu_c, rs_c, cw, _, _ = want
     saved = [g, c, c_prev, cn, mu_c, rs_c, cw, z, mu_h, rs_h, hw]
     grads = [rand(bs, H), rand(bs, H), rand(bs, 4 * H), rand(bs, H), rand(bs, 4 * H)]
-    want, got = [copy(t) for t in grads], [copy(t) for t in grads]
-    pointwise.ln_lstm_backward(*saved, *want)
+    want, got, exact = [copy(t) for t in grads], [copy(t) for t in grads], _as(grads, torch.float64)
+    twins.ln_lstm_backward(*saved, *want)
     tk.ln_lstm_backward(*saved, *got)
-    for w, g in zip(want, got, strict=True):
-        torch.testing.assert_close(g, w, **LN_TOL[dtype])
+    if dtype == torch.float32:
+        twins.ln_lstm_backward(*_as(saved, torch.float64), *exact)
+    assert_agree(got, want, exact, dtype, LN_TOL)
 
 
 # (bs, width): odd batches; 3 columns, and 300 (the GRU's 3H at H=100) for rows longer than one
@@ -322,18 +357,20 @@ def test_row_layer_norm_kernels_match_pointwise(bs, W, dtype, strided):
 
     # Rows off centre, so that the mean matters.
     x, weight, bias = rand(bs, W, shift=0.5), rand(W, shift=1.0), rand(W)
-    want = pointwise.layer_norm(x, weight, bias)
+    want = twins.layer_norm(x, weight, bias)
     got = tk.layer_norm(x, weight, bias)
+    exact = twins.layer_norm(*_as((x, weight, bias), torch.float64))
     for w, g in zip(want, got, strict=True):
         assert (g.shape, g.dtype) == (w.shape, w.dtype)
-        torch.testing.assert_close(g, w, **LN_TOL[dtype])
+    assert_agree(got, want, exact, dtype, LN_TOL)
     # The input gradient from the twin's statistics, as the fused engine saves them.
     _, mean, rstd = want
     dy = rand(bs, W)
-    want = pointwise.layer_norm_input_grad(dy, x, mean, rstd, weight)
+    want = twins.layer_norm_input_grad(dy, x, mean, rstd, weight)
     got = tk.layer_norm_input_grad(dy, x, mean, rstd, weight)
     assert (got.shape, got.dtype) == (want.shape, want.dtype)
-    torch.testing.assert_close(got, want, **LN_TOL[dtype])
+    exact = twins.layer_norm_input_grad(*_as((dy, x, mean, rstd, weight), torch.float64))
+    assert_agree([got], [want], [exact], dtype, LN_TOL)
 
 
 def _count_calls(monkeypatch, module, name: str) -> list:
@@ -383,7 +420,7 @@ def test_layer_with_variants_on_triton_kernels_matches_reference(
                 # all steps stays a torch op), and their input gradients never on the twin.
                 forward = _count_calls(patch, tk, "layer_norm")
                 backward = _count_calls(patch, tk, "layer_norm_input_grad")
-                patch.setattr(pointwise, "layer_norm_input_grad", _refuse)
+                patch.setattr(twins, "layer_norm_input_grad", _refuse)
             out, _ = layer(x)
             grads = torch.autograd.grad(out.sum(), [x, *layer.parameters()])
         results.append([out, *grads])
@@ -413,7 +450,7 @@ def test_kernel_that_fails_to_compile_falls_back_to_twin_with_one_warning(monkey
     leaves = _layer_inputs("lstm", batch_sizes, True, torch.float64)
     with pytest.warns(RuntimeWarning, match="lstm_fwd_kernel cannot run.*simulated failure"):
         got = _run_layer(tk, "lstm", False, batch_sizes, leaves)
-    want = _run_layer(pointwise, "lstm", False, batch_sizes, leaves)
+    want = _run_layer(twins, "lstm", False, batch_sizes, leaves)
     for w, g in zip(want[0] + want[1], got[0] + got[1], strict=True):
         torch.testing.assert_close(g, w, **TOL[torch.float64])
     with warnings.catch_warnings():
@@ -436,7 +473,7 @@ def test_persistent_kernel_that_fails_falls_back_to_twin(monkeypatch):
         got = tk.lstm_persistent_forward(G, w_hh, h0, c0, batch_sizes, True)
     # The fused layer with w_ih the identity takes G itself as the input projection.
     want = fused_layer(
-        "LSTM", True, batch_sizes, pointwise, G, h0, c0,
+        "LSTM", True, batch_sizes, twins, G, h0, c0,
         torch.eye(4 * H, dtype=torch.float64, device=DEVICE), w_hh, None, None, None,
     )  # fmt: skip
     for w, g in zip(want, got, strict=True):
@@ -453,6 +490,6 @@ def test_row_layer_norm_kernel_that_fails_falls_back_to_twin(monkeypatch):
     )
     with pytest.warns(RuntimeWarning, match="layer_norm_fwd_kernel cannot run"):
         got = tk.layer_norm(x, weight, bias)
-    for w, g in zip(pointwise.layer_norm(x, weight, bias), got, strict=True):
+    for w, g in zip(twins.layer_norm(x, weight, bias), got, strict=True):
         torch.testing.assert_close(g, w, **TOL[torch.float64])
     assert "layer_norm" in tk._FAILED
