@@ -8,6 +8,11 @@ Norm-wise that is at most 2^-9 of the reference's norm; the tests allow 2^-8.
 """
 
 import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,7 +40,7 @@ needs_native = pytest.mark.skipif(
 def _cases():
     for mode in LAYERS:
         for name, options in VARIANTS.items():
-            if mode != "LSTM" and name == "projection" or mode == "RNN" and name != "plain":
+            if (mode != "LSTM" and name == "projection") or (mode == "RNN" and name != "plain"):
                 continue
             yield pytest.param(mode, options, id=f"{mode}-{name}")
 
@@ -98,7 +103,7 @@ def test_autocast_bfloat16_training_runs_native_and_matches_float64():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         chosen = engines.plan("LSTM", "auto", layer._spec(), x.device, x.dtype, batch=4,
                               needs_grad=True)  # fmt: skip
-        out, (h, c) = layer(x)
+        out, (_h, _c) = layer(x)
     assert chosen.engine is native, chosen.why
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
@@ -169,7 +174,7 @@ class _Model(nn.Module):
 PICKLED = {
     "LSTM": lambda: rnnkit.LSTM(4, 6, num_layers=2),
     "LSTM-variants": lambda: rnnkit.LSTM(4, 6, layer_norm=True, zoneout=0.1,
-                                         recurrent_dropout=0.2, forget_bias=1.0),  # fmt: skip
+                                         recurrent_dropout=0.2, forget_bias=1.0),
     "LSTM-projection": lambda: rnnkit.LSTM(4, 6, proj_size=3, bidirectional=True),
     "GRU": lambda: rnnkit.GRU(4, 6, backend="reference"),
     "GRU-variants": lambda: rnnkit.GRU(4, 6, layer_norm=True, weight_drop=0.1, learn_init=True),
@@ -196,3 +201,35 @@ def test_whole_model_loads_with_only_the_public_classes_in_safe_globals(name):
     assert loaded.layer.extra_repr() == layer.extra_repr()
     x = torch.randn(5, 3, 4) if "Cell" not in name else torch.randn(3, 4)
     torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+
+
+DATA = Path(rnnkit.__file__).parent / "data"
+TASKS = {
+    # The digits task's default LSTM, on the baseline x86-64 build (AVX2, the AMD users' path).
+    "digits-baseline": (["digits", "--hidden-size", "32"], {"RNNKIT_NATIVE_ARCH": "baseline"}),
+    # The tagger's spelling encoder and packed bidirectional LSTM, on the bundled sample.
+    "tagger": (
+        ["tagger", *(f"--{part}={DATA / f'pos-sample-{part}.conllu'}"
+                     for part in ("train", "dev", "test"))],
+        {},
+    ),
+}
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_cli_trains_every_default_path_in_bfloat16(task, tmp_path):
+    args, env = TASKS[task]
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "rnnkit", "train", *args, "--precision", "bf16", "--epochs", "1",
+         "--threads", "1", "--quiet", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((out / "config.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert config["options"]["precision"] == "bf16"
+    assert 0 <= summary["test_accuracy"] <= 1

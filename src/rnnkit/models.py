@@ -409,9 +409,12 @@ class Tagger(nn.Module):
                 if lengths is not None
                 else torch.ones(B, T, dtype=torch.bool, device=words.device)
             )
-            spelling = self.embedding.weight.new_zeros(B, T, self.chars.output_size)
-            spelling[real] = self.chars(chars[real])  # (B, T, 2 * Hc)
-            x = torch.cat([self.embedding(words), spelling], -1)  # (B, T, E + 2 * Hc)
+            spelled = self.chars(chars[real])  # (real words, 2 * Hc)
+            # In the spelling encoder's dtype: bfloat16 under autocast.
+            spelling = spelled.new_zeros(B, T, self.chars.output_size)
+            spelling[real] = spelled  # (B, T, 2 * Hc)
+            embedded = self.embedding(words).to(spelled.dtype)  # (B, T, E)
+            x = torch.cat([embedded, spelling], -1)  # (B, T, E + 2 * Hc)
         output, _ = _run_encoder(self.encoder, self.drop(x), lengths)  # (B, T, D * H)
         return self.fc(self.drop(output))  # (B, T, num_tags)
 
