@@ -10,7 +10,7 @@ Runs on a machine with a CUDA GPU, from the repository root, and writes under OU
 
   env.txt                  GPU, driver, torch, Triton and rnnkit versions
   aot.log                  the ahead-of-time compile of every Triton kernel for this GPU's
-                           compute capability (python -m rnnkit.engines.triton_aot)
+                           compute capability (tools/triton_aot.py)
   tests.log                the GPU tests: tests/test_triton_kernels.py on CUDA runs every kernel
                            and the fused layer at real shapes (B=64, H=256 and H=1000) in
                            float32, float64 and bfloat16 against the torch-op twins
@@ -91,7 +91,7 @@ PY
 } >"$OUT/env.txt" 2>&1
 
 CC=$("$PYTHON" -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))")
-step aot aot.log "$PYTHON" -m rnnkit.engines.triton_aot --targets "$CC" --full -v
+step aot aot.log "$PYTHON" tools/triton_aot.py --targets "$CC" --full -v
 if [[ $ALL_TESTS -eq 1 ]]; then
     step tests tests.log "$PYTHON" -m pytest -q -rs tests
 else
