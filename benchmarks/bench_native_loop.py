@@ -1,4 +1,4 @@
-"""The native time loop (engines/native_loop.py) against torch.nn and the fused engine, one layer.
+"""The native time loop (engines/native/) against torch.nn and the fused engine, one layer.
 
     .venv/bin/python benchmarks/bench_native_loop.py
     .venv/bin/python benchmarks/bench_native_loop.py --modes lstm --batches 1 --repeats 21
@@ -6,7 +6,7 @@
 
 Prints a Markdown table: median milliseconds of forward (no grad) and forward+backward for
 torch.nn (oneDNN), rnnkit's fused engine (backend="fused") and the native loop (the same layer's
-weights through ``ops.run_layer``), and each one's ratio to torch.nn. The three run
+weights through ``native.op.run_layer``), and each one's ratio to torch.nn. The three run
 interleaved, repeat by repeat, so that a machine shared with other work slows all alike. With
 ``--layer-norm`` the fused and native columns run the layer-norm variant (issue 9's target
 compares it with torch.nn's plain layer).
@@ -19,7 +19,8 @@ import time
 import torch
 
 import rnnkit
-from rnnkit.engines import native_loop, ops
+from rnnkit.engines.native import loop as native_loop
+from rnnkit.engines.native import op as ops
 from rnnkit.engines.spec import StepVariants
 
 TORCH = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}

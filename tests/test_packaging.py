@@ -10,7 +10,9 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -78,10 +80,12 @@ def test_sdist_holds_the_whole_project(dist):
         ".ci/run",
         "tests/conftest.py",
         "tests/helpers.py",
-        "src/rnnkit/engines/cpu_kernels.c",
+        "src/rnnkit/engines/native/loop.c",
+        "src/rnnkit/engines/native/native_math.h",
+        "tools/triton_aot.py",
         "src/rnnkit/data/digits.csv.gz",
     }
-    for folder in ("src/rnnkit", "tests", "benchmarks", "scripts"):
+    for folder in ("src/rnnkit", "tests", "benchmarks", "scripts", "tools"):
         wanted |= _files(folder)
     assert not wanted - names, f"missing from the sdist: {sorted(wanted - names)}"
 
@@ -93,15 +97,28 @@ def test_wheel_holds_every_file_the_package_reads_and_the_licence(dist, where):
         (info,) = {n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA")}
         metadata = wheel.read(f"{info}/METADATA").decode()
     package = {n.removeprefix("src/") for n in _files("src/rnnkit")}
-    assert "rnnkit/engines/cpu_kernels.c" in package
+    assert {"rnnkit/engines/native/loop.c", "rnnkit/engines/native/native_math.h"} <= package
     assert {"rnnkit/data/digits.csv.gz", "rnnkit/data/taylor.csv"} <= package
     wanted = package | {f"{info}/licenses/LICENSE"}
     assert not wanted - names, f"missing from the wheel: {sorted(wanted - names)}"
+    # The CI tools (the AOT compile check) and the tests are not part of the runtime package.
+    assert not [n for n in names if n.startswith(("tools/", "tests/")) or "triton_aot" in n]
     assert "License-Expression: MIT" in metadata.splitlines()
 
 
-def test_wheel_installed_in_a_fresh_venv_passes_the_smoke_test(dist, tmp_path):
-    venv, work = tmp_path / "venv", tmp_path / "work"
+class Installed(NamedTuple):
+    python: Path  # the fresh venv's python
+    work: Path  # a folder outside the checkout
+    bare: subprocess.CompletedProcess  # `rnnkit train digits` before the train extra
+
+
+@pytest.fixture(scope="module")
+def installed(dist, tmp_path_factory) -> Iterator[Installed]:
+    """A fresh venv outside the checkout with the wheel installed, made once for every check
+    of this module: first without the train extra (``bare`` records what ``rnnkit train`` says
+    then), then with it."""
+    tmp = tmp_path_factory.mktemp("installed")
+    venv, work = tmp / "venv", tmp / "work"
     work.mkdir()
     python = venv / "bin" / "python"
     try:
@@ -112,7 +129,6 @@ def test_wheel_installed_in_a_fresh_venv_passes_the_smoke_test(dist, tmp_path):
         _run([*pip, "torch==2.13.0"], 600)
         wheel = str(_only(dist, "rnnkit-*.whl"))
         _run([*pip, wheel], 600)
-        # Without the train extra: the layers work, and training names the extra it needs.
         bare = subprocess.run(
             [str(venv / "bin" / "rnnkit"), "train", "digits"],
             cwd=work,
@@ -121,17 +137,27 @@ def test_wheel_installed_in_a_fresh_venv_passes_the_smoke_test(dist, tmp_path):
             timeout=300,
             env=_env(),
         )
-        assert bare.returncode == 2 and "pip install 'rnnkit[train]'" in bare.stderr, bare.stderr
         _run([*pip, f"{wheel}[train]"], 600)
-        # Run from a copy, in a folder outside the checkout, so that nothing of src/ is on
-        # sys.path; with an empty kernel cache, so that the installed C source is built.
-        script = shutil.copy(ROOT / "scripts" / "wheel_smoke.py", work)
-        env = {**_env(), "RNNKIT_CACHE": str(tmp_path / "kernel-cache")}
-        cmd = [str(python), str(script), str(work)]
-        done = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=900, env=env)
+        yield Installed(python, work, bare)
     finally:
         # The venv is about 1 GB; pytest keeps the last three runs' temporary folders.
         shutil.rmtree(venv, ignore_errors=True)
+
+
+def test_wheel_without_the_train_extra_names_the_extra_it_needs(installed):
+    bare = installed.bare
+    assert bare.returncode == 2 and "pip install 'rnnkit[train]'" in bare.stderr, bare.stderr
+
+
+def test_wheel_installed_in_a_fresh_venv_passes_the_smoke_test(installed):
+    # Run from a copy, in a folder outside the checkout, so that nothing of src/ is on
+    # sys.path; with an empty kernel cache, so that the installed C source is built.
+    script = shutil.copy(ROOT / "scripts" / "wheel_smoke.py", installed.work)
+    env = {**_env(), "RNNKIT_CACHE": str(installed.work / "kernel-cache")}
+    cmd = [str(installed.python), str(script), str(installed.work)]
+    done = subprocess.run(
+        cmd, cwd=installed.work, capture_output=True, text=True, timeout=900, env=env
+    )
     print(done.stdout)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "wheel smoke test passed" in done.stdout

@@ -177,7 +177,7 @@ def test_a_read_only_parent_folder_is_refused_before_the_data_is_read(tmp_path, 
 def test_backend_triton_without_gpu_or_interpreter_is_refused_before_the_run_folder(
     tmp_path, capsys, monkeypatch
 ):
-    from rnnkit.engines import triton_kernels
+    from rnnkit.engines.triton import kernels as triton_kernels
 
     # As if TRITON_INTERPRET had not been set when the kernels were imported.
     monkeypatch.setattr(triton_kernels, "_INTERPRET", False)

@@ -2,9 +2,9 @@
 installed Triton knows it), with the signatures its launchers use, and fits the target.
 
 CI has no GPU and runs the kernels through Triton's interpreter, which accepts code that the real
-compiler rejects or crashes on. ``python -m rnnkit.engines.triton_aot`` compiles them ahead of
-time down to cubin with the ptxas that Triton bundles, in forked children so that a compiler
-abort is reported instead of taking the run down; see that module.
+compiler rejects or crashes on. ``python tools/triton_aot.py`` (a CI tool, not part of the
+package) compiles them ahead of time down to cubin with the ptxas that Triton bundles, in forked
+children so that a compiler abort is reported instead of taking the run down; see that tool.
 """
 
 import importlib.util
@@ -20,14 +20,15 @@ pytest.importorskip("triton")
 if importlib.util.find_spec("triton.backends.nvidia") is None:
     pytest.skip("this Triton has no NVIDIA backend", allow_module_level=True)
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
 
 
 def test_triton_kernels_compile_and_fit_on_nvidia_targets():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
     run = subprocess.run(
-        [sys.executable, "-m", "rnnkit.engines.triton_aot", "--targets", "80,90,100"],
+        [sys.executable, str(ROOT / "tools" / "triton_aot.py"), "--targets", "80,90,100"],
         env=env,
         capture_output=True,
         text=True,

@@ -1,9 +1,11 @@
 """The variants beyond torch.nn: fused equals reference (outputs and every gradient, the same
 seeded masks), eval-mode semantics, and nothing changes when a variant is off."""
 
+import copy
+
 import pytest
 import torch
-from helpers import packed_input, tolerance
+from helpers import assert_float32_as_accurate, packed_input, tolerance
 from torch import nn
 
 import rnnkit
@@ -82,14 +84,17 @@ def test_fused_variants_float32_match_reference(cls):
     kw = dict(layer_norm=True, zoneout=0.2, recurrent_dropout=0.2)
     ref, fast = twin_layers(cls, "fused", dtype=torch.float32, **kw)
     x = torch.randn(T, B, I)
-    torch.manual_seed(3)
-    a = ref(x)[0]
-    torch.manual_seed(3)
-    b = fast(x)[0]
-    torch.testing.assert_close(b, a, **tolerance(torch.float32))
+    results = []
+    # The same seed draws the same masks in float32 and float64 (zoneout's from random bits;
+    # the dropout mask compares a uniform draw with 0.8, whose float32 and float64 values differ
+    # by 1e-8: one draw in 1e8 could fall between them).
+    for layer, inputs in ((ref, x), (fast, x), (copy.deepcopy(ref).double(), x.double())):
+        torch.manual_seed(3)
+        results.append(layer(inputs)[0])
+    assert_float32_as_accurate([results[1]], [results[0]], [results[2]], ["output"])
 
 
-triton_kernels = pytest.importorskip("rnnkit.engines.triton_kernels")
+triton_kernels = pytest.importorskip("rnnkit.engines.triton.kernels")
 
 
 @pytest.mark.skipif(

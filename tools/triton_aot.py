@@ -1,17 +1,17 @@
 """Ahead-of-time compile of the Triton kernels for real NVIDIA targets, with no GPU.
 
-    python -m rnnkit.engines.triton_aot [--targets 80,90,100] [--jobs 2] [--full] [-v]
+    python tools/triton_aot.py [--targets 80,90,100] [--jobs 2] [--full] [-v]
 
 The interpreter (``TRITON_INTERPRET=1``, how CI runs the kernels) accepts code that the real
 compiler rejects or crashes on, so this compiles every kernel the way a GPU would:
 
-1. Imports :mod:`rnnkit.engines.triton_kernels` with ``TRITON_INTERPRET`` unset, so its kernels
+1. Imports :mod:`rnnkit.engines.triton.kernels` with ``TRITON_INTERPRET`` unset, so its kernels
    are real ``JITFunction``\\ s, and replaces ``JITFunction.run`` (what ``kernel[grid](...)``
    calls) by a recorder that binds the arguments as Triton's launcher does for a CUDA target
    (dtypes, int and pointer specialisations, constexprs, num_warps) and launches nothing.
 2. Runs the public layers (LSTM, GRU, RNN; float32, float64, bfloat16, float16; a sweep of H and
    B, packed and ragged, bidirectional; training and inference; layer norm, zoneout, projection)
-   on CPU tensors through the fused engine with the Triton kernels, so every launcher records the
+   on CPU tensors through the triton engine, so every launcher records the
    signatures it really uses.
 3. Compiles one launch per (kernel, dtypes, constexprs, num_warps) down to cubin with
    ``triton.compile`` and Triton's bundled ptxas, for each target, in a pool of forked children:
@@ -55,7 +55,7 @@ CI_DTYPES = {80: {"fp32", "bf16", "fp64"}, 90: {"fp32", "bf16", "fp16", "fp64"},
 
 def _parse_args(argv):
     p = argparse.ArgumentParser(
-        prog="python -m rnnkit.engines.triton_aot",
+        prog="python tools/triton_aot.py",
         description="Compile rnnkit's Triton kernels ahead of time for NVIDIA targets (no GPU).",
     )
     p.add_argument(
@@ -455,7 +455,7 @@ def main(argv=None) -> int:
     import triton
     import triton.compiler.code_generator
 
-    from rnnkit.engines import triton_kernels as tk
+    from rnnkit.engines.triton import kernels as tk
 
     torch.set_num_threads(1)
     kernels = module_kernels(tk)
