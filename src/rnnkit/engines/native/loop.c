@@ -1,23 +1,30 @@
-/* The whole time loop of one layer and direction in one native call (issue 9): per step the
- * recurrent product and the pointwise step of cpu_kernels.c (same formulas, same saved tensors
- * as fused.py's FusedLayer), forward and backward, with no return to Python between steps.
+/* rnnkit's native CPU engine: the whole time loop of one layer and direction in one call, forward
+ * and backward, for LSTM, GRU, RNN_TANH and RNN_RELU, with LSTM's projection and the per-step
+ * variants of nl_variants. engines/native/loop.py builds it, checks the tensors and calls it;
+ * engines/native/op.py makes it a torch operator.
  *
  * Threads split the hidden units: thread k owns units [j0, j1) of every gate, computes those
- * columns of the recurrent product and then the pointwise step of those units, so a step needs
- * one barrier (the next product reads every unit of h_{t-1}). h_{t-1} is read from the rows of
+ * columns of the recurrent product and then the cell of those units, so a step needs one
+ * barrier (the next product reads every unit of h_{t-1}). h_{t-1} is read from the rows of
  * `out` written by the previous step (or h0), which are never written again, so no thread can
  * overwrite what another still reads. In backward the same split holds with dh's units.
- * LSTM's projection, layer norm, recurrent dropout and zoneout (nl_variants) add a barrier where
- * a step reads every unit of a row (engines/README.md).
+ * A phase that reads every unit of a row (a layer norm's statistics, the projection) adds a
+ * barrier before it; engines/README.md derives the backward.
+ *
+ * A step is a short sequence of phase functions (the recurrent product, its layer norm, the
+ * cell, the projection, zoneout, the recurrent-dropout input of the next step), each on the
+ * thread's units; the per-unit math of each cell is an inline function, so that forward and
+ * backward share each formula and the loops around them still vectorise.
  *
  * The product runs through the BLAS that torch ships (MKL's Fortran sgemm_/dgemm_, resolved by
  * the Python side and handed over with nl_set_blas) when a step has at least `blas_min_rows`
  * rows, else through the register-blocked loops below, which at B=1 are a GEMV over W_hh that
  * stays in the cores' L2 caches.
  *
- * Built without -ffast-math (NaN and inf propagate as through torch's ops); the exponential is
- * cpu_kernels.c's own, so the pointwise loops vectorise. Every matrix is contiguous; the Python
- * side checks shapes, dtypes and strides, and the loops below check the batch sizes again.
+ * Built without -ffast-math (NaN and inf propagate as through torch's ops); sigmoid and tanh are
+ * native_math.h's, written so that the pointwise loops vectorise. Every matrix is contiguous;
+ * the Python side checks shapes, dtypes and strides, and the code below checks the sizes, the
+ * batch sizes and the variants' pointers again.
  *
  * The type-generic part is this file included into itself twice, once per element type. */
 #ifndef NL_T
@@ -161,23 +168,54 @@ static inline void barrier(void) {
 #endif
 }
 
+/* The steps of one call: T_ steps of bs[t] rows from offsets[t], walked in reverse or not;
+ * steps of at least blas_min_rows rows use the BLAS where blas_ok. */
+typedef struct {
+    int64_t T_, reverse;
+    const int64_t *bs, *offsets;
+    int blas_ok;
+    int64_t blas_min_rows;
+} nl_walk;
+
+/* Step t, the s-th of the walk: its n rows from row off, of which the first np continue from
+ * step tp (the one before t in the forward order, its rows from offp), the rest from h0. */
+typedef struct {
+    int64_t s, t, tp, n, off, np, offp;
+    int use_blas;
+} nl_step;
+
+static inline nl_step step_at(const nl_walk *wk, int64_t s, int64_t t) {
+    nl_step st = {s, t, wk->reverse ? t + 1 : t - 1, wk->bs[t], wk->offsets[t], 0, 0, 0};
+    st.np = st.tp >= 0 && st.tp < wk->T_ ? wk->bs[st.tp] : 0;
+    if (st.np > st.n) st.np = st.n;
+    if (st.np > 0) st.offp = wk->offsets[st.tp];
+    st.use_blas = wk->blas_ok && st.n >= wk->blas_min_rows;
+    return st;
+}
+
+static inline int64_t gates_of(int64_t mode) {
+    return mode == NL_LSTM ? 4 : mode == NL_GRU ? 3 : 1;
+}
+
+/* Whether the BLAS's 32-bit sizes hold every size of a call. */
+static inline int blas_fits(int64_t GW, int64_t B, int64_t N, int64_t R) {
+    return fits_int(GW) && fits_int(B) && fits_int(N) && fits_int(R);
+}
+
 #define NL_T float
 #define NL_SUF f32
-#define NL_EXP exp_nonpos_f32
 #define NL_BLAS blas_f32
 #define NL_SQRT sqrtf
 #define NL_PACKED 1
 #include __FILE__
 #undef NL_T
 #undef NL_SUF
-#undef NL_EXP
 #undef NL_BLAS
 #undef NL_SQRT
 #undef NL_PACKED
 
 #define NL_T double
 #define NL_SUF f64
-#define NL_EXP exp_nonpos_f64
 #define NL_BLAS blas_f64
 #define NL_SQRT sqrt
 #define NL_PACKED 0
@@ -189,18 +227,6 @@ static inline void barrier(void) {
 #define CAT(a, b) CAT_(a, b)
 #define FN(name) CAT(name, NL_SUF)
 #define T NL_T
-
-static inline T FN(sigmoid)(T x) {
-    T e = NL_EXP(-(x < 0 ? -x : x));
-    T s = (T)1 / ((T)1 + e);
-    return x >= 0 ? s : e * s;
-}
-
-static inline T FN(tanh)(T x) {
-    T e = NL_EXP((T)-2 * (x < 0 ? -x : x));
-    T t = ((T)1 - e) / ((T)1 + e);
-    return x >= 0 ? t : -t;
-}
 
 /* z[b, k] = sum_j x[b, j] w[k, j] for b < nb, k < nk: x (nb, K) and w (nk, K) row-major.
  * Blocks of 4 rows of w by 4 (or 1) rows of x keep 16 accumulators in registers. */
@@ -436,16 +462,407 @@ static void FN(rows_times_w)(int64_t n, const T *d, int64_t ldd, int64_t K, cons
     }
 }
 
-/* One layer and direction forward; see native_loop.py's `forward` for the contract.
- * G (N, GW): x W_ih^T + biases, read only. A (N, GW): the gate activations (as FusedLayer saves
- * them; may be G itself), or NULL to keep only each step's, in the second half of Z.
+/* The per-unit math of the cells (engines/README.md): unit j of rows laid out gate by gate, i, f,
+ * g, o for LSTM and r, z, n for GRU; x the input side (x W_ih^T + biases), y the recurrent one. */
+
+/* What the LSTM cell leaves at a unit: c_t and h~ = o tanh(c_t). */
+typedef struct {
+    T c, h;
+} FN(lstm_state);
+
+/* h~ = o tanh(c), with c the cell or (layer norm) its norm. */
+static inline T FN(lstm_out)(T o, T c) { return o * FN(tanh)(c); }
+
+/* The gates, saved in a, and c_t = f c_{t-1} + i g. */
+static inline FN(lstm_state) FN(lstm_fwd)(const T *x, const T *y, int64_t H, int64_t j, T c,
+                                          T *a) {
+    T i = FN(sigmoid)(x[j] + y[j]);
+    T f = FN(sigmoid)(x[H + j] + y[H + j]);
+    T g = FN(tanh)(x[2 * H + j] + y[2 * H + j]);
+    T o = FN(sigmoid)(x[3 * H + j] + y[3 * H + j]);
+    a[j] = i; a[H + j] = f; a[2 * H + j] = g; a[3 * H + j] = o;
+    T cn = f * c + i * g;
+    FN(lstm_state) s = {cn, FN(lstm_out)(o, cn)};
+    return s;
+}
+
+/* Backward through h~ = o tc from d = dL/dh~: dG's o, and the gradient of the tanh's input. */
+static inline T FN(lstm_bwd_out)(const T *a, int64_t H, int64_t j, T d, T tc, T *dg) {
+    T o = a[3 * H + j];
+    dg[3 * H + j] = d * tc * o * ((T)1 - o);
+    return d * o * ((T)1 - tc * tc);
+}
+
+/* Backward through c_t = f c_{t-1} + i g from dct, all of dL/dc_t: dG's i, f, g, and the share
+ * of dL/dc_{t-1} through the cell. */
+static inline T FN(lstm_bwd_cell)(const T *a, int64_t H, int64_t j, T dct, T c_prev, T *dg) {
+    T i = a[j], f = a[H + j], g = a[2 * H + j];
+    dg[j] = dct * g * i * ((T)1 - i);
+    dg[H + j] = dct * c_prev * f * ((T)1 - f);
+    dg[2 * H + j] = dct * i * ((T)1 - g * g);
+    return dct * f;
+}
+
+/* y + b_hh (bhh NULL: no bias) saved in gh, which may be y itself; the gates, saved in a; and
+ * h_t = n + z (h_{t-1} - n). */
+static inline T FN(gru_fwd)(const T *x, const T *y, const T *bhh, int64_t H, int64_t j, T h,
+                            T *gh, T *a) {
+    T yr = y[j] + (bhh ? bhh[j] : 0);
+    T yz = y[H + j] + (bhh ? bhh[H + j] : 0);
+    T yn = y[2 * H + j] + (bhh ? bhh[2 * H + j] : 0);
+    gh[j] = yr; gh[H + j] = yz; gh[2 * H + j] = yn;
+    T r = FN(sigmoid)(x[j] + yr);
+    T z = FN(sigmoid)(x[H + j] + yz);
+    T n = FN(tanh)(x[2 * H + j] + r * yn);
+    a[j] = r; a[H + j] = z; a[2 * H + j] = n;
+    return n + z * (h - n);
+}
+
+/* Backward from d = dL/dh_t and h_{t-1}: dG (input side) and dGH (recurrent side), and the share
+ * of dL/dh_{t-1} past the gates, d z. */
+static inline T FN(gru_bwd)(const T *a, const T *gh, int64_t H, int64_t j, T d, T h_prev, T *dg,
+                            T *dgh) {
+    T r = a[j], z = a[H + j], n = a[2 * H + j];
+    T dn = d * ((T)1 - z) * ((T)1 - n * n);
+    T dz = d * (h_prev - n) * z * ((T)1 - z);
+    T dr = dn * gh[2 * H + j] * r * ((T)1 - r);
+    dg[j] = dr; dg[H + j] = dz; dg[2 * H + j] = dn;
+    dgh[j] = dr; dgh[H + j] = dz; dgh[2 * H + j] = dn * r;
+    return d * z;
+}
+
+/* NaN stays NaN: x < 0 is false for it. */
+static inline T FN(rnn_fwd)(T x, int64_t relu) {
+    return relu ? (x < 0 ? (T)0 : x) : FN(tanh)(x);
+}
+
+/* From d = dL/dh_t and h_t. */
+static inline T FN(rnn_bwd)(T d, T h, int64_t relu) {
+    return relu ? (h > 0 ? d : (T)0) : d * ((T)1 - h * h);
+}
+
+/* One value's layer norm, with its row's mean m and 1/std r (row_stats), gain w and bias b. */
+static inline T FN(ln_affine)(T x, T m, T r, T w, T b) { return (x - m) * r * w + b; }
+
+/* The layer norm's input gradient at x, from dy, the gain w and the row's means ma and max of
+ * ln_grad_means. */
+static inline T FN(ln_input_grad)(T dy, T w, T x, T m, T r, T ma, T max) {
+    return r * (dy * w - ma - (x - m) * r * max);
+}
+
+/* Zoneout keeps k of a unit's previous value. */
+static inline T FN(zoneout_blend)(T k, T prev, T next) { return k * prev + ((T)1 - k) * next; }
+
+/* A forward call as a thread holds it: nl_forward's arguments, the variants' pointers (see
+ * nl_variants; NULL where off), sizes and flags, and the thread's units: [j0, j1) of the hidden
+ * units, [q0, q1) of h's (the same without a projection). */
+typedef struct {
+    nl_walk walk;
+    int64_t N, B, H, R, GW, gates, lstm, gru, relu, ln, zo, P;
+    const T *G, *w, *bhh, *h0, *ln_hw, *ln_hb, *ln_cw, *ln_cb, *rmask, *w_hr, *zh, *zc;
+    T *A, *out, *h, *c, *C, *GH, *Z, *Zr, *stats, *CZ, *Rs;
+    /* Scratch: h_{t-1} times the mask (HM, 2 halves), the normed product (Y), r_t (RS); with
+     * zoneout the step's h_{t-1} (PH), c_{t-1} (PC) and, where C is not saved, c~ (CS). */
+    T *HM, *Y, *RS, *PH, *PC, *CS;
+    T eps, zp;
+    int64_t j0, j1, q0, q1;
+    void *const *packs;
+} FN(fwd_call);
+
+/* A forward step and its rows: the product Zt, what the cell reads of it Yt (its norm, or Zt
+ * itself), c~ Ct and r_t Rt. */
+typedef struct {
+    nl_step at;
+    T *Zt, *Yt, *Ct, *Rt;
+} FN(fwd_rows);
+
+/* The variants' pointers of a forward call, and whether they fit together and the mode. */
+static int64_t FN(fwd_variants)(FN(fwd_call) *cx, const nl_variants *v) {
+    cx->R = cx->H;
+    if (!v) return NL_OK;
+    const int64_t lstm = cx->lstm, cells = cx->lstm || cx->gru;
+    cx->ln_hw = v->ln_hw; cx->ln_hb = v->ln_hb; cx->ln_cw = v->ln_cw; cx->ln_cb = v->ln_cb;
+    cx->rmask = v->rmask; cx->Zr = v->Zr; cx->stats = v->stats;
+    cx->HM = v->scratch; cx->Y = v->ln_scratch;
+    cx->ln = cx->ln_hw != 0;
+    if (cx->ln && (!cx->ln_hb || !cells || (lstm && (!cx->ln_cw || !cx->ln_cb)) ||
+                   (!cx->Zr != !cx->stats)))
+        return NL_BAD_VARIANTS;
+    if (cx->ln && !cx->Zr && !cx->Y) return NL_BAD_VARIANTS;
+    cx->P = v->proj;
+    cx->R = cx->P ? cx->P : cx->H;
+    if (cx->P) {
+        cx->w_hr = v->w_hr; cx->Rs = v->Rs; cx->RS = v->r_scratch;
+    }
+    if (cx->P < 0 || (cx->P && (!lstm || !cx->w_hr || (!cx->Rs && !cx->RS))))
+        return NL_BAD_VARIANTS;
+    cx->zo = v->zoneout != 0;
+    if (cx->zo) {
+        cx->zh = v->zh; cx->zc = v->zc; cx->zp = (T)v->zoneout_p; cx->CZ = v->CZ;
+        cx->PH = v->zo_scratch;
+        cx->PC = cx->PH ? cx->PH + cx->B * cx->R : 0;
+        cx->CS = cx->PH ? cx->PC + cx->B * cx->H : 0;
+    }
+    if (cx->zo && (!cx->PH || !cells || (cx->C && lstm && !cx->CZ))) return NL_BAD_VARIANTS;
+    if (cx->rmask && !cx->HM) return NL_BAD_VARIANTS;
+    cx->eps = (T)v->eps;
+    return NL_OK;
+}
+
+static FN(fwd_rows) FN(fwd_rows_at)(const FN(fwd_call) *cx, int64_t s) {
+    const nl_walk *wk = &cx->walk;
+    FN(fwd_rows) st;
+    st.at = step_at(wk, s, wk->reverse ? wk->T_ - 1 - s : s);
+    const int64_t off = st.at.off;
+    /* The product before its norm is saved where there is one. */
+    st.Zt = cx->ln && cx->Zr ? cx->Zr + off * cx->GW : cx->Z;
+    st.Yt = !cx->ln ? st.Zt : cx->Zr ? cx->Z : cx->Y;
+    /* c~: saved, or (zoneout) apart from the state, or the state itself. */
+    st.Ct = cx->C ? cx->C + off * cx->H : cx->zo ? cx->CS : cx->c;
+    st.Rt = cx->P ? (cx->Rs ? cx->Rs + off * cx->H : cx->RS) : 0;
+    return st;
+}
+
+/* Row b's gate activations: A's row, or Z's second half where A is not saved. */
+static inline T *FN(acts_row)(const FN(fwd_call) *cx, int64_t off, int64_t b) {
+    return cx->A ? cx->A + (off + b) * cx->GW : cx->Z + (cx->B + b) * cx->GW;
+}
+
+/* Z_t = h_{t-1} W_hh^T on the thread's units of every gate; with recurrent dropout h_{t-1}
+ * times the mask, from HM. */
+static void FN(fwd_product)(const FN(fwd_call) *cx, const FN(fwd_rows) *st) {
+    const int64_t H = cx->H, R = cx->R, gates = cx->gates, j0 = cx->j0, j1 = cx->j1;
+    const nl_step *a = &st->at;
+    if (cx->rmask) {
+        FN(gates_product)(a->n, cx->HM + (a->s & 1) * cx->B * R, H, R, gates, cx->w, j0, j1,
+                          st->Zt, a->use_blas, cx->packs);
+        return;
+    }
+    if (a->np > 0)
+        FN(gates_product)(a->np, cx->out + a->offp * R, H, R, gates, cx->w, j0, j1, st->Zt,
+                          a->use_blas, cx->packs);
+    FN(gates_product)(a->n - a->np, cx->h0 + a->np * R, H, R, gates, cx->w, j0, j1,
+                      st->Zt + a->np * cx->GW, a->use_blas, cx->packs);
+}
+
+/* Y_t = LN(Z_t) on the thread's units. Every thread computes each row's statistics itself (no
+ * barrier to share them); the first saves them. */
+static void FN(fwd_norm_product)(const FN(fwd_call) *cx, const FN(fwd_rows) *st) {
+    const int64_t H = cx->H, GW = cx->GW, N = cx->N, j0 = cx->j0, j1 = cx->j1, off = st->at.off;
+    const T *w = cx->ln_hw, *bias = cx->ln_hb;
+    T *stats = cx->stats;
+    for (int64_t b = 0; b < st->at.n; b++) {
+        const T *zr = st->Zt + b * GW;
+        T *yr = st->Yt + b * GW, m, r;
+        FN(row_stats)(zr, GW, cx->eps, &m, &r);
+        if (stats && j0 == 0) {
+            stats[off + b] = m;
+            stats[N + off + b] = r;
+        }
+        for (int64_t g = 0; g < cx->gates; g++) {
+#pragma omp simd
+            for (int64_t k = g * H + j0; k < g * H + j1; k++)
+                yr[k] = FN(ln_affine)(zr[k], m, r, w[k], bias[k]);
+        }
+    }
+}
+
+/* Zoneout: the thread's units of h_{t-1} and c_{t-1}, kept before the cell overwrites them. */
+static void FN(fwd_zoneout_keep)(const FN(fwd_call) *cx, const FN(fwd_rows) *st) {
+    const int64_t H = cx->H, R = cx->R, j0 = cx->j0, j1 = cx->j1, q0 = cx->q0, q1 = cx->q1;
+    for (int64_t b = 0; b < st->at.n; b++) {
+        memcpy(cx->PH + b * R + q0, cx->h + b * R + q0, (size_t)(q1 - q0) * sizeof(T));
+        if (cx->lstm)
+            memcpy(cx->PC + b * H + j0, cx->c + b * H + j0, (size_t)(j1 - j0) * sizeof(T));
+    }
+}
+
+/* The LSTM cell on the thread's units: c_t (and c~ where kept apart) and h~, or r_t with a
+ * projection. With the cell's norm, fwd_norm_cell rewrites h~ once every unit of c_t is in. */
+static void FN(fwd_lstm)(const FN(fwd_call) *cx, const FN(fwd_rows) *st) {
+    const int64_t H = cx->H, GW = cx->GW, R = cx->R, j0 = cx->j0, j1 = cx->j1, off = st->at.off;
+    for (int64_t b = 0; b < st->at.n; b++) {
+        const T *gr = cx->G + (off + b) * GW, *yr = st->Yt + b * GW;
+        T *ar = FN(acts_row)(cx, off, b), *cr = cx->c + b * H, *csr = st->Ct + b * H;
+        T *h1 = cx->P ? st->Rt + b * H : cx->out + (off + b) * R;
+        T *h2 = cx->P ? h1 : cx->h + b * R;
+#pragma omp simd
+        for (int64_t j = j0; j < j1; j++) {
+            FN(lstm_state) s = FN(lstm_fwd)(gr, yr, H, j, cr[j], ar);
+            cr[j] = s.c; csr[j] = s.c;
+            h1[j] = s.h; h2[j] = s.h;
+        }
+    }
+}
+
+static void FN(fwd_gru)(const FN(fwd_call) *cx, const FN(fwd_rows) *st) {
+    const int64_t H = cx->H, GW = cx->GW, R = cx->R, j0 = cx->j0, j1 = cx->j1, off = st->at.off;
+    const T *bhh = cx->bhh;
+    for (int64_t b = 0; b < st->at.n; b++) {
+        const T *gr = cx->G + (off + b) * GW;
+        T *yr = st->Yt + b * GW, *ar = FN(acts_row)(cx, off, b);
+        /* Without GH, y + b_hh replaces y: no other thread reads these units. */
+        T *ghr = cx->GH ? cx->GH + (off + b) * GW : yr;
+        T *hr = cx->h + b * R, *outr = cx->out + (off + b) * R;
+#pragma omp simd
+        for (int64_t j = j0; j < j1; j++) {
+            T hn = FN(gru_fwd)(gr, yr, bhh, H, j, hr[j], ghr, ar);
+            outr[j] = hn; hr[j] = hn;
+        }
+    }
+}
+
+static void FN(fwd_rnn)(const FN(fwd_call) *cx, const FN(fwd_rows) *st) {
+    const int64_t H = cx->H, relu = cx->relu, j0 = cx->j0, j1 = cx->j1, off = st->at.off;
+    for (int64_t b = 0; b < st->at.n; b++) {
+        const T *gr = cx->G + (off + b) * H, *yr = st->Yt + b * H;
+        T *hr = cx->h + b * H, *outr = cx->out + (off + b) * H;
+#pragma omp simd
+        for (int64_t j = j0; j < j1; j++) {
+            T hn = FN(rnn_fwd)(gr[j] + yr[j], relu);
+            outr[j] = hn; hr[j] = hn;
+        }
+    }
+}
+
+/* The layer-norm LSTM's h~ = o tanh(LN(c_t)) on the thread's units. */
+static void FN(fwd_norm_cell)(const FN(fwd_call) *cx, const FN(fwd_rows) *st) {
+    const int64_t H = cx->H, R = cx->R, N = cx->N, j0 = cx->j0, j1 = cx->j1, off = st->at.off;
+    const T *w = cx->ln_cw, *bias = cx->ln_cb;
+    T *stats = cx->stats;
+    for (int64_t b = 0; b < st->at.n; b++) {
+        const T *cr = st->Ct + b * H, *o = FN(acts_row)(cx, off, b) + 3 * H;
+        T *h1 = cx->P ? st->Rt + b * H : cx->out + (off + b) * R;
+        T *h2 = cx->P ? h1 : cx->h + b * R;
+        T m, r;
+        FN(row_stats)(cr, H, cx->eps, &m, &r);
+        if (stats && j0 == 0) {
+            stats[2 * N + off + b] = m;
+            stats[3 * N + off + b] = r;
+        }
+#pragma omp simd
+        for (int64_t j = j0; j < j1; j++) {
+            T hn = FN(lstm_out)(o[j], FN(ln_affine)(cr[j], m, r, w[j], bias[j]));
+            h1[j] = hn; h2[j] = hn;
+        }
+    }
+}
+
+/* h~[:, q0:q1] = r_t W_hr[q0:q1]^T, and without zoneout h_t = h~. */
+static void FN(fwd_project)(const FN(fwd_call) *cx, const FN(fwd_rows) *st) {
+    const int64_t H = cx->H, R = cx->R, q0 = cx->q0, q1 = cx->q1, off = st->at.off;
+    FN(rows_times_wt)(st->at.n, st->Rt, H, cx->w_hr + q0 * H, q1 - q0, cx->out + off * R + q0, R,
+                      st->at.use_blas);
+    if (cx->zo) return;
+    for (int64_t b = 0; b < st->at.n; b++)
+        memcpy(cx->h + b * R + q0, cx->out + (off + b) * R + q0, (size_t)(q1 - q0) * sizeof(T));
+}
+
+/* Zoneout on the thread's units: h_t from h_{t-1} and h~, LSTM's c_t from c_{t-1} and c~ (and
+ * saved in CZ where C is saved); k from the masks, or p where they are NULL. */
+static void FN(fwd_zoneout)(const FN(fwd_call) *cx, const FN(fwd_rows) *st) {
+    const int64_t H = cx->H, R = cx->R, j0 = cx->j0, j1 = cx->j1, q0 = cx->q0, q1 = cx->q1;
+    const T zp = cx->zp, *zh = cx->zh, *zc = cx->zc;
+    for (int64_t b = 0; b < st->at.n; b++) {
+        const int64_t row = st->at.off + b;
+        const T *khr = zh ? zh + row * R : 0, *phr = cx->PH + b * R;
+        T *outr = cx->out + row * R, *hr = cx->h + b * R;
+#pragma omp simd
+        for (int64_t q = q0; q < q1; q++) {
+            T hn = FN(zoneout_blend)(khr ? khr[q] : zp, phr[q], outr[q]);
+            outr[q] = hn; hr[q] = hn;
+        }
+        if (!cx->lstm) continue;
+        const T *kcr = zc ? zc + row * H : 0, *pcr = cx->PC + b * H, *ctr = st->Ct + b * H;
+        T *cr = cx->c + b * H, *czr = cx->CZ ? cx->CZ + row * H : cr;
+#pragma omp simd
+        for (int64_t j = j0; j < j1; j++) {
+            T cn = FN(zoneout_blend)(kcr ? kcr[j] : zp, pcr[j], ctr[j]);
+            cr[j] = cn; czr[j] = cn;
+        }
+    }
+}
+
+/* Recurrent dropout: the next step's product reads h_t times the mask, from HM's other half. */
+static void FN(fwd_mask)(const FN(fwd_call) *cx, const FN(fwd_rows) *st) {
+    const int64_t R = cx->R, q0 = cx->q0, q1 = cx->q1, off = st->at.off;
+    const T *rmask = cx->rmask;
+    T *next = cx->HM + ((st->at.s + 1) & 1) * cx->B * R;
+    for (int64_t b = 0; b < st->at.n; b++)
+        for (int64_t q = q0; q < q1; q++)
+            next[b * R + q] = cx->out[(off + b) * R + q] * rmask[b * R + q];
+}
+
+/* Both halves of HM start as h0 times the mask: a row that starts late (reverse, packed) reads
+ * h0's from whichever half its first step reads. */
+static void FN(fwd_mask_h0)(const FN(fwd_call) *cx) {
+    const int64_t B = cx->B, R = cx->R, q0 = cx->q0, q1 = cx->q1;
+    const T *h0 = cx->h0, *rmask = cx->rmask;
+    T *HM = cx->HM;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t q = q0; q < q1; q++)
+            HM[b * R + q] = HM[(B + b) * R + q] = h0[b * R + q] * rmask[b * R + q];
+}
+
+/* One forward step on the thread's units, with a barrier before each phase that reads units
+ * other threads wrote. */
+static void FN(fwd_step)(const FN(fwd_call) *cx, int64_t s) {
+    const FN(fwd_rows) st = FN(fwd_rows_at)(cx, s);
+    FN(fwd_product)(cx, &st);
+    if (cx->ln) {
+        barrier();
+        FN(fwd_norm_product)(cx, &st);
+    }
+    if (cx->zo) FN(fwd_zoneout_keep)(cx, &st);
+    if (cx->lstm)
+        FN(fwd_lstm)(cx, &st);
+    else if (cx->gru)
+        FN(fwd_gru)(cx, &st);
+    else
+        FN(fwd_rnn)(cx, &st);
+    if (cx->ln && cx->lstm) {
+        barrier();
+        FN(fwd_norm_cell)(cx, &st);
+    }
+    if (cx->P) {
+        barrier();
+        FN(fwd_project)(cx, &st);
+    }
+    if (cx->zo) FN(fwd_zoneout)(cx, &st);
+    if (cx->rmask) FN(fwd_mask)(cx, &st);
+    /* The next product reads every unit of h_t. */
+    barrier();
+}
+
+/* One thread's share of nl_forward: its units, MKL on one thread, its blocks of W_hh packed
+ * once, then every step. */
+static void FN(fwd_thread)(const FN(fwd_call) *call) {
+    FN(fwd_call) cx = *call;
+    split_units(cx.H, &cx.j0, &cx.j1);
+    split_units(cx.R, &cx.q0, &cx.q1);
+    const int blas_ok = cx.walk.blas_ok, blas_threads = blas_ok ? blas_threads_begin() : 0;
+    void *packs[4] = {0, 0, 0, 0};
+    const int64_t npacks = blas_ok && cx.B >= cx.walk.blas_min_rows
+                               ? FN(pack_blocks)(cx.w, cx.H, cx.R, cx.gates, cx.j0, cx.j1, cx.B,
+                                                 packs)
+                               : 0;
+    cx.packs = npacks ? packs : 0;
+    if (cx.rmask) {
+        FN(fwd_mask_h0)(&cx);
+        barrier();
+    }
+    for (int64_t s = 0; s < cx.walk.T_; s++) FN(fwd_step)(&cx, s);
+    for (int64_t g = 0; g < npacks; g++) free(packs[g]);
+    if (blas_ok) blas_threads_end(blas_threads);
+}
+
+/* One layer and direction forward; see engines/native/loop.py's `forward` for the contract.
+ * G (N, GW): x W_ih^T + biases, read only. A (N, GW): the gate activations that backward reads
+ * (may be G itself), or NULL to keep only each step's, in the second half of Z.
  * h (B, R), c (B, H): the state, h0/c0 in, h_n/c_n out; R = H, or P with a projection (then
  * w is (GW, P) and h0, out are P wide). C (N, H) the saved c_t or NULL; GH (N, 3H) the saved
  * Z_t + b_hh of GRU or NULL (then Z holds it); Z (B, GW) scratch, (2, B, GW) when A is NULL.
- * v: the variants or NULL (see nl_variants). Threads own hidden units [j0, j1) and units
- * [q0, q1) of h (the same without a projection). A layer norm needs every unit of a row, so it
- * adds a barrier before it (and the cell's another): each thread then computes the row's
- * statistics itself; a projection needs every unit of r_t: one more. */
+ * v: the variants or NULL (see nl_variants). */
 int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t *bs, int64_t N,
                        int64_t B, int64_t H, const T *G, T *A, const T *w, const T *bhh,
                        const T *h0, T *out, T *h, T *c, T *C, T *GH, T *Z, int64_t *offsets,
@@ -454,222 +871,315 @@ int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t 
     if (T_ < 0 || N < 0 || B < 1 || H < 1) return NL_BAD_SIZES;
     if (!G || !w || !h0 || !out || !h || !Z || !offsets || (mode == NL_LSTM && !c))
         return NL_MISSING_TENSOR;
-    const T *ln_hw = v ? (const T *)v->ln_hw : 0, *ln_hb = v ? (const T *)v->ln_hb : 0;
-    const T *ln_cw = v ? (const T *)v->ln_cw : 0, *ln_cb = v ? (const T *)v->ln_cb : 0;
-    const T *rmask = v ? (const T *)v->rmask : 0;
-    T *Zr = v ? (T *)v->Zr : 0, *stats = v ? (T *)v->stats : 0, *HM = v ? (T *)v->scratch : 0;
-    T *Y = v ? (T *)v->ln_scratch : 0;
-    const int ln = ln_hw != 0, lstm = mode == NL_LSTM;
-    if (ln && (!ln_hb || mode > NL_GRU || (lstm && (!ln_cw || !ln_cb)) || (!Zr != !stats)))
-        return NL_BAD_VARIANTS;
-    if (ln && !Zr && !Y) return NL_BAD_VARIANTS;
-    /* Projection (LSTM): h~ = r W_hr^T with r = o tanh(c~ or its norm), saved in Rs (N, H) or
-     * kept per step in r_scratch (B, H). */
-    const int64_t P = v ? v->proj : 0, R = P ? P : H;
-    const T *w_hr = P ? (const T *)v->w_hr : 0;
-    T *Rs = P ? (T *)v->Rs : 0, *RS = P ? (T *)v->r_scratch : 0;
-    if (P < 0 || (P && (!lstm || !w_hr || (!Rs && !RS)))) return NL_BAD_VARIANTS;
-    /* Zoneout: the previous h and c of the step's rows (PH (B, R), PC (B, H)) and, when C is
-     * not saved, the cell's own c~ (CS (B, H)), in zo_scratch. */
-    const int zo = v && v->zoneout;
-    const T *zh = zo ? (const T *)v->zh : 0, *zc = zo ? (const T *)v->zc : 0;
-    const T zp = zo ? (T)v->zoneout_p : 0;
-    T *CZ = zo ? (T *)v->CZ : 0, *PH = zo ? (T *)v->zo_scratch : 0;
-    T *PC = PH ? PH + B * R : 0, *CS = PH ? PC + B * H : 0;
-    if (zo && (!PH || mode > NL_GRU || (C && lstm && !CZ))) return NL_BAD_VARIANTS;
-    if (rmask && !HM) return NL_BAD_VARIANTS;
-    const T eps = v ? (T)v->eps : 0;
-    int64_t rc = check_batch_sizes(T_, bs, N, B, offsets);
+    FN(fwd_call) cx = {
+        .N = N, .B = B, .H = H, .gates = gates_of(mode), .GW = gates_of(mode) * H,
+        .lstm = mode == NL_LSTM, .gru = mode == NL_GRU, .relu = mode == NL_RNN_RELU,
+        .G = G, .A = A, .w = w, .bhh = bhh, .h0 = h0, .out = out, .h = h, .c = c, .C = C,
+        .GH = GH, .Z = Z,
+    };
+    int64_t rc = FN(fwd_variants)(&cx, v);
+    if (rc == NL_OK) rc = check_batch_sizes(T_, bs, N, B, offsets);
     if (rc != NL_OK) return rc;
-    const int64_t gates = lstm ? 4 : mode == NL_GRU ? 3 : 1, GW = gates * H;
-    const int64_t relu = mode == NL_RNN_RELU;
-    const int blas_ok = NL_BLAS != 0 && fits_int(GW) && fits_int(B) && fits_int(N) &&
-                        fits_int(R);
+    const int blas_ok = NL_BLAS != 0 && blas_fits(cx.GW, B, N, cx.R);
+    cx.walk = (nl_walk){T_, reverse, bs, offsets, blas_ok, blas_min_rows};
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
-    {
-        int64_t j0, j1, q0, q1;
-        split_units(H, &j0, &j1);
-        split_units(R, &q0, &q1);
-        const int blas_threads = blas_ok ? blas_threads_begin() : 0;
-        void *packs[4] = {0, 0, 0, 0};
-        const int64_t npacks = blas_ok && B >= blas_min_rows
-                                   ? FN(pack_blocks)(w, H, R, gates, j0, j1, B, packs) : 0;
-        void *const *pk = npacks ? packs : 0;
-        if (rmask) {
-            /* Both buffers: a row that starts late (reverse, packed) reads h0 * mask. */
-            for (int64_t b = 0; b < B; b++)
-                for (int64_t q = q0; q < q1; q++)
-                    HM[b * R + q] = HM[(B + b) * R + q] = h0[b * R + q] * rmask[b * R + q];
-            barrier();
-        }
-        for (int64_t s = 0; s < T_; s++) {
-            const int64_t t = reverse ? T_ - 1 - s : s, tp = reverse ? t + 1 : t - 1;
-            const int64_t n = bs[t], off = offsets[t];
-            /* Rows [0, np) continue from the previous step's outputs, the rest start at h0. */
-            int64_t np = tp >= 0 && tp < T_ ? bs[tp] : 0;
-            if (np > n) np = n;
-            const int64_t use_blas = blas_ok && n >= blas_min_rows;
-            /* The product before its norm is saved where there is one. */
-            T *Zt = ln && Zr ? Zr + off * GW : Z;
-            if (rmask) {
-                FN(gates_product)(n, HM + (s & 1) * B * R, H, R, gates, w, j0, j1, Zt, use_blas,
-                                  pk);
-            } else {
-                if (np > 0) FN(gates_product)(np, out + offsets[tp] * R, H, R, gates, w, j0, j1,
-                                              Zt, use_blas, pk);
-                FN(gates_product)(n - np, h0 + np * R, H, R, gates, w, j0, j1, Zt + np * GW,
-                                  use_blas, pk);
-            }
-            /* The recurrent side that the steps below read: the product, or its norm in Y. */
-            T *Yt = Zt;
-            if (ln) {
-                barrier();
-                Yt = Zr ? Z : Y;
-                for (int64_t b = 0; b < n; b++) {
-                    const T *zr = Zt + b * GW;
-                    T *yr = Yt + b * GW, mh, rh;
-                    FN(row_stats)(zr, GW, eps, &mh, &rh);
-                    if (stats && j0 == 0) {
-                        stats[off + b] = mh;
-                        stats[N + off + b] = rh;
-                    }
-                    for (int64_t g = 0; g < gates; g++) {
-#pragma omp simd
-                        for (int64_t k = g * H + j0; k < g * H + j1; k++)
-                            yr[k] = (zr[k] - mh) * rh * ln_hw[k] + ln_hb[k];
-                    }
-                }
-            }
-            /* The rows of c~: saved, or (zoneout) apart from the state, or the state itself. */
-            T *Ct = C ? C + off * H : zo ? CS : c;
-            /* The rows of r_t (projection). */
-            T *Rt = P ? (Rs ? Rs + off * H : RS) : 0;
-            if (zo) {
-                for (int64_t b = 0; b < n; b++) {
-                    memcpy(PH + b * R + q0, h + b * R + q0, (size_t)(q1 - q0) * sizeof(T));
-                    if (lstm)
-                        memcpy(PC + b * H + j0, c + b * H + j0, (size_t)(j1 - j0) * sizeof(T));
-                }
-            }
-            for (int64_t b = 0; b < n; b++) {
-                const T *gr = G + (off + b) * GW;
-                T *ar = A ? A + (off + b) * GW : Z + (B + b) * GW;
-                T *zr = Yt + b * GW, *hr = h + b * R, *outr = out + (off + b) * R;
-                if (lstm) {
-                    T *cr = c + b * H, *csr = Ct + b * H;
-                    /* The cell's h~, or with a projection its r. */
-                    T *h1 = P ? Rt + b * H : outr, *h2 = P ? Rt + b * H : hr;
-#pragma omp simd
-                    for (int64_t j = j0; j < j1; j++) {
-                        T i = FN(sigmoid)(gr[j] + zr[j]);
-                        T f = FN(sigmoid)(gr[H + j] + zr[H + j]);
-                        T gg = FN(tanh)(gr[2 * H + j] + zr[2 * H + j]);
-                        T o = FN(sigmoid)(gr[3 * H + j] + zr[3 * H + j]);
-                        ar[j] = i; ar[H + j] = f; ar[2 * H + j] = gg; ar[3 * H + j] = o;
-                        T cn = f * cr[j] + i * gg;
-                        cr[j] = cn; csr[j] = cn;
-                        /* With the cell's norm, rewritten below once every unit of c_t is. */
-                        T hn = o * FN(tanh)(cn);
-                        h1[j] = hn; h2[j] = hn;
-                    }
-                } else if (mode == NL_GRU) {
-                    T *ghr = GH ? GH + (off + b) * GW : zr; /* no other thread reads zr */
-#pragma omp simd
-                    for (int64_t j = j0; j < j1; j++) {
-                        T yr = zr[j] + (bhh ? bhh[j] : 0);
-                        T yz = zr[H + j] + (bhh ? bhh[H + j] : 0);
-                        T yn = zr[2 * H + j] + (bhh ? bhh[2 * H + j] : 0);
-                        ghr[j] = yr; ghr[H + j] = yz; ghr[2 * H + j] = yn;
-                        T rg = FN(sigmoid)(gr[j] + yr);
-                        T z = FN(sigmoid)(gr[H + j] + yz);
-                        T nn = FN(tanh)(gr[2 * H + j] + rg * yn);
-                        ar[j] = rg; ar[H + j] = z; ar[2 * H + j] = nn;
-                        T hn = nn + z * (hr[j] - nn);
-                        outr[j] = hn; hr[j] = hn;
-                    }
-                } else {
-#pragma omp simd
-                    for (int64_t j = j0; j < j1; j++) {
-                        T x = gr[j] + zr[j];
-                        T y = relu ? (x < 0 ? (T)0 : x) : FN(tanh)(x); /* NaN stays NaN */
-                        outr[j] = y; hr[j] = y;
-                    }
-                }
-            }
-            if (ln && lstm) {
-                barrier();
-                for (int64_t b = 0; b < n; b++) {
-                    const T *cr = Ct + b * H;
-                    const T *o = (A ? A + (off + b) * GW : Z + (B + b) * GW) + 3 * H;
-                    T *h1 = P ? Rt + b * H : out + (off + b) * R, *h2 = P ? h1 : h + b * R;
-                    T mc, rs;
-                    FN(row_stats)(cr, H, eps, &mc, &rs);
-                    if (stats && j0 == 0) {
-                        stats[2 * N + off + b] = mc;
-                        stats[3 * N + off + b] = rs;
-                    }
-#pragma omp simd
-                    for (int64_t j = j0; j < j1; j++) {
-                        T hn = o[j] * FN(tanh)((cr[j] - mc) * rs * ln_cw[j] + ln_cb[j]);
-                        h1[j] = hn; h2[j] = hn;
-                    }
-                }
-            }
-            if (P) {
-                /* h~[:, q0:q1] = r_t W_hr[q0:q1]^T, which reads every unit of r_t. */
-                barrier();
-                FN(rows_times_wt)(n, Rt, H, w_hr + q0 * H, q1 - q0, out + off * R + q0, R,
-                                  blas_ok && n >= blas_min_rows);
-                if (!zo) {
-                    for (int64_t b = 0; b < n; b++)
-                        memcpy(h + b * R + q0, out + (off + b) * R + q0,
-                               (size_t)(q1 - q0) * sizeof(T));
-                }
-            }
-            if (zo) {
-                /* h_t = k h_{t-1} + (1 - k) h~, and c alike: units of this thread only. */
-                for (int64_t b = 0; b < n; b++) {
-                    const int64_t row = off + b;
-                    const T *khr = zh ? zh + row * R : 0, *kcr = zc ? zc + row * H : 0;
-                    const T *phr = PH + b * R, *pcr = PC + b * H, *ctr = Ct + b * H;
-                    T *outr = out + row * R, *hr = h + b * R, *cr = c + b * H;
-                    T *czr = CZ ? CZ + row * H : cr;
-#pragma omp simd
-                    for (int64_t q = q0; q < q1; q++) {
-                        T k = khr ? khr[q] : zp;
-                        T hn = k * phr[q] + ((T)1 - k) * outr[q];
-                        outr[q] = hn; hr[q] = hn;
-                    }
-                    if (lstm) {
-#pragma omp simd
-                        for (int64_t j = j0; j < j1; j++) {
-                            T k = kcr ? kcr[j] : zp;
-                            T cn = k * pcr[j] + ((T)1 - k) * ctr[j];
-                            cr[j] = cn; czr[j] = cn;
-                        }
-                    }
-                }
-            }
-            if (rmask) {
-                T *next = HM + ((s + 1) & 1) * B * R;
-                for (int64_t b = 0; b < n; b++)
-                    for (int64_t q = q0; q < q1; q++)
-                        next[b * R + q] = out[(off + b) * R + q] * rmask[b * R + q];
-            }
-            barrier();
-        }
-        for (int64_t g = 0; g < npacks; g++) free(packs[g]);
-        if (blas_ok) blas_threads_end(blas_threads);
-    }
+    FN(fwd_thread)(&cx);
     return NL_OK;
 }
 
-/* One layer and direction backward; see native_loop.py's `backward` for the contract.
+/* A backward call as a thread holds it: nl_backward's arguments, the variants' pointers, sizes
+ * and flags, and the thread's units, as in fwd_call. */
+typedef struct {
+    nl_walk walk;
+    int64_t N, B, H, R, GW, gates, lstm, gru, relu, ln, zo, P;
+    const T *G, *GH, *out, *C, *h0, *c0, *w, *dout, *ln_hw, *ln_cw, *ln_cb, *rmask, *Zr, *stats;
+    const T *w_hr, *zh, *zc, *CZ;
+    /* c_{t-1}'s rows (the zoned ones under zoneout); what multiplies W_hh (the gradient of the
+     * product, before its norm if any). */
+    const T *Cprev, *D;
+    T *dh, *dc, *dG, *dGH, *dZ, *dCN, *dHt;
+    /* Scratch: the product before the mask (S), dr = dh~ W_hr (DR); with zoneout the shares of
+     * dL/dh_t and dL/dc_t that pass to step t-1 past the cell (CH, CC). */
+    T *S, *DR, *CH, *CC;
+    T zp;
+    int64_t j0, j1, q0, q1;
+} FN(bwd_call);
+
+/* The variants' pointers of a backward call, and whether they fit together and the mode. */
+static int64_t FN(bwd_variants)(FN(bwd_call) *cx, const nl_variants *v) {
+    cx->R = cx->H;
+    if (!v) return NL_OK;
+    const int64_t lstm = cx->lstm, cells = cx->lstm || cx->gru;
+    cx->ln_hw = v->ln_hw; cx->ln_cw = v->ln_cw; cx->ln_cb = v->ln_cb; cx->rmask = v->rmask;
+    cx->Zr = v->Zr; cx->stats = v->stats; cx->dZ = v->dZ; cx->dCN = v->dCN; cx->S = v->scratch;
+    cx->ln = cx->ln_hw != 0;
+    if (cx->ln && (!cx->Zr || !cx->stats || !cx->dZ || !cells ||
+                   (lstm && (!cx->ln_cw || !cx->ln_cb || !cx->dCN))))
+        return NL_BAD_VARIANTS;
+    if (cx->rmask && !cx->S) return NL_BAD_VARIANTS;
+    cx->P = v->proj;
+    cx->R = cx->P ? cx->P : cx->H;
+    if (cx->P) {
+        cx->w_hr = v->w_hr; cx->dHt = v->dHt; cx->DR = v->r_scratch;
+    }
+    if (cx->P < 0 || (cx->P && (!lstm || !cx->w_hr || !cx->dHt || !cx->DR)))
+        return NL_BAD_VARIANTS;
+    cx->zo = v->zoneout != 0;
+    if (cx->zo) {
+        cx->zh = v->zh; cx->zc = v->zc; cx->zp = (T)v->zoneout_p; cx->CZ = v->CZ;
+        cx->CH = v->zo_scratch;
+        cx->CC = cx->CH ? cx->CH + cx->B * cx->R : 0;
+    }
+    if (cx->zo && (!cx->CH || !cells || (lstm && !cx->CZ))) return NL_BAD_VARIANTS;
+    return NL_OK;
+}
+
+/* The row of dout that the cell adds to dL/dh_t itself: NULL where there is none or where
+ * bwd_split has folded it in already. */
+static inline const T *FN(dout_row)(const FN(bwd_call) *cx, int64_t row) {
+    return cx->dout && !cx->zo && !cx->P ? cx->dout + row * cx->R : 0;
+}
+
+/* Row b's c_{t-1}: the previous step's, or c0 where the row starts. */
+static inline const T *FN(c_prev_row)(const FN(bwd_call) *cx, const nl_step *st, int64_t b) {
+    return b < st->np ? cx->Cprev + (st->offp + b) * cx->H : cx->c0 + b * cx->H;
+}
+
+/* dL/dh_t with dout folded in, for zoneout or a projection: zoneout sets k of it aside, past the
+ * cell (CH; LSTM's dc alike, CC); the cell's share goes to dh, or with a projection to dHt. */
+static void FN(bwd_split)(const FN(bwd_call) *cx, const nl_step *st) {
+    const int64_t H = cx->H, R = cx->R, j0 = cx->j0, j1 = cx->j1, q0 = cx->q0, q1 = cx->q1;
+    const int64_t zo = cx->zo;
+    const T zp = cx->zp, *zh = cx->zh, *zc = cx->zc, *dout = cx->dout;
+    for (int64_t b = 0; b < st->n; b++) {
+        const int64_t row = st->off + b;
+        const T *khr = zh ? zh + row * R : 0, *doutr = dout ? dout + row * R : 0;
+        T *dhr = cx->dh + b * R, *chr = zo ? cx->CH + b * R : 0;
+        T *cell = cx->P ? cx->dHt + row * R : dhr;
+#pragma omp simd
+        for (int64_t q = q0; q < q1; q++) {
+            T d = dhr[q] + (doutr ? doutr[q] : 0);
+            T k = zo ? (khr ? khr[q] : zp) : 0;
+            if (chr) chr[q] = k * d;
+            cell[q] = d - k * d;
+        }
+        if (!zo || !cx->lstm) continue;
+        const T *kcr = zc ? zc + row * H : 0;
+        T *dcr = cx->dc + b * H, *ccr = cx->CC + b * H;
+#pragma omp simd
+        for (int64_t j = j0; j < j1; j++) {
+            T k = kcr ? kcr[j] : zp;
+            ccr[j] = k * dcr[j];
+            dcr[j] -= k * dcr[j];
+        }
+    }
+}
+
+/* dr[:, j0:j1] = dh~ W_hr[:, j0:j1], into DR. */
+static void FN(bwd_project)(const FN(bwd_call) *cx, const nl_step *st) {
+    const int64_t H = cx->H, R = cx->R, j0 = cx->j0, j1 = cx->j1;
+    FN(rows_times_w)(st->n, cx->dHt + st->off * R, R, R, cx->w_hr + j0, H, j1 - j0, cx->DR + j0,
+                     H, st->use_blas);
+}
+
+/* The LSTM cell backward on the thread's units: dG of every gate, dL/dc_t to dL/dc_{t-1}. The
+ * cell's dL/dh~ (dsr) is dr with a projection. */
+static void FN(bwd_lstm)(const FN(bwd_call) *cx, const nl_step *st) {
+    const int64_t H = cx->H, GW = cx->GW, j0 = cx->j0, j1 = cx->j1, off = st->off;
+    for (int64_t b = 0; b < st->n; b++) {
+        const T *doutr = FN(dout_row)(cx, off + b), *dsr = cx->P ? cx->DR + b * H : cx->dh + b * H;
+        const T *gr = cx->G + (off + b) * GW, *cr = cx->C + (off + b) * H;
+        const T *cpr = FN(c_prev_row)(cx, st, b);
+        T *dcr = cx->dc + b * H, *dgr = cx->dG + (off + b) * GW;
+#pragma omp simd
+        for (int64_t j = j0; j < j1; j++) {
+            T d = dsr[j] + (doutr ? doutr[j] : 0);
+            T tc = FN(tanh)(cr[j]);
+            T dct = dcr[j] + FN(lstm_bwd_out)(gr, H, j, d, tc, dgr);
+            dcr[j] = FN(lstm_bwd_cell)(gr, H, j, dct, cpr[j], dgr);
+        }
+    }
+}
+
+/* The layer-norm LSTM's output gate and dCN, the gradient of the cell norm's output; the rest
+ * waits for the norm's row means (bwd_norm_cell). */
+static void FN(bwd_lstm_out)(const FN(bwd_call) *cx, const nl_step *st) {
+    const int64_t H = cx->H, GW = cx->GW, N = cx->N, j0 = cx->j0, j1 = cx->j1, off = st->off;
+    const T *w = cx->ln_cw, *bias = cx->ln_cb;
+    for (int64_t b = 0; b < st->n; b++) {
+        const T *doutr = FN(dout_row)(cx, off + b), *dsr = cx->P ? cx->DR + b * H : cx->dh + b * H;
+        const T *gr = cx->G + (off + b) * GW, *cr = cx->C + (off + b) * H;
+        const T m = cx->stats[2 * N + off + b], r = cx->stats[3 * N + off + b];
+        T *dcnr = cx->dCN + (off + b) * H, *dgr = cx->dG + (off + b) * GW;
+#pragma omp simd
+        for (int64_t j = j0; j < j1; j++) {
+            T d = dsr[j] + (doutr ? doutr[j] : 0);
+            T tc = FN(tanh)(FN(ln_affine)(cr[j], m, r, w[j], bias[j]));
+            dcnr[j] = FN(lstm_bwd_out)(gr, H, j, d, tc, dgr);
+        }
+    }
+}
+
+/* The layer-norm LSTM's cell: dL/dc_t through the norm (which reads every unit of dCN's row),
+ * then the input, forget and cell gates. */
+static void FN(bwd_norm_cell)(const FN(bwd_call) *cx, const nl_step *st) {
+    const int64_t H = cx->H, GW = cx->GW, N = cx->N, j0 = cx->j0, j1 = cx->j1, off = st->off;
+    const T *w = cx->ln_cw;
+    for (int64_t b = 0; b < st->n; b++) {
+        const T *gr = cx->G + (off + b) * GW, *cr = cx->C + (off + b) * H;
+        const T *cpr = FN(c_prev_row)(cx, st, b), *dcnr = cx->dCN + (off + b) * H;
+        const T m = cx->stats[2 * N + off + b], r = cx->stats[3 * N + off + b];
+        T *dcr = cx->dc + b * H, *dgr = cx->dG + (off + b) * GW;
+        T ma, max;
+        FN(ln_grad_means)(dcnr, w, cr, H, m, r, &ma, &max);
+#pragma omp simd
+        for (int64_t j = j0; j < j1; j++) {
+            T dct = dcr[j] + FN(ln_input_grad)(dcnr[j], w[j], cr[j], m, r, ma, max);
+            dcr[j] = FN(lstm_bwd_cell)(gr, H, j, dct, cpr[j], dgr);
+        }
+    }
+}
+
+/* The GRU cell backward on the thread's units; dh keeps the share past the gates, d z. */
+static void FN(bwd_gru)(const FN(bwd_call) *cx, const nl_step *st) {
+    const int64_t H = cx->H, GW = cx->GW, j0 = cx->j0, j1 = cx->j1, off = st->off;
+    for (int64_t b = 0; b < st->n; b++) {
+        const T *doutr = FN(dout_row)(cx, off + b), *gr = cx->G + (off + b) * GW;
+        const T *ghr = cx->GH + (off + b) * GW;
+        const T *hpr = b < st->np ? cx->out + (st->offp + b) * H : cx->h0 + b * H;
+        T *dhr = cx->dh + b * H, *dgr = cx->dG + (off + b) * GW, *dghr = cx->dGH + (off + b) * GW;
+#pragma omp simd
+        for (int64_t j = j0; j < j1; j++) {
+            T d = dhr[j] + (doutr ? doutr[j] : 0);
+            dhr[j] = FN(gru_bwd)(gr, ghr, H, j, d, hpr[j], dgr, dghr);
+        }
+    }
+}
+
+static void FN(bwd_rnn)(const FN(bwd_call) *cx, const nl_step *st) {
+    const int64_t H = cx->H, relu = cx->relu, j0 = cx->j0, j1 = cx->j1, off = st->off;
+    for (int64_t b = 0; b < st->n; b++) {
+        const T *doutr = FN(dout_row)(cx, off + b), *hr = cx->out + (off + b) * H;
+        const T *dhr = cx->dh + b * H;
+        T *dgr = cx->dG + (off + b) * H;
+#pragma omp simd
+        for (int64_t j = j0; j < j1; j++) {
+            T d = dhr[j] + (doutr ? doutr[j] : 0);
+            dgr[j] = FN(rnn_bwd)(d, hr[j], relu);
+        }
+    }
+}
+
+/* Zoneout: what went past the cell joins dL/dc_{t-1} and dL/dh_{t-1} (GRU's d z too; the product
+ * adds to it in bwd_product). */
+static void FN(bwd_zoneout)(const FN(bwd_call) *cx, const nl_step *st) {
+    const int64_t H = cx->H, R = cx->R, j0 = cx->j0, j1 = cx->j1, q0 = cx->q0, q1 = cx->q1;
+    const int64_t gru = cx->gru;
+    for (int64_t b = 0; b < st->n; b++) {
+        const T *chr = cx->CH + b * R;
+        T *dhr = cx->dh + b * R;
+#pragma omp simd
+        for (int64_t q = q0; q < q1; q++) dhr[q] = (gru ? dhr[q] : 0) + chr[q];
+        if (!cx->lstm) continue;
+        const T *ccr = cx->CC + b * H;
+        T *dcr = cx->dc + b * H;
+#pragma omp simd
+        for (int64_t j = j0; j < j1; j++) dcr[j] += ccr[j];
+    }
+}
+
+/* dZ: the gradient of the product through its norm (which reads every unit of the row). */
+static void FN(bwd_norm_product)(const FN(bwd_call) *cx, const nl_step *st) {
+    const int64_t H = cx->H, GW = cx->GW, N = cx->N, j0 = cx->j0, j1 = cx->j1;
+    const T *w = cx->ln_hw, *dy = cx->gru ? cx->dGH : cx->dG;
+    for (int64_t b = 0; b < st->n; b++) {
+        const int64_t row = st->off + b;
+        const T *dyr = dy + row * GW, *zr = cx->Zr + row * GW;
+        const T m = cx->stats[row], r = cx->stats[N + row];
+        T *dzr = cx->dZ + row * GW;
+        T ma, max;
+        FN(ln_grad_means)(dyr, w, zr, GW, m, r, &ma, &max);
+        for (int64_t g = 0; g < cx->gates; g++) {
+#pragma omp simd
+            for (int64_t k = g * H + j0; k < g * H + j1; k++)
+                dzr[k] = FN(ln_input_grad)(dyr[k], w[k], zr[k], m, r, ma, max);
+        }
+    }
+}
+
+/* dh[:n, q0:q1] (+)= D_t W_hh[:, q0:q1]: GRU adds to its carried d z, zoneout to what it
+ * carries. With recurrent dropout the product goes to S first and enters dh times the mask. */
+static void FN(bwd_product)(const FN(bwd_call) *cx, const nl_step *st) {
+    const int64_t R = cx->R, GW = cx->GW, q0 = cx->q0, q1 = cx->q1, n = st->n, off = st->off;
+    if (q1 <= q0) return;
+    T *target = cx->rmask ? cx->S : cx->dh;
+    const int carried = cx->gru || cx->zo, accumulate = carried && !cx->rmask;
+    if (st->use_blas) {
+        const int m = (int)(q1 - q0), nn = (int)n, k = (int)GW, lda = (int)R;
+        const int ldb = (int)GW, ldc = (int)R;
+        const T one = 1, beta = accumulate ? 1 : 0;
+        /* Not MKL's packed GEMM: packing W_hh measured slower here (1.06x). */
+        NL_BLAS("N", "N", &m, &nn, &k, &one, cx->w + q0, &lda, cx->D + off * GW, &ldb, &beta,
+                target + q0, &ldc);
+    } else {
+        FN(axpy_rows)(n, cx->D + off * GW, GW, GW, cx->w + q0, R, q1 - q0, target + q0, R,
+                      accumulate);
+    }
+    if (!cx->rmask) return;
+    for (int64_t b = 0; b < n; b++) {
+        const T *sr = cx->S + b * R, *mr = cx->rmask + b * R;
+        T *dhr = cx->dh + b * R;
+#pragma omp simd
+        for (int64_t q = q0; q < q1; q++) dhr[q] = (carried ? dhr[q] : 0) + sr[q] * mr[q];
+    }
+}
+
+/* One backward step, the forward's phases in reverse order, with a barrier before each phase
+ * that reads units other threads wrote. */
+static void FN(bwd_step)(const FN(bwd_call) *cx, int64_t s) {
+    const nl_walk *wk = &cx->walk;
+    const nl_step st = step_at(wk, s, wk->reverse ? s : wk->T_ - 1 - s);
+    if (cx->zo || cx->P) FN(bwd_split)(cx, &st);
+    if (cx->P) {
+        barrier();
+        FN(bwd_project)(cx, &st);
+    }
+    if (cx->lstm && cx->ln)
+        FN(bwd_lstm_out)(cx, &st);
+    else if (cx->lstm)
+        FN(bwd_lstm)(cx, &st);
+    else if (cx->gru)
+        FN(bwd_gru)(cx, &st);
+    else
+        FN(bwd_rnn)(cx, &st);
+    if (cx->lstm && cx->ln) {
+        barrier();
+        FN(bwd_norm_cell)(cx, &st);
+    }
+    if (cx->zo) FN(bwd_zoneout)(cx, &st);
+    if (cx->ln) {
+        barrier();
+        FN(bwd_norm_product)(cx, &st);
+    }
+    /* The product reads every unit of D_t's row. */
+    barrier();
+    FN(bwd_product)(cx, &st);
+}
+
+static void FN(bwd_thread)(const FN(bwd_call) *call) {
+    FN(bwd_call) cx = *call;
+    split_units(cx.H, &cx.j0, &cx.j1);
+    split_units(cx.R, &cx.q0, &cx.q1);
+    const int blas_ok = cx.walk.blas_ok, blas_threads = blas_ok ? blas_threads_begin() : 0;
+    for (int64_t s = 0; s < cx.walk.T_; s++) FN(bwd_step)(&cx, s);
+    if (blas_ok) blas_threads_end(blas_threads);
+}
+
+/* One layer and direction backward; see engines/native/loop.py's `backward` for the contract.
  * dh (B, R), dc (B, H): d h_n / d c_n in, dh0 / dc0 out. dout (N, R) or NULL. dG (N, GW) out;
  * dGH (N, 3H) out for GRU. G the activations (nl_forward's A; unread for RNN), GH, out, C:
- * what nl_forward saved; v: its variants (nl_variants). The layer norms' input gradients need
- * every unit of a row, and so does the projection's dr = dh~ W_hr: a barrier before each. */
+ * what nl_forward saved; v: its variants (nl_variants). */
 int64_t FN(nl_backward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t *bs, int64_t N,
                         int64_t B, int64_t H, const T *G, const T *GH, const T *out, const T *C,
                         const T *h0, const T *c0, const T *w, const T *dout, T *dh, T *dc,
@@ -680,227 +1190,22 @@ int64_t FN(nl_backward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t
     if (!G || !out || !h0 || !w || !dh || !dG || !offsets) return NL_MISSING_TENSOR;
     if (mode == NL_LSTM && (!C || !c0 || !dc)) return NL_MISSING_TENSOR;
     if (mode == NL_GRU && (!GH || !dGH)) return NL_MISSING_TENSOR;
-    const T *ln_hw = v ? (const T *)v->ln_hw : 0;
-    const T *ln_cw = v ? (const T *)v->ln_cw : 0, *ln_cb = v ? (const T *)v->ln_cb : 0;
-    const T *rmask = v ? (const T *)v->rmask : 0;
-    const T *Zr = v ? (const T *)v->Zr : 0, *stats = v ? (const T *)v->stats : 0;
-    T *dZ = v ? (T *)v->dZ : 0, *dCN = v ? (T *)v->dCN : 0, *S = v ? (T *)v->scratch : 0;
-    const int ln = ln_hw != 0, lstm = mode == NL_LSTM;
-    if (ln && (!Zr || !stats || !dZ || mode > NL_GRU || (lstm && (!ln_cw || !ln_cb || !dCN))))
-        return NL_BAD_VARIANTS;
-    if (rmask && !S) return NL_BAD_VARIANTS;
-    /* Projection: dHt (N, P) receives the gradient of h~ (for dW_hr), DR (B, H) in
-     * r_scratch holds each step's dr = dh~ W_hr. */
-    const int64_t P = v ? v->proj : 0, R = P ? P : H;
-    const T *w_hr = P ? (const T *)v->w_hr : 0;
-    T *dHt = P ? (T *)v->dHt : 0, *DR = P ? (T *)v->r_scratch : 0;
-    if (P < 0 || (P && (!lstm || !w_hr || !dHt || !DR))) return NL_BAD_VARIANTS;
-    /* Zoneout: the shares of dL/dh_t and dL/dc_t that pass to step t-1 past the cell (CH
-     * (B, R), CC (B, H)), in zo_scratch; the LSTM's c_{t-1} is the zoned one, CZ. */
-    const int zo = v && v->zoneout;
-    const T *zh = zo ? (const T *)v->zh : 0, *zc = zo ? (const T *)v->zc : 0;
-    const T zp = zo ? (T)v->zoneout_p : 0, *CZ = zo ? (const T *)v->CZ : 0;
-    T *CH = zo ? (T *)v->zo_scratch : 0, *CC = CH ? CH + B * R : 0;
-    if (zo && (!CH || mode > NL_GRU || (lstm && !CZ))) return NL_BAD_VARIANTS;
-    const T *Cprev = zo ? CZ : C;
-    int64_t rc = check_batch_sizes(T_, bs, N, B, offsets);
+    FN(bwd_call) cx = {
+        .N = N, .B = B, .H = H, .gates = gates_of(mode), .GW = gates_of(mode) * H,
+        .lstm = mode == NL_LSTM, .gru = mode == NL_GRU, .relu = mode == NL_RNN_RELU,
+        .G = G, .GH = GH, .out = out, .C = C, .h0 = h0, .c0 = c0, .w = w, .dout = dout,
+        .dh = dh, .dc = dc, .dG = dG, .dGH = dGH,
+    };
+    int64_t rc = FN(bwd_variants)(&cx, v);
+    if (rc == NL_OK) rc = check_batch_sizes(T_, bs, N, B, offsets);
     if (rc != NL_OK) return rc;
-    const int64_t gates = lstm ? 4 : mode == NL_GRU ? 3 : 1, GW = gates * H;
-    const int64_t relu = mode == NL_RNN_RELU, gru = mode == NL_GRU;
-    const int blas_ok = NL_BLAS != 0 && fits_int(GW) && fits_int(B) && fits_int(N) &&
-                        fits_int(R);
-    /* What multiplies W_hh: the gradient of the product (before its norm, if any). */
-    const T *D = ln ? dZ : gru ? dGH : dG;
+    cx.Cprev = cx.zo ? cx.CZ : C;
+    cx.D = cx.ln ? cx.dZ : cx.gru ? dGH : dG;
+    const int blas_ok = NL_BLAS != 0 && blas_fits(cx.GW, B, N, cx.R);
+    cx.walk = (nl_walk){T_, reverse, bs, offsets, blas_ok, blas_min_rows};
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
-    {
-        int64_t j0, j1, q0, q1;
-        split_units(H, &j0, &j1);
-        split_units(R, &q0, &q1);
-        const int blas_threads = blas_ok ? blas_threads_begin() : 0;
-        for (int64_t s = 0; s < T_; s++) {
-            /* The forward order reversed. */
-            const int64_t t = reverse ? s : T_ - 1 - s, tp = reverse ? t + 1 : t - 1;
-            const int64_t n = bs[t], off = offsets[t];
-            int64_t np = tp >= 0 && tp < T_ ? bs[tp] : 0;
-            if (np > n) np = n;
-            const int use_blas = blas_ok && n >= blas_min_rows;
-            if (zo || P) {
-                /* dL/dh_t with dout folded in; zoneout sets k of it aside, past the cell. The
-                 * cell's share goes to dh (or, with a projection, to dHt). */
-                for (int64_t b = 0; b < n; b++) {
-                    const int64_t row = off + b;
-                    const T *khr = zh ? zh + row * R : 0, *doutr = dout ? dout + row * R : 0;
-                    T *dhr = dh + b * R, *chr = zo ? CH + b * R : 0;
-                    T *cell = P ? dHt + row * R : dhr;
-#pragma omp simd
-                    for (int64_t q = q0; q < q1; q++) {
-                        T d = dhr[q] + (doutr ? doutr[q] : 0);
-                        T k = zo ? (khr ? khr[q] : zp) : 0;
-                        if (chr) chr[q] = k * d;
-                        cell[q] = d - k * d;
-                    }
-                    if (zo && lstm) {
-                        const T *kcr = zc ? zc + row * H : 0;
-                        T *dcr = dc + b * H, *ccr = CC + b * H;
-#pragma omp simd
-                        for (int64_t j = j0; j < j1; j++) {
-                            T k = kcr ? kcr[j] : zp;
-                            ccr[j] = k * dcr[j];
-                            dcr[j] -= k * dcr[j];
-                        }
-                    }
-                }
-            }
-            if (P) {
-                /* dr[:, j0:j1] = dh~ W_hr[:, j0:j1], which reads every unit of dh~. */
-                barrier();
-                FN(rows_times_w)(n, dHt + off * R, R, R, w_hr + j0, H, j1 - j0, DR + j0, H,
-                                 use_blas);
-            }
-            for (int64_t b = 0; b < n; b++) {
-                /* dL/dh_t as the cell sees it: dout folded in above when set aside. */
-                const T *doutr = dout && !zo && !P ? dout + (off + b) * R : 0;
-                const T *gr = G + (off + b) * GW;
-                T *dhr = dh + b * R, *dgr = dG + (off + b) * GW;
-                const T *dsr = P ? DR + b * H : dhr;
-                if (lstm && ln) {
-                    /* The output gate and the cell norm's output; the rest waits for the
-                     * norm's row means. */
-                    const T *cr = C + (off + b) * H;
-                    const T mc = stats[2 * N + off + b], rs = stats[3 * N + off + b];
-                    T *dcnr = dCN + (off + b) * H;
-#pragma omp simd
-                    for (int64_t j = j0; j < j1; j++) {
-                        T d = dsr[j] + (doutr ? doutr[j] : 0);
-                        T o = gr[3 * H + j];
-                        T tc = FN(tanh)((cr[j] - mc) * rs * ln_cw[j] + ln_cb[j]);
-                        dcnr[j] = d * o * ((T)1 - tc * tc);
-                        dgr[3 * H + j] = d * tc * o * ((T)1 - o);
-                    }
-                } else if (lstm) {
-                    const T *cr = C + (off + b) * H;
-                    const T *cpr = b < np ? Cprev + (offsets[tp] + b) * H : c0 + b * H;
-                    T *dcr = dc + b * H;
-#pragma omp simd
-                    for (int64_t j = j0; j < j1; j++) {
-                        T d = dsr[j] + (doutr ? doutr[j] : 0);
-                        T i = gr[j], f = gr[H + j], gg = gr[2 * H + j], o = gr[3 * H + j];
-                        T tc = FN(tanh)(cr[j]);
-                        T dct = dcr[j] + d * o * ((T)1 - tc * tc);
-                        dgr[j] = dct * gg * i * ((T)1 - i);
-                        dgr[H + j] = dct * cpr[j] * f * ((T)1 - f);
-                        dgr[2 * H + j] = dct * i * ((T)1 - gg * gg);
-                        dgr[3 * H + j] = d * tc * o * ((T)1 - o);
-                        dcr[j] = dct * f;
-                    }
-                } else if (gru) {
-                    const T *ghr = GH + (off + b) * GW;
-                    const T *hpr = b < np ? out + (offsets[tp] + b) * H : h0 + b * H;
-                    T *dghr = dGH + (off + b) * GW;
-#pragma omp simd
-                    for (int64_t j = j0; j < j1; j++) {
-                        T d = dhr[j] + (doutr ? doutr[j] : 0);
-                        T rg = gr[j], z = gr[H + j], nn = gr[2 * H + j];
-                        T dn = d * ((T)1 - z) * ((T)1 - nn * nn);
-                        T dz = d * (hpr[j] - nn) * z * ((T)1 - z);
-                        T dr = dn * ghr[2 * H + j] * rg * ((T)1 - rg);
-                        dgr[j] = dr; dgr[H + j] = dz; dgr[2 * H + j] = dn;
-                        dghr[j] = dr; dghr[H + j] = dz; dghr[2 * H + j] = dn * rg;
-                        dhr[j] = d * z;
-                    }
-                } else {
-                    const T *hr = out + (off + b) * H;
-#pragma omp simd
-                    for (int64_t j = j0; j < j1; j++) {
-                        T d = dhr[j] + (doutr ? doutr[j] : 0);
-                        dgr[j] = relu ? (hr[j] > 0 ? d : (T)0) : d * ((T)1 - hr[j] * hr[j]);
-                    }
-                }
-            }
-            if (lstm && ln) {
-                barrier();
-                for (int64_t b = 0; b < n; b++) {
-                    const T *gr = G + (off + b) * GW, *cr = C + (off + b) * H;
-                    const T *cpr = b < np ? Cprev + (offsets[tp] + b) * H : c0 + b * H;
-                    const T *dcnr = dCN + (off + b) * H;
-                    const T mc = stats[2 * N + off + b], rs = stats[3 * N + off + b];
-                    T *dcr = dc + b * H, *dgr = dG + (off + b) * GW;
-                    T ma, max;
-                    FN(ln_grad_means)(dcnr, ln_cw, cr, H, mc, rs, &ma, &max);
-#pragma omp simd
-                    for (int64_t j = j0; j < j1; j++) {
-                        T i = gr[j], f = gr[H + j], gg = gr[2 * H + j];
-                        T xh = (cr[j] - mc) * rs;
-                        T dct = dcr[j] + rs * (dcnr[j] * ln_cw[j] - ma - xh * max);
-                        dgr[j] = dct * gg * i * ((T)1 - i);
-                        dgr[H + j] = dct * cpr[j] * f * ((T)1 - f);
-                        dgr[2 * H + j] = dct * i * ((T)1 - gg * gg);
-                        dcr[j] = dct * f;
-                    }
-                }
-            }
-            if (zo) {
-                /* What went past the cell: dc to c_{t-1}; dh's share is what the product adds
-                 * to below. */
-                for (int64_t b = 0; b < n; b++) {
-                    const T *chr = CH + b * R, *ccr = CC + b * H;
-                    T *dhr = dh + b * R, *dcr = lstm ? dc + b * H : 0;
-#pragma omp simd
-                    for (int64_t q = q0; q < q1; q++) dhr[q] = (gru ? dhr[q] : 0) + chr[q];
-                    if (lstm) {
-#pragma omp simd
-                        for (int64_t j = j0; j < j1; j++) dcr[j] += ccr[j];
-                    }
-                }
-            }
-            if (ln) {
-                barrier();
-                for (int64_t b = 0; b < n; b++) {
-                    const int64_t row = off + b;
-                    const T *dyr = (gru ? dGH : dG) + row * GW, *zr = Zr + row * GW;
-                    const T mh = stats[row], rs = stats[N + row];
-                    T *dzr = dZ + row * GW;
-                    T ma, max;
-                    FN(ln_grad_means)(dyr, ln_hw, zr, GW, mh, rs, &ma, &max);
-                    for (int64_t g = 0; g < gates; g++) {
-#pragma omp simd
-                        for (int64_t k = g * H + j0; k < g * H + j1; k++)
-                            dzr[k] = rs * (dyr[k] * ln_hw[k] - ma - (zr[k] - mh) * rs * max);
-                    }
-                }
-            }
-            barrier();
-            /* dh[:n, q0:q1] (+)= D_t W_hh[:, q0:q1]; GRU adds to its carried d * z, zoneout
-             * to what it carries. With recurrent dropout the product goes to S first and
-             * enters dh times the mask. */
-            if (q1 > q0) {
-                T *target = rmask ? S : dh;
-                const int carried = gru || zo, accumulate = carried && !rmask;
-                if (use_blas) {
-                    const int m = (int)(q1 - q0), nn = (int)n, k = (int)GW, lda = (int)R;
-                    const int ldb = (int)GW, ldc = (int)R;
-                    const T one = 1, beta = accumulate ? 1 : 0;
-                    /* Not MKL's packed GEMM: packing W_hh measured slower here (1.06x). */
-                    NL_BLAS("N", "N", &m, &nn, &k, &one, w + q0, &lda, D + off * GW, &ldb, &beta,
-                            target + q0, &ldc);
-                } else {
-                    FN(axpy_rows)(n, D + off * GW, GW, GW, w + q0, R, q1 - q0, target + q0, R,
-                                  accumulate);
-                }
-                if (rmask) {
-                    for (int64_t b = 0; b < n; b++) {
-                        const T *sr = S + b * R, *mr = rmask + b * R;
-                        T *dhr = dh + b * R;
-#pragma omp simd
-                        for (int64_t q = q0; q < q1; q++)
-                            dhr[q] = (carried ? dhr[q] : 0) + sr[q] * mr[q];
-                    }
-                }
-            }
-        }
-        if (blas_ok) blas_threads_end(blas_threads);
-    }
+    FN(bwd_thread)(&cx);
     return NL_OK;
 }
 

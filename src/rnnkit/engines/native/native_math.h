@@ -1,6 +1,5 @@
-/* The exponential that rnnkit's C code uses, shared by cpu_kernels.c and native_loop.c.
- * Written out so that loops calling it vectorise without -ffast-math (libm's exp is a scalar call
- * then), keeping NaN and inf exact. */
+/* The exponential, sigmoid and tanh of rnnkit's C code. Written out so that loops calling them
+ * vectorise without -ffast-math (libm's exp is a scalar call then), keeping NaN and inf exact. */
 #ifndef RNNKIT_NATIVE_MATH_H
 #define RNNKIT_NATIVE_MATH_H
 
@@ -60,5 +59,21 @@ static inline double exp_nonpos_f64(double x) {
     double e = p * scale;
     return x < -708.0 ? 0.0 : e;
 }
+
+/* Both take exp of -|x| only, so nothing overflows; the sign is put back after. */
+#define NATIVE_MATH_ACTIVATIONS(T, SUF)                                                         \
+    static inline T sigmoid_##SUF(T x) {                                                        \
+        T e = exp_nonpos_##SUF(-(x < 0 ? -x : x));                                              \
+        T s = (T)1 / ((T)1 + e);                                                                \
+        return x >= 0 ? s : e * s;                                                              \
+    }                                                                                           \
+    static inline T tanh_##SUF(T x) {                                                           \
+        T e = exp_nonpos_##SUF((T)-2 * (x < 0 ? -x : x));                                       \
+        T t = ((T)1 - e) / ((T)1 + e);                                                          \
+        return x >= 0 ? t : -t;                                                                 \
+    }
+NATIVE_MATH_ACTIVATIONS(float, f32)
+NATIVE_MATH_ACTIVATIONS(double, f64)
+#undef NATIVE_MATH_ACTIVATIONS
 
 #endif
