@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,22 @@ def test_cli_trains_every_default_path_in_bfloat16(task, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert config["options"]["precision"] == "bf16"
     assert 0 <= summary["test_accuracy"] <= 1
+
+
+def test_fused_on_cuda_without_triton_warns_once_and_runs_reference(monkeypatch):
+    from rnnkit.engines import triton as triton_engine
+
+    reason = "Triton is not installed (pip install triton)"
+    monkeypatch.setattr(triton_engine, "unavailable_reason", lambda device, dtype: reason)
+    monkeypatch.setattr(engines, "_WARNED", set())
+    spec = LayerSpec("LSTM", 8, 8, 1, 1, True, 0.0, 0)
+    cuda = torch.device("cuda")
+    with pytest.warns(UserWarning, match="the triton engine cannot run .*Triton is not installed"):
+        first = engines.plan("x", "fused", spec, cuda, torch.float32, batch=2, per_step=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = engines.plan("x", "auto", spec, cuda, torch.float32, batch=2, per_step=True)
+    assert first.engine is second.engine is engines.reference
+    assert reason in first.why
+    with pytest.raises(ValueError, match="backend='triton' cannot run: Triton is not installed"):
+        engines.plan("x", "triton", spec, cuda, torch.float32, batch=2)

@@ -19,6 +19,7 @@ variants. Layers validate and reshape; engines only compute. One engine per job:
 ``auto``: see :func:`plan`.
 """
 
+import warnings
 from types import ModuleType
 from typing import NamedTuple
 
@@ -34,6 +35,8 @@ LSTM_NATIVE_MAX_BATCH = 8
 # Dtypes that torch's CPU kernels (oneDNN) run on every x86 CPU; bfloat16 and float16 need
 # instructions that AMD and older Intel CPUs lack.
 TORCH_CPU_DTYPES = (torch.float32, torch.float64)
+# The reasons already warned about, once each per process.
+_WARNED: set[str] = set()
 
 
 class Plan(NamedTuple):
@@ -160,6 +163,14 @@ def plan(
     if reason is not None:
         if explicit:
             raise ValueError(f"{owner}: backend={backend!r} cannot run: {reason}")
+        if engine is triton_engine and reason not in _WARNED:
+            # The native loop's build warns once itself (native/build.py).
+            _WARNED.add(reason)
+            warnings.warn(
+                f"rnnkit: the triton engine cannot run ({reason}); the reference engine runs "
+                "instead (correct, slower)",
+                stacklevel=4,
+            )
         return Plan(reference, f"{why}, but {reason}")
     if engine is triton_engine and torch.compiler.is_compiling():
         return Plan(reference, "torch.compile of a layer on the triton engine")
