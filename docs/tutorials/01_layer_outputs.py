@@ -145,7 +145,9 @@ assert np.array_equal(output[0, b, H:].detach().numpy(), h_n[3, b].detach().nump
 P = 2
 proj = rnnkit.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=P)
 output, (h_n, c_n) = proj(x)
-print("proj_size=2: output", tuple(output.shape), " h_n", tuple(h_n.shape), " c_n", tuple(c_n.shape))
+print(
+    "proj_size=2: output", tuple(output.shape), " h_n", tuple(h_n.shape), " c_n", tuple(c_n.shape)
+)
 assert output.shape == (T, B, 2 * P)
 assert h_n.shape == (4, B, P) and c_n.shape == (4, B, H)
 assert torch.equal(output[-1, :, :P], h_n[-2]) and torch.equal(output[0, :, P:], h_n[-1])

@@ -15,7 +15,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnnkit
-from rnnkit.models import readout
+from rnnkit.models import ModelConfig, SequenceClassifier, readout
 
 torch.manual_seed(0)
 B, T, I, H, L = 3, 6, 5, 4, 2
@@ -111,8 +111,16 @@ norms = output.norm(dim=-1).detach()  # (B, T)
 fig, ax = plt.subplots(figsize=(7, 2.8))
 image = ax.imshow(norms, cmap="viridis", aspect="auto")
 ax.scatter([T - 1] * B, range(B), marker="x", s=140, color="red", label="output[:, -1]")
-ax.scatter(lengths - 1, range(B), marker="o", s=160, facecolors="none", edgecolors="white",
-           linewidths=2.5, label="output[b, lengths[b] - 1]")
+ax.scatter(
+    lengths - 1,
+    range(B),
+    marker="o",
+    s=160,
+    facecolors="none",
+    edgecolors="white",
+    linewidths=2.5,
+    label="output[b, lengths[b] - 1]",
+)
 ax.set_xlabel("time step t (index)")
 ax.set_ylabel("sequence b (index)")
 ax.set_yticks(range(B), [f"b={b}, length {int(n)}" for b, n in enumerate(lengths)])
@@ -128,10 +136,9 @@ assert (norms[1, 4:] == 0).all() and (norms[2, 2:] == 0).all() and (norms[0] > 0
 # :class:`rnnkit.models.SequenceClassifier` given ``lengths`` packs the batch and reads out at
 # each sequence's own end, so a padded batch gives the same logits as each sequence alone.
 
-from rnnkit.models import ModelConfig, SequenceClassifier
-
-config = ModelConfig("classifier", input_size=I, output_size=3, hidden_size=H,
-                     bidirectional=True, readout="last")
+config = ModelConfig(
+    "classifier", input_size=I, output_size=3, hidden_size=H, bidirectional=True, readout="last"
+)
 model = SequenceClassifier(config).eval()
 batch_logits = model(padded, lengths)
 one_by_one = torch.cat([model(x[b : b + 1, : lengths[b]]) for b in range(B)])

@@ -36,7 +36,7 @@ for name, G in GATES.items():
     counted = rnnkit.count_parameters(layer)
     closed = rnnkit.param_count(name.lower(), I, H).total
     torch_count = sum(p.numel() for p in getattr(torch.nn, name)(I, H).parameters())
-    print(f"{name:4s}  G={G}  formula {formula(G, I, H):5d}  counted {counted:5d}  torch.nn {torch_count:5d}")
+    print(f"{name:4s} G={G}  formula {formula(G, I, H)}  counted {counted}  torch.nn {torch_count}")
     assert counted == closed == torch_count == formula(G, I, H)
 
 # %%
@@ -73,16 +73,16 @@ print(count.formula)
 print("per layer:", count.per_layer, " total:", count.total)
 D = 2
 assert count.per_layer == [D * formula(4, I, H), D * formula(4, D * H, H)]
-assert count.total == rnnkit.count_parameters(
-    rnnkit.LSTM(I, H, num_layers=2, bidirectional=True)
-)
+assert count.total == rnnkit.count_parameters(rnnkit.LSTM(I, H, num_layers=2, bidirectional=True))
 
 # %%
 # With a projection (``proj_size=P``) the recurrent weight reads ``h`` of ``P`` features and a
 # ``(P, H)`` matrix is added: ``4 * (H * I + H * P + 2 * H) + P * H``.
 
 P = 5
-assert rnnkit.count_parameters(rnnkit.LSTM(I, H, proj_size=P)) == 4 * (H * I + H * P + 2 * H) + P * H
+assert (
+    rnnkit.count_parameters(rnnkit.LSTM(I, H, proj_size=P)) == 4 * (H * I + H * P + 2 * H) + P * H
+)
 
 # %%
 # Why Keras counts fewer
@@ -98,7 +98,9 @@ for name, G in GATES.items():
     layer = getattr(rnnkit, name)(I, H)
     keras_style = formula(G, I, H, biases=1)
     b_hh = sum(p.numel() for n, p in layer.named_parameters() if n.startswith("bias_hh"))
-    print(f"{name:4s}  torch {rnnkit.count_parameters(layer):5d}  one bias per gate {keras_style:5d}")
+    print(
+        f"{name:4s}  torch {rnnkit.count_parameters(layer):5d}  one bias per gate {keras_style:5d}"
+    )
     assert rnnkit.count_parameters(layer) - keras_style == b_hh == G * H
 
 # %%
@@ -128,11 +130,18 @@ bottom = [0] * len(GATES)
 for part in parts:
     sizes = [getattr(rnnkit, n)(I, H).get_parameter(part).numel() for n in GATES]
     ax.bar(list(GATES), sizes, bottom=bottom, label=part)
-    bottom = [b + s for b, s in zip(bottom, sizes)]
+    bottom = [b + s for b, s in zip(bottom, sizes, strict=True)]
 keras = {n: formula(G, I, H, biases=1) for n, G in GATES.items() if n != "GRU"}
-ax.scatter(list(keras), list(keras.values()), marker="_", s=900, color="black", zorder=3,
-           label="Keras (one bias per gate)")
-for n, total in zip(GATES, bottom):
+ax.scatter(
+    list(keras),
+    list(keras.values()),
+    marker="_",
+    s=900,
+    color="black",
+    zorder=3,
+    label="Keras (one bias per gate)",
+)
+for n, total in zip(GATES, bottom, strict=True):
     ax.text(n, total + 30, f"{total:,}", ha="center")
 ax.set_ylabel("parameters (count)")
 ax.set_xlabel("layer type (I = 10, H = 20, one layer)")

@@ -50,7 +50,9 @@ def run_direction(x, weights, reverse):
 def my_bidirectional_lstm(x, layer):
     outputs, hs, cs = [], [], []
     for suffix, reverse in (("_l0", False), ("_l0_reverse", True)):
-        weights = [getattr(layer, f"{n}{suffix}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        weights = [
+            getattr(layer, f"{n}{suffix}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        ]
         out, h, c = run_direction(x, weights, reverse)
         outputs.append(out)
         hs.append(h)
@@ -77,7 +79,7 @@ assert max(errors.values()) < 1e-12
 
 grads = torch.autograd.grad(output.sum(), list(reference.parameters()))
 ref_grads = torch.autograd.grad(ref_output.sum(), list(reference.parameters()))
-assert all(torch.allclose(g, r, atol=1e-12) for g, r in zip(grads, ref_grads))
+assert all(torch.allclose(g, r, atol=1e-12) for g, r in zip(grads, ref_grads, strict=True))
 
 # %%
 # The same in float32, where rounding is ``1.2e-7`` relative, agrees to about ``1e-6``: the
@@ -135,7 +137,9 @@ class MyLSTMCell(nn.Module):
     def __init__(self, input_size, hidden_size):
         super().__init__()
         self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size, dtype=torch.float64))
-        self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size, dtype=torch.float64))
+        self.weight_hh = nn.Parameter(
+            torch.empty(4 * hidden_size, hidden_size, dtype=torch.float64)
+        )
         self.bias_ih = nn.Parameter(torch.empty(4 * hidden_size, dtype=torch.float64))
         self.bias_hh = nn.Parameter(torch.empty(4 * hidden_size, dtype=torch.float64))
         self.hidden_size = hidden_size
@@ -170,7 +174,10 @@ out_mine, (h_mine, c_mine) = mine(packed)
 out_ref, (h_ref, c_ref) = reference2(packed)
 assert torch.allclose(out_mine.data, out_ref.data, atol=1e-12)
 assert torch.allclose(h_mine, h_ref, atol=1e-12) and torch.allclose(c_mine, c_ref, atol=1e-12)
-print("largest difference, packed 2-layer bidirectional:", f"{(out_mine.data - out_ref.data).abs().max():.1e}")
+print(
+    "largest difference, packed 2-layer bidirectional:",
+    f"{(out_mine.data - out_ref.data).abs().max():.1e}",
+)
 
 # %%
 # From here, changing the cell is one edit in ``forward``: a peephole, a normalisation, a new

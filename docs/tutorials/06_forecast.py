@@ -27,8 +27,10 @@ from rnnkit.tasks.forecast import calendar, fit_linear_ar, linear_ar, out_of_fol
 
 load = load_taylor()  # (4032,) MW
 times = read_times(taylor_csv())  # (4032,) datetime64
-print(f"{len(load)} half-hourly values from {times[0]} to {times[-1]}, "
-      f"{load.min():,.0f} to {load.max():,.0f} MW")
+print(
+    f"{len(load)} half-hourly values from {times[0]} to {times[-1]}, "
+    f"{load.min():,.0f} to {load.max():,.0f} MW"
+)
 assert len(load) == 4032 and (times[1:] - times[:-1] == np.timedelta64(30, "m")).all()
 
 # %%
@@ -43,7 +45,9 @@ WINDOW, HORIZON, DAY, WEEK = 48, 4, 48, 336
 parts = chronological_split(len(load), (0.70, 0.15, 0.15))
 starts = [np.arange(max(part.start, WEEK), part.stop - HORIZON + 1) for part in parts]
 print("windows per part (train, validation, test):", [len(s) for s in starts])
-assert all(s[-1] + HORIZON <= p.stop for s, p in zip(starts, parts))  # targets stay in the part
+assert all(
+    s[-1] + HORIZON <= p.stop for s, p in zip(starts, parts, strict=True)
+)  # targets stay in the part
 
 # %%
 # The network sees standardised load (the training part's mean and deviation):
@@ -70,8 +74,11 @@ targets = [np.stack([z[t : t + HORIZON] for t in s]) for s in starts]  # (N, 4) 
 # cannot. On the training windows the autoregression's forecasts come from fits on the other
 # windows (out of fold), so that its errors there look like its errors on new data.
 
-ar = [out_of_fold_ar(z, starts[0], WINDOW, HORIZON), linear_ar(z, starts[1], coef),
-      linear_ar(z, starts[2], coef)]
+ar = [
+    out_of_fold_ar(z, starts[0], WINDOW, HORIZON),
+    linear_ar(z, starts[1], coef),
+    linear_ar(z, starts[2], coef),
+]
 scale = (targets[0] - ar[0]).std()  # the residuals' size, so that the network's targets are ~1
 cal = calendar(times)  # (4032, 9)
 
@@ -84,7 +91,7 @@ def inputs(s, ar_forecast):
 
 data = [
     (torch.from_numpy(inputs(s, a)), torch.from_numpy(((t - a) / scale).astype(np.float32)))
-    for s, a, t in zip(starts, ar, targets)
+    for s, a, t in zip(starts, ar, targets, strict=True)
 ]
 print("inputs (N, T, features):", tuple(data[0][0].shape))
 assert data[0][0].shape == (len(starts[0]), WINDOW, 1 + 9 + HORIZON)
@@ -95,10 +102,17 @@ assert data[0][0].shape == (len(starts[0]), WINDOW, 1 + 9 + HORIZON)
 # with mean squared error and reports the mean absolute error.
 
 torch.manual_seed(0)
-model = SequenceRegressor(ModelConfig("regressor", input_size=data[0][0].shape[-1],
-                                      output_size=HORIZON, hidden_size=64))
-history = rnnkit.fit(model, data[0], data[1], config=rnnkit.TrainConfig(
-    epochs=20, batch_size=64, lr=0.003, out=tempfile.mkdtemp(), quiet=True))
+model = SequenceRegressor(
+    ModelConfig("regressor", input_size=data[0][0].shape[-1], output_size=HORIZON, hidden_size=64)
+)
+history = rnnkit.fit(
+    model,
+    data[0],
+    data[1],
+    config=rnnkit.TrainConfig(
+        epochs=20, batch_size=64, lr=0.003, threads=1, out=tempfile.mkdtemp(), quiet=True
+    ),
+)
 
 # %%
 # Scores on the test windows
@@ -134,8 +148,10 @@ assert mae["LSTM + autoregression"] < 0.85 * best_baseline
 weekday = (times[starts[2]].astype("datetime64[D]").astype(np.int64) + 3) % 7  # Monday = 0
 after_change = np.isin(weekday, [0, 5, 6])
 day_error = np.abs(forecasts["same time yesterday"] - truth).mean(axis=1)  # (N,)
-print(f"day-ago MAE: Sat/Sun/Mon {day_error[after_change].mean():,.0f} MW, "
-      f"Tue-Fri {day_error[~after_change].mean():,.0f} MW")
+print(
+    f"day-ago MAE: Sat/Sun/Mon {day_error[after_change].mean():,.0f} MW, "
+    f"Tue-Fri {day_error[~after_change].mean():,.0f} MW"
+)
 assert mae["same time yesterday"] > 2 * mae["same time last week"]
 assert day_error[after_change].mean() > 3 * day_error[~after_change].mean()
 
@@ -147,8 +163,11 @@ show = slice(0, 3 * DAY)
 t_test = times[starts[2] + HORIZON - 1][show]
 fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6), height_ratios=[2, 1])
 ax1.plot(t_test, truth[show, -1], color="black", linewidth=2, label="actual load")
-for name, style in (("LSTM + autoregression", "-"), ("linear autoregression", "--"),
-                    ("same time last week", ":")):
+for name, style in (
+    ("LSTM + autoregression", "-"),
+    ("linear autoregression", "--"),
+    ("same time last week", ":"),
+):
     ax1.plot(t_test, forecasts[name][show, -1], style, label=f"{name} (2 h ahead)")
 ax1.set_ylabel("load (MW)")
 ax1.set_xlabel("time (August 2000, half-hourly steps)")
@@ -156,8 +175,12 @@ ax1.xaxis.set_major_formatter(mdates.DateFormatter("%a %d %b, %H:%M"))
 ax1.legend(fontsize=8, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
 epochs = np.arange(1, len(history["val_mae"]) + 1)
 ax2.plot(epochs, np.array(history["val_mae"]) * scale * std, "o-", label="LSTM + autoregression")
-ax2.axhline(np.abs(ar[1] - targets[1]).mean() * std, color="C1", linestyle="--",
-            label="linear autoregression")
+ax2.axhline(
+    np.abs(ar[1] - targets[1]).mean() * std,
+    color="C1",
+    linestyle="--",
+    label="linear autoregression",
+)
 ax2.set_xlabel("epoch")
 ax2.set_xticks(epochs)
 ax2.set_ylabel("validation MAE (MW)")

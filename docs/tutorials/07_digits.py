@@ -50,11 +50,15 @@ fig.tight_layout()
 # one-cycle schedule, 30 epochs of 39 batches: a few seconds on one thread.
 
 torch.manual_seed(0)
-model = SequenceClassifier(ModelConfig("classifier", input_size=8, output_size=10,
-                                       hidden_size=128, readout="last"))
-config = rnnkit.TrainConfig(epochs=30, batch_size=32, lr=0.01, out=tempfile.mkdtemp(), quiet=True)
-history = rnnkit.fit(model, (x[train], y[train]), (x[val], y[val]),
-                     test_data=(x[test], y[test]), config=config)
+model = SequenceClassifier(
+    ModelConfig("classifier", input_size=8, output_size=10, hidden_size=128, readout="last")
+)
+config = rnnkit.TrainConfig(
+    epochs=30, batch_size=32, lr=0.01, threads=1, out=tempfile.mkdtemp(), quiet=True
+)
+history = rnnkit.fit(
+    model, (x[train], y[train]), (x[val], y[val]), test_data=(x[test], y[test]), config=config
+)
 print(f"best epoch {history.best_epoch}, test accuracy {history.test['test_accuracy']:.2%}")
 
 # %%
@@ -77,7 +81,9 @@ ax1.set_xlabel("epoch")
 ax1.set_ylabel("cross-entropy (nats per digit)")
 ax1.legend()
 ax2.plot(epochs, 100 * np.array(history["val_accuracy"]), color="C1")
-ax2.axvline(history.best_epoch, color="gray", linestyle=":", label=f"best epoch ({history.best_epoch})")
+ax2.axvline(
+    history.best_epoch, color="gray", linestyle=":", label=f"best epoch ({history.best_epoch})"
+)
 ax2.set_xlabel("epoch")
 ax2.set_ylabel("validation accuracy (%)")
 ax2.legend(loc="lower right")
@@ -100,8 +106,15 @@ image = ax.imshow(matrix, cmap="Blues")
 for i in range(10):
     for j in range(10):
         if matrix[i, j]:
-            ax.text(j, i, matrix[i, j], ha="center", va="center",
-                    color="white" if matrix[i, j] > matrix.max() / 2 else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                matrix[i, j],
+                ha="center",
+                va="center",
+                color="white" if matrix[i, j] > matrix.max() / 2 else "black",
+                fontsize=8,
+            )
 ax.set_xticks(range(10))
 ax.set_yticks(range(10))
 ax.set_xlabel("predicted digit")
@@ -113,6 +126,8 @@ fig.tight_layout()
 # %%
 # Which digits does it confuse? The off-diagonal cells:
 
-mistakes = [(i, j, int(matrix[i, j])) for i in range(10) for j in range(10) if i != j and matrix[i, j]]
+mistakes = [
+    (i, j, int(matrix[i, j])) for i in range(10) for j in range(10) if i != j and matrix[i, j]
+]
 print("true -> predicted (count):", mistakes)
 assert sum(n for _, _, n in mistakes) == matrix.sum() - np.trace(matrix)

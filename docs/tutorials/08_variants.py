@@ -99,7 +99,9 @@ assert runs.std(dim=0)[1:].min() > 0  # every step after the first varies betwee
 show = 20
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
 with torch.no_grad():
-    for ax, (name, layer) in zip(axes, (("plain LSTM", plain), ("layer_norm=True", normed))):
+    for ax, (name, layer) in zip(
+        axes, (("plain LSTM", plain), ("layer_norm=True", normed)), strict=True
+    ):
         ax.plot(layer(x)[0][:show, 0, 0], "o-", label="input x")
         ax.plot(layer(10 * x)[0][:show, 0, 0], "x--", markersize=8, label="input 10 x")
         ax.set_title(name)
@@ -153,17 +155,30 @@ class Net(nn.Module):
         return self.head(self.lstm(x)[0][:, -1])  # (B, 10)
 
 
-variants = {"plain": {}, "layer_norm": {"layer_norm": True}, "zoneout 0.2": {"zoneout": 0.2},
-            "recurrent_dropout 0.3": {"recurrent_dropout": 0.3}}
+variants = {
+    "plain": {},
+    "layer_norm": {"layer_norm": True},
+    "zoneout 0.2": {"zoneout": 0.2},
+    "recurrent_dropout 0.3": {"recurrent_dropout": 0.3},
+}
 results = {}
 for name, kwargs in variants.items():
     torch.manual_seed(0)
-    config = rnnkit.TrainConfig(epochs=30, batch_size=16, lr=0.01, out=tempfile.mkdtemp(), quiet=True)
-    results[name] = rnnkit.fit(Net(**kwargs), (xd[train], yd[train]), (xd[val], yd[val]),
-                               test_data=(xd[test], yd[test]), config=config)
+    config = rnnkit.TrainConfig(
+        epochs=30, batch_size=16, lr=0.01, threads=1, out=tempfile.mkdtemp(), quiet=True
+    )
+    results[name] = rnnkit.fit(
+        Net(**kwargs),
+        (xd[train], yd[train]),
+        (xd[val], yd[val]),
+        test_data=(xd[test], yd[test]),
+        config=config,
+    )
 for name, h in results.items():
-    print(f"{name:22s} final training loss {h['train_loss'][-1]:.3f}   "
-          f"test accuracy {h.test['test_accuracy']:.1%}")
+    print(
+        f"{name:22s} final training loss {h['train_loss'][-1]:.3f}   "
+        f"test accuracy {h.test['test_accuracy']:.1%}"
+    )
 
 # %%
 # What the numbers say, for this small model:

@@ -138,8 +138,12 @@ names = list(difference)
 heights = [max(difference[n], floor) for n in names]
 ax.barh(names, heights, color=["lightgray" if difference[n] == 0 else "C0" for n in names])
 for i, n in enumerate(names):
-    ax.text(heights[i] * 1.5, i, "exactly equal" if difference[n] == 0 else f"{difference[n]:.1e}",
-            va="center")
+    ax.text(
+        heights[i] * 1.5,
+        i,
+        "exactly equal" if difference[n] == 0 else f"{difference[n]:.1e}",
+        va="center",
+    )
 ax.axvline(torch.finfo(torch.float32).eps, color="gray", linestyle=":", label="float32 epsilon")
 ax.set_xscale("log")
 ax.set_xlim(floor / 2, 1e-3)
