@@ -54,17 +54,17 @@ class TrainConfig:
     schedule: str = "onecycle"  #: "onecycle", "cosine" or "constant", over all steps
     clip_grad: float = 1.0  #: the gradient norm is clipped to this; 0 = off
     patience: int = 0  #: stop after this many epochs without a better validation metric; 0 = off
-    precision: str = "fp32"  #: "fp32", or "bf16": forward passes under bfloat16 autocast
+    precision: str = "fp32"  #: "fp32", or "bf16" (forward passes under bfloat16 autocast)
     #: The batch order; the command line also seeds torch with it before building the model (its
-    #: weights, then dropout): with rnnkit.fit, call torch.manual_seed before building yours.
+    #: weights, then dropout), so with rnnkit.fit, call torch.manual_seed before building yours.
     seed: int = 0
     device: str = "auto"  #: "cpu", "cuda" or "auto" (cuda when there is one)
-    #: torch's CPU threads per process; None: rnnkit.fit leaves them as they are, the command line
-    #: takes what the machine can serve (run.set_threads)
+    #: torch's CPU threads per process; with None, rnnkit.fit leaves them as they are and the
+    #: command line takes what the machine can serve (run.set_threads)
     threads: int | None = None
-    out: str | None = None  #: the run folder; None: runs/<name>-<timestamp>
+    out: str | None = None  #: the run folder (None means runs/<name>-<timestamp>)
     resume: bool = False  #: continue the run in ``out`` from its last checkpoint
-    log_every: int = 0  #: log the training loss every N steps; 0: about 10 times an epoch
+    log_every: int = 0  #: log the training loss every N steps (0 means about 10 times an epoch)
     quiet: bool = False  #: no progress bar or epoch lines
     tensorboard: bool = False  #: TensorBoard scalars in <out>/tensorboard as well
 
