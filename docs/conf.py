@@ -90,6 +90,8 @@ sphinx_gallery_conf = {
     "reference_url": {"rnnkit": None},
     "reset_modules": ("matplotlib", "rnnkit_docs.one_thread"),
     "junit": "../sphinx-gallery/junit-results.xml",
+    # Its pages of computation times load jQuery and DataTables from CDNs: the site must not.
+    "write_computation_times": False,
     "download_all_examples": False,
     "remove_config_comments": True,
     "show_memory": False,
