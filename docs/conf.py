@@ -39,7 +39,7 @@ autosummary_generate = True
 autosummary_imported_members = True
 autodoc_default_options = {"members": True, "member-order": "bysource"}
 autodoc_typehints = "signature"
-autodoc_class_signature = "separated"
+autodoc_class_signature = "mixed"
 autodoc_preserve_defaults = True
 # Undocumented methods (forward) get no docstring rather than nn.Module's.
 autodoc_inherit_docstrings = False

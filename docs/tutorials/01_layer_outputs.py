@@ -12,6 +12,9 @@ We use the letters ``T`` (time steps), ``B`` (batch), ``I`` (input features), ``
 size), ``L`` (layers), ``D`` (directions: 2 when bidirectional) and ``P`` (projection size).
 """
 
+import subprocess
+import sys
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -175,15 +178,25 @@ assert output.shape == (T, H) and h_n.shape == c_n.shape == (1, H)
 # %%
 # The same layers in ``torch.nn``
 # -------------------------------
-# These shapes are ``torch.nn``'s: with the same weights, ``torch.nn.LSTM`` returns the same
-# tensors.
+# These shapes are ``torch.nn``'s: with the same weights, ``torch.nn.LSTM`` returns tensors of
+# the same shapes and the same numbers (to float32 rounding).
 
 reference = torch.nn.LSTM(I, H, num_layers=2, bidirectional=True)
 reference.load_state_dict(bi.state_dict())
 ref_output, (ref_h_n, ref_c_n) = reference(x)
 output, (h_n, c_n) = bi(x)
+assert output.shape == ref_output.shape and h_n.shape == ref_h_n.shape
 assert torch.allclose(output, ref_output, atol=1e-6) and torch.allclose(h_n, ref_h_n, atol=1e-6)
 
 # %%
-# The command line prints the same table for any layer:
-# ``rnnkit shapes lstm --input-size 10 --hidden-size 20 --num-layers 2 --bidirectional``.
+# The command line
+# ----------------
+# ``rnnkit shapes`` prints this table for any layer, with what each tensor means:
+
+args = ["lstm", "--input-size", "10", "--hidden-size", "20", "--num-layers", "2"]
+args += ["--bidirectional", "--seq-len", "5", "--batch", "3"]
+table = subprocess.run(
+    [sys.executable, "-m", "rnnkit", "shapes", *args], capture_output=True, text=True, check=True
+).stdout
+print(table)
+assert "output  (5, 3, 40)" in table and "h_n     (4, 3, 20)" in table

@@ -14,6 +14,9 @@ parameters (seed 002). This tutorial checks the formula against the layers thems
 ``torch.nn``, and explains why Keras prints a smaller number for the same LSTM.
 """
 
+import subprocess
+import sys
+
 import matplotlib.pyplot as plt
 import torch
 
@@ -151,5 +154,13 @@ fig.tight_layout()
 assert bottom == [formula(G, I, H) for G in GATES.values()]
 
 # %%
-# The command line prints the same table for any configuration:
-# ``rnnkit params lstm --input-size 10 --hidden-size 20 --num-layers 2``.
+# The command line
+# ----------------
+# ``rnnkit params`` prints one row per tensor, the formula and the total for any configuration:
+
+args = ["lstm", "--input-size", "10", "--hidden-size", "20", "--num-layers", "2"]
+table = subprocess.run(
+    [sys.executable, "-m", "rnnkit", "params", *args], capture_output=True, text=True, check=True
+).stdout
+print(table)
+assert f"total: {rnnkit.param_count('lstm', 10, 20, num_layers=2).total:,} parameters" in table
