@@ -105,7 +105,7 @@ assert torch.equal(output[:, 0, H:], h_n[-1])
 # %%
 # The figure shows the size of each state in the unpacked ``output`` (its norm, per sequence
 # and step): the padding is zero, ``output[:, -1]`` (crosses) falls into it for the two short
-# sequences, and ``lengths - 1`` (circles) finds each sequence's last real step.
+# sequences, and ``lengths - 1`` (orange circles) finds each sequence's last real step.
 
 norms = output.norm(dim=-1).detach()  # (B, T)
 fig, ax = plt.subplots(figsize=(7, 2.8))
@@ -117,7 +117,7 @@ ax.scatter(
     marker="o",
     s=160,
     facecolors="none",
-    edgecolors="white",
+    edgecolors="darkorange",
     linewidths=2.5,
     label="output[b, lengths[b] - 1]",
 )

@@ -135,12 +135,13 @@ for part in parts:
     ax.bar(list(GATES), sizes, bottom=bottom, label=part)
     bottom = [b + s for b, s in zip(bottom, sizes, strict=True)]
 keras = {n: formula(G, I, H, biases=1) for n, G in GATES.items() if n != "GRU"}
-ax.scatter(
-    list(keras),
+positions = {n: k for k, n in enumerate(GATES)}
+ax.hlines(
     list(keras.values()),
-    marker="_",
-    s=900,
+    [positions[n] - 0.4 for n in keras],
+    [positions[n] + 0.4 for n in keras],
     color="black",
+    linewidth=2.5,
     zorder=3,
     label="Keras (one bias per gate)",
 )
