@@ -27,7 +27,12 @@ extensions = [
     "rnnkit_docs",
 ]
 
-exclude_patterns = ["_build", "tutorials", "auto_tutorials/*.ipynb", "auto_tutorials/*.py"]
+exclude_patterns = [
+    "_build",
+    "tutorials",
+    "auto_tutorials/*.ipynb",
+    "auto_tutorials/*.py",
+]
 templates_path = ["_templates"]
 html_static_path = ["_static"]
 html_theme = "furo"

@@ -30,11 +30,16 @@ def one_thread(gallery_conf, fname, when=None):
 
 
 def _check_tutorial_times(app, exception):
-    if exception is not None or not app.config.sphinx_gallery_conf.get("plot_gallery", True):
+    if exception is not None or not app.config.sphinx_gallery_conf.get(
+        "plot_gallery", True
+    ):
         return
     report = Path(app.outdir, JUNIT)
     if not report.is_file():
-        logger.warning("no sphinx-gallery timing report at %s; cannot check tutorial times", report)
+        logger.warning(
+            "no sphinx-gallery timing report at %s; cannot check tutorial times",
+            report,
+        )
         return
     for case in ET.parse(report).getroot().iter("testcase"):
         seconds = float(case.get("time", "0"))

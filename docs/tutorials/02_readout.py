@@ -47,7 +47,9 @@ assert torch.equal(hn, readout("hn", output, h_n, None, num_directions=2))
 
 mean = (last[:, :H] + last[:, H:]) / 2
 assert mean.shape == (B, H)
-assert torch.allclose(mean, readout("mean", output, h_n, None, num_directions=2))
+assert torch.allclose(
+    mean, readout("mean", output, h_n, None, num_directions=2)
+)
 
 # %%
 # A common middle way, the final state of the top layer in both directions, is
@@ -80,9 +82,13 @@ assert not torch.allclose(output_padded[1, -1], alone[0, -1], atol=1e-3)
 # real steps only. Unpacked again, the padded steps of ``output`` are zeros, so
 # ``output[:, -1]`` of a short sequence is a zero vector: still not its last state.
 
-packed = pack_padded_sequence(padded, lengths, batch_first=True, enforce_sorted=False)
+packed = pack_padded_sequence(
+    padded, lengths, batch_first=True, enforce_sorted=False
+)
 packed_output, (h_n, c_n) = lstm(packed)
-output, _ = pad_packed_sequence(packed_output, batch_first=True, total_length=T)
+output, _ = pad_packed_sequence(
+    packed_output, batch_first=True, total_length=T
+)
 assert torch.count_nonzero(output[2, -1]) == 0
 
 # %%
@@ -94,7 +100,9 @@ assert torch.count_nonzero(output[2, -1]) == 0
 at_last = output[torch.arange(B), lengths - 1]  # (B, 2H)
 assert torch.equal(at_last[:, :H], h_n[-2])
 assert torch.allclose(at_last[1], alone[0, -1], atol=1e-6)
-assert torch.equal(at_last, readout("last", output, h_n, lengths, num_directions=2))
+assert torch.equal(
+    at_last, readout("last", output, h_n, lengths, num_directions=2)
+)
 
 # %%
 # The backward direction of a packed sequence starts at the sequence's *own* last step, so its
@@ -110,7 +118,14 @@ assert torch.equal(output[:, 0, H:], h_n[-1])
 norms = output.norm(dim=-1).detach()  # (B, T)
 fig, ax = plt.subplots(figsize=(7, 2.8))
 image = ax.imshow(norms, cmap="viridis", aspect="auto")
-ax.scatter([T - 1] * B, range(B), marker="x", s=140, color="red", label="output[:, -1]")
+ax.scatter(
+    [T - 1] * B,
+    range(B),
+    marker="x",
+    s=140,
+    color="red",
+    label="output[:, -1]",
+)
 ax.scatter(
     lengths - 1,
     range(B),
@@ -123,13 +138,21 @@ ax.scatter(
 )
 ax.set_xlabel("time step t (index)")
 ax.set_ylabel("sequence b (index)")
-ax.set_yticks(range(B), [f"b={b}, length {int(n)}" for b, n in enumerate(lengths)])
+ax.set_yticks(
+    range(B), [f"b={b}, length {int(n)}" for b, n in enumerate(lengths)]
+)
 ax.set_title("Unpacked output of a packed batch: padding is zero")
-ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2, frameon=False)
+ax.legend(
+    loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2, frameon=False
+)
 fig.colorbar(image, ax=ax, label="norm of output[b, t] (unitless)")
 fig.tight_layout()
 
-assert (norms[1, 4:] == 0).all() and (norms[2, 2:] == 0).all() and (norms[0] > 0).all()
+assert (
+    (norms[1, 4:] == 0).all()
+    and (norms[2, 2:] == 0).all()
+    and (norms[0] > 0).all()
+)
 
 # %%
 # rnnkit's models take the lengths and do all of this for you: a
@@ -137,7 +160,12 @@ assert (norms[1, 4:] == 0).all() and (norms[2, 2:] == 0).all() and (norms[0] > 0
 # each sequence's own end, so a padded batch gives the same logits as each sequence alone.
 
 config = ModelConfig(
-    "classifier", input_size=I, output_size=3, hidden_size=H, bidirectional=True, readout="last"
+    "classifier",
+    input_size=I,
+    output_size=3,
+    hidden_size=H,
+    bidirectional=True,
+    readout="last",
 )
 model = SequenceClassifier(config).eval()
 batch_logits = model(padded, lengths)

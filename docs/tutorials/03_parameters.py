@@ -38,14 +38,19 @@ for name, G in GATES.items():
     layer = getattr(rnnkit, name)(I, H)
     counted = rnnkit.count_parameters(layer)
     closed = rnnkit.param_count(name.lower(), I, H).total
-    torch_count = sum(p.numel() for p in getattr(torch.nn, name)(I, H).parameters())
-    print(f"{name:4s} G={G}  formula {formula(G, I, H)}  counted {counted}  torch.nn {torch_count}")
+    torch_count = sum(
+        p.numel() for p in getattr(torch.nn, name)(I, H).parameters()
+    )
+    print(f"{name:4s} G={G}  formula {formula(G, I, H)}", end="  ")
+    print(f"counted {counted}  torch.nn {torch_count}")
     assert counted == closed == torch_count == formula(G, I, H)
 
 # %%
 # So an LSTM has exactly 4x the parameters of a plain RNN of the same sizes, and a GRU 3x.
 
-rnn, gru, lstm = (rnnkit.count_parameters(getattr(rnnkit, n)(I, H)) for n in GATES)
+rnn, gru, lstm = (
+    rnnkit.count_parameters(getattr(rnnkit, n)(I, H)) for n in GATES
+)
 assert lstm == 4 * rnn and gru == 3 * rnn
 
 # %%
@@ -76,7 +81,9 @@ print(count.formula)
 print("per layer:", count.per_layer, " total:", count.total)
 D = 2
 assert count.per_layer == [D * formula(4, I, H), D * formula(4, D * H, H)]
-assert count.total == rnnkit.count_parameters(rnnkit.LSTM(I, H, num_layers=2, bidirectional=True))
+assert count.total == rnnkit.count_parameters(
+    rnnkit.LSTM(I, H, num_layers=2, bidirectional=True)
+)
 
 # %%
 # With a projection (``proj_size=P``) the recurrent weight reads ``h`` of ``P`` features and a
@@ -84,7 +91,8 @@ assert count.total == rnnkit.count_parameters(rnnkit.LSTM(I, H, num_layers=2, bi
 
 P = 5
 assert (
-    rnnkit.count_parameters(rnnkit.LSTM(I, H, proj_size=P)) == 4 * (H * I + H * P + 2 * H) + P * H
+    rnnkit.count_parameters(rnnkit.LSTM(I, H, proj_size=P))
+    == 4 * (H * I + H * P + 2 * H) + P * H
 )
 
 # %%
@@ -100,10 +108,13 @@ assert (
 for name, G in GATES.items():
     layer = getattr(rnnkit, name)(I, H)
     keras_style = formula(G, I, H, biases=1)
-    b_hh = sum(p.numel() for n, p in layer.named_parameters() if n.startswith("bias_hh"))
-    print(
-        f"{name:4s}  torch {rnnkit.count_parameters(layer):5d}  one bias per gate {keras_style:5d}"
+    b_hh = sum(
+        p.numel()
+        for n, p in layer.named_parameters()
+        if n.startswith("bias_hh")
     )
+    torch_style = rnnkit.count_parameters(layer)
+    print(f"{name:4s} torch {torch_style}  one bias per gate {keras_style}")
     assert rnnkit.count_parameters(layer) - keras_style == b_hh == G * H
 
 # %%
@@ -121,7 +132,9 @@ assert torch.allclose(folded(x)[0], lstm_layer(x)[0], atol=1e-6)
 # %%
 # Without biases (``bias=False``) the count is ``G * (H * I + H * H)`` in both libraries.
 
-assert rnnkit.count_parameters(rnnkit.GRU(I, H, bias=False)) == 3 * (H * I + H * H)
+assert rnnkit.count_parameters(rnnkit.GRU(I, H, bias=False)) == 3 * (
+    H * I + H * H
+)
 
 # %%
 # The figure shows, for ``I = 10`` and ``H = 20``, how the count of one layer splits into the
@@ -131,7 +144,9 @@ parts = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"]
 fig, ax = plt.subplots(figsize=(7, 3.6))
 bottom = [0] * len(GATES)
 for part in parts:
-    sizes = [getattr(rnnkit, n)(I, H).get_parameter(part).numel() for n in GATES]
+    sizes = [
+        getattr(rnnkit, n)(I, H).get_parameter(part).numel() for n in GATES
+    ]
     ax.bar(list(GATES), sizes, bottom=bottom, label=part)
     bottom = [b + s for b, s in zip(bottom, sizes, strict=True)]
 keras = {n: formula(G, I, H, biases=1) for n, G in GATES.items() if n != "GRU"}
@@ -159,9 +174,21 @@ assert bottom == [formula(G, I, H) for G in GATES.values()]
 # ----------------
 # ``rnnkit params`` prints one row per tensor, the formula and the total for any configuration:
 
-args = ["lstm", "--input-size", "10", "--hidden-size", "20", "--num-layers", "2"]
+args = [
+    "lstm",
+    "--input-size",
+    "10",
+    "--hidden-size",
+    "20",
+    "--num-layers",
+    "2",
+]
 table = subprocess.run(
-    [sys.executable, "-m", "rnnkit", "params", *args], capture_output=True, text=True, check=True
+    [sys.executable, "-m", "rnnkit", "params", *args],
+    capture_output=True,
+    text=True,
+    check=True,
 ).stdout
 print(table)
-assert f"total: {rnnkit.param_count('lstm', 10, 20, num_layers=2).total:,} parameters" in table
+total = rnnkit.param_count("lstm", 10, 20, num_layers=2).total
+assert f"total: {total:,} parameters" in table

@@ -51,7 +51,8 @@ def my_bidirectional_lstm(x, layer):
     outputs, hs, cs = [], [], []
     for suffix, reverse in (("_l0", False), ("_l0_reverse", True)):
         weights = [
-            getattr(layer, f"{n}{suffix}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            getattr(layer, f"{n}{suffix}")
+            for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
         ]
         out, h, c = run_direction(x, weights, reverse)
         outputs.append(out)
@@ -79,7 +80,10 @@ assert max(errors.values()) < 1e-12
 
 grads = torch.autograd.grad(output.sum(), list(reference.parameters()))
 ref_grads = torch.autograd.grad(ref_output.sum(), list(reference.parameters()))
-assert all(torch.allclose(g, r, atol=1e-12) for g, r in zip(grads, ref_grads, strict=True))
+assert all(
+    torch.allclose(g, r, atol=1e-12)
+    for g, r in zip(grads, ref_grads, strict=True)
+)
 
 # %%
 # The same in float32, where rounding is ``1.2e-7`` relative, agrees to about ``1e-6``: the
@@ -103,9 +107,25 @@ ax.semilogy(range(T), err32.clamp(min=floor), "o-", label="float32")
 ax.semilogy(range(T), err64.clamp(min=floor), "s-", label="float64")
 exact = (err64 == 0).nonzero().flatten().tolist()
 if exact:
-    ax.plot(exact, [floor] * len(exact), "kx", markersize=9, label="float64: exactly equal")
-ax.axhline(torch.finfo(torch.float32).eps, color="C0", linestyle=":", label="float32 epsilon")
-ax.axhline(torch.finfo(torch.float64).eps, color="C1", linestyle=":", label="float64 epsilon")
+    ax.plot(
+        exact,
+        [floor] * len(exact),
+        "kx",
+        markersize=9,
+        label="float64: exactly equal",
+    )
+ax.axhline(
+    torch.finfo(torch.float32).eps,
+    color="C0",
+    linestyle=":",
+    label="float32 epsilon",
+)
+ax.axhline(
+    torch.finfo(torch.float64).eps,
+    color="C1",
+    linestyle=":",
+    label="float64 epsilon",
+)
 ax.set_ylim(floor / 3, 1e-4)
 ax.set_xlabel("time step t (index)")
 ax.set_ylabel("max |mine - torch.nn| (unitless)")
@@ -123,7 +143,9 @@ ours = rnnkit.LSTM(I, H, bidirectional=True, dtype=torch.float64)
 ours.load_state_dict(reference.state_dict())
 our_output, (our_h_n, our_c_n) = ours(x)
 assert torch.allclose(our_output, ref_output, atol=1e-12)
-assert torch.allclose(our_h_n, ref_h_n, atol=1e-12) and torch.allclose(our_c_n, ref_c_n, atol=1e-12)
+assert torch.allclose(our_h_n, ref_h_n, atol=1e-12) and torch.allclose(
+    our_c_n, ref_c_n, atol=1e-12
+)
 
 # %%
 # Your own cell, with every layer feature: ``rnnkit.Recurrent``
@@ -136,20 +158,35 @@ assert torch.allclose(our_h_n, ref_h_n, atol=1e-12) and torch.allclose(our_c_n, 
 class MyLSTMCell(nn.Module):
     def __init__(self, input_size, hidden_size):
         super().__init__()
-        self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size, dtype=torch.float64))
+        self.weight_ih = nn.Parameter(
+            torch.empty(4 * hidden_size, input_size, dtype=torch.float64)
+        )
         self.weight_hh = nn.Parameter(
             torch.empty(4 * hidden_size, hidden_size, dtype=torch.float64)
         )
-        self.bias_ih = nn.Parameter(torch.empty(4 * hidden_size, dtype=torch.float64))
-        self.bias_hh = nn.Parameter(torch.empty(4 * hidden_size, dtype=torch.float64))
+        self.bias_ih = nn.Parameter(
+            torch.empty(4 * hidden_size, dtype=torch.float64)
+        )
+        self.bias_hh = nn.Parameter(
+            torch.empty(4 * hidden_size, dtype=torch.float64)
+        )
         self.hidden_size = hidden_size
 
     def initial_state(self, batch_size, device, dtype):
-        zeros = torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
+        zeros = torch.zeros(
+            batch_size, self.hidden_size, device=device, dtype=dtype
+        )
         return zeros, zeros
 
     def forward(self, x, state):
-        h, c = lstm_cell(x, *state, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        h, c = lstm_cell(
+            x,
+            *state,
+            self.weight_ih,
+            self.weight_hh,
+            self.bias_ih,
+            self.bias_hh,
+        )
         return h, (h, c)
 
 
@@ -161,7 +198,9 @@ print(mine)
 # match to float64 precision, for a padded batch of different lengths too (packed on the way
 # in, as ``torch.nn`` takes it).
 
-reference2 = nn.LSTM(I, H, num_layers=2, bidirectional=True, dtype=torch.float64)
+reference2 = nn.LSTM(
+    I, H, num_layers=2, bidirectional=True, dtype=torch.float64
+)
 with torch.no_grad():
     for k, cell in enumerate(mine.cells):  # k = layer * 2 + direction
         suffix = f"_l{k // 2}" + ("_reverse" if k % 2 else "")
@@ -173,7 +212,9 @@ packed = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
 out_mine, (h_mine, c_mine) = mine(packed)
 out_ref, (h_ref, c_ref) = reference2(packed)
 assert torch.allclose(out_mine.data, out_ref.data, atol=1e-12)
-assert torch.allclose(h_mine, h_ref, atol=1e-12) and torch.allclose(c_mine, c_ref, atol=1e-12)
+assert torch.allclose(h_mine, h_ref, atol=1e-12) and torch.allclose(
+    c_mine, c_ref, atol=1e-12
+)
 print(
     "largest difference, packed 2-layer bidirectional:",
     f"{(out_mine.data - out_ref.data).abs().max():.1e}",

@@ -23,7 +23,13 @@ import rnnkit
 from rnnkit.data import chronological_split, load_taylor
 from rnnkit.data.readers import read_times, taylor_csv
 from rnnkit.models import ModelConfig, SequenceRegressor
-from rnnkit.tasks.forecast import calendar, fit_linear_ar, linear_ar, out_of_fold_ar, seasonal_naive
+from rnnkit.tasks.forecast import (
+    calendar,
+    fit_linear_ar,
+    linear_ar,
+    out_of_fold_ar,
+    seasonal_naive,
+)
 
 load = load_taylor()  # (4032,) MW
 times = read_times(taylor_csv())  # (4032,) datetime64
@@ -31,7 +37,10 @@ print(
     f"{len(load)} half-hourly values from {times[0]} to {times[-1]}, "
     f"{load.min():,.0f} to {load.max():,.0f} MW"
 )
-assert len(load) == 4032 and (times[1:] - times[:-1] == np.timedelta64(30, "m")).all()
+assert (
+    len(load) == 4032
+    and (times[1:] - times[:-1] == np.timedelta64(30, "m")).all()
+)
 
 # %%
 # Windows and splits
@@ -43,7 +52,9 @@ assert len(load) == 4032 and (times[1:] - times[:-1] == np.timedelta64(30, "m"))
 
 WINDOW, HORIZON, DAY, WEEK = 48, 4, 48, 336
 parts = chronological_split(len(load), (0.70, 0.15, 0.15))
-starts = [np.arange(max(part.start, WEEK), part.stop - HORIZON + 1) for part in parts]
+starts = [
+    np.arange(max(part.start, WEEK), part.stop - HORIZON + 1) for part in parts
+]
 print("windows per part (train, validation, test):", [len(s) for s in starts])
 assert all(
     s[-1] + HORIZON <= p.stop for s, p in zip(starts, parts, strict=True)
@@ -63,7 +74,9 @@ z = (load - mean) / std
 # each of the 4 targets, fitted on the training windows.
 
 coef = fit_linear_ar(z, starts[0], WINDOW, HORIZON)  # (49, 4)
-targets = [np.stack([z[t : t + HORIZON] for t in s]) for s in starts]  # (N, 4) each
+targets = [
+    np.stack([z[t : t + HORIZON] for t in s]) for s in starts
+]  # (N, 4) each
 
 # %%
 # The model: an LSTM that corrects the autoregression
@@ -79,18 +92,29 @@ ar = [
     linear_ar(z, starts[1], coef),
     linear_ar(z, starts[2], coef),
 ]
-scale = (targets[0] - ar[0]).std()  # the residuals' size, so that the network's targets are ~1
+scale = (
+    targets[0] - ar[0]
+).std()  # the residuals' size, so that the network's targets are ~1
 cal = calendar(times)  # (4032, 9)
 
 
 def inputs(s, ar_forecast):
-    steps = s[:, None] - WINDOW + np.arange(WINDOW)  # (N, 48): the time step of each input step
-    repeat = np.broadcast_to(ar_forecast[:, None, :], (len(s), WINDOW, HORIZON))
-    return np.concatenate([z[steps][..., None], cal[steps], repeat], axis=-1).astype(np.float32)
+    steps = (
+        s[:, None] - WINDOW + np.arange(WINDOW)
+    )  # (N, 48): the time step of each input step
+    repeat = np.broadcast_to(
+        ar_forecast[:, None, :], (len(s), WINDOW, HORIZON)
+    )
+    return np.concatenate(
+        [z[steps][..., None], cal[steps], repeat], axis=-1
+    ).astype(np.float32)
 
 
 data = [
-    (torch.from_numpy(inputs(s, a)), torch.from_numpy(((t - a) / scale).astype(np.float32)))
+    (
+        torch.from_numpy(inputs(s, a)),
+        torch.from_numpy(((t - a) / scale).astype(np.float32)),
+    )
     for s, a, t in zip(starts, ar, targets, strict=True)
 ]
 print("inputs (N, T, features):", tuple(data[0][0].shape))
@@ -103,14 +127,24 @@ assert data[0][0].shape == (len(starts[0]), WINDOW, 1 + 9 + HORIZON)
 
 torch.manual_seed(0)
 model = SequenceRegressor(
-    ModelConfig("regressor", input_size=data[0][0].shape[-1], output_size=HORIZON, hidden_size=64)
+    ModelConfig(
+        "regressor",
+        input_size=data[0][0].shape[-1],
+        output_size=HORIZON,
+        hidden_size=64,
+    )
 )
 history = rnnkit.fit(
     model,
     data[0],
     data[1],
     config=rnnkit.TrainConfig(
-        epochs=20, batch_size=64, lr=0.003, threads=1, out=tempfile.mkdtemp(), quiet=True
+        epochs=20,
+        batch_size=64,
+        lr=0.003,
+        threads=1,
+        out=tempfile.mkdtemp(),
+        quiet=True,
     ),
 )
 
@@ -123,7 +157,9 @@ x_test, _ = data[2]
 in_mw = lambda zs: zs * std + mean  # noqa: E731
 truth = in_mw(targets[2])
 forecasts = {
-    "LSTM + autoregression": in_mw(rnnkit.predict(model, x_test).numpy() * scale + ar[2]),
+    "LSTM + autoregression": in_mw(
+        rnnkit.predict(model, x_test).numpy() * scale + ar[2]
+    ),
     "linear autoregression": in_mw(ar[2]),
     "same time last week": in_mw(seasonal_naive(z, starts[2], WEEK, HORIZON)),
     "same time yesterday": in_mw(seasonal_naive(z, starts[2], DAY, HORIZON)),
@@ -136,7 +172,9 @@ for name, value in mae.items():
 # The LSTM's errors are more than 15% smaller than the best baseline's.
 
 best_baseline = min(v for k, v in mae.items() if k != "LSTM + autoregression")
-print(f"LSTM / best baseline: {mae['LSTM + autoregression'] / best_baseline:.2f}")
+print(
+    f"LSTM / best baseline: {mae['LSTM + autoregression'] / best_baseline:.2f}"
+)
 assert mae["LSTM + autoregression"] < 0.85 * best_baseline
 
 # %%
@@ -145,9 +183,13 @@ assert mae["LSTM + autoregression"] < 0.85 * best_baseline
 # Sunday or Monday its error is several times its error on Tuesday to Friday, where yesterday
 # was a similar day.
 
-weekday = (times[starts[2]].astype("datetime64[D]").astype(np.int64) + 3) % 7  # Monday = 0
+weekday = (
+    times[starts[2]].astype("datetime64[D]").astype(np.int64) + 3
+) % 7  # Monday = 0
 after_change = np.isin(weekday, [0, 5, 6])
-day_error = np.abs(forecasts["same time yesterday"] - truth).mean(axis=1)  # (N,)
+day_error = np.abs(forecasts["same time yesterday"] - truth).mean(
+    axis=1
+)  # (N,)
 print(
     f"day-ago MAE: Sat/Sun/Mon {day_error[after_change].mean():,.0f} MW, "
     f"Tue-Fri {day_error[~after_change].mean():,.0f} MW"
@@ -162,20 +204,35 @@ assert day_error[after_change].mean() > 3 * day_error[~after_change].mean()
 show = slice(0, 3 * DAY)
 t_test = times[starts[2] + HORIZON - 1][show]
 fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6), height_ratios=[2, 1])
-ax1.plot(t_test, truth[show, -1], color="black", linewidth=2, label="actual load")
+ax1.plot(
+    t_test, truth[show, -1], color="black", linewidth=2, label="actual load"
+)
 for name, style in (
     ("LSTM + autoregression", "-"),
     ("linear autoregression", "--"),
     ("same time last week", ":"),
 ):
-    ax1.plot(t_test, forecasts[name][show, -1], style, label=f"{name} (2 h ahead)")
+    ax1.plot(
+        t_test, forecasts[name][show, -1], style, label=f"{name} (2 h ahead)"
+    )
 ax1.set_ylabel("load (MW)")
 ax1.set_xlabel("time (August 2000, half-hourly steps)")
 ax1.xaxis.set_major_locator(mdates.HourLocator(byhour=[0, 12]))
 ax1.xaxis.set_major_formatter(mdates.DateFormatter("%a %d %b\n%H:%M"))
-ax1.legend(fontsize=8, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+ax1.legend(
+    fontsize=8,
+    ncol=4,
+    loc="lower center",
+    bbox_to_anchor=(0.5, 1.0),
+    frameon=False,
+)
 epochs = np.arange(1, len(history["val_mae"]) + 1)
-ax2.plot(epochs, np.array(history["val_mae"]) * scale * std, "o-", label="LSTM + autoregression")
+ax2.plot(
+    epochs,
+    np.array(history["val_mae"]) * scale * std,
+    "o-",
+    label="LSTM + autoregression",
+)
 ax2.axhline(
     np.abs(ar[1] - targets[1]).mean() * std,
     color="C1",
@@ -187,7 +244,10 @@ ax2.set_xticks(epochs)
 ax2.set_ylabel("validation MAE (MW)")
 ax2.legend(fontsize=8)
 fig.tight_layout()
-assert min(history["val_mae"]) * scale * std < np.abs(ar[1] - targets[1]).mean() * std
+assert (
+    min(history["val_mae"]) * scale * std
+    < np.abs(ar[1] - targets[1]).mean() * std
+)
 
 # %%
 # ``rnnkit train forecast`` is this model with a week of history (folded by the day, so that each

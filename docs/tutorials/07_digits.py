@@ -19,7 +19,14 @@ from rnnkit.data import load_digits, stratified_split
 from rnnkit.models import ModelConfig, SequenceClassifier
 
 images, labels = load_digits()  # (1797, 8, 8) in [0, 1], (1797,)
-print("images", images.shape, "labels", labels.shape, "classes", np.bincount(labels))
+print(
+    "images",
+    images.shape,
+    "labels",
+    labels.shape,
+    "classes",
+    np.bincount(labels),
+)
 assert images.shape == (1797, 8, 8) and set(labels) == set(range(10))
 
 # %%
@@ -33,7 +40,12 @@ print("train / validation / test:", len(train), len(val), len(test))
 
 fig, axes = plt.subplots(1, 10, figsize=(10, 1.6))
 for digit, ax in enumerate(axes):
-    ax.imshow(images[np.flatnonzero(labels == digit)[0]], cmap="gray_r", vmin=0, vmax=1)
+    ax.imshow(
+        images[np.flatnonzero(labels == digit)[0]],
+        cmap="gray_r",
+        vmin=0,
+        vmax=1,
+    )
     ax.set_title(str(digit))
     ax.set_xticks([])
     ax.set_yticks(range(0, 8, 7), ["t=0", "t=7"] if digit == 0 else ["", ""])
@@ -51,15 +63,31 @@ fig.tight_layout()
 
 torch.manual_seed(0)
 model = SequenceClassifier(
-    ModelConfig("classifier", input_size=8, output_size=10, hidden_size=128, readout="last")
+    ModelConfig(
+        "classifier",
+        input_size=8,
+        output_size=10,
+        hidden_size=128,
+        readout="last",
+    )
 )
 config = rnnkit.TrainConfig(
-    epochs=30, batch_size=32, lr=0.01, threads=1, out=tempfile.mkdtemp(), quiet=True
+    epochs=30,
+    batch_size=32,
+    lr=0.01,
+    threads=1,
+    out=tempfile.mkdtemp(),
+    quiet=True,
 )
 history = rnnkit.fit(
-    model, (x[train], y[train]), (x[val], y[val]), test_data=(x[test], y[test]), config=config
+    model,
+    (x[train], y[train]),
+    (x[val], y[val]),
+    test_data=(x[test], y[test]),
+    config=config,
 )
-print(f"best epoch {history.best_epoch}, test accuracy {history.test['test_accuracy']:.2%}")
+print(f"best epoch {history.best_epoch}")
+print(f"test accuracy {history.test['test_accuracy']:.2%}")
 
 # %%
 # The test digits are recognised at over 97%: almost all of the 359.
@@ -82,7 +110,10 @@ ax1.set_ylabel("cross-entropy (nats per digit)")
 ax1.legend()
 ax2.plot(epochs, 100 * np.array(history["val_accuracy"]), color="C1")
 ax2.axvline(
-    history.best_epoch, color="gray", linestyle=":", label=f"best epoch ({history.best_epoch})"
+    history.best_epoch,
+    color="gray",
+    linestyle=":",
+    label=f"best epoch ({history.best_epoch})",
 )
 ax2.set_xlabel("epoch")
 ax2.set_ylabel("validation accuracy (%)")
@@ -127,7 +158,10 @@ fig.tight_layout()
 # Which digits does it confuse? The off-diagonal cells:
 
 mistakes = [
-    (i, j, int(matrix[i, j])) for i in range(10) for j in range(10) if i != j and matrix[i, j]
+    (i, j, int(matrix[i, j]))
+    for i in range(10)
+    for j in range(10)
+    if i != j and matrix[i, j]
 ]
 print("true -> predicted (count):", mistakes)
 assert sum(n for _, _, n in mistakes) == matrix.sum() - np.trace(matrix)

@@ -52,9 +52,15 @@ assert change["plain"] > 0.5 and change["layer_norm"] < 1e-2
 # Layer norm adds a gain and a bias per normalised quantity, after ``torch.nn``'s parameters
 # (whose names and initialisation stay): here ``3 * 2`` vectors.
 
-extra = {n: tuple(p.shape) for n, p in normed.named_parameters() if n.startswith("ln_")}
+extra = {
+    n: tuple(p.shape)
+    for n, p in normed.named_parameters()
+    if n.startswith("ln_")
+}
 print(extra)
-assert rnnkit.count_parameters(normed) - rnnkit.count_parameters(plain) == 2 * (4 * H + 4 * H + H)
+assert rnnkit.count_parameters(normed) - rnnkit.count_parameters(
+    plain
+) == 2 * (4 * H + 4 * H + H)
 
 # %%
 # Zoneout: units that keep their value
@@ -88,9 +94,13 @@ same.load_state_dict(dropped.state_dict())
 with torch.no_grad():
     assert torch.allclose(dropped.eval()(x)[0], same(x)[0], atol=1e-6)
     dropped.train()
-    runs = torch.stack([dropped(x)[0][:, 0, 0] for _ in range(30)])  # (30, T): unit 0, sequence 0
+    runs = torch.stack(
+        [dropped(x)[0][:, 0, 0] for _ in range(30)]
+    )  # (30, T): unit 0, sequence 0
     clean = same(x)[0][:, 0, 0]
-assert runs.std(dim=0)[1:].min() > 0  # every step after the first varies between calls
+assert (
+    runs.std(dim=0)[1:].min() > 0
+)  # every step after the first varies between calls
 
 # %%
 # The figures. First, one unit's output over the first 20 steps, for the input at scale 1 and
@@ -103,7 +113,12 @@ with torch.no_grad():
         axes, (("plain LSTM", plain), ("layer_norm=True", normed)), strict=True
     ):
         ax.plot(layer(x)[0][:show, 0, 0], "o-", label="input x")
-        ax.plot(layer(10 * x)[0][:show, 0, 0], "x--", markersize=8, label="input 10 x")
+        ax.plot(
+            layer(10 * x)[0][:show, 0, 0],
+            "x--",
+            markersize=8,
+            label="input 10 x",
+        )
         ax.set_title(name)
         ax.set_xlabel("time step t (index)")
         ax.legend(fontsize=8)
@@ -124,7 +139,9 @@ axes[0].legend(fontsize=8)
 axes[0].set_title("Zoneout, training mode")
 steps = np.arange(T)
 low, high = runs.min(dim=0).values, runs.max(dim=0).values
-axes[1].fill_between(steps, low, high, alpha=0.3, label="training mode, 30 calls (min to max)")
+axes[1].fill_between(
+    steps, low, high, alpha=0.3, label="training mode, 30 calls (min to max)"
+)
 axes[1].plot(steps, clean, color="black", label="evaluation mode = plain LSTM")
 axes[1].set_xlabel("time step t (index)")
 axes[1].set_ylabel("output of unit 0 (unitless)")
@@ -165,7 +182,12 @@ results = {}
 for name, kwargs in variants.items():
     torch.manual_seed(0)
     config = rnnkit.TrainConfig(
-        epochs=30, batch_size=16, lr=0.01, threads=1, out=tempfile.mkdtemp(), quiet=True
+        epochs=30,
+        batch_size=16,
+        lr=0.01,
+        threads=1,
+        out=tempfile.mkdtemp(),
+        quiet=True,
     )
     results[name] = rnnkit.fit(
         Net(**kwargs),

@@ -24,7 +24,9 @@ import rnnkit
 class Net(nn.Module):
     def __init__(self, **variants):
         super().__init__()
-        self.lstm = rnnkit.LSTM(8, 32, num_layers=2, batch_first=True, **variants)
+        self.lstm = rnnkit.LSTM(
+            8, 32, num_layers=2, batch_first=True, **variants
+        )
         self.head = nn.Linear(32, 10)
 
     def forward(self, x):  # (B, T, 8)
@@ -77,7 +79,9 @@ ops = [node.op_type for node in onnx.load(folder / "net.onnx").graph.node]
 print("ONNX operators:", sorted(set(ops)))
 assert ops.count("LSTM") == 2  # one per layer
 
-session = onnxruntime.InferenceSession(folder / "net.onnx", providers=["CPUExecutionProvider"])
+session = onnxruntime.InferenceSession(
+    folder / "net.onnx", providers=["CPUExecutionProvider"]
+)
 (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
 record("ONNX in onnxruntime", onnx_out)
 
@@ -90,11 +94,20 @@ torch.manual_seed(0)
 normed = Net(layer_norm=True).eval()
 with torch.no_grad():
     normed_eager = normed(x)
-torch.onnx.export(normed, (x,), folder / "normed.onnx", dynamo=True, verbose=False)
-normed_ops = [node.op_type for node in onnx.load(folder / "normed.onnx").graph.node]
-print(f"layer_norm=True: {len(normed_ops)} ONNX nodes, no LSTM operator:", "LSTM" not in normed_ops)
+torch.onnx.export(
+    normed, (x,), folder / "normed.onnx", dynamo=True, verbose=False
+)
+normed_ops = [
+    node.op_type for node in onnx.load(folder / "normed.onnx").graph.node
+]
+print(
+    f"layer_norm=True: {len(normed_ops)} ONNX nodes, no LSTM operator:",
+    "LSTM" not in normed_ops,
+)
 assert "LSTM" not in normed_ops and len(normed_ops) > 10 * len(ops)
-session = onnxruntime.InferenceSession(folder / "normed.onnx", providers=["CPUExecutionProvider"])
+session = onnxruntime.InferenceSession(
+    folder / "normed.onnx", providers=["CPUExecutionProvider"]
+)
 (normed_onnx,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
 assert torch.allclose(torch.as_tensor(normed_onnx), normed_eager, atol=1e-5)
 
@@ -120,7 +133,9 @@ with torch.no_grad():
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     kept = rnnkit.to_torch(normed)
-assert isinstance(kept.lstm, rnnkit.LSTM) and any("layer_norm" in str(w.message) for w in caught)
+assert isinstance(kept.lstm, rnnkit.LSTM) and any(
+    "layer_norm" in str(w.message) for w in caught
+)
 back = rnnkit.from_torch(converted)
 assert isinstance(back.lstm, rnnkit.LSTM)
 with torch.no_grad():
@@ -136,7 +151,11 @@ floor = 1e-10
 fig, ax = plt.subplots(figsize=(8, 3.2))
 names = list(difference)
 heights = [max(difference[n], floor) for n in names]
-ax.barh(names, heights, color=["lightgray" if difference[n] == 0 else "C0" for n in names])
+ax.barh(
+    names,
+    heights,
+    color=["lightgray" if difference[n] == 0 else "C0" for n in names],
+)
 for i, n in enumerate(names):
     ax.text(
         heights[i] * 1.5,
@@ -144,7 +163,12 @@ for i, n in enumerate(names):
         "exactly equal" if difference[n] == 0 else f"{difference[n]:.1e}",
         va="center",
     )
-ax.axvline(torch.finfo(torch.float32).eps, color="gray", linestyle=":", label="float32 epsilon")
+ax.axvline(
+    torch.finfo(torch.float32).eps,
+    color="gray",
+    linestyle=":",
+    label="float32 epsilon",
+)
 ax.set_xscale("log")
 ax.set_xlim(floor / 2, 1e-3)
 ax.set_xlabel("max |output - eager output| (logits, unitless)")
