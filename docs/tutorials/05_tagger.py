@@ -155,9 +155,8 @@ print(
 )
 print(f"on the {unseen.sum().item():,} test tokens unseen in training:")
 print(f"  tagger {unseen_model:.2%}, baseline {unseen_base:.2%}")
-assert (
-    abs(model_accuracy - history.test["test_accuracy"]) < 1e-6
-)  # fit's own test figure
+# the same figure as fit's own evaluation of the test data
+assert abs(model_accuracy - history.test["test_accuracy"]) < 1e-6
 
 # %%
 # The tagger beats the baseline by more than a point overall, and by more than ten points on the
