@@ -164,12 +164,15 @@ def test_wheel_installed_in_a_fresh_venv_passes_the_smoke_test(installed):
 
 
 def test_readme_commands_run_programs_that_a_fresh_checkout_has():
-    """Every ``$ `` line of the README starts with ./run, ./run-tests or a program in .venv/bin
-    (a bare ``torchrun`` is not on PATH after ./run)."""
+    """Every ``$ `` line of the README and of the documentation's guide (where the README's command
+    line reference moved) starts with ./run, ./run-tests or a program in .venv/bin (a bare
+    ``torchrun`` is not on PATH after ./run)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs" / "guide").glob("*.rst"))]
     commands = [
-        line[2:].split()[0]
-        for line in (ROOT / "README.md").read_text().splitlines()
-        if line.startswith("$ ")
+        line.strip()[2:].split()[0]
+        for page in pages
+        for line in page.read_text().splitlines()
+        if line.strip().startswith("$ ")
     ]
     assert ".venv/bin/torchrun" in commands
     venv_bin = Path(sys.executable).parent

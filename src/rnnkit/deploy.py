@@ -167,6 +167,14 @@ def to_torch(module: nn.Module, *, inplace: bool = False) -> nn.Module:
     (layer_norm, zoneout, ...) have no torch.nn twin: they stay, with a warning that names them.
     This is the documented way to ``torch.ao.quantization.quantize_dynamic`` and to
     ``torch.jit.script`` a model. Exact classes only: a subclass may have changed ``forward``.
+
+    Example:
+        >>> import torch, rnnkit
+        >>> model = torch.nn.Sequential(rnnkit.GRU(4, 8))
+        >>> type(rnnkit.to_torch(model)[0])
+        <class 'torch.nn.modules.rnn.GRU'>
+        >>> type(model[0])  # a copy was converted, not the model
+        <class 'rnnkit.layers.GRU'>
     """
     twins = _torch_classes()
 
@@ -192,7 +200,13 @@ def from_torch(module: nn.Module, *, backend: str = "auto", inplace: bool = Fals
     ``LSTMCell`` and ``GRUCell`` inside ``module`` (or ``module`` itself) becomes rnnkit's, on
     ``backend`` (layers only; cells have one implementation), holding the same parameters.
     A deep copy unless ``inplace=True``; exact classes only, so quantized and user subclasses
-    stay as they are."""
+    stay as they are.
+
+    Example:
+        >>> import torch, rnnkit
+        >>> type(rnnkit.from_torch(torch.nn.LSTM(4, 8)))
+        <class 'rnnkit.layers.LSTM'>
+    """
     twins = {torch_cls: ours for ours, torch_cls in _torch_classes().items()}
 
     def convert(m: nn.Module) -> nn.Module | None:

@@ -75,6 +75,17 @@ def lstm_cell(
     ``w_ih`` is ``(4H, I)`` stacked as i, f, g, o; ``w_hh`` is ``(4H, P)`` with a projection and
     ``(4H, H)`` without; ``w_hr`` is ``(P, H)``. Returns ``(h', c')``: ``(B, P or H)`` and
     ``(B, H)``.
+
+    Example: one step with ``torch.nn.LSTMCell``'s weights gives its numbers.
+
+        >>> import torch
+        >>> from rnnkit.functional import lstm_cell
+        >>> cell = torch.nn.LSTMCell(3, 5)
+        >>> x, h, c = torch.randn(2, 3), torch.zeros(2, 5), torch.zeros(2, 5)
+        >>> h1, c1 = lstm_cell(x, h, c, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+        >>> h2, c2 = cell(x, (h, c))
+        >>> torch.allclose(h1, h2, atol=1e-6) and torch.allclose(c1, c2, atol=1e-6)
+        True
     """
     return steps.lstm(_linear(x, w_ih, b_ih), h, c, w_hh, b_hh, w_hr)
 

@@ -287,6 +287,13 @@ class RNN(RNNBase):
 
     Arguments, shapes and parameters are torch.nn's; ``backend`` picks the engine.
     ``forward(input, hx=None) -> (output, h_n)``.
+
+    Example:
+        >>> import torch, rnnkit
+        >>> rnn = rnnkit.RNN(10, 20, num_layers=2, nonlinearity="relu")
+        >>> output, h_n = rnn(torch.randn(5, 3, 10))  # (T, B, I)
+        >>> output.shape, h_n.shape  # (T, B, H), (L, B, H)
+        (torch.Size([5, 3, 20]), torch.Size([2, 3, 20]))
     """
 
     def __init__(
@@ -343,6 +350,19 @@ class LSTM(RNNBase):
 
     See ``rnnkit.functional.lstm_cell`` for the equations. Arguments, shapes and parameters are
     torch.nn's; ``backend`` picks the engine. ``forward(input, hx=None) -> (output, (h_n, c_n))``.
+
+    Example:
+        >>> import torch, rnnkit
+        >>> lstm = rnnkit.LSTM(10, 20, num_layers=2, batch_first=True, bidirectional=True)
+        >>> output, (h_n, c_n) = lstm(torch.randn(3, 5, 10))  # (B, T, I)
+        >>> output.shape  # (B, T, D * H)
+        torch.Size([3, 5, 40])
+        >>> h_n.shape, c_n.shape  # (L * D, B, H) whatever batch_first says
+        (torch.Size([4, 3, 20]), torch.Size([4, 3, 20]))
+        >>> torch.equal(output[:, -1, :20], h_n[-2])  # the top layer's forward final state
+        True
+        >>> torch.equal(output[:, 0, 20:], h_n[-1])  # the backward one ends at step 0
+        True
     """
 
     def __init__(
@@ -395,6 +415,13 @@ class GRU(RNNBase):
 
     See ``rnnkit.functional.gru_cell`` for the equations. Arguments, shapes and parameters are
     torch.nn's; ``backend`` picks the engine. ``forward(input, hx=None) -> (output, h_n)``.
+
+    Example:
+        >>> import torch, rnnkit
+        >>> gru = rnnkit.GRU(10, 20, layer_norm=True)  # a variant torch.nn lacks
+        >>> output, h_n = gru(torch.randn(5, 3, 10))
+        >>> output.shape, h_n.shape
+        (torch.Size([5, 3, 20]), torch.Size([1, 3, 20]))
     """
 
     def __init__(
@@ -574,6 +601,14 @@ class LSTMCell(RNNCellBase):
     ``forward(input, hx=None) -> (h', c')`` with input ``(B, I)`` or ``(I,)``. Beyond torch.nn
     (off by default): ``layer_norm`` and ``forget_bias`` as on ``rnnkit.LSTM``
     (``rnnkit.variants``); the parameters are then named ``ln_ih_weight``, ``ln_c_bias``, ...
+
+    Example:
+        >>> import torch, rnnkit
+        >>> cell = rnnkit.LSTMCell(10, 20)
+        >>> h, c = cell(torch.randn(3, 10))  # one step of a batch of 3
+        >>> h, c = cell(torch.randn(3, 10), (h, c))  # the next step
+        >>> h.shape, c.shape
+        (torch.Size([3, 20]), torch.Size([3, 20]))
     """
 
     def __init__(

@@ -175,6 +175,14 @@ def readout(
       ``layer * D + direction``: ``torch.cat([h_n[i] for i in range(L * D)], -1)``.
       ``(B, L * D * H)``.
     - ``mean``: ``last`` with the two directions averaged instead of concatenated. ``(B, H)``.
+
+    Example:
+        >>> import torch, rnnkit
+        >>> from rnnkit.models import readout
+        >>> lstm = rnnkit.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+        >>> output, (h_n, _) = lstm(torch.randn(5, 7, 3))
+        >>> [tuple(readout(k, output, h_n, None, 2).shape) for k in ("last", "hn", "mean")]
+        [(5, 8), (5, 16), (5, 4)]
     """
     B = output.shape[0]
     if kind == "hn":
@@ -294,6 +302,15 @@ class SequenceClassifier(_Encoded):
 
     Seed 001's ``BiLSTM`` and seed 003's sequential-MNIST model are this with ``readout="last"``
     and ``readout="hn"``.
+
+    Example: seed 003's MNIST model, on a padded batch of two sequences of 28 and 20 rows.
+
+        >>> import torch
+        >>> from rnnkit.models import ModelConfig, SequenceClassifier
+        >>> config = ModelConfig("classifier", input_size=28, output_size=10, readout="hn")
+        >>> model = SequenceClassifier(config)
+        >>> model(torch.randn(2, 28, 28), lengths=torch.tensor([28, 20])).shape
+        torch.Size([2, 10])
     """
 
     def __init__(self, config: ModelConfig) -> None:

@@ -23,7 +23,13 @@ class ParamCount:
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of scalars in ``module``'s parameters (only those with ``requires_grad`` if asked)."""
+    """Number of scalars in ``module``'s parameters (only those with ``requires_grad`` if asked).
+
+    Example:
+        >>> import rnnkit
+        >>> rnnkit.count_parameters(rnnkit.LSTM(10, 20))  # 4 * (20*10 + 20*20 + 2*20)
+        2560
+    """
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
@@ -41,6 +47,14 @@ def param_count(
     With G gates (1 for RNN, 4 for LSTM, 3 for GRU), D directions, R = P or H the size of h, and
     I_l the input of layer l (I for l = 0, D * R above), each layer and direction holds
     G*H*I_l + G*H*R (weights) + 2*G*H (biases) + P*H (projection).
+
+    Example:
+        >>> import rnnkit
+        >>> count = rnnkit.param_count("lstm", 10, 20, num_layers=2)
+        >>> count.total, count.per_layer
+        (5920, [2560, 3360])
+        >>> count.tensors[0]
+        ('weight_ih_l0', (80, 10), 800)
     """
     key = mode.lower()
     if key not in _GATES:

@@ -51,6 +51,24 @@ class Recurrent(nn.Module):
     ``requires_grad``) is one more compilation, and past torch's ``recompile_limit`` (8 per cell
     class) torch runs the remaining variants eagerly: same numbers, less speed. Measure on your
     own shapes.
+
+    Example: a minimal GRU-like cell, run as two bidirectional layers.
+
+        >>> import torch, rnnkit
+        >>> from torch import nn
+        >>> class MinimalGRU(nn.Module):
+        ...     def __init__(self, input_size, hidden_size):
+        ...         super().__init__()
+        ...         self.x2zh = nn.Linear(input_size, 2 * hidden_size)
+        ...         self.h2z = nn.Linear(hidden_size, hidden_size, bias=False)
+        ...     def forward(self, x, h):
+        ...         z_x, h_x = self.x2zh(x).chunk(2, dim=-1)
+        ...         h = torch.lerp(h, torch.tanh(h_x), torch.sigmoid(z_x + self.h2z(h)))
+        ...         return h, h
+        >>> layer = rnnkit.Recurrent(MinimalGRU, 10, 20, num_layers=2, bidirectional=True)
+        >>> output, h_n = layer(torch.randn(5, 3, 10))
+        >>> output.shape, h_n.shape
+        (torch.Size([5, 3, 40]), torch.Size([4, 3, 20]))
     """
 
     def __init__(

@@ -1,4 +1,5 @@
-"""Training as a library: :func:`fit`, :func:`load`, :func:`predict`, :class:`TrainConfig`.
+"""Training as a library: :func:`~rnnkit.fit`, :func:`~rnnkit.load`, :func:`~rnnkit.predict`,
+:class:`~rnnkit.TrainConfig`.
 
 ``rnnkit train`` (``train/cli.py``) is a thin user of them. The modules: ``config`` (TrainConfig
 and the option checks), ``state`` (TrainState, the checkpoint), ``loop`` (fit), ``data`` (what

@@ -36,30 +36,37 @@ class TrainingFailed(RunError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything about how a model trains (not what it is: that is its ``ModelConfig``)."""
+    """Everything about how a model trains (not what it is: that is its ``ModelConfig``).
 
-    epochs: int = 10
-    batch_size: int = 32  # sequences per step, per process
-    lr: float = 1e-3  # the peak learning rate under onecycle
-    optimizer: str = "adam"  # "adam" or "sgd" (with momentum)
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "onecycle"  # "onecycle", "cosine" or "constant", over all steps
-    clip_grad: float = 1.0  # the gradient norm is clipped to this; 0 = off
-    patience: int = 0  # stop after this many epochs without a better validation metric; 0 = off
-    precision: str = "fp32"  # "fp32", or "bf16": forward passes under bfloat16 autocast
-    # The batch order; the command line also seeds torch with it before building the model (its
-    # weights, then dropout): with rnnkit.fit, call torch.manual_seed before building yours.
+    Example:
+        >>> import rnnkit
+        >>> config = rnnkit.TrainConfig(epochs=5, lr=0.01, out="runs/own")
+        >>> config.replace(resume=True).resume  # continue that run where it stopped
+        True
+    """
+
+    epochs: int = 10  #: passes over the training data
+    batch_size: int = 32  #: sequences per step, per process
+    lr: float = 1e-3  #: the peak learning rate under onecycle
+    optimizer: str = "adam"  #: "adam" or "sgd" (with momentum)
+    momentum: float = 0.9  #: sgd's momentum
+    weight_decay: float = 0.0  #: the optimizer's weight decay; 0 = off
+    schedule: str = "onecycle"  #: "onecycle", "cosine" or "constant", over all steps
+    clip_grad: float = 1.0  #: the gradient norm is clipped to this; 0 = off
+    patience: int = 0  #: stop after this many epochs without a better validation metric; 0 = off
+    precision: str = "fp32"  #: "fp32", or "bf16" (forward passes under bfloat16 autocast)
+    #: The batch order; the command line also seeds torch with it before building the model (its
+    #: weights, then dropout), so with rnnkit.fit, call torch.manual_seed before building yours.
     seed: int = 0
-    device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when there is one)
-    # torch's CPU threads per process; None: rnnkit.fit leaves them as they are, the command line
-    # takes what the machine can serve (run.set_threads)
+    device: str = "auto"  #: "cpu", "cuda" or "auto" (cuda when there is one)
+    #: torch's CPU threads per process; with None, rnnkit.fit leaves them as they are and the
+    #: command line takes what the machine can serve (run.set_threads)
     threads: int | None = None
-    out: str | None = None  # the run folder; None: runs/<name>-<timestamp>
-    resume: bool = False  # continue the run in ``out`` from its last checkpoint
-    log_every: int = 0  # log the training loss every N steps; 0: about 10 times an epoch
-    quiet: bool = False  # no progress bar or epoch lines
-    tensorboard: bool = False  # TensorBoard scalars in <out>/tensorboard as well
+    out: str | None = None  #: the run folder (None means runs/<name>-<timestamp>)
+    resume: bool = False  #: continue the run in ``out`` from its last checkpoint
+    log_every: int = 0  #: log the training loss every N steps (0 means about 10 times an epoch)
+    quiet: bool = False  #: no progress bar or epoch lines
+    tensorboard: bool = False  #: TensorBoard scalars in <out>/tensorboard as well
 
     def replace(self, **changes) -> "TrainConfig":
         return replace(self, **changes)

@@ -89,12 +89,12 @@ def fit(
     ``DataLoader``; the model is called as ``model(*inputs)``. ``loss(out, y)`` and
     ``metric(out, y)`` return batch means; without them integer targets mean cross-entropy and
     accuracy, floating ones mean squared error and mean absolute error. ``objective`` replaces
-    both (see :mod:`rnnkit.train.objective`). ``config`` (:class:`TrainConfig`) sets everything
+    both (see :class:`~rnnkit.train.Objective`). ``config`` (:class:`TrainConfig`) sets everything
     else, the run folder (``out``) and ``resume`` included. ``test_data`` are evaluated once, with
     the best weights, into ``summary.json``. ``run_info`` is what the command line records about
     its task (``task``, ``title``, ``options``, ``data``, ``preprocessing``, and how to resume or
     start again, ``resume`` and ``again``).
-    Returns the :class:`History`; ``model`` ends with the best epoch's weights.
+    Returns the :class:`~rnnkit.train.History`; ``model`` ends with the best epoch's weights.
     """
     config = (config or TrainConfig()).check()
     info = dict(run_info or {})

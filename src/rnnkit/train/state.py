@@ -61,7 +61,7 @@ class TrainState:
         return patience > 0 and self.epoch - self.best["epoch"] >= patience
 
     def save(self, path: Path, run: dict, net: nn.Module, optimizer, scheduler) -> None:
-        """Write the checkpoint: this state, the run's identity (:data:`RUN_KEYS` of ``run``),
+        """Write the checkpoint: this state, the run's identity (the ``RUN_KEYS`` of ``run``),
         the weights and the optimizer's and scheduler's state."""
         save_checkpoint(
             path,
