@@ -34,7 +34,6 @@ exclude_patterns = [
     "auto_tutorials/*.py",
 ]
 templates_path = ["_templates"]
-html_static_path = ["_static"]
 html_theme = "furo"
 html_title = f"rnnkit {release}"
 html_theme_options = {"navigation_with_keys": True}
