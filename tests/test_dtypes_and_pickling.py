@@ -123,12 +123,32 @@ def test_autocast_bfloat16_training_runs_native_and_matches_float64():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
 @pytest.mark.parametrize("needs_grad", [False, True], ids=["inference", "training"])
-def test_auto_never_sends_low_precision_to_torch_kernels_on_the_cpu(mode, dtype, needs_grad):
+def test_auto_sends_low_precision_to_torch_kernels_only_where_the_cpu_runs_them(
+    mode, dtype, needs_grad, monkeypatch
+):
     spec = LayerSpec(mode, 8, 8, 1, 1, True, 0.0, 0)
-    for batch in (1, 16, 64):
-        chosen = engines.plan("x", "auto", spec, torch.device("cpu"), dtype, batch=batch,
-                              needs_grad=needs_grad)  # fmt: skip
-        assert chosen.engine is not engines.torch_native, chosen.why
+    cpu = torch.device("cpu")
+    for runs in (False, True):
+        monkeypatch.setattr(engines, "_torch_cpu_runs_bfloat16", lambda runs=runs: runs)
+        for batch in (1, 16, 64):
+            chosen = engines.plan("x", "auto", spec, cpu, dtype, batch=batch,
+                                  needs_grad=needs_grad)  # fmt: skip
+            # torch's bfloat16 LSTM where this CPU runs it, by float32's rule; else native.
+            torch_rule = (not needs_grad or batch > engines.LSTM_NATIVE_MAX_BATCH) and runs
+            on_torch = mode == "LSTM" and dtype == torch.bfloat16 and torch_rule
+            want = engines.torch_native if on_torch else native
+            assert chosen.engine is want, (runs, batch, chosen.why)
+
+
+def test_torch_cpu_runs_bfloat16_only_with_bfloat16_dot_products(monkeypatch):
+    from rnnkit.engines.native import build
+
+    for flags, want in [({"avx2", "fma"}, False), ({"avx512f", "avx512bw"}, False),
+                        ({"avx512f", "avx512_bf16"}, True), ({"amx_bf16"}, True)]:  # fmt: skip
+        monkeypatch.setattr(build, "cpu_flags", lambda flags=flags: flags)
+        engines._torch_cpu_runs_bfloat16.cache_clear()
+        assert engines._torch_cpu_runs_bfloat16() is (want and torch.backends.mkldnn.is_available())
+    engines._torch_cpu_runs_bfloat16.cache_clear()
 
 
 def test_plan_names_its_rule():

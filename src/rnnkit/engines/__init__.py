@@ -19,6 +19,7 @@ variants. Layers validate and reshape; engines only compute. One engine per job:
 ``auto``: see :func:`plan`.
 """
 
+import functools
 import warnings
 from types import ModuleType
 from typing import NamedTuple
@@ -27,13 +28,14 @@ import torch
 
 from rnnkit.engines import native, reference, shared, torch_native
 from rnnkit.engines import triton as triton_engine
+from rnnkit.engines.native import build as native_build
 from rnnkit.engines.spec import LayerSpec
 
 BACKENDS = ("auto", "reference", "fused", "native", "triton", "torch")
 # The largest batch at which auto trains a CPU LSTM on the native engine (BENCHMARKS.md).
 LSTM_NATIVE_MAX_BATCH = 8
-# Dtypes that torch's CPU kernels (oneDNN) run on every x86 CPU; bfloat16 and float16 need
-# instructions that AMD and older Intel CPUs lack.
+# Dtypes that torch's CPU kernels (oneDNN) run on every x86 CPU; bfloat16 needs instructions that
+# many CPUs lack (see _torch_cpu_runs_bfloat16), float16 is left to the native engine.
 TORCH_CPU_DTYPES = (torch.float32, torch.float64)
 # The reasons already warned about, once each per process.
 _WARNED: set[str] = set()
@@ -74,6 +76,20 @@ def transformed() -> bool:
     return active and not torch.compiler.is_compiling()
 
 
+@functools.cache
+def _torch_cpu_runs_bfloat16() -> bool:
+    """Whether torch's oneDNN RNN kernels run bfloat16 on this CPU: it has bfloat16 dot products
+    (AVX-512 BF16 or AMX). Elsewhere oneDNN refuses the LSTM ("could not create a primitive
+    descriptor", AMD CPUs with AVX2) or would emulate it."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return bool(native_build.cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def _torch_cpu_dtype(dtype: torch.dtype) -> bool:
+    return dtype in TORCH_CPU_DTYPES or (dtype == torch.bfloat16 and _torch_cpu_runs_bfloat16())
+
+
 def _auto(spec: LayerSpec, device: torch.device, dtype: torch.dtype, *, batch: int,
           per_step: bool, needs_grad: bool) -> str:  # fmt: skip
     """``backend="auto"``'s engine, from the measured tables in BENCHMARKS.md."""
@@ -81,7 +97,7 @@ def _auto(spec: LayerSpec, device: torch.device, dtype: torch.dtype, *, batch: i
         lstm_on_torch = (
             spec.mode == "LSTM"
             and not per_step
-            and dtype in TORCH_CPU_DTYPES
+            and _torch_cpu_dtype(dtype)
             and not torch.compiler.is_compiling()
             and not (needs_grad and batch <= LSTM_NATIVE_MAX_BATCH)
         )
@@ -115,12 +131,12 @@ def plan(
     4. ``"fused"`` is native on the CPU and triton on CUDA.
     5. ``"auto"`` follows the measured tables in BENCHMARKS.md:
 
-       - CPU: the native engine, except a plain LSTM in float32 or float64 that either runs
-         inference or trains with batches over ``LSTM_NATIVE_MAX_BATCH``, where torch's oneDNN
-         kernel is the faster (level at B=1 in inference, faster from B=16 in training). Under
-         ``torch.compile`` the native engine, whose operator stays in the graph (torch's
-         kernels break it). bfloat16 and float16 always run native: torch's oneDNN LSTM fails
-         on CPUs without AVX-512 BF16 (every AMD CPU).
+       - CPU: the native engine, except a plain LSTM that either runs inference or trains with
+         batches over ``LSTM_NATIVE_MAX_BATCH``, where torch's oneDNN kernel is the faster
+         (level at B=1 in inference, faster from B=16 in training), in float32 or float64, or
+         in bfloat16 where the CPU has bfloat16 dot products (:func:`_torch_cpu_runs_bfloat16`;
+         elsewhere oneDNN cannot run it). Under ``torch.compile`` the native engine, whose
+         operator stays in the graph (torch's kernels break it). float16 always runs native.
        - CUDA: torch's cuDNN kernels; with ``per_step`` variants the triton engine.
        - Other devices: torch's kernels; with ``per_step`` variants the reference engine.
     6. An engine that cannot run: ``torch`` with ``per_step`` variants, or ``native`` and

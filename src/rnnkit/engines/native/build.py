@@ -42,6 +42,16 @@ def cpu_features() -> str:
     return "\n".join(sorted(set(keep))) or f"{platform.machine()} {platform.processor()}"
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``'s ``flags`` or ``Features``; empty elsewhere)."""
+    flags: set[str] = set()
+    for line in cpu_features().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return flags
+
+
 def library_path(source: Path, cc: str, flags: list[str], cache: Path) -> Path:
     """Where the library built from ``source`` (and the headers) with these settings lives."""
     code = source.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
