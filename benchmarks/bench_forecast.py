@@ -194,7 +194,7 @@ def bench(name: str, threads: int, root: Path) -> dict:
     rows["rnnkit --quantiles none"] = (point["backtest_mae"], point["best_val_mae"], point_seconds)
     for label, key in (
         ("seasonal naive", "baseline"),
-        ("weekly naive", "weekly_naive"),
+        ("naive 7 periods back", "weekly_naive"),
         (ar, "ar"),
     ):
         per_step = summary.get(f"backtest_{key}_mae_per_step")
