@@ -173,6 +173,11 @@ def per_step(curves: dict[str, list[float]], title: str, path: Path) -> None:
         ax.plot(steps, mae, marker="o", color=known.get(name, "tab:purple"), label=name)
     ax.set_xlabel("steps ahead")
     ax.set_ylabel("MAE")
+    # A poor baseline (the seasonal naive on load) would flatten the others' lines into one.
+    values = [v for mae in curves.values() for v in mae if v > 0]
+    if values and max(values) > 5 * min(values):
+        ax.set_yscale("log")
+        ax.set_ylabel("MAE (log scale)")
     ax.set_xticks(np.arange(1, len(next(iter(curves.values()))) + 1))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
