@@ -400,3 +400,14 @@ def test_the_backtest_reports_mae_per_step_over_its_origins(tmp_path):
     assert m["backtest_mae_per_step"] == pytest.approx(np.abs(pred - true).mean(axis=0))
     naive = seasonal_naive(values, starts, 4, 2)
     assert m["backtest_baseline_mae_per_step"] == pytest.approx(np.abs(naive - true).mean(axis=0))
+
+
+def test_the_median_alone_has_no_interval_and_old_runs_have_no_quantiles(tmp_path):
+    _tiny_csv(tmp_path / "s.csv")
+    task, prep = _prepare(tmp_path / "s.csv", quantiles=[0.5])
+    assert prep.model["output_size"] == 2
+    m = task.report(torch.zeros_like(prep.test.y), prep.test.y, prep.test).metrics
+    assert "interval_coverage" not in m and m["mae"] == pytest.approx(m["ar_mae"])
+    # The options of a run of an earlier version (resumed) name no quantiles: a point forecast.
+    options = {"data": str(tmp_path / "s.csv"), "column": "v", "window": 8, "horizon": 2}
+    assert ForecastTask().data_config({**options, "period": 4})["quantiles"] == []

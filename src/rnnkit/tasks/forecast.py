@@ -396,7 +396,8 @@ class ForecastTask(Task):
             "horizon": o["horizon"],
             "period": o["period"],
             "split": [0.7, 0.15, 0.15],
-            "quantiles": parse_quantiles(o.get("quantiles") or "0.1,0.5,0.9"),
+            # A run of an earlier version, resumed, has no quantiles option: a point forecast.
+            "quantiles": parse_quantiles(o.get("quantiles", "none")),
         }
         if covariates or every:
             data["covariates"], data["all_covariates"] = covariates, every
@@ -550,7 +551,7 @@ class ForecastTask(Task):
         metrics["mae_vs_best_baseline"] = metrics["mae"] / best_mae if best_mae > 0 else None
         metrics["mae_per_step"] = [float(v) for v in np.abs(pred - true).mean(axis=0)]
         arrays = {"pred": pred, "true": true, **baselines}
-        if levels:
+        if len(levels) > 1:
             lo, hi = quantiles[..., 0], quantiles[..., -1]
             inside = (lo <= true) & (true <= hi)
             metrics["interval"] = f"{100 * levels[0]:g}-{100 * levels[-1]:g}%"
@@ -561,6 +562,7 @@ class ForecastTask(Task):
             metrics["quantile_levels"] = levels
             metrics["quantile_coverage"] = [float(v) for v in below]
             arrays["lower"], arrays["upper"] = lo, hi
+        if levels:
             levels_t = torch.tensor(levels, dtype=q.dtype)
             metrics["test_loss"] = float(pinball(q, split.y, levels_t)) / split.y.numel()
         else:
