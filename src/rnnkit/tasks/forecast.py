@@ -536,15 +536,12 @@ class ForecastTask(Task):
         true = targets(self._series, starts, h)
         baselines = self.baselines(starts)
         metrics = _errors(pred, true)
-        # baseline_* is the seasonal naive, as before; the others by name.
-        keys = {"seasonal naive": "baseline", "weekly naive": "weekly_naive"}
-        keys.update({"linear AR": "ar", "ARX": "ar"})
         scored = {name: _errors(f, true) for name, f in baselines.items()}
-        for name, key in keys.items():
-            if name in ("linear AR", "ARX") and name not in scored:
-                continue
-            for m in ("mae", "rmse", "mape"):
-                metrics[f"{key}_{m}"] = scored[name][m] if name in scored else None
+        # baseline_* is the seasonal naive, as before; weekly_naive_* None where it is absent.
+        for name in BASELINES:
+            if name in scored or name == "weekly naive":
+                for m in ("mae", "rmse", "mape"):
+                    metrics[f"{KEYS[name]}_{m}"] = scored[name][m] if name in scored else None
         best = min(scored, key=lambda name: scored[name]["mae"])
         metrics["best_baseline"] = best
         best_mae = scored[best]["mae"]
@@ -555,9 +552,10 @@ class ForecastTask(Task):
             lo, hi = quantiles[..., 0], quantiles[..., -1]
             inside = (lo <= true) & (true <= hi)
             metrics["interval"] = f"{100 * levels[0]:g}-{100 * levels[-1]:g}%"
-            metrics["interval_nominal"] = levels[-1] - levels[0]
+            metrics["interval_nominal"] = round(levels[-1] - levels[0], 12)
             metrics["interval_coverage"] = float(inside.mean())
             metrics["interval_width"] = float((hi - lo).mean())
+            # the share of the targets at or below each quantile: its level, when calibrated
             below = (true[..., None] <= quantiles).mean(axis=(0, 1))
             metrics["quantile_levels"] = levels
             metrics["quantile_coverage"] = [float(v) for v in below]
