@@ -100,6 +100,10 @@ def test_model_inputs_fold_the_window_by_the_period():
     assert x[0].tolist() == [[7, 4, 100, 101], [8, 5, 100, 101], [9, 6, 100, 101]]
     cal = np.tile(np.arange(9.0), (40, 1))
     assert model_inputs(z, cal, np.array([10]), 6, 3, ar).shape == (1, 3, 2 + 9 + 2)
+    # With a covariate (-z), each lag gives the target's value then the covariate's.
+    x = model_inputs(np.c_[z, -z], None, np.array([10]), 6, 3, ar)  # (1, 3, 2 lags * 2 + 2)
+    assert x[0, 0].tolist() == [7, -7, 4, -4, 100, 101]
+    assert x[0, 2].tolist() == [9, -9, 6, -6, 100, 101]
 
 
 def _tiny_csv(path, n=400, times=True):
