@@ -1,20 +1,29 @@
-"""The forecast task's parts on tiny series: baselines by hand, calendar inputs, residual wiring."""
+"""The forecast task's parts on tiny series: baselines by hand, calendar inputs, residual wiring,
+covariates and the ARX, quantiles and their coverage, the rolling-origin backtest."""
+
+import json
+import math
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from rnnkit.cli import main
 from rnnkit.data import DataError
 from rnnkit.data.readers import read_times
 from rnnkit.tasks.forecast import (
     ForecastTask,
+    backtest_origins,
     calendar,
     fit_linear_ar,
     fold,
     linear_ar,
     model_inputs,
+    ordered_quantiles,
     out_of_fold_ar,
+    parse_quantiles,
+    pinball,
     seasonal_naive,
 )
 
@@ -91,6 +100,10 @@ def test_model_inputs_fold_the_window_by_the_period():
     assert x[0].tolist() == [[7, 4, 100, 101], [8, 5, 100, 101], [9, 6, 100, 101]]
     cal = np.tile(np.arange(9.0), (40, 1))
     assert model_inputs(z, cal, np.array([10]), 6, 3, ar).shape == (1, 3, 2 + 9 + 2)
+    # With a covariate (-z), each lag gives the target's value then the covariate's.
+    x = model_inputs(np.c_[z, -z], None, np.array([10]), 6, 3, ar)  # (1, 3, 2 lags * 2 + 2)
+    assert x[0, 0].tolist() == [7, -7, 4, -4, 100, 101]
+    assert x[0, 2].tolist() == [9, -9, 6, -6, 100, 101]
 
 
 def _tiny_csv(path, n=400, times=True):
@@ -112,15 +125,16 @@ class _Zeros(nn.Module):
         return torch.zeros(x.shape[0], self.horizon)
 
 
-def _prepare(path, window=8, horizon=2, period=4):
+def _prepare(path, window=8, horizon=2, period=4, column="v", **more):
     task = ForecastTask()
     data = {
         "data": str(path),
-        "column": "v",
+        "column": column,
         "window": window,
         "horizon": horizon,
         "period": period,
         "split": [0.7, 0.15, 0.15],
+        **more,
     }
     return task, task.prepare(data)
 
@@ -175,3 +189,229 @@ def test_a_series_without_timestamps_has_no_calendar_inputs_nor_short_weekly_nai
     # The test part starts at step 102, less than a week (140 steps) into the series.
     metrics = task.report(torch.zeros_like(prep.test.y), prep.test.y, prep.test).metrics
     assert metrics["weekly_naive_mae"] is None and metrics["baseline_mae"] > 0
+
+
+# ---- covariates and the ARX
+
+
+def _leading_csv(path, n=600, lead=3, more=False):
+    """A target ``y`` that is 3 times the covariate ``c`` (an AR(1)) ``lead`` steps earlier, plus a
+    little noise; a text column ``label``; hourly time stamps; optionally a noise column
+    ``more``."""
+    rng = np.random.default_rng(0)
+    c = np.zeros(n)
+    for t in range(1, n):
+        c[t] = 0.8 * c[t - 1] + rng.normal()
+    y = 10 + 3 * np.roll(c, lead) + 0.1 * rng.normal(size=n)
+    stamps = np.datetime64("2001-01-01T00:00") + np.arange(n) * np.timedelta64(1, "h")
+    rows = [f"{s},{a:.5f},{b:.5f},x" for s, a, b in zip(stamps, c, y, strict=True)]
+    header = "time,c,y,label"
+    if more:
+        header += ",more"
+        rows = [f"{r},{v:.4f}" for r, v in zip(rows, rng.normal(size=n), strict=True)]
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return y, c
+
+
+def test_arx_is_the_least_squares_solution_over_every_columns_window():
+    rng = np.random.default_rng(2)
+    series = rng.normal(size=(60, 3))  # (n, target + 2 covariates)
+    starts = np.arange(2, 57)
+    coef = fit_linear_ar(series, starts, 2, 3)  # window 2, horizon 3
+    # The design by hand: each column at t-2, then each at t-1, then 1.
+    x = np.array([[*series[t - 2], *series[t - 1], 1.0] for t in starts])
+    y = np.array([series[t : t + 3, 0] for t in starts])
+    want = np.linalg.lstsq(x, y, rcond=None)[0]
+    assert coef == pytest.approx(want, abs=1e-10)
+    assert linear_ar(series, np.array([58]), coef)[0] == pytest.approx(
+        np.r_[series[56], series[57], 1.0] @ want
+    )
+
+
+def test_the_arx_reads_the_covariates_and_the_network_their_lags(tmp_path):
+    _y, c = _leading_csv(tmp_path / "s.csv")
+    task, prep = _prepare(tmp_path / "s.csv", column="y", covariates=["c"], quantiles=[0.5])
+    pre = prep.preprocessing
+    assert pre["covariates"] == ["c"] and pre["covariate_mean"][0] == pytest.approx(
+        c[: int(0.7 * 600)].mean()
+    )
+    # The network reads 2 lags of both columns, the calendar and the 2 ARX forecasts.
+    assert prep.model == {"kind": "regressor", "input_size": 2 * 2 + 9 + 2, "output_size": 2}
+    # A network that outputs 0 is the ARX, which recovers the lead: far below the linear AR.
+    test = prep.test
+    report = task.report(torch.zeros(len(test), 2), test.y, test)
+    plain_task, plain = _prepare(tmp_path / "s.csv", column="y", quantiles=[0.5])
+    zeros = torch.zeros(len(plain.test), 2)
+    alone = plain_task.report(zeros, plain.test.y, plain.test).metrics["ar_mae"]
+    assert report.metrics["best_baseline"] == "ARX"
+    assert report.metrics["ar_mae"] < 0.2 * alone
+    # The ARX's error is the noise's: 0.1 times E|N(0, 1)| = 0.08.
+    assert report.metrics["ar_mae"] == pytest.approx(0.08, rel=0.3)
+
+
+def test_a_covariate_that_determines_the_target_is_learned(tmp_path, capsys):
+    _leading_csv(tmp_path / "s.csv")
+    maes = {}
+    for name, extra in (("alone", []), ("with c", ["--covariates", "c"])):
+        argv = ["train", "forecast", "--data", tmp_path / "s.csv", "--column", "y", *extra]
+        argv += ["--window", "8", "--period", "4", "--horizon", "2", "--epochs", "2"]
+        argv += ["--hidden-size", "8", "--threads", "1", "--quiet", "--out", tmp_path / name]
+        assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+        maes[name] = json.loads((tmp_path / name / "summary.json").read_text())["mae"]
+    assert maes["with c"] < 0.2 * maes["alone"]
+    capsys.readouterr()
+    # predict reads the covariate too, and refuses a file without it.
+    (tmp_path / "recent.csv").write_text(
+        "\n".join((tmp_path / "s.csv").read_text().splitlines()[:30]) + "\n"
+    )
+    rc = main(["predict", str(tmp_path / "with c"), str(tmp_path / "recent.csv")])
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 0 and out[0] == "steps_ahead,forecast,q0.1,q0.9" and len(out) == 3
+    lines = [f"2001-01-01 {h:02d}:00,{h}" for h in range(20)]
+    (tmp_path / "no-c.csv").write_text("time,y\n" + "\n".join(lines) + "\n")
+    rc = main(["predict", str(tmp_path / "with c"), str(tmp_path / "no-c.csv")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "has no column 'c'" in err and err.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize(
+    "flags, fragments",
+    [
+        (["--covariates", "nope"], ["has no column 'nope'"]),
+        (["--covariates", "label"], ["column 'label' holds 'x', expected a number"]),
+        (["--covariates", "gap"], ["line 3: column 'gap' is empty"]),
+        (["--covariates", "y"], ["'y' is the column forecast"]),
+        (["--covariates", "c,c"], ["names 'c' more than once"]),
+        (["--covariates", "flat"], ["covariate 'flat'", "constant"]),
+        (["--covariates", "c", "--all-covariates"], ["exclude each other"]),
+        (["--all-covariates"], ["column 'gap' is empty"]),
+    ],
+    ids=["unknown", "text", "missing-value", "the-target", "twice", "constant", "both", "all"],
+)
+def test_bad_covariate_columns_are_refused_naming_the_column(tmp_path, capsys, flags, fragments):
+    _y, _c = _leading_csv(tmp_path / "s.csv", n=200)
+    lines = (tmp_path / "s.csv").read_text().splitlines()
+    body = [f"{row},{'' if k == 1 else k},5" for k, row in enumerate(lines[1:])]
+    (tmp_path / "s.csv").write_text(lines[0] + ",gap,flat\n" + "\n".join(body) + "\n")
+    argv = ["train", "forecast", "--data", tmp_path / "s.csv", "--column", "y", *flags]
+    argv += ["--window", "8", "--period", "4", "--horizon", "2", "--out", tmp_path / "r"]
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("rnnkit ") and err.strip().count("\n") == 0, err
+    for f in fragments:
+        assert f in err, err
+
+
+def test_covariates_need_a_csv(tmp_path, capsys):
+    rc = main(["train", "forecast", "--covariates", "a", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--covariates names columns of --data CSV, which is not given" in err
+
+
+def test_all_covariates_takes_every_other_numeric_column(tmp_path):
+    _leading_csv(tmp_path / "s.csv", more=True)
+    _, prep = _prepare(tmp_path / "s.csv", column="y", covariates=[], all_covariates=True)
+    # Not the time stamps, the target, nor the text column.
+    assert prep.preprocessing["covariates"] == ["c", "more"]
+    assert prep.model["input_size"] == 2 * 3 + 9 + 2
+
+
+# ---- quantiles
+
+
+def test_quantiles_never_cross_and_keep_the_median_output():
+    raw = 20 * torch.randn(50, 3 * 5)  # (N, horizon 3 * 5 levels), far from the origin
+    q = ordered_quantiles(raw, 5, 2)  # (N, 3, 5)
+    assert q.shape == (50, 3, 5)
+    assert (q.diff(dim=-1) >= 0).all()
+    assert torch.equal(q[..., 2], raw.reshape(50, 3, 5)[..., 2])
+
+
+def test_pinball_loss_by_hand_and_the_levels_parsed():
+    q = torch.tensor([[[0.0, 1.0]]])  # (1, 1, 2) at levels 0.1, 0.9
+    y = torch.tensor([[2.0]])
+    # y above both: 0.1 * 2 + 0.9 * 1
+    assert float(pinball(q, y, torch.tensor([0.1, 0.9]))) == pytest.approx(1.1)
+    assert parse_quantiles("0.9, 0.1") == [0.1, 0.5, 0.9]
+    assert parse_quantiles("none") == []
+    for bad in ("1", "0", "a", "0.1,,0.9"):
+        with pytest.raises(DataError, match="is not a level between 0 and 1"):
+            parse_quantiles(bad)
+
+
+def test_the_interval_covers_its_nominal_share_of_gaussian_noise(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    k = np.arange(3000)
+    values = 10 * np.sin(2 * np.pi * k / 8) + rng.normal(size=len(k))  # noise sd 1
+    (tmp_path / "s.csv").write_text("v\n" + "\n".join(f"{v:.5f}" for v in values) + "\n")
+    argv = ["train", "forecast", "--data", tmp_path / "s.csv", "--window", "8", "--period", "8"]
+    argv += ["--horizon", "2", "--epochs", "4", "--lr", "0.03", "--hidden-size", "8"]
+    argv += ["--threads", "1", "--quiet", "--out", tmp_path / "r"]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert s["interval"] == "10-90%" and s["interval_nominal"] == pytest.approx(0.8)
+    # Three binomial standard errors of the test windows' count (adjacent windows share targets,
+    # so the windows, not their 2 targets each, are the independent draws).
+    se = math.sqrt(0.8 * 0.2 / s["test_windows"])
+    assert abs(s["interval_coverage"] - 0.8) < 3 * se
+    # The AR's errors are Gaussian (sums of Gaussian noise): an 80% interval is 2.563 sd wide.
+    ar_sd = s["ar_rmse"]
+    assert s["interval_width"] == pytest.approx(2 * 1.2816 * ar_sd, rel=0.15)
+    assert s["quantile_levels"] == [0.1, 0.5, 0.9]
+    text = (tmp_path / "r" / "backtest.png").read_bytes()
+    assert text[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- the rolling-origin backtest
+
+
+def test_backtest_windows_never_see_their_own_future(tmp_path):
+    values = _tiny_csv(tmp_path / "s.csv")
+    _task, prep = _prepare(tmp_path / "s.csv", quantiles=[0.1, 0.5, 0.9])
+    starts = prep.test.index.numpy()
+    origin = int(starts[10])
+    # The same series with everything from the origin on replaced.
+    changed = values.copy()
+    changed[origin:] = 1e3 + np.arange(len(values) - origin)
+    lines = (tmp_path / "s.csv").read_text().splitlines()
+    rows = [f"{line.split(',')[0]},{v}" for line, v in zip(lines[1:], changed, strict=True)]
+    (tmp_path / "t.csv").write_text(lines[0] + "\n" + "\n".join(rows) + "\n")
+    _, other = _prepare(tmp_path / "t.csv", quantiles=[0.1, 0.5, 0.9])
+    # The training part and so everything fitted is the same; the inputs of every window whose
+    # first target is at or before the origin too, and its targets differ.
+    assert other.preprocessing == prep.preprocessing
+    seen = starts <= origin
+    assert torch.equal(other.test.x[seen], prep.test.x[seen])
+    assert not torch.equal(other.test.y[10], prep.test.y[10])
+    assert not torch.equal(other.test.x[~seen][0], prep.test.x[~seen][0])
+    # The origins tile the test part: every target step once.
+    rows = backtest_origins(len(starts), 2)
+    covered = np.concatenate([starts[r] + np.arange(2) for r in rows])
+    assert len(set(covered.tolist())) == len(covered)
+    assert set(covered.tolist()) >= set(range(starts[0], starts[-1] + 1))
+
+
+def test_the_backtest_reports_mae_per_step_over_its_origins(tmp_path):
+    values = _tiny_csv(tmp_path / "s.csv")
+    task, prep = _prepare(tmp_path / "s.csv", quantiles=[0.1, 0.5, 0.9])
+    test = prep.test
+    raw = torch.randn(len(test), 2 * 3, generator=torch.Generator().manual_seed(0))
+    m = task.report(raw, test.y, test).metrics
+    starts = test.index.numpy()[::2]
+    true = np.stack([values[t : t + 2] for t in starts])
+    pred = task.report(raw, test.y, test).arrays["pred"][::2]
+    assert m["backtest_origins"] == len(starts)
+    assert m["backtest_mae_per_step"] == pytest.approx(np.abs(pred - true).mean(axis=0))
+    naive = seasonal_naive(values, starts, 4, 2)
+    assert m["backtest_baseline_mae_per_step"] == pytest.approx(np.abs(naive - true).mean(axis=0))
+
+
+def test_the_median_alone_has_no_interval_and_old_runs_have_no_quantiles(tmp_path):
+    _tiny_csv(tmp_path / "s.csv")
+    task, prep = _prepare(tmp_path / "s.csv", quantiles=[0.5])
+    assert prep.model["output_size"] == 2
+    m = task.report(torch.zeros_like(prep.test.y), prep.test.y, prep.test).metrics
+    assert "interval_coverage" not in m and m["mae"] == pytest.approx(m["ar_mae"])
+    # The options of a run of an earlier version (resumed) name no quantiles: a point forecast.
+    options = {"data": str(tmp_path / "s.csv"), "column": "v", "window": 8, "horizon": 2}
+    assert ForecastTask().data_config({**options, "period": 4})["quantiles"] == []

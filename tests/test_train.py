@@ -171,7 +171,10 @@ def test_forecast_on_bundled_load_beats_the_naive_baselines(tmp_path, capsys):
     assert s["mae"] < s["weekly_naive_mae"] < s["baseline_mae"]
     assert "baseline_mae" in out and "weekly_naive_mae" in out and "ar_mae" in out
     assert_real_png(run / "forecast.png")
+    assert_real_png(run / "backtest.png")
     assert_real_png(run / "curves.png")
+    assert s["interval"] == "10-90%" and 0 < s["interval_coverage"] <= 1
+    assert len(s["backtest_mae_per_step"]) == 4 and s["backtest_origins"] == len(starts[::4])
     # predict: the next 4 half-hours after a CSV's last 336 values and their time stamps.
     csv = tmp_path / "recent.csv"
     rows = load_taylor_rows()[-400:]
@@ -179,8 +182,10 @@ def test_forecast_on_bundled_load_beats_the_naive_baselines(tmp_path, capsys):
     rc, out, _ = run_cli(capsys, "predict", run, csv)
     assert rc == 0
     lines = out.splitlines()
-    assert lines[0] == "steps_ahead,forecast" and len(lines) == 5
-    assert all(15000 < float(line.split(",")[1]) < 45000 for line in lines[1:])
+    assert lines[0] == "steps_ahead,forecast,q0.1,q0.9" and len(lines) == 5
+    for line in lines[1:]:
+        median, low, high = map(float, line.split(",")[1:])
+        assert 15000 < low <= median <= high < 45000
 
 
 def load_taylor_rows() -> list[str]:

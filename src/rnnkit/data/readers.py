@@ -336,6 +336,31 @@ def read_series(path: str | os.PathLike, column: str | None = None) -> np.ndarra
     return np.asarray(values, dtype=np.float64)
 
 
+def csv_header(path: str | os.PathLike) -> list[str]:
+    """The column names of a CSV file's header row."""
+    p = _existing(path, "CSV file")
+    rows = _csv_rows(_read_text(p, "CSV file"), p)
+    if not rows or not any(r for r in rows):
+        raise DataError(f"CSV file {str(p)!r} is empty")
+    return [h.strip() for h in rows[0]]
+
+
+def read_columns(path: str | os.PathLike, columns: list[str]) -> np.ndarray:
+    """Numeric columns of a CSV file with a header, as float64 ``(N, len(columns))``, each read
+    (and its errors named) as :func:`read_series` reads one."""
+    return np.stack([read_series(path, c) for c in columns], axis=1)
+
+
+def numeric_columns(path: str | os.PathLike) -> list[str]:
+    """The header names of the columns whose first row holds a number, in order."""
+    p = _existing(path, "CSV file")
+    rows = [r for r in _csv_rows(_read_text(p, "CSV file"), p) if r]
+    if len(rows) < 2:
+        return []
+    header = [h.strip() for h in rows[0]]
+    return [h for h, cell in zip(header, rows[1], strict=False) if _is_number(cell)]
+
+
 def _csv_rows(text: str, path: Path) -> list[list[str]]:
     """The rows of a CSV text. Python's csv module refuses fields over 128 KiB by default; a field
     can be no longer than the whole file, so the limit is raised to that while reading."""

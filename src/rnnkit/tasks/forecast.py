@@ -13,6 +13,18 @@ the residuals' training standard deviation, is added to the autoregression's for
 is the window folded by the period: the recurrent layer reads the last ``period`` steps, each with
 the values 0, 1, ... periods earlier, the calendar (hour of day and day of week, when the CSV has
 time stamps) and the autoregression's forecast.
+
+Covariates (``--covariates``: other columns of the CSV) are read the same way: the autoregression
+becomes an ARX, least squares from the window's values of every column, and the recurrent layer
+reads each covariate's values 0, 1, ... periods earlier beside the target's. Only their past is
+read, so a covariate helps where it leads the target or shares its dynamics.
+
+The model predicts quantiles of the residual (``--quantiles``, by default 10, 50 and 90%) under
+the pinball loss; the median is the point forecast, and the quantiles cannot cross: the others are
+the median minus or plus cumulative sums of softplus increments. The test report scores every
+test window, and, as a rolling-origin backtest, the windows every ``horizon`` steps (one forecast
+per step of the test part, from origins that never see their own targets, nothing refitted), by
+MAE per step ahead.
 """
 
 import argparse
@@ -27,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from rnnkit.data import DataError, chronological_split, load_taylor, read_series
-from rnnkit.data.readers import read_times, taylor_csv
+from rnnkit.data.readers import csv_header, numeric_columns, read_columns, read_times, taylor_csv
 from rnnkit.tasks.base import Prepared, Split, Task, forward_all
 from rnnkit.train import plots as draw
 from rnnkit.train.objective import Report
@@ -56,23 +68,36 @@ def seasonal_naive(series: np.ndarray, starts: np.ndarray, lag: int, horizon: in
     return np.stack([series[t - lag : t - lag + horizon] for t in starts])
 
 
+def _columns(series: np.ndarray) -> np.ndarray:
+    """``(n, C)``: a series of one column ``(n,)`` or several ``(n, C)``, the target first."""
+    return series.reshape(len(series), -1)
+
+
 def history(series: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
-    """``(N, window)``: the ``window`` values before each first target."""
-    return np.stack([series[t - window : t] for t in starts])
+    """``(N, window * C)``: the ``window`` values of every column before each first target, step
+    by step (``(N, window)`` for one column)."""
+    x = np.stack([_columns(series)[t - window : t] for t in starts])  # (N, W, C)
+    return x.reshape(len(starts), -1)
+
+
+def targets(series: np.ndarray, starts: np.ndarray, horizon: int) -> np.ndarray:
+    """``(N, horizon)``: the target's (the first column's) values from each first target."""
+    return np.stack([_columns(series)[t : t + horizon, 0] for t in starts])
 
 
 def fit_linear_ar(series: np.ndarray, starts: np.ndarray, window: int, horizon: int) -> np.ndarray:
-    """Least-squares coefficients ``(window + 1, horizon)`` (the last row the constant) from the
-    ``window`` values before ``t`` to the ``horizon`` values from ``t``, over the windows
-    ``starts``: one linear model per horizon step."""
-    x = np.c_[history(series, starts, window), np.ones(len(starts))]  # (N, W + 1)
-    y = np.stack([series[t : t + horizon] for t in starts])  # (N, horizon)
+    """Least-squares coefficients ``(window * C + 1, horizon)`` (the last row the constant) from
+    the ``window`` values of the ``C`` columns before ``t`` to the ``horizon`` values of the
+    first from ``t``, over the windows ``starts``: one linear model per horizon step (an ARX
+    where the series has covariate columns)."""
+    x = np.c_[history(series, starts, window), np.ones(len(starts))]  # (N, W * C + 1)
+    y = targets(series, starts, horizon)  # (N, horizon)
     return np.linalg.lstsq(x, y, rcond=None)[0]
 
 
 def linear_ar(series: np.ndarray, starts: np.ndarray, coef: np.ndarray) -> np.ndarray:
     """``(N, horizon)``: the autoregression ``coef`` (from :func:`fit_linear_ar`) applied."""
-    window = coef.shape[0] - 1
+    window = (coef.shape[0] - 1) // _columns(series).shape[1]
     return history(series, starts, window) @ coef[:-1] + coef[-1]
 
 
@@ -119,16 +144,56 @@ def model_inputs(
     period: int,
     ar: np.ndarray,
 ) -> np.ndarray:
-    """``(N, T, lags + calendar + horizon)`` float32: see the module docstring. ``z`` is the
-    standardised series, ``cal`` its calendar rows (or None), ``ar`` the standardised
-    autoregression forecasts ``(N, horizon)``."""
+    """``(N, T, lags * C + calendar + horizon)`` float32: see the module docstring. ``z`` is the
+    standardised series ``(n,)`` or, with covariates, ``(n, C)``, ``cal`` its calendar rows (or
+    None), ``ar`` the standardised autoregression forecasts ``(N, horizon)``."""
     steps, lags = fold(window, period)
+    z = _columns(z)
     pos = starts[:, None] - steps + np.arange(steps)  # (N, T): the time step of each input step
-    parts = [z[pos - k * period][..., None] for k in range(lags)]  # lags x (N, T, 1)
+    parts = [z[pos - k * period] for k in range(lags)]  # lags x (N, T, C)
     if cal is not None:
         parts.append(cal[pos])  # (N, T, 9)
     parts.append(np.broadcast_to(ar[:, None, :], (len(starts), steps, ar.shape[1])))
     return np.concatenate(parts, axis=-1).astype(np.float32)  # (N, T, I)
+
+
+def ordered_quantiles(raw: Tensor, count: int, median: int) -> Tensor:
+    """``(N, horizon, count)`` quantiles, non-decreasing along the last axis, from the model's raw
+    outputs ``(N, horizon * count)``: the one at index ``median`` as it is, those above it plus,
+    and those below it minus, cumulative sums of softplus increments."""
+    raw = raw.reshape(raw.shape[0], -1, count)  # (N, horizon, Q)
+    mid = raw[..., median : median + 1]
+    up = mid + torch.cumsum(nn.functional.softplus(raw[..., median + 1 :]), -1)
+    below = nn.functional.softplus(raw[..., :median]).flip(-1)
+    down = mid - torch.cumsum(below, -1).flip(-1)
+    return torch.cat([down, mid, up], -1)
+
+
+def pinball(q: Tensor, y: Tensor, levels: Tensor) -> Tensor:
+    """The pinball (quantile) loss of the quantiles ``q`` ``(N, horizon, Q)`` at ``levels``
+    ``(Q,)`` against ``y`` ``(N, horizon)``, summed over every element."""
+    err = y.unsqueeze(-1) - q  # (N, horizon, Q)
+    return torch.maximum(levels * err, (levels - 1) * err).sum()
+
+
+def parse_quantiles(text: str) -> list[float]:
+    """The levels of ``--quantiles`` (``0.1,0.5,0.9``, or ``none``), sorted, 0.5 always among
+    them: the median is the point forecast. ``none``: no quantiles, a point forecast by MSE."""
+    if text.strip().lower() == "none":
+        return []
+    levels = set()
+    for field in text.split(","):
+        try:
+            v = float(field)
+        except ValueError:
+            v = float("nan")
+        if not 0 < v < 1:
+            raise DataError(
+                f"--quantiles: {field.strip()!r} is not a level between 0 and 1 (exclusive); "
+                "expected levels such as 0.1,0.5,0.9, or none"
+            )
+        levels.add(v)
+    return sorted(levels | {0.5})
 
 
 # The autoregression is fitted on the training windows out of fold, in this many blocks.
@@ -192,14 +257,55 @@ def _standardise(
     return mean, std, z
 
 
+def _parse_covariates(text: str | None) -> list[str]:
+    if text is None:
+        return []
+    names = [c.strip() for c in text.split(",")]
+    if not all(names):
+        raise DataError(f"--covariates {text!r} has an empty name; expected names such as A,B")
+    repeated = sorted({c for c in names if names.count(c) > 1})
+    if repeated:
+        raise DataError(f"--covariates names {', '.join(map(repr, repeated))} more than once")
+    return names
+
+
+def _target_name(path: str, column: str | None) -> str:
+    header = csv_header(path)
+    if column is None:
+        return header[-1]
+    if column not in header and column.isdigit() and int(column) < len(header):
+        return header[int(column)]
+    return column
+
+
+def _covariate_names(data: dict) -> list[str]:
+    """The covariate columns of ``data``: those named, or every other numeric column."""
+    if not data.get("all_covariates"):
+        names = data.get("covariates") or []
+    else:
+        names = [c for c in numeric_columns(data["data"]) if c != data["target"]]
+        if not names:
+            raise DataError(
+                f"--all-covariates: CSV file {data['data']!r} has no numeric column besides the "
+                f"target {data['target']!r}"
+            )
+    if data.get("target") in names:
+        raise DataError(
+            f"--covariates: {data['target']!r} is the column forecast (--column); a covariate "
+            "must be another column"
+        )
+    return names
+
+
 class ForecastTask(Task):
     name = "forecast"
     help = (
-        "electricity load: a week of half-hourly history -> the next 2 h (Taylor 2003, bundled), "
-        "against seasonal-naive and linear-autoregression baselines"
+        "electricity load: a week of half-hourly history -> the next 2 h (Taylor 2003, bundled) "
+        "with 10/50/90% quantiles and optional covariates, against seasonal-naive and linear "
+        "AR/ARX baselines"
     )
     metric = "mae"
-    loss_name = "MSE of the scaled residual over the linear AR"
+    loss_name = "pinball loss of the quantiles of the scaled residual over the linear AR"
     train: ClassVar[dict] = dict(epochs=40, batch_size=64)
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
@@ -216,6 +322,28 @@ class ForecastTask(Task):
             p,
             "--column",
             help="the column to forecast, by name or 0-based index (default: the last)",
+        )
+        self.option(
+            p,
+            "--covariates",
+            metavar="A,B,...",
+            help="other numeric columns of --data whose past the model and the linear "
+            "autoregression (then an ARX) read beside the target's; predict needs them too",
+        )
+        self.option(
+            p,
+            "--all-covariates",
+            action="store_true",
+            help="every numeric column of --data other than --column is a covariate",
+        )
+        self.option(
+            p,
+            "--quantiles",
+            metavar="LEVELS",
+            default="0.1,0.5,0.9",
+            help="the quantiles predicted, under the pinball loss (default 0.1,0.5,0.9: an 80%% "
+            "interval); 0.5 is always among them and is the point forecast; none: a point "
+            "forecast under the squared error",
         )
         self.option(
             p,
@@ -245,40 +373,71 @@ class ForecastTask(Task):
                 f"--column {o['column']!r} names a column of --data CSV, which is not given "
                 "(the bundled series has only load_mw)"
             )
+        covariates = _parse_covariates(o.get("covariates"))
+        every = bool(o.get("all_covariates"))
+        if (covariates or every) and not o["data"]:
+            flag = "--all-covariates" if every else "--covariates"
+            raise DataError(
+                f"{flag} names columns of --data CSV, which is not given (the bundled series "
+                "has only load_mw)"
+            )
+        if covariates and every:
+            raise DataError("--covariates and --all-covariates exclude each other; give one")
         if o["horizon"] > o["period"]:
             raise DataError(
                 f"--horizon {o['horizon']} is longer than --period {o['period']}: "
                 "the seasonal-naive "
                 "baseline would need values from the future"
             )
-        return {
+        data = {
             "data": str(Path(o["data"]).resolve()) if o["data"] else None,
             "column": o["column"] if o["data"] else "load_mw",
             "window": o["window"],
             "horizon": o["horizon"],
             "period": o["period"],
             "split": [0.7, 0.15, 0.15],
+            # A run of an earlier version, resumed, has no quantiles option: a point forecast.
+            "quantiles": parse_quantiles(o.get("quantiles", "none")),
         }
+        if covariates or every:
+            data["covariates"], data["all_covariates"] = covariates, every
+        return data
+
+    def _read(self, data: dict) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+        """``(values (n, 1 + C), times or None, covariate names)``."""
+        if data["data"] is None:
+            return load_taylor()[:, None], read_times(taylor_csv()), []
+        path = data["data"]
+        target = read_series(path, data["column"])
+        covariates = []
+        if data.get("covariates") or data.get("all_covariates"):
+            covariates = _covariate_names({**data, "target": _target_name(path, data["column"])})
+        values = np.c_[target, read_columns(path, covariates)] if covariates else target[:, None]
+        return values, read_times(path), covariates
 
     def prepare(self, data: dict) -> Prepared:
-        if data["data"] is None:
-            series, times = load_taylor(), read_times(taylor_csv())
-        else:
-            series, times = read_series(data["data"], data["column"]), read_times(data["data"])
+        values, times, covariates = self._read(data)
+        series = values[:, 0]
         w, h, period = data["window"], data["horizon"], data["period"]
         source = data["data"] or "the load series"
         starts = _window_starts(len(series), w, h, period, tuple(data["split"]), source)
         train_part = chronological_split(len(series), tuple(data["split"]))[0]
-        mean, std, z = _standardise(series, series[train_part], source)
+        scaled = [_standardise(series, series[train_part], source)]
+        for k, name in enumerate(covariates, 1):
+            col = values[:, k]
+            scaled.append(_standardise(col, col[train_part], f"{source}, covariate {name!r}"))
+        mean, std, _ = scaled[0]
+        z = np.stack([s[2] for s in scaled], axis=1)  # (n, 1 + C)
         coef = fit_linear_ar(z, starts[0], w, h)
         # The training windows are forecast out of fold, as the later parts are.
         train_ar = out_of_fold_ar(z, starts[0], w, h, AR_FOLDS)
-        residual = np.stack([z[t : t + h] for t in starts[0]]) - train_ar
+        residual = targets(z, starts[0], h) - train_ar
         # The residual's own scale, so that the network's targets are about 1, not about 0.05.
         scale = float(residual.std()) or 1.0
         cal = calendar(times) if times is not None else None
         if times is not None and len(times) != len(series):
             raise DataError(f"{source}: {len(times)} time stamps for {len(series)} values")
+        levels = data.get("quantiles", [])
         self.preprocessing = {
             "mean": mean,
             "std": std,
@@ -291,34 +450,67 @@ class ForecastTask(Task):
             "residual_scale": scale,
             "ar": coef.tolist(),
         }
+        # Absent in runs without them, so that the runs of earlier versions read the same.
+        if covariates:
+            self.preprocessing["covariates"] = covariates
+            self.preprocessing["covariate_mean"] = [s[0] for s in scaled[1:]]
+            self.preprocessing["covariate_std"] = [s[1] for s in scaled[1:]]
+        if levels:
+            self.preprocessing["quantiles"] = levels
         self._series, self._z, self._cal, self._coef = series, z, cal, coef
         splits = []
         for k, s in enumerate(starts):
             ar = train_ar if k == 0 else linear_ar(z, s, coef)
             x = model_inputs(z, cal, s, w, period, ar)  # (N, T, I)
-            y = ((np.stack([z[t : t + h] for t in s]) - ar) / scale).astype(np.float32)
+            y = ((targets(z, s, h) - ar) / scale).astype(np.float32)
             lengths = torch.full((len(s),), x.shape[1])
             splits.append(
                 Split(torch.from_numpy(x), lengths, torch.from_numpy(y), torch.from_numpy(s))
             )
         notes = [] if cal is not None else ["no time stamps in the CSV: no calendar inputs"]
+        if covariates:
+            notes.append(f"covariates: {', '.join(covariates)}")
+        outputs = h * max(1, len(levels))
         return Prepared(
             *splits,
-            {"kind": "regressor", "input_size": x.shape[2], "output_size": h},
+            {"kind": "regressor", "input_size": x.shape[2], "output_size": outputs},
             self.preprocessing,
             notes,
         )
 
+    @property
+    def levels(self) -> list[float]:
+        """The quantile levels, or [] for a point forecast (runs of earlier versions)."""
+        return self.preprocessing.get("quantiles", [])
+
+    def quantiles(self, out: Tensor) -> Tensor:
+        """``(N, horizon, Q)`` ordered quantiles of the scaled residual from the raw outputs
+        (``(N, horizon, 1)``, the point forecast, without quantiles)."""
+        levels = self.levels
+        if not levels:
+            return out.unsqueeze(-1)
+        return ordered_quantiles(out, len(levels), levels.index(0.5))
+
     def forecast(self, out: np.ndarray, ar: np.ndarray) -> np.ndarray:
-        """The model's forecasts in data units from its outputs (scaled residuals) and the
-        standardised autoregression forecasts ``ar`` it corrects."""
+        """The model's forecasts in data units from its outputs (scaled residuals, ``ar``'s shape
+        or with a last quantile axis) and the standardised autoregression forecasts ``ar``
+        ``(N, horizon)`` they correct."""
         p = self.preprocessing
+        if out.ndim == 3:
+            ar = ar[..., None]
         return (out * p["residual_scale"] + ar) * p["std"] + p["mean"]
 
     def scores(self, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        loss = nn.functional.mse_loss(out, y, reduction="sum")
         p = self.preprocessing
-        abs_err = (out - y).abs().sum() * (p["residual_scale"] * p["std"])
+        q = self.quantiles(out)  # (N, horizon, Q)
+        if self.levels:
+            levels = torch.tensor(self.levels, dtype=q.dtype, device=q.device)
+            loss = pinball(q, y, levels)
+            median = q[..., self.levels.index(0.5)]
+        else:
+            median = q[..., 0]
+            loss = nn.functional.mse_loss(median, y, reduction="sum")
+        abs_err = (median - y).abs().sum() * (p["residual_scale"] * p["std"])
         return loss, torch.tensor(float(y.numel())), abs_err
 
     def baselines(self, starts: np.ndarray) -> dict[str, np.ndarray]:
@@ -330,39 +522,63 @@ class ForecastTask(Task):
         out = {"seasonal naive": seasonal_naive(self._series, starts, period, h)}
         if starts.min() >= WEEK * period:
             out["weekly naive"] = seasonal_naive(self._series, starts, WEEK * period, h)
-        out["linear AR"] = ar
+        out["ARX" if "covariates" in p else "linear AR"] = ar
         return out
 
     def report(self, out: Tensor, y: Tensor, split: Split) -> Report:
         starts = split.index.numpy()
+        h = self.preprocessing["horizon"]
         ar_z = linear_ar(self._z, starts, self._coef)
-        pred = self.forecast(out.numpy().astype(np.float64), ar_z)
-        true = np.stack([self._series[t : t + self.preprocessing["horizon"]] for t in starts])
+        q = self.quantiles(out)
+        quantiles = self.forecast(q.numpy().astype(np.float64), ar_z)  # (N, horizon, Q)
+        levels = self.levels
+        pred = quantiles[..., levels.index(0.5) if levels else 0]
+        true = targets(self._series, starts, h)
         baselines = self.baselines(starts)
         metrics = _errors(pred, true)
-        # baseline_* is the seasonal naive, as before; the others by name.
-        keys = {"seasonal naive": "baseline", "weekly naive": "weekly_naive", "linear AR": "ar"}
         scored = {name: _errors(f, true) for name, f in baselines.items()}
-        for name, key in keys.items():
-            for m in ("mae", "rmse", "mape"):
-                metrics[f"{key}_{m}"] = scored[name][m] if name in scored else None
+        # baseline_* is the seasonal naive, as before; weekly_naive_* None where it is absent.
+        for name in BASELINES:
+            if name in scored or name == "weekly naive":
+                for m in ("mae", "rmse", "mape"):
+                    metrics[f"{KEYS[name]}_{m}"] = scored[name][m] if name in scored else None
         best = min(scored, key=lambda name: scored[name]["mae"])
         metrics["best_baseline"] = best
         best_mae = scored[best]["mae"]
         metrics["mae_vs_best_baseline"] = metrics["mae"] / best_mae if best_mae > 0 else None
         metrics["mae_per_step"] = [float(v) for v in np.abs(pred - true).mean(axis=0)]
-        metrics["test_loss"] = float(nn.functional.mse_loss(out, split.y))
+        arrays = {"pred": pred, "true": true, **baselines}
+        if len(levels) > 1:
+            lo, hi = quantiles[..., 0], quantiles[..., -1]
+            inside = (lo <= true) & (true <= hi)
+            metrics["interval"] = f"{100 * levels[0]:g}-{100 * levels[-1]:g}%"
+            metrics["interval_nominal"] = round(levels[-1] - levels[0], 12)
+            metrics["interval_coverage"] = float(inside.mean())
+            metrics["interval_width"] = float((hi - lo).mean())
+            # the share of the targets at or below each quantile: its level, when calibrated
+            below = (true[..., None] <= quantiles).mean(axis=(0, 1))
+            metrics["quantile_levels"] = levels
+            metrics["quantile_coverage"] = [float(v) for v in below]
+            arrays["lower"], arrays["upper"] = lo, hi
+        if levels:
+            levels_t = torch.tensor(levels, dtype=q.dtype)
+            metrics["test_loss"] = float(pinball(q, split.y, levels_t)) / split.y.numel()
+        else:
+            metrics["test_loss"] = float(nn.functional.mse_loss(q[..., 0], split.y))
         metrics["test_windows"] = len(true)
-        return Report(metrics, {"pred": pred, "true": true, **baselines})
+        metrics.update(backtest(pred, true, baselines, h))
+        return Report(metrics, arrays)
 
     def plots(self, report: Report, run_dir: Path) -> list[str]:
         m = report.metrics
-        names = [k for k in ("seasonal naive", "weekly naive", "linear AR") if k in report.arrays]
-        maes = {"seasonal naive": m["baseline_mae"], "weekly naive": m["weekly_naive_mae"]}
-        maes["linear AR"] = m["ar_mae"]
+        names = [n for n in BASELINES if n in report.arrays]
         title = f"forecast, test part: MAE model {m['mae']:.0f}, " + ", ".join(
-            f"{n} {maes[n]:.0f}" for n in names
+            f"{n} {m[f'{KEYS[n]}_mae']:.0f}" for n in names
         )
+        band = None
+        if "lower" in report.arrays:
+            band = (report.arrays["lower"], report.arrays["upper"], m["interval"])
+            title += f"; {m['interval']} interval covers {100 * m['interval_coverage']:.0f}%"
         draw.forecast(
             report.arrays["true"],
             report.arrays["pred"],
@@ -370,8 +586,17 @@ class ForecastTask(Task):
             self.preprocessing["period"],
             title,
             run_dir / "forecast.png",
+            band=band,
         )
-        return ["forecast.png"]
+        curves = {"model": m["backtest_mae_per_step"]}
+        curves.update({n: m[f"backtest_{KEYS[n]}_mae_per_step"] for n in names})
+        draw.per_step(
+            curves,
+            f"rolling-origin backtest, test part: {m['backtest_origins']} origins "
+            f"{self.preprocessing['horizon']} steps apart",
+            run_dir / "backtest.png",
+        )
+        return ["forecast.png", "backtest.png"]
 
     def predict(self, model: nn.Module, path: Path, device: torch.device, batch_size: int) -> str:
         p = self.preprocessing
@@ -399,9 +624,15 @@ class ForecastTask(Task):
             cal = calendar(times)
         end = np.array([len(series)])
         coef = np.asarray(p["ar"])
+        covariates = p.get("covariates", [])
+        values = series[:, None]
+        if covariates:
+            values = np.c_[series, read_columns(path, covariates)]
+        mean = np.array([p["mean"], *p.get("covariate_mean", [])])
+        std = np.array([p["std"], *p.get("covariate_std", [])])
         # Values far outside the training range overflow here; the check below names them.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            z = (series - p["mean"]) / p["std"]
+            z = (values - mean) / std
             ar = linear_ar(z, end, coef)
             x = torch.from_numpy(model_inputs(z, cal, end, w, period, ar))  # (1, T, I)
         if not torch.isfinite(x).all():
@@ -410,9 +641,45 @@ class ForecastTask(Task):
                 f"was trained on values of mean {p['mean']:g} and standard deviation {p['std']:g}"
             )
         out = forward_all(model, x, torch.tensor([x.shape[1]]), False, device, batch_size)
-        pred = self.forecast(out.numpy().astype(np.float64), ar)[0]
+        q = self.forecast(self.quantiles(out).numpy().astype(np.float64), ar)[0]  # (horizon, Q)
+        levels = self.levels
+        median = levels.index(0.5) if levels else 0
+        others = [k for k in range(len(levels)) if k != median]
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(("steps_ahead", "forecast"))
-        writer.writerows((k + 1, f"{v:.2f}") for k, v in enumerate(pred))
+        writer.writerow(("steps_ahead", "forecast", *(f"q{levels[k]:g}" for k in others)))
+        writer.writerows(
+            (k + 1, f"{row[median]:.2f}", *(f"{row[j]:.2f}" for j in others))
+            for k, row in enumerate(q)
+        )
         return buf.getvalue()
+
+
+# The baselines in the order the report and the plots show them, and their metrics' prefixes.
+BASELINES = ("seasonal naive", "weekly naive", "linear AR", "ARX")
+KEYS = {
+    "seasonal naive": "baseline",
+    "weekly naive": "weekly_naive",
+    "linear AR": "ar",
+    "ARX": "ar",
+}
+
+
+def backtest_origins(windows: int, horizon: int) -> np.ndarray:
+    """The indices of the test windows a rolling-origin backtest scores: every ``horizon``-th,
+    so that consecutive forecasts tile the test part without overlapping (statsforecast's
+    ``cross_validation(h=horizon, step_size=horizon)``)."""
+    return np.arange(0, windows, horizon)
+
+
+def backtest(pred: np.ndarray, true: np.ndarray, baselines: dict, horizon: int) -> dict:
+    """The rolling-origin backtest's figures: its origin count and the MAE per step ahead of the
+    model and of each baseline, over the windows of :func:`backtest_origins`."""
+    rows = backtest_origins(len(true), horizon)
+    per_step = {"model": np.abs(pred[rows] - true[rows]).mean(axis=0)}
+    out = {"backtest_origins": len(rows), "backtest_mae": float(per_step["model"].mean())}
+    out["backtest_mae_per_step"] = [float(v) for v in per_step["model"]]
+    for name, forecast in baselines.items():
+        mae = np.abs(forecast[rows] - true[rows]).mean(axis=0)
+        out[f"backtest_{KEYS[name]}_mae_per_step"] = [float(v) for v in mae]
+    return out

@@ -101,12 +101,36 @@ def forecast(
     steps_per_day: int,
     title: str,
     path: Path,
+    band: tuple[np.ndarray, np.ndarray, str] | None = None,
 ) -> None:
     """The test part: the truth against the model's and each baseline's 1-step-ahead forecasts,
     whole (top), and its first two days with the model's full horizon from every 4th window
-    (bottom)."""
+    (bottom); ``band``, ``(lower, upper, name)`` like ``model``, shades the model's interval."""
     fig, (ax_all, ax_zoom) = plt.subplots(2, 1, figsize=(12, 7))
     t = np.arange(len(truth))
+    n = min(len(truth), 2 * steps_per_day)
+    horizon = truth.shape[1]
+    if band is not None:
+        lower, upper, name = band
+        ax_all.fill_between(
+            t,
+            lower[:, 0],
+            upper[:, 0],
+            color="tab:red",
+            alpha=0.2,
+            linewidth=0,
+            label=f"model's {name} interval, 1 step ahead",
+        )
+        for i in range(0, n, 4):
+            ax_zoom.fill_between(
+                np.arange(i, i + horizon),
+                lower[i],
+                upper[i],
+                color="tab:red",
+                alpha=0.15,
+                linewidth=0,
+                label=f"{name} interval" if i == 0 else None,
+            )
     known = {"seasonal naive": "tab:gray", "weekly naive": "tab:green", "linear AR": "tab:blue"}
     colors = {name: known.get(name, "tab:purple") for name in baselines}
     ax_all.plot(t, truth[:, 0], color="black", linewidth=1.0, label="truth")
@@ -117,8 +141,6 @@ def forecast(
     ax_all.set_title(title)
     ax_all.grid(alpha=0.3)
     ax_all.legend(loc="upper right")
-    n = min(len(truth), 2 * steps_per_day)
-    horizon = truth.shape[1]
     ax_zoom.plot(t[:n], truth[:n, 0], color="black", linewidth=1.2, label="truth")
     for i in range(0, n, 4):
         ax_zoom.plot(
@@ -137,5 +159,28 @@ def forecast(
     ax_zoom.set_title(f"first {n} steps of the test part")
     ax_zoom.grid(alpha=0.3)
     ax_zoom.legend(loc="upper right")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def per_step(curves: dict[str, list[float]], title: str, path: Path) -> None:
+    """The MAE per step ahead of each forecaster (the model first), one line each."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    known = {"seasonal naive": "tab:gray", "weekly naive": "tab:green", "linear AR": "tab:blue"}
+    known.update({"ARX": "tab:blue", "model": "tab:red"})
+    for name, mae in curves.items():
+        steps = np.arange(1, len(mae) + 1)
+        ax.plot(steps, mae, marker="o", color=known.get(name, "tab:purple"), label=name)
+    ax.set_xlabel("steps ahead")
+    ax.set_ylabel("MAE")
+    # A poor baseline (the seasonal naive on load) would flatten the others' lines into one.
+    values = [v for mae in curves.values() for v in mae if v > 0]
+    if values and max(values) > 5 * min(values):
+        ax.set_yscale("log")
+        ax.set_ylabel("MAE (log scale)")
+    ax.set_xticks(np.arange(1, len(next(iter(curves.values()))) + 1))
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
