@@ -158,7 +158,7 @@ def _plan(backend, mode="LSTM", device=CPU, dtype=torch.float32, proj_size=0, **
     return engines.plan("x", backend, spec, device, dtype, **kw)
 
 
-def test_auto_backend_follows_the_documented_rule():
+def test_auto_backend_follows_the_documented_rule(monkeypatch):
     def engine(mode, device, **kw):
         return _plan("auto", mode, device, **kw).engine
 
@@ -173,10 +173,13 @@ def test_auto_backend_follows_the_documented_rule():
     assert all(engine(m, CUDA) is torch_native for m in ("LSTM", "GRU"))
     assert engine("LSTM", CUDA, per_step=True) is triton_engine
     assert engine("GRU", CPU, batch=0) is reference
-    # bfloat16 and float16 never go to torch's CPU kernels (oneDNN cannot run them on CPUs
-    # without AVX-512 BF16): the native engine computes them in float32.
-    for dtype in (torch.bfloat16, torch.float16):
-        assert engine("LSTM", CPU, dtype=dtype) is native
+    # bfloat16 goes to torch's CPU kernels only where the CPU has bfloat16 dot products (oneDNN
+    # cannot run it elsewhere), float16 never: the native engine computes them in float32.
+    for runs_bfloat16 in (False, True):
+        monkeypatch.setattr(engines, "_torch_cpu_runs_bfloat16", lambda r=runs_bfloat16: r)
+        bf16 = engine("LSTM", CPU, dtype=torch.bfloat16)
+        assert bf16 is (torch_native if runs_bfloat16 else native)
+        assert engine("LSTM", CPU, dtype=torch.float16) is native
     assert engine("LSTM", CPU, dtype=torch.float64) is torch_native
     # Per-step variants go to the native engine whatever the rule says.
     assert engine("LSTM", CPU, per_step=True) is native
