@@ -68,6 +68,12 @@ PACKED = os.environ.get("RNNKIT_NATIVE_PACKED", "1") != "0"
 _blas: tuple[int, int, int | None] | None = None
 
 
+def none_if_empty(t: Tensor | None) -> Tensor | None:
+    """None for an empty 1-D tensor: the operator's inputs and outputs are tensors only, and an
+    absent one travels as an empty tensor."""
+    return None if t is None or (t.dim() == 1 and t.numel() == 0) else t
+
+
 class NativeVariants(NamedTuple):
     """The per-step variants of one layer and direction as the loop runs them, each None when
     off: built once from the layer's :class:`~rnnkit.engines.spec.StepVariants` (:meth:`of`);
@@ -117,8 +123,7 @@ class NativeVariants(NamedTuple):
     def from_tensors(cls, tensors: list[Tensor | None], zoneout_p: float | None):
         """From :meth:`tensors`' list, where an empty 1-D tensor also stands for None (the
         operator's lists hold tensors only)."""
-        absent = [t is None or (t.dim() == 1 and t.numel() == 0) for t in tensors]
-        return cls(*(None if a else t for a, t in zip(absent, tensors, strict=True)), zoneout_p)
+        return cls(*(none_if_empty(t) for t in tensors), zoneout_p)
 
     def tensors(self) -> list[Tensor | None]:
         return [getattr(self, name) for name in self.TENSORS]

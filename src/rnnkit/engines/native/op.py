@@ -23,15 +23,10 @@ from torch import Tensor
 
 from rnnkit.engines import shared, steps
 from rnnkit.engines.native import loop as native_loop
-from rnnkit.engines.native.loop import NativeVariants
+from rnnkit.engines.native.loop import NativeVariants, none_if_empty
 from rnnkit.engines.spec import LN_EPS, StepVariants
 
 _GATES = shared.GATES
-
-
-def _none_if_empty(t: Tensor) -> Tensor | None:
-    # Custom operators return tensors only: an absent one travels as an empty tensor.
-    return None if t.numel() == 0 and t.dim() == 1 else t
 
 
 def _saved_shapes(
@@ -72,7 +67,7 @@ def _native_layer(
     for RNN); ``variants``: ``NativeVariants``' tensors in order, an empty tensor where one is
     absent (a list holding None would be opaque to the operator's autograd); ``threads=0``: torch's;
     ``blas=-1``: automatic, 0: the own loops only."""
-    v = native_loop.NativeVariants.from_tensors(variants, zoneout_p)
+    v = NativeVariants.from_tensors(variants, zoneout_p)
     r = native_loop.forward(
         mode, reverse, batch_sizes, G, h0, c0, w_hh, b_hh, save, w_hr=w_hr, variants=v,
         threads=threads or None, blas=None if blas < 0 else bool(blas),
@@ -90,7 +85,7 @@ native_layer = torch.library.custom_op("rnnkit::native_layer", mutates_args=())(
 @native_layer.register_fake
 def _native_layer_fake(mode, reverse, batch_sizes, G, h0, c0, w_hh, b_hh, w_hr, variants,
                        zoneout_p, save, threads, blas):  # fmt: skip
-    v = native_loop.NativeVariants.from_tensors(variants, zoneout_p)
+    v = NativeVariants.from_tensors(variants, zoneout_p)
     saved = _saved_shapes(mode, G, v.layer_norm, v.zoneout, w_hr is not None, save)
     c_n = torch.empty_like(c0) if mode == "LSTM" else G.new_empty(0)
     out = G.new_empty(G.shape[0], h0.shape[1])
@@ -127,7 +122,7 @@ def _native_layer_backward(
     :func:`native_layer`'s ``G`` (pre-activations), of its hidden side (GRU), of ``h0``, ``c0``,
     of the recurrent product before its norm, of the cell norm's output (LSTM) and of the
     projected h_t before zoneout."""
-    v = native_loop.NativeVariants.from_tensors(variants, zoneout_p)
+    v = NativeVariants.from_tensors(variants, zoneout_p)
     r = native_loop.backward(
         mode, reverse, batch_sizes, A, out, C, GH, h0, c0, w_hh, d_out, d_hn, d_cn,
         variants=v, Zr=Zr, stats=stats, CZ=CZ, w_hr=w_hr, threads=threads or None,
@@ -148,7 +143,7 @@ native_layer_backward = torch.library.custom_op("rnnkit::native_layer_backward",
 def _native_layer_backward_fake(mode, reverse, batch_sizes, A, out, C, GH, Zr, stats, CZ, h0,
                                 c0, w_hh, w_hr, variants, zoneout_p, d_out, d_hn, d_cn, threads,
                                 blas):  # fmt: skip
-    v = native_loop.NativeVariants.from_tensors(variants, zoneout_p)
+    v = NativeVariants.from_tensors(variants, zoneout_p)
     lstm, ln = mode == "LSTM", v.layer_norm
     N, H = A.shape[0], A.shape[1] // _GATES[mode]
     dGH = torch.empty_like(A) if mode == "GRU" else A.new_empty(0)
@@ -174,7 +169,7 @@ def reference_layer(
     """What :func:`native_layer` computes, from ``G`` on: the steps of ``engines.steps``
     (``steps.layer``): ``(out, h_n)`` or, for LSTM, ``(out, h_n, c_n)``. Differentiable any
     number of times, and under vmap."""
-    v = v or native_loop.NativeVariants()
+    v = v or NativeVariants()
     ln = None if v.ln_hw is None else (None, None, v.ln_hw, v.ln_hb, v.ln_cw, v.ln_cb)
     step_variants = StepVariants(ln, v.rmask, v.zoneout_p, v.zh, v.zc)
     return steps.layer(mode, reverse, batch_sizes, G, h0, c0, w_hh, b_hh, w_hr, step_variants)
@@ -213,7 +208,7 @@ def _setup_context(ctx, inputs, output) -> None:
         name: t is not None and t.requires_grad
         for name, t in (
             *((k, getattr(a, k)) for k in _GRAD_INPUTS),
-            *zip(native_loop.NativeVariants.TENSORS, a.variants, strict=True),
+            *zip(NativeVariants.TENSORS, a.variants, strict=True),
         )
     }
     ctx.eager = False
@@ -231,7 +226,7 @@ def _reference_grads(ctx, t: dict, v, cotangents) -> dict[str, Tensor]:
 
     def f(*diff: Tensor) -> tuple[Tensor, ...]:
         named = {**t, **v._asdict(), **dict(zip(wanted, diff, strict=True))}
-        layer_v = native_loop.NativeVariants(**{k: named[k] for k in v._fields})
+        layer_v = NativeVariants(**{k: named[k] for k in v._fields})
         core = (named[k] for k in ("G", "h0", "c0", "w_hh", "b_hh", "w_hr"))
         return reference_layer(mode, reverse, batch_sizes, *core, layer_v)
 
@@ -253,8 +248,8 @@ def _native_grads(ctx, t: dict, v, saved: tuple, d_out, d_hn, d_cn) -> dict[str,
     backward_op = _native_layer_backward if ctx.eager else native_layer_backward
     dG, dGH, dh0, dc0, dZ, dCN, dHt = backward_op(
         # RNN saves no activations: its backward reads none, G stands in for the shape.
-        mode, reverse, list(batch_sizes), A if A.numel() else G, out, _none_if_empty(C),
-        _none_if_empty(GH), _none_if_empty(Zr), _none_if_empty(stats), _none_if_empty(CZ), h0,
+        mode, reverse, list(batch_sizes), A if A.numel() else G, out, none_if_empty(C),
+        none_if_empty(GH), none_if_empty(Zr), none_if_empty(stats), none_if_empty(CZ), h0,
         c0 if lstm else None, w_hh, t["w_hr"], [G.new_empty(0) if u is None else u for u in
         v.tensors()], zoneout_p, d_out, d_hn, d_cn,
         threads, blas,
@@ -287,9 +282,9 @@ def _native_grads(ctx, t: dict, v, saved: tuple, d_out, d_hn, d_cn) -> dict[str,
 def _backward(ctx, d_out, d_hn, d_cn, *_saved_outputs):
     mode, zoneout_p = ctx.where[0], ctx.where[5]
     saved = ctx.saved_tensors
-    k, n = len(_GRAD_INPUTS), len(native_loop.NativeVariants.TENSORS)
+    k, n = len(_GRAD_INPUTS), len(NativeVariants.TENSORS)
     t = dict(zip(_GRAD_INPUTS, saved[:k], strict=True))
-    v = native_loop.NativeVariants.from_tensors(list(saved[k : k + n]), zoneout_p)
+    v = NativeVariants.from_tensors(list(saved[k : k + n]), zoneout_p)
     d_cn = d_cn if mode == "LSTM" else None
     if shared.needs_reference_backward(d_out, d_hn, d_cn):
         grads = _reference_grads(ctx, t, v, (d_out, d_hn, d_cn))
@@ -298,7 +293,7 @@ def _backward(ctx, d_out, d_hn, d_cn, *_saved_outputs):
     # By name: one gradient per input of native_layer (a list for the variants' list).
     named = {name: grads.get(name) if need else None for name, need in ctx.needs.items()}
     core = (named[name] for name in _GRAD_INPUTS)
-    variants = [named[name] for name in native_loop.NativeVariants.TENSORS]
+    variants = [named[name] for name in NativeVariants.TENSORS]
     return None, None, None, *core, variants, None, None, None, None
 
 
@@ -332,7 +327,7 @@ def _flatten(inputs: tuple) -> tuple:
 
 
 def _unflatten(flat: tuple) -> tuple:
-    n = len(native_loop.NativeVariants.TENSORS)
+    n = len(NativeVariants.TENSORS)
     return (*flat[:9], list(flat[9 : 9 + n]), *flat[9 + n :])
 
 
@@ -363,7 +358,7 @@ def run_layer(
     else:
         # The bias inside the GEMM: a separate add re-reads all of G (5 ms of 33 at B=64).
         G = x @ w_ih.t() if bias is None else torch.addmm(bias, x, w_ih.t())  # (N, G*H)
-    v = native_loop.NativeVariants.of(mode, variants, x.shape[0])
+    v = NativeVariants.of(mode, variants, x.shape[0])
     # The loop reads plain row-major memory; users may pass any strides (a permuted h0).
     h0, w_hh = h0.contiguous(), w_hh.contiguous()
     w_hr = None if w_hr is None else w_hr.contiguous()
