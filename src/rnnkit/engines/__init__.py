@@ -155,7 +155,7 @@ def plan(
     if capture is not None:
         unrolled = per_step or (projected and capture == "onnx")
         return Plan(reference if unrolled else torch_native, f"{capture} capture")
-    if transformed() and backend != "torch" and backend != "reference":
+    if transformed() and backend not in ("torch", "reference"):
         return Plan(reference, "a torch.func transform")
     if per_step and backend == "torch":
         raise ValueError(

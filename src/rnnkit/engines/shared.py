@@ -81,8 +81,15 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
-def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return t if t is None or t.dtype == dtype else t.to(dtype)
+def _cast(
+    dtype: torch.dtype, x: Tensor, hx: Carry, weights: Sequence[Weights]
+) -> tuple[Tensor, Carry, list[Weights]]:
+    """The input, the initial states and the weights in ``dtype`` (differentiably)."""
+
+    def to(t: Tensor | None) -> Tensor | None:
+        return t if t is None or t.dtype == dtype else t.to(dtype)
+
+    return to(x), tuple(to(s) for s in hx), [tuple(to(w) for w in ws) for ws in weights]
 
 
 def run_stack(
@@ -107,12 +114,11 @@ def run_stack(
     device_type = x.device.type
     dtype = autocast_dtype(device_type)
     if dtype is not None:
-        x, hx = x.to(dtype), tuple(s.to(dtype) for s in hx)
-        weights = [tuple(_cast(w, dtype) for w in ws) for ws in weights]
+        # The variants stay as they are: autocast runs layer norms in float32.
+        x, hx, weights = _cast(dtype, x, hx, weights)
     stored, dtype = x.dtype, compute(x.dtype)
     if dtype != stored:
-        x, hx = x.to(dtype), tuple(s.to(dtype) for s in hx)
-        weights = [tuple(_cast(w, dtype) for w in ws) for ws in weights]
+        x, hx, weights = _cast(dtype, x, hx, weights)
         variants = None if variants is None else [v.to(dtype) for v in variants]
     padded = batch_sizes is None
     if padded:
