@@ -27,8 +27,8 @@ The per-step equations (LSTM; GRU alike with its own gates):
     h~ = o * tanh(LN(c~))         (LN only with layer_norm)
     c_t = k_c * c_{t-1} + (1 - k_c) * c~,   h_t = k_h * h_{t-1} + (1 - k_h) * h~   (zoneout)
 
-The steps are ``rnnkit.engines.steps``'; the native and triton engines implement them with a
-hand-written backward pass.
+The steps themselves are written once, in ``rnnkit.engines.steps``; the native and triton engines
+implement them with a hand-written backward pass.
 """
 
 from __future__ import annotations
