@@ -94,12 +94,14 @@ def _auto(spec: LayerSpec, device: torch.device, dtype: torch.dtype, *, batch: i
           per_step: bool, needs_grad: bool) -> str:  # fmt: skip
     """``backend="auto"``'s engine, from the measured tables in BENCHMARKS.md."""
     if device.type == "cpu":
+        # Under compile the native operator keeps the graph whole; the CPU's flags are read
+        # (from /proc) only outside it.
         lstm_on_torch = (
             spec.mode == "LSTM"
             and not per_step
-            and _torch_cpu_dtype(dtype)
             and not torch.compiler.is_compiling()
             and not (needs_grad and batch <= LSTM_NATIVE_MAX_BATCH)
+            and _torch_cpu_dtype(dtype)
         )
         return "torch" if lstm_on_torch else "native"
     if device.type == "cuda":
