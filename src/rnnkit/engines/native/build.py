@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-HEADERS = [Path(__file__).with_name("native_math.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("native_math.h", "int8.h")]
 
 
 def compiler() -> str:

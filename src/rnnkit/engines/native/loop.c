@@ -45,6 +45,7 @@ enum {
     NL_BAD_BATCH_SIZES = -3,
     NL_MISSING_TENSOR = -4,
     NL_BAD_VARIANTS = -5,
+    NL_NO_MEMORY = -6,
 };
 
 /* The per-step variants of one call (rnnkit.variants); NULL pointers are variants that are off,
@@ -168,6 +169,8 @@ static inline void barrier(void) {
 #endif
 }
 
+#include "int8.h"
+
 /* The steps of one call: T_ steps of bs[t] rows from offsets[t], walked in reverse or not;
  * steps of at least blas_min_rows rows use the BLAS where blas_ok. */
 typedef struct {
@@ -207,18 +210,21 @@ static inline int blas_fits(int64_t GW, int64_t B, int64_t N, int64_t R) {
 #define NL_BLAS blas_f32
 #define NL_SQRT sqrtf
 #define NL_PACKED 1
+#define NL_Q8 1
 #include __FILE__
 #undef NL_T
 #undef NL_SUF
 #undef NL_BLAS
 #undef NL_SQRT
 #undef NL_PACKED
+#undef NL_Q8
 
 #define NL_T double
 #define NL_SUF f64
 #define NL_BLAS blas_f64
 #define NL_SQRT sqrt
 #define NL_PACKED 0
+#define NL_Q8 0
 #include __FILE__
 
 #else /* the type-generic part: NL_T the element type, NL_SUF its suffix */
@@ -567,6 +573,11 @@ typedef struct {
     T eps, zp;
     int64_t j0, j1, q0, q1;
     void *const *packs;
+    /* int8 weights (float32 only; NULL: w and w_hr are the weights), and the thread's own
+     * quantized rows of h_{t-1} or r_t with their scales. */
+    const nl_q8 *q8;
+    int8_t *qa;
+    float *sa;
 } FN(fwd_call);
 
 /* A forward step and its rows: the product Zt, what the cell reads of it Yt (its norm, or Zt
@@ -594,7 +605,8 @@ static int64_t FN(fwd_variants)(FN(fwd_call) *cx, const nl_variants *v) {
     if (cx->P) {
         cx->w_hr = v->w_hr; cx->Rs = v->Rs; cx->RS = v->r_scratch;
     }
-    if (cx->P < 0 || (cx->P && (!lstm || !cx->w_hr || (!cx->Rs && !cx->RS))))
+    const int q8_hr = cx->q8 && cx->q8->hr.w;
+    if (cx->P < 0 || (cx->P && (!lstm || (!cx->w_hr && !q8_hr) || (!cx->Rs && !cx->RS))))
         return NL_BAD_VARIANTS;
     cx->zo = v->zoneout != 0;
     if (cx->zo) {
@@ -633,6 +645,18 @@ static inline T *FN(acts_row)(const FN(fwd_call) *cx, int64_t off, int64_t b) {
 static void FN(fwd_product)(const FN(fwd_call) *cx, const FN(fwd_rows) *st) {
     const int64_t H = cx->H, R = cx->R, gates = cx->gates, j0 = cx->j0, j1 = cx->j1;
     const nl_step *a = &st->at;
+#if NL_Q8
+    if (cx->q8) {
+        /* Every thread quantizes whole rows itself (each scale reads the whole row): no
+         * barrier to share them. Eval only, so no recurrent-dropout mask. */
+        const int64_t Kp = q8_kp(R);
+        q8_quantize_rows(a->np, cx->out + a->offp * R, R, R, cx->qa, cx->sa);
+        q8_quantize_rows(a->n - a->np, cx->h0 + a->np * R, R, R, cx->qa + a->np * Kp,
+                         cx->sa + a->np);
+        if (j1 > j0) q8_product(a->n, cx->qa, cx->sa, &cx->q8->hh, j0, j1, st->Zt, cx->GW);
+        return;
+    }
+#endif
     if (cx->rmask) {
         FN(gates_product)(a->n, cx->HM + (a->s & 1) * cx->B * R, H, R, gates, cx->w, j0, j1,
                           st->Zt, a->use_blas, cx->packs);
@@ -751,8 +775,14 @@ static void FN(fwd_norm_cell)(const FN(fwd_call) *cx, const FN(fwd_rows) *st) {
 /* h~[:, q0:q1] = r_t W_hr[q0:q1]^T, and without zoneout h_t = h~. */
 static void FN(fwd_project)(const FN(fwd_call) *cx, const FN(fwd_rows) *st) {
     const int64_t H = cx->H, R = cx->R, q0 = cx->q0, q1 = cx->q1, off = st->at.off;
-    FN(rows_times_wt)(st->at.n, st->Rt, H, cx->w_hr + q0 * H, q1 - q0, cx->out + off * R + q0, R,
-                      st->at.use_blas);
+#if NL_Q8
+    if (cx->q8 && cx->q8->hr.w) {
+        q8_quantize_rows(st->at.n, st->Rt, H, H, cx->qa, cx->sa);
+        if (q1 > q0) q8_product(st->at.n, cx->qa, cx->sa, &cx->q8->hr, q0, q1, cx->out + off * R, R);
+    } else
+#endif
+        FN(rows_times_wt)(st->at.n, st->Rt, H, cx->w_hr + q0 * H, q1 - q0, cx->out + off * R + q0,
+                          R, st->at.use_blas);
     if (cx->zo) return;
     for (int64_t b = 0; b < st->at.n; b++)
         memcpy(cx->h + b * R + q0, cx->out + (off + b) * R + q0, (size_t)(q1 - q0) * sizeof(T));
@@ -834,15 +864,36 @@ static void FN(fwd_step)(const FN(fwd_call) *cx, int64_t s) {
     barrier();
 }
 
+/* Bytes of one thread's quantized rows: B rows of h_{t-1} or (projection) r_t. */
+static int64_t FN(q8_scratch)(const FN(fwd_call) *cx) {
+    const int64_t K = cx->P ? (cx->R > cx->H ? cx->R : cx->H) : cx->R;
+    return (cx->B * q8_kp(K) + 63) / 64 * 64;
+}
+
+/* Whether int8 weights fit the call (float32 only: the double instantiation takes none). */
+static int FN(q8_fits)(const FN(fwd_call) *cx, const nl_q8 *q) {
+    if (!NL_Q8) return 0;
+    if (!q8_matrix_ok(&q->hh, cx->gates, cx->H, cx->R)) return 0;
+    return cx->P ? !q->hr.w || q8_matrix_ok(&q->hr, 1, cx->P, cx->H) : !q->hr.w;
+}
+
 /* One thread's share of nl_forward: its units, MKL on one thread, its blocks of W_hh packed
  * once, then every step. */
 static void FN(fwd_thread)(const FN(fwd_call) *call) {
     FN(fwd_call) cx = *call;
     split_units(cx.H, &cx.j0, &cx.j1);
     split_units(cx.R, &cx.q0, &cx.q1);
+    if (cx.q8) {
+        int64_t tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        cx.qa += tid * FN(q8_scratch)(&cx);
+        cx.sa += tid * cx.B;
+    }
     const int blas_ok = cx.walk.blas_ok, blas_threads = blas_ok ? blas_threads_begin() : 0;
     void *packs[4] = {0, 0, 0, 0};
-    const int64_t npacks = blas_ok && cx.B >= cx.walk.blas_min_rows
+    const int64_t npacks = blas_ok && !cx.q8 && cx.B >= cx.walk.blas_min_rows
                                ? FN(pack_blocks)(cx.w, cx.H, cx.R, cx.gates, cx.j0, cx.j1, cx.B,
                                                  packs)
                                : 0;
@@ -862,29 +913,43 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
  * h (B, R), c (B, H): the state, h0/c0 in, h_n/c_n out; R = H, or P with a projection (then
  * w is (GW, P) and h0, out are P wide). C (N, H) the saved c_t or NULL; GH (N, 3H) the saved
  * Z_t + b_hh of GRU or NULL (then Z holds it); Z (B, GW) scratch, (2, B, GW) when A is NULL.
- * v: the variants or NULL (see nl_variants). */
+ * v: the variants or NULL (see nl_variants). q8: int8 weights for W_hh (w unread, may be
+ * NULL) and LSTM's W_hr (variants' w_hr unread), or NULL; float32 inference only (A, C, GH,
+ * and the variants' saved tensors NULL). */
 int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t *bs, int64_t N,
                        int64_t B, int64_t H, const T *G, T *A, const T *w, const T *bhh,
                        const T *h0, T *out, T *h, T *c, T *C, T *GH, T *Z, int64_t *offsets,
-                       int64_t nthreads, int64_t blas_min_rows, const nl_variants *v) {
+                       int64_t nthreads, int64_t blas_min_rows, const nl_variants *v,
+                       const nl_q8 *q8) {
     if (mode < NL_LSTM || mode > NL_RNN_RELU) return NL_BAD_MODE;
     if (T_ < 0 || N < 0 || B < 1 || H < 1) return NL_BAD_SIZES;
-    if (!G || !w || !h0 || !out || !h || !Z || !offsets || (mode == NL_LSTM && !c))
+    if (!G || (!w && !q8) || !h0 || !out || !h || !Z || !offsets || (mode == NL_LSTM && !c))
         return NL_MISSING_TENSOR;
     FN(fwd_call) cx = {
         .N = N, .B = B, .H = H, .gates = gates_of(mode), .GW = gates_of(mode) * H,
         .lstm = mode == NL_LSTM, .gru = mode == NL_GRU, .relu = mode == NL_RNN_RELU,
         .G = G, .A = A, .w = w, .bhh = bhh, .h0 = h0, .out = out, .h = h, .c = c, .C = C,
-        .GH = GH, .Z = Z,
+        .GH = GH, .Z = Z, .q8 = q8,
     };
     int64_t rc = FN(fwd_variants)(&cx, v);
     if (rc == NL_OK) rc = check_batch_sizes(T_, bs, N, B, offsets);
     if (rc != NL_OK) return rc;
+    if (q8 && (!FN(q8_fits)(&cx, q8) || A || C || GH || cx.rmask || cx.Zr || cx.CZ || cx.Rs))
+        return NL_BAD_VARIANTS;
+    if (nthreads < 1) nthreads = 1;
+    void *scratch = 0;
+    if (q8) {
+        const int64_t per = FN(q8_scratch)(&cx);
+        scratch = malloc((size_t)(nthreads * (per + B * (int64_t)sizeof(float))));
+        if (!scratch) return NL_NO_MEMORY;
+        cx.qa = scratch;
+        cx.sa = (float *)((int8_t *)scratch + nthreads * per);
+    }
     const int blas_ok = NL_BLAS != 0 && blas_fits(cx.GW, B, N, cx.R);
     cx.walk = (nl_walk){T_, reverse, bs, offsets, blas_ok, blas_min_rows};
-    if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     FN(fwd_thread)(&cx);
+    free(scratch);
     return NL_OK;
 }
 

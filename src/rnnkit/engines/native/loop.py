@@ -57,6 +57,7 @@ _ERRORS = {
     -3: "batch sizes not positive, non-increasing, at most B and summing to the rows",
     -4: "a required tensor is missing",
     -5: "the variants' tensors are incomplete or do not apply to this mode",
+    -6: "out of memory",
 }
 # Steps with at least this many rows use the BLAS; below, the own loops (measured on 2 cores,
 # I=H=256: the own GEMV wins at B=1, MKL from a few rows on).
@@ -192,6 +193,26 @@ class _CVariants(ctypes.Structure):
     ]  # fmt: skip
 
 
+class CInt8Matrix(ctypes.Structure):
+    """``nl_q8_matrix`` of int8.h: one packed int8 matrix (engines/native/int8.py)."""
+
+    _fields_ = [
+        ("w", ctypes.c_void_p),
+        ("wsum", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("gates", ctypes.c_int64),
+        ("H", ctypes.c_int64),
+        ("K", ctypes.c_int64),
+    ]
+
+
+class CInt8(ctypes.Structure):
+    """``nl_q8``: the int8 W_hh and (LSTM's projection) W_hr of one loop, ``hr.w`` NULL for
+    none."""
+
+    _fields_ = [("hh", CInt8Matrix), ("hr", CInt8Matrix)]
+
+
 def covers(spec: LayerSpec) -> bool:
     """Whether the native loop runs layers of ``spec``: every mode, LSTM's projection, and LSTM
     and GRU with layer norm, recurrent dropout and zoneout, alone or together (weight drop,
@@ -212,6 +233,8 @@ def _build(arch: str) -> ctypes.CDLL:
         for name in ("nl_forward", "nl_backward"):
             getattr(lib, f"{name}_{suffix}").restype = ctypes.c_int64
     lib.nl_has_openmp.restype = ctypes.c_int64
+    for name in ("nl_q8_isa", "nl_q8_packed_size", "nl_q8_pack", "nl_q8_linear"):
+        getattr(lib, name).restype = ctypes.c_int64
     lib.nl_set_blas.restype = None
     lib.nl_set_packed_blas.restype = None
     global _blas
@@ -290,6 +313,14 @@ def available(dtype: torch.dtype = torch.float32) -> bool:
     return dtype in _SUFFIX and _library().get() is not None
 
 
+def library() -> ctypes.CDLL:
+    """The loaded library for the current arch (building it on first use)."""
+    lib = _library().get()
+    if lib is None:
+        raise RuntimeError(f"native_loop: the native library is unavailable ({build_error()})")
+    return lib
+
+
 def build_error() -> str | None:
     """Why the library could not be built or loaded (after :func:`available`), or None."""
     return _library().error
@@ -360,7 +391,9 @@ class _Layout(NamedTuple):
     R: int
 
 
-def _layout(mode: str, G: Tensor, h0: Tensor, w_hh: Tensor, w_hr: Tensor | None) -> _Layout:
+def _layout(
+    mode: str, G: Tensor, h0: Tensor, w_hh: Tensor, w_hr: Tensor | None, wdtype: torch.dtype
+) -> _Layout:
     if mode not in _MODES:
         raise ValueError(f"native_loop: mode must be one of {sorted(_MODES)}; got {mode!r}")
     if G.dim() != 2 or h0.dim() != 2:
@@ -377,8 +410,8 @@ def _layout(mode: str, G: Tensor, h0: Tensor, w_hh: Tensor, w_hr: Tensor | None)
             raise ValueError(f"native_loop: a projection (w_hr) is for LSTM, not {mode}")
         if GW % gates or H < 1:
             raise ValueError(f"native_loop: G has {GW} columns, not 4*H for some H >= 1")
-        _check("w_hr", w_hr, (R, H), G.dtype)
-    _check("w_hh", w_hh, (GW, R), G.dtype)
+        _check("w_hr", w_hr, (R, H), wdtype)
+    _check("w_hh", w_hh, (GW, R), wdtype)
     return _Layout(N, B, H, GW, R)
 
 
@@ -419,14 +452,17 @@ def _check_variants(
     return v
 
 
-def _c_variants(v: NativeVariants, w_hr: Tensor | None, **saved: Tensor | None) -> object:
+def _c_variants(
+    v: NativeVariants, w_hr: Tensor | None, int8: bool = False, **saved: Tensor | None
+) -> object:
     """The C structure of ``v``, the projection and the buffers that go with them (None for a
-    plain layer: the C loop then runs its plain steps)."""
+    plain layer: the C loop then runs its plain steps). ``int8``: ``w_hr`` gives the
+    projection's size only (its int8 form is in the loop's ``nl_q8``)."""
     if not v.layer_norm and v.rmask is None and not v.zoneout and w_hr is None:
         return None
     proj = 0 if w_hr is None else w_hr.shape[0]
     cv = _CVariants(eps=LN_EPS, zoneout_p=v.zoneout_p or 0.0, zoneout=int(v.zoneout), proj=proj)
-    cv.w_hr = None if w_hr is None else w_hr.data_ptr()
+    cv.w_hr = None if w_hr is None or int8 else w_hr.data_ptr()
     tensors = dict(zip(NativeVariants.TENSORS, v.tensors(), strict=True))
     for name, t in [*tensors.items(), *saved.items()]:
         setattr(cv, name, None if t is None else t.data_ptr())
@@ -448,6 +484,7 @@ def forward(
     variants: NativeVariants | None = None,
     threads: int | None = None,
     blas: bool | None = None,
+    int8: CInt8 | None = None,
 ) -> ForwardResult:
     """One layer and direction forward over packed-layout rows, all steps in one native call.
 
@@ -458,9 +495,13 @@ def forward(
     (then R = P, else R = H). Step t (of ``batch_sizes``, positive, non-increasing) touches rows
     ``[:batch_sizes[t]]`` of the state. ``save=False`` (inference) skips storing what backward
     reads (the activations ``A`` too: each step's stay in a scratch row). ``variants``: see
-    :class:`NativeVariants`.
+    :class:`NativeVariants`. ``int8``: int8 ``W_hh`` and ``W_hr`` (``engines/native/int8.py``,
+    which checks them; float32 inference only), read instead of ``w_hh`` and ``w_hr``, which
+    then only give their shapes (any float32 tensors of those shapes, such as empty views).
     """
-    size = _layout(mode, G, h0, w_hh, w_hr)
+    if int8 is not None and (save or G.dtype != torch.float32):
+        raise ValueError("native_loop: int8 weights are for float32 inference (save=False)")
+    size = _layout(mode, G, h0, w_hh, w_hr, G.dtype if int8 is None else torch.int8)
     N, B, H, GW, R = size
     dtype, lstm, gru = G.dtype, mode == "LSTM", mode == "GRU"
     _check("G", G, (N, GW), dtype)
@@ -484,7 +525,7 @@ def forward(
     zo_scratch = G.new_empty(B * R + 2 * B * H) if v.zoneout else None
     Rs = G.new_empty(N, H) if proj and save else None
     r_scratch = G.new_empty(B, H) if proj and not save else None
-    cv = _c_variants(v, w_hr, Zr=Zr, stats=stats, CZ=CZ, Rs=Rs, scratch=scratch,
+    cv = _c_variants(v, w_hr, int8 is not None, Zr=Zr, stats=stats, CZ=CZ, Rs=Rs, scratch=scratch,
                      ln_scratch=ln_scratch, zo_scratch=zo_scratch, r_scratch=r_scratch)  # fmt: skip
     out = G.new_empty(N, R)
     h = h0.clone()
@@ -499,9 +540,11 @@ def forward(
     _run(
         getattr(_library().lib, f"nl_forward_{_SUFFIX[dtype]}"),
         i64(_MODES[mode]), i64(int(reverse)), i64(len(bs)), _ptr(bs), i64(N), i64(B), i64(H),
-        _ptr(G), _ptr(A), _ptr(w_hh), _ptr(b_hh if gru else None), _ptr(h0), _ptr(out), _ptr(h),
+        _ptr(G), _ptr(A), _ptr(w_hh if int8 is None else None), _ptr(b_hh if gru else None), _ptr(h0),
+        _ptr(out), _ptr(h),
         _ptr(c), _ptr(C), _ptr(GH), _ptr(Z), _ptr(offsets),
         i64(threads or _default_threads(B, R, GW)), _blas_min_rows(blas), cv,
+        None if int8 is None else ctypes.byref(int8),
     )  # fmt: skip
     return ForwardResult(out, h, c, C, GH, Zr, stats, CZ, A, Rs)
 
@@ -540,7 +583,7 @@ def backward(
     with ``dY`` = ``dZ`` under a layer norm, else ``dGH`` for GRU, else ``dG`` (and ``H_prev``
     times the recurrent-dropout mask).
     """
-    size = _layout(mode, G, h0, w_hh, w_hr)
+    size = _layout(mode, G, h0, w_hh, w_hr, G.dtype)
     N, B, H, GW, R = size
     dtype, lstm, gru = G.dtype, mode == "LSTM", mode == "GRU"
     for name, t, shape in [("G", G, (N, GW)), ("out", out, (N, R)), ("h0", h0, (B, R))]:

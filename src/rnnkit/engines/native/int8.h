@@ -1,0 +1,305 @@
+/* int8 inference (rnnkit.quantize): weights stored as int8 with a float scale per output row,
+ * activations quantized per row at run time, products accumulated exactly in int32, everything
+ * after the product (biases, norms, gates, state) in float32. Included once by loop.c.
+ *
+ * Quantization is symmetric to [-127, 127] on both sides: a weight row w ~ sw * qw with
+ * sw = max|w| / 127, an activation row a ~ sa * qa likewise (per row of the batch, per step).
+ * Then sum_k w a ~ sw sa sum_k qw qa, and sum_k qw qa is exact in int32 for K <= Q8_MAX_K.
+ * Every instruction set below computes that same integer, so the results are the same on every
+ * CPU; only how fast differs:
+ * - AVX-512 VNNI (vpdpbusd, u8 x s8 into int32, no intermediate saturation): the activations go
+ *   in as qa + 128 (a byte XOR), and 128 sum_k qw, kept per row (wsum), is taken back off.
+ * - AVX2 (vpmaddubsw then vpmaddwd): vpmaddubsw adds two u8 x s8 products with signed
+ *   saturation to 16 bits. Both operands within 127 in magnitude (|qa| as the unsigned side,
+ *   qw with qa's sign as the signed one) bound a pair by 2 * 127 * 127 = 32258 < 32767: it
+ *   never saturates. That is why -128 is never used.
+ * - Anything else: plain C.
+ *
+ * Layout (nl_q8_pack): a matrix of `gates` blocks of H rows (W_ih, W_hh: gate g's unit j is row
+ * g H + j) of K columns is cut into panels of 16 consecutive units of one gate, ordered unit
+ * block by unit block and, within a block, gate by gate, so that a thread owning units
+ * [j0, j1) (whole blocks of 16) reads one contiguous run of panels. A panel stores K/4 groups
+ * (K rounded up to Kp, a multiple of 4, with zeros) of 16 rows x 4 columns: 64 bytes, one
+ * AVX-512 register or two AVX2 ones, whose 16 int32 lanes are the 16 rows' sums. */
+
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define Q8_ISA 2
+#include <immintrin.h>
+#elif defined(__AVX2__)
+#define Q8_ISA 1
+#include <immintrin.h>
+#else
+#define Q8_ISA 0
+#endif
+
+/* Above this many columns the VNNI form's sum of (qa + 128) qw could leave int32. */
+#define Q8_MAX_K 65536
+
+/* One packed int8 matrix: panels w, per packed row (panel * 16 + lane) the sum of its int8
+ * weights (wsum), and per original row (g H + j) its scale. */
+typedef struct {
+    const int8_t *w;
+    const int32_t *wsum;
+    const float *scale;
+    int64_t gates, H, K;
+} nl_q8_matrix;
+
+/* The int8 weights of one layer and direction's loop: W_hh, and LSTM's W_hr (hr.w NULL: none). */
+typedef struct {
+    nl_q8_matrix hh, hr;
+} nl_q8;
+
+static inline int64_t q8_kp(int64_t K) { return (K + 3) / 4 * 4; }
+static inline int64_t q8_blocks(int64_t H) { return (H + 15) / 16; }
+
+int64_t nl_q8_isa(void) { return Q8_ISA; }
+
+/* Bytes of the panels of a (gates * H, K) matrix (wsum holds 16 int32 per panel). */
+int64_t nl_q8_packed_size(int64_t gates, int64_t H, int64_t K) {
+    if (gates < 1 || H < 1 || K < 1 || K > Q8_MAX_K || H > ((int64_t)1 << 30) || gates > 4)
+        return -1;
+    return q8_blocks(H) * gates * q8_kp(K) * 16;
+}
+
+/* Pack q (gates * H, K), row-major int8 in [-127, 127], into `packed` (nl_q8_packed_size bytes)
+ * and `wsum` (that / Kp int32s). 0, or -1 for bad sizes or a -128. */
+int64_t nl_q8_pack(int64_t gates, int64_t H, int64_t K, const int8_t *q, int8_t *packed,
+                   int32_t *wsum) {
+    if (!q || !packed || !wsum || nl_q8_packed_size(gates, H, K) < 0) return -1;
+    for (int64_t i = 0; i < gates * H * K; i++)
+        if (q[i] == -128) return -1;
+    const int64_t Kp = q8_kp(K), nub = q8_blocks(H);
+    for (int64_t u = 0; u < nub; u++)
+        for (int64_t g = 0; g < gates; g++) {
+            const int64_t p = u * gates + g;
+            int8_t *panel = packed + p * Kp * 16;
+            for (int64_t r = 0; r < 16; r++) {
+                const int64_t j = u * 16 + r;
+                const int8_t *row = j < H ? q + (g * H + j) * K : 0;
+                int32_t sum = 0;
+                for (int64_t k = 0; k < Kp; k++) {
+                    const int8_t v = row && k < K ? row[k] : 0;
+                    panel[(k / 4) * 64 + r * 4 + k % 4] = v;
+                    sum += v;
+                }
+                wsum[p * 16 + r] = sum;
+            }
+        }
+    return 0;
+}
+
+/* Row i of x (n rows, stride ldx, K values) as qa (Kp bytes, zero-padded) and its scale
+ * max|x_i| / 127 (0 for a zero row; NaN where the row holds a NaN or an infinity, whose qa is
+ * then 0, so that the row's results come out NaN as a float product's would). */
+static void q8_quantize_rows(int64_t n, const float *x, int64_t ldx, int64_t K, int8_t *qa,
+                             float *sa) {
+    const int64_t Kp = q8_kp(K);
+    for (int64_t i = 0; i < n; i++) {
+        const float *row = x + i * ldx;
+        int8_t *q = qa + i * Kp;
+        float m = 0, bad = 0;
+#pragma omp simd reduction(max : m) reduction(+ : bad)
+        for (int64_t k = 0; k < K; k++) {
+            const float v = row[k] < 0 ? -row[k] : row[k];
+            m = v > m ? v : m;
+            bad += row[k] - row[k];
+        }
+        if (bad != 0 || m > 3.4e38f) {
+            memset(q, 0, (size_t)Kp);
+            sa[i] = __builtin_nanf("");
+            continue;
+        }
+        const float inv = m > 0 ? 127.0f / m : 0.0f;
+        sa[i] = m / 127.0f;
+#pragma omp simd
+        for (int64_t k = 0; k < K; k++) {
+            float v = __builtin_rintf(row[k] * inv);
+            v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+            q[k] = (int8_t)v;
+        }
+        for (int64_t k = K; k < Kp; k++) q[k] = 0;
+    }
+}
+
+/* acc[b][p][lane] = sum_k qa[b][k] qw[p][lane][k] for b < nb rows of qa (stride Kp) and p < np
+ * consecutive panels from w: the integer product of the tile, the same on every path. */
+#if Q8_ISA == 2
+#define Q8_NB 4
+#define Q8_NP 4
+static inline __attribute__((always_inline)) void q8_tile(int nb, int np, const int8_t *qa,
+                                                           int64_t Kp, const int8_t *w,
+                                                           const int32_t *wsum, int32_t *acc) {
+    __m512i c[Q8_NB][Q8_NP];
+    for (int b = 0; b < nb; b++)
+        for (int p = 0; p < np; p++) c[b][p] = _mm512_setzero_si512();
+    const __m512i flip = _mm512_set1_epi32((int32_t)0x80808080u);
+    for (int64_t k = 0; k < Kp; k += 4) {
+        __m512i wv[Q8_NP];
+        for (int p = 0; p < np; p++) wv[p] = _mm512_loadu_si512(w + p * Kp * 16 + k * 16);
+        for (int b = 0; b < nb; b++) {
+            int32_t a4;
+            memcpy(&a4, qa + b * Kp + k, 4);
+            const __m512i av = _mm512_xor_si512(_mm512_set1_epi32(a4), flip);
+            for (int p = 0; p < np; p++) c[b][p] = _mm512_dpbusd_epi32(c[b][p], av, wv[p]);
+        }
+    }
+    for (int p = 0; p < np; p++) {
+        const __m512i off = _mm512_slli_epi32(_mm512_loadu_si512(wsum + p * 16), 7);
+        for (int b = 0; b < nb; b++)
+            _mm512_storeu_si512(acc + (b * np + p) * 16, _mm512_sub_epi32(c[b][p], off));
+    }
+}
+#elif Q8_ISA == 1
+#define Q8_NB 2
+#define Q8_NP 2
+static inline __attribute__((always_inline)) void q8_tile(int nb, int np, const int8_t *qa,
+                                                           int64_t Kp, const int8_t *w,
+                                                           const int32_t *wsum, int32_t *acc) {
+    (void)wsum;
+    __m256i c[Q8_NB][Q8_NP][2];
+    for (int b = 0; b < nb; b++)
+        for (int p = 0; p < np; p++) c[b][p][0] = c[b][p][1] = _mm256_setzero_si256();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t k = 0; k < Kp; k += 4) {
+        __m256i wv[Q8_NP][2];
+        for (int p = 0; p < np; p++) {
+            wv[p][0] = _mm256_loadu_si256((const __m256i *)(w + p * Kp * 16 + k * 16));
+            wv[p][1] = _mm256_loadu_si256((const __m256i *)(w + p * Kp * 16 + k * 16 + 32));
+        }
+        for (int b = 0; b < nb; b++) {
+            int32_t a4;
+            memcpy(&a4, qa + b * Kp + k, 4);
+            const __m256i av = _mm256_set1_epi32(a4), aa = _mm256_sign_epi8(av, av);
+            for (int p = 0; p < np; p++)
+                for (int h = 0; h < 2; h++) {
+                    const __m256i pairs = _mm256_maddubs_epi16(aa, _mm256_sign_epi8(wv[p][h], av));
+                    c[b][p][h] = _mm256_add_epi32(c[b][p][h], _mm256_madd_epi16(pairs, ones));
+                }
+        }
+    }
+    /* Lane i of a half holds row i's sum over the 4 columns of each group: rows 0-7, 8-15. */
+    for (int b = 0; b < nb; b++)
+        for (int p = 0; p < np; p++) {
+            _mm256_storeu_si256((__m256i *)(acc + (b * np + p) * 16), c[b][p][0]);
+            _mm256_storeu_si256((__m256i *)(acc + (b * np + p) * 16 + 8), c[b][p][1]);
+        }
+}
+#else
+#define Q8_NB 4
+#define Q8_NP 1
+static inline void q8_tile(int nb, int np, const int8_t *qa, int64_t Kp, const int8_t *w,
+                           const int32_t *wsum, int32_t *acc) {
+    (void)wsum;
+    for (int b = 0; b < nb; b++)
+        for (int p = 0; p < np; p++) {
+            int32_t s[16] = {0};
+            const int8_t *a = qa + b * Kp, *panel = w + p * Kp * 16;
+            for (int64_t k = 0; k < Kp; k += 4)
+                for (int r = 0; r < 16; r++)
+                    for (int i = 0; i < 4; i++)
+                        s[r] += (int32_t)a[k + i] * (int32_t)panel[k * 16 + r * 4 + i];
+            memcpy(acc + (b * np + p) * 16, s, sizeof s);
+        }
+}
+#endif
+
+/* The tile for nb <= Q8_NB and np <= Q8_NP with both sizes constant, so that its loops unroll
+ * into registers. */
+static void q8_tile_any(int nb, int np, const int8_t *qa, int64_t Kp, const int8_t *w,
+                        const int32_t *wsum, int32_t *acc) {
+#define Q8_CASE(B_, P_) \
+    case (B_) * 8 + (P_): q8_tile(B_, P_, qa, Kp, w, wsum, acc); return;
+    switch (nb * 8 + np) {
+#if Q8_NB >= 2 && Q8_NP >= 2
+        Q8_CASE(1, 1) Q8_CASE(1, 2) Q8_CASE(2, 1) Q8_CASE(2, 2)
+#if Q8_NB >= 4 && Q8_NP >= 4
+        Q8_CASE(1, 3) Q8_CASE(1, 4) Q8_CASE(2, 3) Q8_CASE(2, 4)
+        Q8_CASE(3, 1) Q8_CASE(3, 2) Q8_CASE(3, 3) Q8_CASE(3, 4)
+        Q8_CASE(4, 1) Q8_CASE(4, 2) Q8_CASE(4, 3) Q8_CASE(4, 4)
+#endif
+#else
+        Q8_CASE(1, 1) Q8_CASE(2, 1) Q8_CASE(3, 1) Q8_CASE(4, 1)
+#endif
+        default: break;
+    }
+#undef Q8_CASE
+}
+
+/* z[b, g H + j] = sw[g H + j] sa[b] sum_k qw qa for b < n rows of qa (scales sa) and the units
+ * j in [j0, j1) of every gate (j0 a multiple of 16): the int8 product of rows and matrix m,
+ * written into z (row stride ldz). */
+static void q8_product(int64_t n, const int8_t *qa, const float *sa, const nl_q8_matrix *m,
+                       int64_t j0, int64_t j1, float *z, int64_t ldz) {
+    const int64_t Kp = q8_kp(m->K), gates = m->gates, H = m->H;
+    const int64_t p0 = j0 / 16 * gates, p1 = q8_blocks(j1) * gates;
+    int32_t acc[Q8_NB * Q8_NP * 16];
+    for (int64_t b = 0; b < n; b += Q8_NB) {
+        const int nb = (int)(n - b < Q8_NB ? n - b : Q8_NB);
+        for (int64_t p = p0; p < p1; p += Q8_NP) {
+            const int np = (int)(p1 - p < Q8_NP ? p1 - p : Q8_NP);
+            q8_tile_any(nb, np, qa + b * Kp, Kp, m->w + p * Kp * 16, m->wsum + p * 16, acc);
+            for (int i = 0; i < nb; i++)
+                for (int q = 0; q < np; q++) {
+                    const int64_t u = (p + q) / gates, g = (p + q) % gates;
+                    const int64_t jb = u * 16, je = jb + 16 < j1 ? jb + 16 : j1;
+                    const int32_t *s = acc + (i * np + q) * 16;
+                    const float *sw = m->scale + g * H;
+                    float *zr = z + (b + i) * ldz + g * H, sai = sa[b + i];
+#pragma omp simd
+                    for (int64_t j = jb; j < je; j++) zr[j] = (float)s[j - jb] * (sw[j] * sai);
+                }
+        }
+    }
+}
+
+/* Whether m fits a product with K columns into gates * H outputs. */
+static int q8_matrix_ok(const nl_q8_matrix *m, int64_t gates, int64_t H, int64_t K) {
+    return m->w && m->wsum && m->scale && m->gates == gates && m->H == H && m->K == K &&
+           nl_q8_packed_size(gates, H, K) > 0;
+}
+
+/* out (n, gates * H) = x (n, K) W^T (+ bias): the int8 product of every row with the whole
+ * matrix (a layer's input side, all steps at once), the units split over nthreads threads.
+ * 0, -2 for bad sizes, -4 for a missing tensor, -6 out of memory. */
+int64_t nl_q8_linear(int64_t n, const float *x, const nl_q8_matrix *m, const float *bias,
+                     float *out, int64_t nthreads) {
+    if (!x || !m || !out) return -4;
+    if (n < 0 || !q8_matrix_ok(m, m->gates, m->H, m->K)) return -2;
+    if (n == 0) return 0;
+    const int64_t Kp = q8_kp(m->K), GW = m->gates * m->H, K = m->K;
+    int8_t *qa = malloc((size_t)(n * Kp));
+    float *sa = malloc((size_t)n * sizeof(float));
+    if (!qa || !sa) {
+        free(qa);
+        free(sa);
+        return -6;
+    }
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        int64_t nth = 1, tid = 0;
+#ifdef _OPENMP
+        nth = omp_get_num_threads();
+        tid = omp_get_thread_num();
+#endif
+        const int64_t r0 = n * tid / nth, r1 = n * (tid + 1) / nth;
+        q8_quantize_rows(r1 - r0, x + r0 * K, K, K, qa + r0 * Kp, sa + r0);
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+        int64_t j0, j1;
+        split_units(m->H, &j0, &j1);
+        if (j1 > j0) q8_product(n, qa, sa, m, j0, j1, out, GW);
+        if (bias && j1 > j0)
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t g = 0; g < m->gates; g++)
+#pragma omp simd
+                    for (int64_t j = j0; j < j1; j++)
+                        out[i * GW + g * m->H + j] += bias[g * m->H + j];
+    }
+    free(qa);
+    free(sa);
+    return 0;
+}
