@@ -123,8 +123,9 @@ class QuantizedRNNBase(_Int8Module):
                 self.register_buffer(name, _float_copy(p))
 
     def _spec(self) -> LayerSpec:
-        return LayerSpec(self.mode, self.input_size, self.hidden_size, self.num_layers,
-                         2 if self.bidirectional else 1, self.bias, 0.0, self.proj_size)  # fmt: skip
+        D = 2 if self.bidirectional else 1
+        return LayerSpec(self.mode, self.input_size, self.hidden_size, self.num_layers, D,
+                         self.bias, 0.0, self.proj_size)  # fmt: skip
 
     def _weights(self) -> list[int8.Int8Weights]:
         gates, out = _GATES[self.mode], []

@@ -107,8 +107,14 @@ def pack(q: Tensor, scale: Tensor, gates: int, name: str = "weight") -> Int8Matr
     q, scale = q.contiguous(), scale.contiguous()
     packed = torch.empty(size, dtype=torch.int8)
     wsum = torch.empty(size // ((K + 3) // 4 * 4), dtype=torch.int32)
-    rc = lib.nl_q8_pack(i64(gates), i64(H), i64(K), ctypes.c_void_p(q.data_ptr()),
-                        ctypes.c_void_p(packed.data_ptr()), ctypes.c_void_p(wsum.data_ptr()))
+    rc = lib.nl_q8_pack(
+        i64(gates),
+        i64(H),
+        i64(K),
+        ctypes.c_void_p(q.data_ptr()),
+        ctypes.c_void_p(packed.data_ptr()),
+        ctypes.c_void_p(wsum.data_ptr()),
+    )
     if size < 0 or rc != 0:
         raise ValueError(f"{name}: the int8 kernels refused a ({rows}, {K}) matrix")
     return Int8Matrix(q, scale, packed, wsum, gates)

@@ -540,9 +540,8 @@ def forward(
     _run(
         getattr(_library().lib, f"nl_forward_{_SUFFIX[dtype]}"),
         i64(_MODES[mode]), i64(int(reverse)), i64(len(bs)), _ptr(bs), i64(N), i64(B), i64(H),
-        _ptr(G), _ptr(A), _ptr(w_hh if int8 is None else None), _ptr(b_hh if gru else None), _ptr(h0),
-        _ptr(out), _ptr(h),
-        _ptr(c), _ptr(C), _ptr(GH), _ptr(Z), _ptr(offsets),
+        _ptr(G), _ptr(A), _ptr(w_hh if int8 is None else None), _ptr(b_hh if gru else None),
+        _ptr(h0), _ptr(out), _ptr(h), _ptr(c), _ptr(C), _ptr(GH), _ptr(Z), _ptr(offsets),
         i64(threads or _default_threads(B, R, GW)), _blas_min_rows(blas), cv,
         None if int8 is None else ctypes.byref(int8),
     )  # fmt: skip
