@@ -3,6 +3,7 @@
 from rnnkit.deploy import from_torch, to_torch
 from rnnkit.layers import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from rnnkit.params import ParamCount, count_parameters, param_count
+from rnnkit.quantized import quantize
 from rnnkit.recurrent import Recurrent
 from rnnkit.validation import RNNInputError
 
@@ -36,6 +37,7 @@ __all__ = [
     "load",
     "param_count",
     "predict",
+    "quantize",
     "to_torch",
 ]
 __version__ = "0.1.0"

@@ -55,7 +55,7 @@ class _Int8Module(nn.Module):
         self.register_buffer(name + "_scale", scale)
 
     def _matrix(self, name: str, gates: int) -> int8.Int8Matrix:
-        q, scale = getattr(self, name), getattr(self, name + "_scale")
+        q, scale = getattr(self, name), self._float(name + "_scale")
         for what, t in ((name, q), (name + "_scale", scale)):
             if t.device.type != "cpu":
                 raise RuntimeError(f"{self._name}: int8 layers run on the CPU; {what} is on "
@@ -169,9 +169,11 @@ class QuantizedRNNBase(_Int8Module):
                 v, self._layer_norm_params() if v.layer_norm else None, x, batch, len(weights),
                 spec.out_size, self.hidden_size, self.mode == "LSTM", training=False,
             )  # fmt: skip
-        if x.numel() == 0 or batch == 0:
-            raise RNNInputError(f"{name}: int8 layers need a non-empty input; got shape "
-                                f"{tuple(data.shape)}")  # fmt: skip
+        if batch == 0:
+            # No sequences: empty outputs of the right shapes, as torch.nn gives.
+            D = spec.num_directions
+            output = x.new_empty(*x.shape[:-1], D * spec.out_size)
+            return prepared.finish(output, tuple(s.clone() for s in prepared.hx))
         with torch.no_grad():
             output, hn = int8.run(spec, x, prepared.hx, weights, prepared.batch_sizes, variants)
         return prepared.finish(output, hn)

@@ -578,6 +578,10 @@ typedef struct {
     const nl_q8 *q8;
     int8_t *qa;
     float *sa;
+    /* Split by rows instead of units (int8 inference with B > 1): the thread owns rows
+     * [r0, r1) of the batch and every unit, so that no step waits for another thread. */
+    int rows;
+    int64_t r0, r1;
 } FN(fwd_call);
 
 /* A forward step and its rows: the product Zt, what the cell reads of it Yt (its norm, or Zt
@@ -625,6 +629,15 @@ static FN(fwd_rows) FN(fwd_rows_at)(const FN(fwd_call) *cx, int64_t s) {
     const nl_walk *wk = &cx->walk;
     FN(fwd_rows) st;
     st.at = step_at(wk, s, wk->reverse ? wk->T_ - 1 - s : s);
+    if (cx->rows) {
+        /* The thread's rows of the step (those of [r0, r1) still running), from row r0 on. */
+        const int64_t n = st.at.n < cx->r1 ? st.at.n : cx->r1;
+        const int64_t np = st.at.np < n ? st.at.np : n;
+        st.at.n = n > cx->r0 ? n - cx->r0 : 0;
+        st.at.np = np > cx->r0 ? np - cx->r0 : 0;
+        st.at.off += cx->r0;
+        st.at.offp += cx->r0;
+    }
     const int64_t off = st.at.off;
     /* The product before its norm is saved where there is one. */
     st.Zt = cx->ln && cx->Zr ? cx->Zr + off * cx->GW : cx->Z;
@@ -834,13 +847,19 @@ static void FN(fwd_mask_h0)(const FN(fwd_call) *cx) {
             HM[b * R + q] = HM[(B + b) * R + q] = h0[b * R + q] * rmask[b * R + q];
 }
 
+/* A barrier, where threads split the units (threads that split the rows share nothing). */
+static inline void FN(fwd_sync)(const FN(fwd_call) *cx) {
+    if (!cx->rows) barrier();
+}
+
 /* One forward step on the thread's units, with a barrier before each phase that reads units
  * other threads wrote. */
 static void FN(fwd_step)(const FN(fwd_call) *cx, int64_t s) {
     const FN(fwd_rows) st = FN(fwd_rows_at)(cx, s);
+    if (cx->rows && st.at.n == 0) return;
     FN(fwd_product)(cx, &st);
     if (cx->ln) {
-        barrier();
+        FN(fwd_sync)(cx);
         FN(fwd_norm_product)(cx, &st);
     }
     if (cx->zo) FN(fwd_zoneout_keep)(cx, &st);
@@ -851,17 +870,38 @@ static void FN(fwd_step)(const FN(fwd_call) *cx, int64_t s) {
     else
         FN(fwd_rnn)(cx, &st);
     if (cx->ln && cx->lstm) {
-        barrier();
+        FN(fwd_sync)(cx);
         FN(fwd_norm_cell)(cx, &st);
     }
     if (cx->P) {
-        barrier();
+        FN(fwd_sync)(cx);
         FN(fwd_project)(cx, &st);
     }
     if (cx->zo) FN(fwd_zoneout)(cx, &st);
     if (cx->rmask) FN(fwd_mask)(cx, &st);
     /* The next product reads every unit of h_t. */
-    barrier();
+    FN(fwd_sync)(cx);
+}
+
+/* The thread's rows [r0, r1) of B, and every row-indexed pointer of the call moved to r0. */
+static void FN(fwd_own_rows)(FN(fwd_call) *cx) {
+    int64_t nth = 1, tid = 0;
+#ifdef _OPENMP
+    nth = omp_get_num_threads();
+    tid = omp_get_thread_num();
+#endif
+    const int64_t B = cx->B, R = cx->R, H = cx->H, GW = cx->GW;
+    cx->r0 = B * tid / nth;
+    cx->r1 = B * (tid + 1) / nth;
+    cx->j0 = 0; cx->j1 = H; cx->q0 = 0; cx->q1 = R;
+    const int64_t r = cx->r0;
+    cx->h0 += r * R; cx->h += r * R; cx->Z += r * GW;
+    if (cx->c) cx->c += r * H;
+    if (cx->Y) cx->Y += r * GW;
+    if (cx->RS) cx->RS += r * H;
+    if (cx->PH) {
+        cx->PH += r * R; cx->PC += r * H; cx->CS += r * H;
+    }
 }
 
 /* Bytes of one thread's quantized rows: B rows of h_{t-1} or (projection) r_t. */
@@ -883,6 +923,7 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
     FN(fwd_call) cx = *call;
     split_units(cx.H, &cx.j0, &cx.j1);
     split_units(cx.R, &cx.q0, &cx.q1);
+    if (cx.rows) FN(fwd_own_rows)(&cx);
     if (cx.q8) {
         int64_t tid = 0;
 #ifdef _OPENMP
@@ -937,6 +978,10 @@ int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t 
     if (q8 && (!FN(q8_fits)(&cx, q8) || A || C || GH || cx.rmask || cx.Zr || cx.CZ || cx.Rs))
         return NL_BAD_VARIANTS;
     if (nthreads < 1) nthreads = 1;
+    /* int8 weights are small enough for every core to keep a copy in its cache, so threads
+     * take rows of the batch and never wait for each other. */
+    cx.rows = q8 && B > 1 && nthreads > 1;
+    if (cx.rows && nthreads > B) nthreads = B;
     void *scratch = 0;
     if (q8) {
         const int64_t per = FN(q8_scratch)(&cx);

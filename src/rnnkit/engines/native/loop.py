@@ -46,8 +46,9 @@ _SOURCE = Path(__file__).with_name("loop.c")
 _COMMON_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 # What -march each build targets: this CPU, or the x86-64 level every supported CPU has (AVX2,
 # FMA; no AVX-512), whose vector width, and so whose summation order, AMD and older Intel
-# users get.
-ARCHES = {"native": "native", "baseline": "x86-64-v3"}
+# users get; or plain x86-64 (SSE2), where the int8 kernels are plain C, the path of every
+# other CPU (the tests run it; nothing picks it by default).
+ARCHES = {"native": "native", "baseline": "x86-64-v3", "portable": "x86-64"}
 ARCH = os.environ.get("RNNKIT_NATIVE_ARCH", "native")
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _MODES = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}

@@ -1,0 +1,180 @@
+"""int8 inference against float32 and the int8 layers a user could pick instead, with each row's
+distance from the machine's floor.
+
+    .venv/bin/python benchmarks/bench_int8.py                       # LSTM and GRU, B=1, 16, 64
+    .venv/bin/python benchmarks/bench_int8.py --modes lstm --batches 1 --repeats 31
+
+Rows per configuration (T steps, B sequences, I=H, one layer, forward under ``no_grad``):
+``torch.nn`` float32 (oneDNN), ``torch int8`` (``torch.ao.quantization.quantize_dynamic``,
+fbgemm), ``onnxruntime`` float32 and, for LSTM, ``onnxruntime int8`` (its
+``quantize_dynamic``: DynamicQuantizeLSTM; it has no int8 GRU), rnnkit's ``native`` float32
+engine and ``rnnkit int8`` (``rnnkit.quantize``). Medians of ``--repeats`` interleaved runs.
+
+The floor of a row is what the machine cannot beat for that arithmetic: every step reads its
+recurrent weights (4 bytes a weight in float32, 1 in int8) at the measured read bandwidth of a
+working set that size, or does its multiply-adds at the measured peak rate, whichever is longer,
+plus the input side's multiply-adds at the peak rate. Both are measured here, on this machine
+and thread count: the bandwidth by ``floor.c`` (each thread re-reading its share of the
+working set), float32's peak by a large ``torch.mm``, int8's by rnnkit's int8 product on a
+large, compute-bound shape.
+"""
+
+import argparse
+import ctypes
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import rnnkit
+from rnnkit.engines.native import build as native_build
+from rnnkit.engines.native import int8
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_engines import _device_name, interleaved
+
+TORCH = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
+OURS = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU}
+GATES = {"lstm": 4, "gru": 3}
+
+
+def _median_seconds(fn, repeats: int = 9) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class Floor:
+    """The measured read bandwidth (by working-set size) and peak multiply-add rates."""
+
+    def __init__(self, threads: int) -> None:
+        source = Path(__file__).with_name("floor.c")
+        flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+        self.lib = native_build.build(source, [flags])
+        self.lib.read_seconds.restype = ctypes.c_double
+        self.threads = threads
+        self._bandwidth: dict[int, float] = {}
+        n = 2048
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        self.f32_macs = n**3 / _median_seconds(lambda: torch.mm(a, b), 5)
+        rows, K, GW = 4096, 1024, 2048
+        q, s = int8.quantize_rows(torch.randn(GW, K))
+        w, x = int8.pack(q, s, 1), torch.randn(rows, K)
+        self.int8_macs = rows * K * GW / _median_seconds(lambda: int8.linear(x, w, None), 5)
+
+    def bandwidth(self, nbytes: int) -> float:
+        """Bytes per second that the threads read from a working set of ``nbytes``."""
+        if nbytes not in self._bandwidth:
+            reps = max(10, int(2e9 // max(nbytes, 1)) // 10)
+            i64 = ctypes.c_int64
+            runs = [self.lib.read_seconds(i64(nbytes), i64(reps), i64(self.threads))
+                    for _ in range(5)]  # fmt: skip
+            self._bandwidth[nbytes] = nbytes * reps / statistics.median(runs)
+        return self._bandwidth[nbytes]
+
+    def ms(self, T: int, B: int, I: int, H: int, gates: int, weight_bytes: int, int8_: bool):
+        """The floor of a T-step forward, in milliseconds."""
+        macs = self.int8_macs if int8_ else self.f32_macs
+        step_bytes = gates * H * H * weight_bytes
+        step = max(step_bytes / self.bandwidth(step_bytes), B * gates * H * H / macs)
+        return (T * step + T * B * gates * H * I / macs) * 1e3
+
+
+def onnx_sessions(layer: torch.nn.Module, x: torch.Tensor, quantized: bool):
+    """ONNX Runtime's forward of torch.nn's exported layer (float32, and with its dynamic int8
+    quantization where asked), or None where it is not installed."""
+    try:
+        import onnxruntime as ort
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        return None
+    folder = tempfile.mkdtemp()
+    path = os.path.join(folder, "layer.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(layer, (x,), path, dynamo=False, input_names=["x"])
+    if quantized:
+        qpath = os.path.join(folder, "layer-int8.onnx")
+        quantize_dynamic(path, qpath, weight_type=QuantType.QInt8)
+        path = qpath
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {"x": x.numpy()}
+    return lambda: session.run(None, feed)
+
+
+def rows_for(mode: str, T: int, B: int, H: int, repeats: int, floor: Floor) -> list[list[str]]:
+    torch.manual_seed(0)
+    ref = TORCH[mode](H, H).eval()
+    ours = OURS[mode](H, H, backend="native").eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B, H)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_int8 = torch.ao.quantization.quantize_dynamic(
+            torch.nn.Sequential(ref), {TORCH[mode]}, dtype=torch.qint8
+        )
+    ours_int8 = rnnkit.quantize(ours)
+    fns = {}
+    for name, layer in [("torch.nn", ref), ("torch int8", torch_int8), ("native", ours),
+                        ("rnnkit int8", ours_int8)]:  # fmt: skip
+        fns[name] = lambda layer=layer: layer(x)
+    fns["onnxruntime"] = onnx_sessions(ref, x, False)
+    if mode == "lstm":
+        fns["onnxruntime int8"] = onnx_sessions(ref, x, True)
+    fns = {k: v for k, v in fns.items() if v is not None}
+    with torch.no_grad():
+        ms = interleaved(fns, "cpu", repeats)
+    g = GATES[mode]
+    out = []
+    for name, t in ms.items():
+        quantized = "int8" in name
+        f = floor.ms(T, B, H, H, g, 1 if quantized else 4, quantized)
+        out.append([mode, str(T), str(B), str(H), name, f"{t:.3f}", f"{t / ms['torch.nn']:.2f}",
+                    f"{t / T * 1e3:.1f}", f"{f / T * 1e3:.1f}", f"{f / t:.2f}"])  # fmt: skip
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--modes", nargs="+", default=["lstm", "gru"], choices=sorted(TORCH))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    floor = Floor(args.threads)
+    print(f"# {_device_name('cpu')}, {args.threads} threads, torch {torch.__version__}, "
+          f"rnnkit int8 kernel: {int8.kernel()}")  # fmt: skip
+    print(f"# measured: float32 peak {floor.f32_macs / 1e9:.1f} GMAC/s (torch.mm 2048^3), "
+          f"int8 peak {floor.int8_macs / 1e9:.1f} GMAC/s (rnnkit int8, 4096x1024x2048)")
+    for nbytes in sorted({GATES[m] * args.hidden**2 * w for m in args.modes for w in (1, 4)}):
+        print(f"# read bandwidth, {nbytes / 2**10:.0f} KiB working set: "
+              f"{floor.bandwidth(nbytes) / 1e9:.1f} GB/s")  # fmt: skip
+    print()
+    head = ["mode", "T", "B", "I=H", "engine", "fwd ms", "/ torch.nn", "us/step",
+            "floor us/step", "floor / time"]  # fmt: skip
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for mode in args.modes:
+        for B in args.batches:
+            for row in rows_for(mode, args.steps, B, args.hidden, args.repeats, floor):
+                print("| " + " | ".join(row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
