@@ -12,11 +12,12 @@ engine and ``rnnkit int8`` (``rnnkit.quantize``). Medians of ``--repeats`` inter
 
 The floor of a row is what the machine cannot beat for that arithmetic: every step reads its
 recurrent weights (4 bytes a weight in float32, 1 in int8) at the measured read bandwidth of a
-working set that size, or does its multiply-adds at the measured peak rate, whichever is longer,
-plus the input side's multiply-adds at the peak rate. Both are measured here, on this machine
-and thread count: the bandwidth by ``floor.c`` (each thread re-reading its share of the
-working set), float32's peak by a large ``torch.mm``, int8's by rnnkit's int8 product on a
-large, compute-bound shape.
+working set that size, or does its multiply-adds at the peak rate, whichever is longer, plus
+the input side's multiply-adds at the peak rate. Both are measured here by ``floor.c``, on this
+machine and thread count: the bandwidth with each thread re-reading its share of the working
+set, the peaks with independent chains of FMA (float32) or of the int8 instructions rnnkit's
+kernel uses on this build (AVX-512 VNNI's vpdpbusd, else AVX2's vpmaddubsw/vpmaddwd/vpaddd)
+from registers.
 """
 
 import argparse
@@ -63,13 +64,12 @@ class Floor:
         self.lib.read_seconds.restype = ctypes.c_double
         self.threads = threads
         self._bandwidth: dict[int, float] = {}
-        n = 2048
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        self.f32_macs = n**3 / _median_seconds(lambda: torch.mm(a, b), 5)
-        rows, K, GW = 4096, 1024, 2048
-        q, s = int8.quantize_rows(torch.randn(GW, K))
-        w, x = int8.pack(q, s, 1), torch.randn(rows, K)
-        self.int8_macs = rows * K * GW / _median_seconds(lambda: int8.linear(x, w, None), 5)
+        self.lib.peak_macs.restype = ctypes.c_double
+        i64 = ctypes.c_int64
+        self.f32_macs = self.lib.peak_macs(i64(0), i64(threads))
+        self.int8_macs = self.lib.peak_macs(i64(1), i64(threads))
+        if min(self.f32_macs, self.int8_macs) <= 0:
+            raise SystemExit("bench_int8: this CPU has neither AVX2 nor AVX-512; no floor")
 
     def bandwidth(self, nbytes: int) -> float:
         """Bytes per second that the threads read from a working set of ``nbytes``."""
@@ -160,8 +160,10 @@ def main() -> None:
     floor = Floor(args.threads)
     print(f"# {_device_name('cpu')}, {args.threads} threads, torch {torch.__version__}, "
           f"rnnkit int8 kernel: {int8.kernel()}")  # fmt: skip
-    print(f"# measured: float32 peak {floor.f32_macs / 1e9:.1f} GMAC/s (torch.mm 2048^3), "
-          f"int8 peak {floor.int8_macs / 1e9:.1f} GMAC/s (rnnkit int8, 4096x1024x2048)")
+    print(
+        f"# measured peaks (floor.c, from registers): float32 FMA {floor.f32_macs / 1e9:.1f} "
+        f"GMAC/s, int8 {floor.int8_macs / 1e9:.1f} GMAC/s"
+    )
     for nbytes in sorted({GATES[m] * args.hidden**2 * w for m in args.modes for w in (1, 4)}):
         print(f"# read bandwidth, {nbytes / 2**10:.0f} KiB working set: "
               f"{floor.bandwidth(nbytes) / 1e9:.1f} GB/s")  # fmt: skip

@@ -36,3 +36,69 @@ double read_seconds(int64_t bytes, int64_t reps, int64_t threads) {
     free(buf);
     return elapsed;
 }
+
+/* Multiply-adds a second at the machine's peak, from registers only: int8 (the instructions
+ * rnnkit's int8 kernel uses on this build: AVX-512 VNNI, else AVX2's vpmaddubsw, vpmaddwd,
+ * vpaddd, else scalar) or float32 FMA. */
+#include <immintrin.h>
+#define ACCS 12
+
+double peak_macs(int64_t int8, int64_t threads) {
+    const int64_t iters = 20000000;
+    double elapsed = 0, per_iter = 0;
+    volatile int64_t sink = 0;
+#pragma omp parallel num_threads((int)threads)
+    {
+        int64_t s = 0;
+#pragma omp barrier
+        double t0 = omp_get_wtime();
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+        if (int8) {
+            __m512i c[ACCS], a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(-2);
+            for (int k = 0; k < ACCS; k++) c[k] = _mm512_set1_epi32(k);
+            for (int64_t i = 0; i < iters; i++)
+                for (int k = 0; k < ACCS; k++) c[k] = _mm512_dpbusd_epi32(c[k], a, b);
+            for (int k = 0; k < ACCS; k++) s += _mm512_reduce_add_epi32(c[k]);
+            per_iter = ACCS * 64;
+        }
+#elif defined(__AVX2__)
+        if (int8) {
+            __m256i c[ACCS], a = _mm256_set1_epi8(3), b = _mm256_set1_epi8(-2);
+            const __m256i ones = _mm256_set1_epi16(1);
+            for (int k = 0; k < ACCS; k++) c[k] = _mm256_set1_epi32(k);
+            for (int64_t i = 0; i < iters; i++)
+                for (int k = 0; k < ACCS; k++)
+                    c[k] = _mm256_add_epi32(c[k], _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones));
+            for (int k = 0; k < ACCS; k++) s += _mm256_extract_epi32(c[k], 0);
+            per_iter = ACCS * 32;
+        }
+#endif
+#if defined(__AVX512F__)
+        if (!int8) {
+            __m512 c[ACCS], a = _mm512_set1_ps(1.0f), b = _mm512_set1_ps(1e-9f);
+            for (int k = 0; k < ACCS; k++) c[k] = _mm512_set1_ps((float)k);
+            for (int64_t i = 0; i < iters; i++)
+                for (int k = 0; k < ACCS; k++) c[k] = _mm512_fmadd_ps(a, b, c[k]);
+            for (int k = 0; k < ACCS; k++) s += (int64_t)_mm512_reduce_add_ps(c[k]);
+            per_iter = ACCS * 16;
+        }
+#elif defined(__AVX2__) && defined(__FMA__)
+        if (!int8) {
+            __m256 c[ACCS], a = _mm256_set1_ps(1.0f), b = _mm256_set1_ps(1e-9f);
+            for (int k = 0; k < ACCS; k++) c[k] = _mm256_set1_ps((float)k);
+            for (int64_t i = 0; i < iters; i++)
+                for (int k = 0; k < ACCS; k++) c[k] = _mm256_fmadd_ps(a, b, c[k]);
+            float tmp[8];
+            for (int k = 0; k < ACCS; k++) { _mm256_storeu_ps(tmp, c[k]); s += (int64_t)tmp[0]; }
+            per_iter = ACCS * 8;
+        }
+#endif
+#pragma omp barrier
+        double t1 = omp_get_wtime();
+#pragma omp master
+        elapsed = t1 - t0;
+#pragma omp atomic
+        sink += s;
+    }
+    return per_iter > 0 ? (double)iters * per_iter * (double)threads / elapsed : -1;
+}

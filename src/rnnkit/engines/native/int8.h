@@ -7,8 +7,8 @@
  * Then sum_k w a ~ sw sa sum_k qw qa, and sum_k qw qa is exact in int32 for K <= Q8_MAX_K.
  * Every instruction set below computes that same integer, so the results are the same on every
  * CPU; only how fast differs:
- * - AVX-512 VNNI (vpdpbusd, u8 x s8 into int32, no intermediate saturation): the activations go
- *   in as qa + 128 (a byte XOR), and 128 sum_k qw, kept per row (wsum), is taken back off.
+ * - AVX-512 VNNI (vpdpbusd, u8 x s8 into int32, no intermediate saturation): the activations are
+ *   stored as qa + 128 (Q8_OFFSET), and 128 sum_k qw, kept per row (wsum), is taken back off.
  * - AVX2 (vpmaddubsw then vpmaddwd): vpmaddubsw adds two u8 x s8 products with signed
  *   saturation to 16 bits. Both operands within 127 in magnitude (|qa| as the unsigned side,
  *   qw with qa's sign as the signed one) bound a pair by 2 * 127 * 127 = 32258 < 32767: it
@@ -26,12 +26,16 @@
 #include <string.h>
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define Q8_ISA 2
+#define Q8_OFFSET 128
 #include <immintrin.h>
 #elif defined(__AVX2__)
 #define Q8_ISA 1
 #include <immintrin.h>
 #else
 #define Q8_ISA 0
+#endif
+#ifndef Q8_OFFSET
+#define Q8_OFFSET 0
 #endif
 
 /* Above this many columns the VNNI form's sum of (qa + 128) qw could leave int32. */
@@ -90,7 +94,8 @@ int64_t nl_q8_pack(int64_t gates, int64_t H, int64_t K, const int8_t *q, int8_t 
     return 0;
 }
 
-/* Row i of x (n rows, stride ldx, K values) as qa (Kp bytes, zero-padded) and its scale
+/* Row i of x (n rows, stride ldx, K values) as qa + Q8_OFFSET (Kp bytes, padded with the
+ * offset: zero) and its scale
  * max|x_i| / 127 (0 for a zero row; NaN where the row holds a NaN or an infinity, whose qa is
  * then 0, so that the row's results come out NaN as a float product's would). */
 static void q8_quantize_rows(int64_t n, const float *x, int64_t ldx, int64_t K, int8_t *qa,
@@ -107,7 +112,7 @@ static void q8_quantize_rows(int64_t n, const float *x, int64_t ldx, int64_t K, 
             bad += row[k] - row[k];
         }
         if (bad != 0 || m > 3.4e38f) {
-            memset(q, 0, (size_t)Kp);
+            memset(q, Q8_OFFSET, (size_t)Kp);
             sa[i] = __builtin_nanf("");
             continue;
         }
@@ -117,80 +122,146 @@ static void q8_quantize_rows(int64_t n, const float *x, int64_t ldx, int64_t K, 
         for (int64_t k = 0; k < K; k++) {
             float v = __builtin_rintf(row[k] * inv);
             v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
-            q[k] = (int8_t)v;
+            q[k] = (int8_t)(uint8_t)((int32_t)v + Q8_OFFSET);
         }
-        for (int64_t k = K; k < Kp; k++) q[k] = 0;
+        for (int64_t k = K; k < Kp; k++) q[k] = (int8_t)(uint8_t)Q8_OFFSET;
     }
 }
 
-/* acc[b][p][lane] = sum_k qa[b][k] qw[p][lane][k] for b < nb rows of qa (stride Kp) and p < np
- * consecutive panels from w: the integer product of the tile, the same on every path. */
+/* The integer products of a tile: rows of qa (Kp bytes each) by panels of 16 weight rows,
+ * lane i of each result the sum over k of a row's qa and panel row i's weights. The kernels
+ * take a fixed tile (4 rows x 4 panels, or 1 row x 8 panels) with one named accumulator per
+ * pair, so that the compiler keeps them all in registers (arrays of vectors were spilled and
+ * copied every iteration: half the speed); q8_tile fills a smaller tile with repeats of its
+ * first row or panel and keeps only what it asked for. */
 #if Q8_ISA == 2
-#define Q8_NB 4
-#define Q8_NP 4
-static inline __attribute__((always_inline)) void q8_tile(int nb, int np, const int8_t *qa,
-                                                           int64_t Kp, const int8_t *w,
-                                                           const int32_t *wsum, int32_t *acc) {
-    __m512i c[Q8_NB][Q8_NP];
-    for (int b = 0; b < nb; b++)
-        for (int p = 0; p < np; p++) c[b][p] = _mm512_setzero_si512();
-    const __m512i flip = _mm512_set1_epi32((int32_t)0x80808080u);
-    for (int64_t k = 0; k < Kp; k += 4) {
-        __m512i wv[Q8_NP];
-        for (int p = 0; p < np; p++) wv[p] = _mm512_loadu_si512(w + p * Kp * 16 + k * 16);
-        for (int b = 0; b < nb; b++) {
-            int32_t a4;
-            memcpy(&a4, qa + b * Kp + k, 4);
-            const __m512i av = _mm512_xor_si512(_mm512_set1_epi32(a4), flip);
-            for (int p = 0; p < np; p++) c[b][p] = _mm512_dpbusd_epi32(c[b][p], av, wv[p]);
-        }
-    }
-    for (int p = 0; p < np; p++) {
-        const __m512i off = _mm512_slli_epi32(_mm512_loadu_si512(wsum + p * 16), 7);
-        for (int b = 0; b < nb; b++)
-            _mm512_storeu_si512(acc + (b * np + p) * 16, _mm512_sub_epi32(c[b][p], off));
-    }
+#define Q8_V __m512i
+#define Q8_LANES 16
+#define Q8_ZERO _mm512_setzero_si512()
+static inline __attribute__((always_inline)) __m512i q8_bcast(const int8_t *a) {
+    int32_t a4;
+    memcpy(&a4, a, 4);
+    return _mm512_set1_epi32(a4);
 }
+#define Q8_LOAD(p) _mm512_loadu_si512(p)
+#define Q8_DOT(c, a, w) c = _mm512_dpbusd_epi32(c, a, w)
+#define Q8_STORE(p, c) _mm512_storeu_si512(p, c)
+/* Keeps a loaded panel in a register: without it the compiler folds the load into each of the
+ * four products that read it, four loads instead of one. */
+#define Q8_PIN(v) __asm__("" : "+v"(v))
 #elif Q8_ISA == 1
-#define Q8_NB 2
-#define Q8_NP 2
-static inline __attribute__((always_inline)) void q8_tile(int nb, int np, const int8_t *qa,
-                                                           int64_t Kp, const int8_t *w,
-                                                           const int32_t *wsum, int32_t *acc) {
-    (void)wsum;
-    __m256i c[Q8_NB][Q8_NP][2];
-    for (int b = 0; b < nb; b++)
-        for (int p = 0; p < np; p++) c[b][p][0] = c[b][p][1] = _mm256_setzero_si256();
-    const __m256i ones = _mm256_set1_epi16(1);
-    for (int64_t k = 0; k < Kp; k += 4) {
-        __m256i wv[Q8_NP][2];
-        for (int p = 0; p < np; p++) {
-            wv[p][0] = _mm256_loadu_si256((const __m256i *)(w + p * Kp * 16 + k * 16));
-            wv[p][1] = _mm256_loadu_si256((const __m256i *)(w + p * Kp * 16 + k * 16 + 32));
-        }
-        for (int b = 0; b < nb; b++) {
-            int32_t a4;
-            memcpy(&a4, qa + b * Kp + k, 4);
-            const __m256i av = _mm256_set1_epi32(a4), aa = _mm256_sign_epi8(av, av);
-            for (int p = 0; p < np; p++)
-                for (int h = 0; h < 2; h++) {
-                    const __m256i pairs = _mm256_maddubs_epi16(aa, _mm256_sign_epi8(wv[p][h], av));
-                    c[b][p][h] = _mm256_add_epi32(c[b][p][h], _mm256_madd_epi16(pairs, ones));
-                }
-        }
-    }
-    /* Lane i of a half holds row i's sum over the 4 columns of each group: rows 0-7, 8-15. */
-    for (int b = 0; b < nb; b++)
-        for (int p = 0; p < np; p++) {
-            _mm256_storeu_si256((__m256i *)(acc + (b * np + p) * 16), c[b][p][0]);
-            _mm256_storeu_si256((__m256i *)(acc + (b * np + p) * 16 + 8), c[b][p][1]);
-        }
+/* Two registers per panel (rows 0-7, 8-15); one product is |qa| times qw with qa's sign. */
+typedef struct {
+    __m256i lo, hi;
+} q8_pair;
+#define Q8_V q8_pair
+#define Q8_LANES 16
+#define Q8_ZERO ((q8_pair){_mm256_setzero_si256(), _mm256_setzero_si256()})
+static inline __attribute__((always_inline)) q8_pair q8_bcast(const int8_t *a) {
+    int32_t a4;
+    memcpy(&a4, a, 4);
+    const __m256i v = _mm256_set1_epi32(a4);
+    return (q8_pair){_mm256_sign_epi8(v, v), v};
 }
-#else
+static inline __attribute__((always_inline)) q8_pair q8_load(const int8_t *p) {
+    return (q8_pair){_mm256_loadu_si256((const __m256i *)p),
+                     _mm256_loadu_si256((const __m256i *)(p + 32))};
+}
+static inline __attribute__((always_inline)) __m256i q8_dot_half(__m256i c, q8_pair a,
+                                                                  __m256i w) {
+    const __m256i pairs = _mm256_maddubs_epi16(a.lo, _mm256_sign_epi8(w, a.hi));
+    return _mm256_add_epi32(c, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+#define Q8_LOAD(p) q8_load(p)
+#define Q8_DOT(c, a, w) (c.lo = q8_dot_half(c.lo, a, w.lo), c.hi = q8_dot_half(c.hi, a, w.hi))
+#define Q8_STORE(p, c) \
+    (_mm256_storeu_si256((__m256i *)(p), c.lo), _mm256_storeu_si256((__m256i *)((p) + 8), c.hi))
+#define Q8_PIN(v) __asm__("" : "+x"(v.lo), "+x"(v.hi))
+#endif
+
+#ifdef Q8_V
+/* 4 rows x 4 panels. */
+static void q8_kernel_4x4(const int8_t *const *a, int64_t Kp, const int8_t *const *w,
+                          int32_t *acc) {
+    Q8_V c00 = Q8_ZERO, c01 = Q8_ZERO, c02 = Q8_ZERO, c03 = Q8_ZERO;
+    Q8_V c10 = Q8_ZERO, c11 = Q8_ZERO, c12 = Q8_ZERO, c13 = Q8_ZERO;
+    Q8_V c20 = Q8_ZERO, c21 = Q8_ZERO, c22 = Q8_ZERO, c23 = Q8_ZERO;
+    Q8_V c30 = Q8_ZERO, c31 = Q8_ZERO, c32 = Q8_ZERO, c33 = Q8_ZERO;
+    const int8_t *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
+    const int8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+    for (int64_t k = 0; k < Kp; k += 4) {
+        Q8_V v0 = Q8_LOAD(w0 + k * 16), v1 = Q8_LOAD(w1 + k * 16);
+        Q8_V v2 = Q8_LOAD(w2 + k * 16), v3 = Q8_LOAD(w3 + k * 16);
+        Q8_PIN(v0); Q8_PIN(v1); Q8_PIN(v2); Q8_PIN(v3);
+        Q8_V b = q8_bcast(a0 + k);
+        Q8_DOT(c00, b, v0); Q8_DOT(c01, b, v1); Q8_DOT(c02, b, v2); Q8_DOT(c03, b, v3);
+        b = q8_bcast(a1 + k);
+        Q8_DOT(c10, b, v0); Q8_DOT(c11, b, v1); Q8_DOT(c12, b, v2); Q8_DOT(c13, b, v3);
+        b = q8_bcast(a2 + k);
+        Q8_DOT(c20, b, v0); Q8_DOT(c21, b, v1); Q8_DOT(c22, b, v2); Q8_DOT(c23, b, v3);
+        b = q8_bcast(a3 + k);
+        Q8_DOT(c30, b, v0); Q8_DOT(c31, b, v1); Q8_DOT(c32, b, v2); Q8_DOT(c33, b, v3);
+    }
+    Q8_STORE(acc + 0 * 16, c00); Q8_STORE(acc + 1 * 16, c01);
+    Q8_STORE(acc + 2 * 16, c02); Q8_STORE(acc + 3 * 16, c03);
+    Q8_STORE(acc + 4 * 16, c10); Q8_STORE(acc + 5 * 16, c11);
+    Q8_STORE(acc + 6 * 16, c12); Q8_STORE(acc + 7 * 16, c13);
+    Q8_STORE(acc + 8 * 16, c20); Q8_STORE(acc + 9 * 16, c21);
+    Q8_STORE(acc + 10 * 16, c22); Q8_STORE(acc + 11 * 16, c23);
+    Q8_STORE(acc + 12 * 16, c30); Q8_STORE(acc + 13 * 16, c31);
+    Q8_STORE(acc + 14 * 16, c32); Q8_STORE(acc + 15 * 16, c33);
+}
+
+/* 1 row x 8 panels (one row: more panels to keep the products independent). */
+static void q8_kernel_1x8(const int8_t *a0, int64_t Kp, const int8_t *const *w, int32_t *acc) {
+    Q8_V c0 = Q8_ZERO, c1 = Q8_ZERO, c2 = Q8_ZERO, c3 = Q8_ZERO;
+    Q8_V c4 = Q8_ZERO, c5 = Q8_ZERO, c6 = Q8_ZERO, c7 = Q8_ZERO;
+    const int8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+    const int8_t *w4 = w[4], *w5 = w[5], *w6 = w[6], *w7 = w[7];
+    for (int64_t k = 0; k < Kp; k += 4) {
+        const Q8_V b = q8_bcast(a0 + k);
+        Q8_DOT(c0, b, Q8_LOAD(w0 + k * 16)); Q8_DOT(c1, b, Q8_LOAD(w1 + k * 16));
+        Q8_DOT(c2, b, Q8_LOAD(w2 + k * 16)); Q8_DOT(c3, b, Q8_LOAD(w3 + k * 16));
+        Q8_DOT(c4, b, Q8_LOAD(w4 + k * 16)); Q8_DOT(c5, b, Q8_LOAD(w5 + k * 16));
+        Q8_DOT(c6, b, Q8_LOAD(w6 + k * 16)); Q8_DOT(c7, b, Q8_LOAD(w7 + k * 16));
+    }
+    Q8_STORE(acc + 0 * 16, c0); Q8_STORE(acc + 1 * 16, c1);
+    Q8_STORE(acc + 2 * 16, c2); Q8_STORE(acc + 3 * 16, c3);
+    Q8_STORE(acc + 4 * 16, c4); Q8_STORE(acc + 5 * 16, c5);
+    Q8_STORE(acc + 6 * 16, c6); Q8_STORE(acc + 7 * 16, c7);
+}
+#endif
+
 #define Q8_NB 4
-#define Q8_NP 1
-static inline void q8_tile(int nb, int np, const int8_t *qa, int64_t Kp, const int8_t *w,
-                           const int32_t *wsum, int32_t *acc) {
+#define Q8_NP 8
+
+/* acc[(b np + p) 16 + lane] for b < nb <= 4 rows from qa (stride Kp) and p < np <= 8
+ * consecutive panels from w (4 at most when nb > 1), the same integers on every path. */
+static void q8_tile(int nb, int np, const int8_t *qa, int64_t Kp, const int8_t *w,
+                    const int32_t *wsum, int32_t *acc) {
+#ifdef Q8_V
+    int32_t tmp[16 * 16];
+    const int8_t *rows[4], *panels[8];
+    for (int b = 0; b < 4; b++) rows[b] = qa + (b < nb ? b : 0) * Kp;
+    for (int p = 0; p < 8; p++) panels[p] = w + (p < np ? p : 0) * Kp * 16;
+    int sub = nb == 1 ? 8 : 4;
+    if (nb == 1)
+        q8_kernel_1x8(rows[0], Kp, panels, tmp);
+    else
+        q8_kernel_4x4(rows, Kp, panels, tmp);
+    for (int b = 0; b < nb; b++)
+        for (int p = 0; p < np; p++) {
+            int32_t *dst = acc + (b * np + p) * 16;
+            const int32_t *src = tmp + (b * sub + p) * 16;
+#if Q8_OFFSET
+            /* Take back the offset's share, 128 sum_k qw, of each lane. */
+            for (int i = 0; i < 16; i++) dst[i] = src[i] - 128 * wsum[p * 16 + i];
+#else
+            (void)wsum;
+            memcpy(dst, src, 16 * sizeof(int32_t));
+#endif
+        }
+#else
     (void)wsum;
     for (int b = 0; b < nb; b++)
         for (int p = 0; p < np; p++) {
@@ -202,29 +273,7 @@ static inline void q8_tile(int nb, int np, const int8_t *qa, int64_t Kp, const i
                         s[r] += (int32_t)a[k + i] * (int32_t)panel[k * 16 + r * 4 + i];
             memcpy(acc + (b * np + p) * 16, s, sizeof s);
         }
-}
 #endif
-
-/* The tile for nb <= Q8_NB and np <= Q8_NP with both sizes constant, so that its loops unroll
- * into registers. */
-static void q8_tile_any(int nb, int np, const int8_t *qa, int64_t Kp, const int8_t *w,
-                        const int32_t *wsum, int32_t *acc) {
-#define Q8_CASE(B_, P_) \
-    case (B_) * 8 + (P_): q8_tile(B_, P_, qa, Kp, w, wsum, acc); return;
-    switch (nb * 8 + np) {
-#if Q8_NB >= 2 && Q8_NP >= 2
-        Q8_CASE(1, 1) Q8_CASE(1, 2) Q8_CASE(2, 1) Q8_CASE(2, 2)
-#if Q8_NB >= 4 && Q8_NP >= 4
-        Q8_CASE(1, 3) Q8_CASE(1, 4) Q8_CASE(2, 3) Q8_CASE(2, 4)
-        Q8_CASE(3, 1) Q8_CASE(3, 2) Q8_CASE(3, 3) Q8_CASE(3, 4)
-        Q8_CASE(4, 1) Q8_CASE(4, 2) Q8_CASE(4, 3) Q8_CASE(4, 4)
-#endif
-#else
-        Q8_CASE(1, 1) Q8_CASE(2, 1) Q8_CASE(3, 1) Q8_CASE(4, 1)
-#endif
-        default: break;
-    }
-#undef Q8_CASE
 }
 
 /* z[b, g H + j] = sw[g H + j] sa[b] sum_k qw qa for b < n rows of qa (scales sa) and the units
@@ -237,9 +286,11 @@ static void q8_product(int64_t n, const int8_t *qa, const float *sa, const nl_q8
     int32_t acc[Q8_NB * Q8_NP * 16];
     for (int64_t b = 0; b < n; b += Q8_NB) {
         const int nb = (int)(n - b < Q8_NB ? n - b : Q8_NB);
-        for (int64_t p = p0; p < p1; p += Q8_NP) {
-            const int np = (int)(p1 - p < Q8_NP ? p1 - p : Q8_NP);
-            q8_tile_any(nb, np, qa + b * Kp, Kp, m->w + p * Kp * 16, m->wsum + p * 16, acc);
+        /* One row takes 8 panels at a time, more rows 4. */
+        const int64_t step = nb == 1 ? 8 : 4;
+        for (int64_t p = p0; p < p1; p += step) {
+            const int np = (int)(p1 - p < step ? p1 - p : step);
+            q8_tile(nb, np, qa + b * Kp, Kp, m->w + p * Kp * 16, m->wsum + p * 16, acc);
             for (int i = 0; i < nb; i++)
                 for (int q = 0; q < np; q++) {
                     const int64_t u = (p + q) / gates, g = (p + q) % gates;
