@@ -623,3 +623,48 @@ def test_resume_refuses_data_that_changed(tmp_path, capsys, monkeypatch):
     csv.write_text("v\n" + "\n".join(map(str, series)) + "\n")
     rc, _, err = run_cli(capsys, *argv, "--resume")
     assert rc == 0, err
+
+
+def test_quantize_writes_the_int8_model_that_evaluate_and_predict_read(
+    digits_run, capsys, tmp_path
+):
+    import shutil
+
+    import rnnkit
+    from rnnkit.quantized import is_quantized
+    from rnnkit.train.checkpoint import MODEL_INT8, load_model, save_model
+
+    run = tmp_path / "q"
+    shutil.copytree(digits_run, run)
+    x = torch.randn(5, 8, 8)
+    in_memory = rnnkit.load(run, quantize=True)
+    assert is_quantized(in_memory) and not (run / MODEL_INT8).exists()
+    rc, out, _ = run_cli(capsys, "quantize", run)
+    assert rc == 0 and MODEL_INT8 in out
+    from_file = rnnkit.load(run, quantize=True)
+    assert is_quantized(from_file) and from_file.run_info["quantized"] == "int8"
+    # The file holds the same int8 numbers as quantizing on loading.
+    assert torch.equal(from_file(x), in_memory(x))
+    saved = load_file(run / MODEL_INT8)
+    assert {t.dtype for k, t in saved.items() if k.endswith("weight_hh_l0")} == {torch.int8}
+    rc, out, _ = run_cli(capsys, "evaluate", run, "--quantize", "--output", tmp_path / "q.json")
+    assert rc == 0 and "(int8)" in out
+    assert 0 <= json.loads((tmp_path / "q.json").read_text())["test_accuracy"] <= 1
+    from rnnkit.data import load_digits
+
+    pixels = (load_digits()[0][:6].reshape(6, 64) * 16).astype(int)
+    (tmp_path / "in.csv").write_text("\n".join(",".join(map(str, r)) for r in pixels) + "\n")
+    rc, out, _ = run_cli(capsys, "predict", run, tmp_path / "in.csv", "--quantize")
+    labels = [int(line.split(",")[1]) for line in out.splitlines()[1:]]
+    digits = torch.tensor(pixels, dtype=torch.float32).view(6, 8, 8) / 16
+    assert rc == 0 and labels == from_file(digits).argmax(1).tolist()
+    # An int8 file from other weights (another epoch) is not used: the weights are quantized anew.
+    net, meta = load_model(run / MODEL_INT8)
+    state = {k: torch.zeros_like(v) if v.dtype == torch.int8 else v
+             for k, v in net.state_dict().items()}  # fmt: skip
+    save_model(run / MODEL_INT8, state, meta)
+    assert not torch.equal(rnnkit.load(run, quantize=True)(x), in_memory(x))
+    save_model(run / MODEL_INT8, state, {**meta, "epoch": meta["epoch"] - 1})
+    assert torch.equal(rnnkit.load(run, quantize=True)(x), in_memory(x))
+    rc, _, err = run_cli(capsys, "evaluate", run, "--quantize", "--device", "cuda")
+    assert rc != 0 and ("CPU" in err or "cuda" in err.lower())

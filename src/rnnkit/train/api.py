@@ -1,5 +1,7 @@
 """``rnnkit.load`` and ``rnnkit.predict``: a run folder's model back, and what it predicts."""
 
+import copy
+import itertools
 import os
 from pathlib import Path
 
@@ -10,8 +12,10 @@ from rnnkit.train.checkpoint import (
     CHECKPOINT,
     CONFIG,
     MODEL,
+    MODEL_INT8,
     CheckpointError,
     load_model,
+    model_checksum,
     read_committed_best,
 )
 from rnnkit.train.config import RunError
@@ -19,7 +23,11 @@ from rnnkit.train.run import SUMMARY, committed
 
 
 def load(
-    run_dir: str | os.PathLike, *, model: nn.Module | None = None, device: str = "cpu"
+    run_dir: str | os.PathLike,
+    *,
+    model: nn.Module | None = None,
+    device: str = "cpu",
+    quantize: bool = False,
 ) -> nn.Module:
     """The trained model of a run folder (written by ``rnnkit train`` or ``rnnkit.fit``), with
     the weights of its best epoch, in eval mode on ``device``, ready for :func:`predict`.
@@ -30,6 +38,10 @@ def load(
     tasks is rebuilt from its ``ModelConfig``; for a model of your own class, pass ``model``, a
     new instance of it, and the weights are loaded into that. An unfinished run gives the best
     epoch its checkpoint committed, as resuming it would.
+
+    ``quantize=True`` gives the int8 model (:func:`rnnkit.quantize`, CPU only): the run's
+    ``model-int8.safetensors`` where ``rnnkit quantize`` wrote one from these weights, else the
+    weights quantized now (the same numbers).
     """
     if not isinstance(run_dir, (str, os.PathLike)):
         raise TypeError(
@@ -58,9 +70,28 @@ def load(
                 meta = {**meta, "epoch": best["epoch"]}
             except (RuntimeError, KeyError, TypeError):
                 pass
+    if quantize:
+        net, meta = _quantized(run, net, meta, model, device)
     net.preprocessing = meta["preprocessing"]
     net.run_info = meta
     return net.to(device).eval()
+
+
+def _quantized(run: Path, net: nn.Module, meta: dict, model: nn.Module | None, device: str):
+    """The int8 twin of a loaded run's model: its saved int8 file where that was made from the
+    same weights (and epoch), else ``net`` quantized."""
+    from rnnkit.quantized import quantize
+
+    if torch.device(device).type != "cpu":
+        raise RunError(f"int8 models run on the CPU; got device {device!r} (drop --quantize or "
+                       "use --device cpu)")  # fmt: skip
+    saved = run / MODEL_INT8
+    if saved.exists():
+        qnet, qmeta = load_model(saved, None if model is None else copy.deepcopy(model))
+        same = qmeta.get("float_sha256") == model_checksum(run / MODEL)
+        if same and qmeta.get("epoch") == meta.get("epoch"):
+            return qnet, {**meta, "quantized": "int8"}
+    return quantize(net), {**meta, "quantized": "int8"}
 
 
 def _check_meta(path: Path, meta: dict) -> None:
@@ -112,7 +143,10 @@ def predict(
     output file (what ``rnnkit predict`` writes)."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise RunError(f"--batch-size must be a positive integer; got {batch_size}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device is None:
+        first = next(itertools.chain(model.parameters(), model.buffers()), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
     if isinstance(data, (str, os.PathLike)):
         task = task_of(model)
         if task is None:

@@ -31,6 +31,8 @@ from rnnkit.models import build_model
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.safetensors"
+# The int8 model of a run (``rnnkit quantize``): model.safetensors' weights quantized.
+MODEL_INT8 = "model-int8.safetensors"
 CONFIG = "config.json"
 FORMAT = "rnnkit-run-1"
 # model.safetensors files of this format carry a checksum; rnnkit-run-1 ones (older) do not.
@@ -273,9 +275,22 @@ def load_model(path: Path, model: nn.Module | None = None) -> tuple[nn.Module, d
             f"model file {str(path)!r} holds an rnnkit model whose description is damaged or "
             f"from another version ({type(e).__name__}: {str(e)[:120]})"
         ) from None
+    if meta.get("quantized") == "int8":
+        from rnnkit.quantized import quantize
+
+        model = quantize(model)
     _check_shapes(path, model, tensors, meta)
     model.load_state_dict(tensors)
     return model, meta
+
+
+def model_checksum(path: Path) -> str | None:
+    """The SHA-256 a model file recorded when it was written (None for older files)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return (f.metadata() or {}).get("sha256")
+    except Exception:  # safetensors reports damage as several error types
+        return None
 
 
 def _check_shapes(path: Path, model: nn.Module, tensors: dict, meta: dict) -> None:

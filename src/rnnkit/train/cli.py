@@ -217,6 +217,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--output", metavar="FILE", help="also write the metrics as JSON to FILE")
+    _quantize_option(p)
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser(
         "predict",
@@ -231,7 +232,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", metavar="FILE", help="write the predictions here (default: stdout)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     p.add_argument("--batch-size", type=int, default=256)
+    _quantize_option(p)
     p.set_defaults(func=cmd_predict)
+    p = sub.add_parser(
+        "quantize",
+        help="write a run's int8 model (model-int8.safetensors) for evaluate/predict --quantize",
+        description="Quantize a trained run's recurrent layers to int8 (rnnkit.quantize: int8 "
+        "weights with a scale per row, activations quantized per step, CPU) and write "
+        "RUN/model-int8.safetensors, which evaluate and predict --quantize then read.",
+    )
+    p.add_argument("run", metavar="RUN", help="a run folder written by rnnkit train")
+    p.set_defaults(func=cmd_quantize)
+
+
+def _quantize_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quantize",
+        action="store_true",
+        help="run the int8 model (CPU): RUN/model-int8.safetensors if rnnkit quantize wrote "
+        "it, else the weights quantized on loading",
+    )
 
 
 def _fail(command: str, e: Exception) -> int:
@@ -262,6 +282,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     return _guarded("predict", predict_file, args)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    return _guarded("quantize", quantize_run, args)
 
 
 # ---- train
@@ -423,8 +447,8 @@ def _check_output(output: str | None) -> None:
 def evaluate(args: argparse.Namespace) -> int:
     _check_batch_size(args.batch_size)
     _check_output(args.output)
-    device = runs.device(args.device, 0)
-    model = load(args.run, device=device)
+    device = _device(args)
+    model = load(args.run, device=device, quantize=args.quantize)
     meta, task = model.run_info, task_of(model)
     if task is None:
         raise RunError(f"{args.run!r} is a run of rnnkit.fit; evaluate it in Python")
@@ -447,8 +471,10 @@ def evaluate(args: argparse.Namespace) -> int:
         metrics = {k.replace("test_", f"{args.split}_"): v for k, v in metrics.items()}
     run = Path(args.run)
     unfinished = "" if (run / runs.SUMMARY).exists() else " (an unfinished run: the best so far)"
+    int8 = " (int8)" if args.quantize else ""
     print(
         f"rnnkit evaluate {run}: {task.name}, {args.split} part, weights of epoch {meta['epoch']}"
+        + int8
         + unfinished
     )
     print(table(summary_rows(metrics)))
@@ -457,13 +483,36 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(args: argparse.Namespace) -> str:
+    """The device of evaluate and predict: int8 models run on the CPU, which "auto" picks."""
+    if args.quantize and args.device == "auto":
+        return "cpu"
+    return runs.device(args.device, 0)
+
+
+def quantize_run(args: argparse.Namespace) -> int:
+    from rnnkit.train.checkpoint import MODEL, MODEL_INT8, model_checksum, save_model
+
+    model = load(args.run, quantize=True)
+    meta = {k: v for k, v in model.run_info.items() if k != "quantized"}
+    run = Path(args.run)
+    meta.update(quantized="int8", float_sha256=model_checksum(run / MODEL))
+    save_model(run / MODEL_INT8, model.state_dict(), meta)
+    before, after = (run / MODEL).stat().st_size, (run / MODEL_INT8).stat().st_size
+    print(
+        f"rnnkit quantize: wrote {run / MODEL_INT8} ({after / 1024:.0f} KiB; "
+        f"{MODEL} is {before / 1024:.0f} KiB); evaluate or predict it with --quantize"
+    )
+    return 0
+
+
 def predict_file(args: argparse.Namespace) -> int:
     _check_batch_size(args.batch_size)
     _check_output(args.output)
     if not args.input.strip():
         raise RunError("INPUT is empty; expected the file to predict for")
-    device = runs.device(args.device, 0)
-    model = load(args.run, device=device)
+    device = _device(args)
+    model = load(args.run, device=device, quantize=args.quantize)
     if task_of(model) is None:
         raise RunError(
             f"{args.run!r} is a run of rnnkit.fit; predict with rnnkit.predict in Python"
