@@ -19,7 +19,9 @@ Example:
     (torch.int8, torch.Size([128]))
     >>> x = torch.randn(2, 5, 8)
     >>> out, _ = qmodel(x)
-    >>> float((out - model(x)[0]).abs().max()) < 0.05
+    >>> with torch.no_grad():
+    ...     expected, _ = model(x)
+    >>> float((out - expected).abs().max()) < 0.05  # int8 rounding, not an error
     True
 """
 

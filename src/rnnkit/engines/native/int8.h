@@ -311,8 +311,13 @@ static int q8_matrix_ok(const nl_q8_matrix *m, int64_t gates, int64_t H, int64_t
            nl_q8_packed_size(gates, H, K) > 0;
 }
 
+/* Rows of x a thread quantizes at a time in nl_q8_linear (its own copy: no barrier). */
+#define Q8_CHUNK 64
+
 /* out (n, gates * H) = x (n, K) W^T (+ bias): the int8 product of every row with the whole
  * matrix (a layer's input side, all steps at once), the units split over nthreads threads.
+ * Each thread quantizes the rows itself, a chunk at a time (a K-th of its products), so the
+ * threads never wait for each other: on a busy machine a barrier can cost a time slice.
  * 0, -2 for bad sizes, -4 for a missing tensor, -6 out of memory. */
 int64_t nl_q8_linear(int64_t n, const float *x, const nl_q8_matrix *m, const float *bias,
                      float *out, int64_t nthreads) {
@@ -320,37 +325,31 @@ int64_t nl_q8_linear(int64_t n, const float *x, const nl_q8_matrix *m, const flo
     if (n < 0 || !q8_matrix_ok(m, m->gates, m->H, m->K)) return -2;
     if (n == 0) return 0;
     const int64_t Kp = q8_kp(m->K), GW = m->gates * m->H, K = m->K;
-    int8_t *qa = malloc((size_t)(n * Kp));
-    float *sa = malloc((size_t)n * sizeof(float));
-    if (!qa || !sa) {
-        free(qa);
-        free(sa);
-        return -6;
-    }
     if (nthreads < 1) nthreads = 1;
+    const int64_t per = (Q8_CHUNK * Kp + Q8_CHUNK * (int64_t)sizeof(float) + 63) / 64 * 64;
+    int8_t *scratch = malloc((size_t)(nthreads * per));
+    if (!scratch) return -6;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-        int64_t nth = 1, tid = 0;
+        int64_t tid = 0, j0, j1;
 #ifdef _OPENMP
-        nth = omp_get_num_threads();
         tid = omp_get_thread_num();
 #endif
-        const int64_t r0 = n * tid / nth, r1 = n * (tid + 1) / nth;
-        q8_quantize_rows(r1 - r0, x + r0 * K, K, K, qa + r0 * Kp, sa + r0);
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
-        int64_t j0, j1;
         split_units(m->H, &j0, &j1);
-        if (j1 > j0) q8_product(n, qa, sa, m, j0, j1, out, GW);
-        if (bias && j1 > j0)
-            for (int64_t i = 0; i < n; i++)
+        int8_t *qa = scratch + tid * per;
+        float *sa = (float *)(qa + Q8_CHUNK * Kp);
+        for (int64_t r = 0; r < n && j1 > j0; r += Q8_CHUNK) {
+            const int64_t rows = n - r < Q8_CHUNK ? n - r : Q8_CHUNK;
+            q8_quantize_rows(rows, x + r * K, K, K, qa, sa);
+            q8_product(rows, qa, sa, m, j0, j1, out + r * GW, GW);
+            if (!bias) continue;
+            for (int64_t i = r; i < r + rows; i++)
                 for (int64_t g = 0; g < m->gates; g++)
 #pragma omp simd
                     for (int64_t j = j0; j < j1; j++)
                         out[i * GW + g * m->H + j] += bias[g * m->H + j];
+        }
     }
-    free(qa);
-    free(sa);
+    free(scratch);
     return 0;
 }
