@@ -248,12 +248,12 @@ def test_native_loop_c_side_refuses_bad_batch_sizes_without_crashing():
     rc = _c_library().nl_forward_f64(
         i64(1), i64(0), i64(3), ctypes.c_void_p(bs.data_ptr()), i64(6), i64(2), i64(4),
         p[0], None, p[1], None, p[2], p[3], p[4], None, None, None, p[5],
-        ctypes.c_void_p(offsets.data_ptr()), i64(1), i64(4), None,
+        ctypes.c_void_p(offsets.data_ptr()), i64(1), i64(4), None, None,
     )  # fmt: skip
     assert rc == -3
     rc = _c_library().nl_forward_f64(
         i64(7), i64(0), i64(3), ctypes.c_void_p(bs.data_ptr()), i64(6), i64(2), i64(4),
-        *([None] * 12), None, i64(1), i64(4), None,
+        *([None] * 12), None, i64(1), i64(4), None, None,
     )  # fmt: skip
     assert rc == -1
 
@@ -468,7 +468,7 @@ def test_native_loop_c_side_refuses_incomplete_variants_without_crashing():
         return _c_library().nl_forward_f64(
             i64(mode), i64(0), i64(3), p["bs"], i64(6), i64(2), i64(4), p["G"], None, p["w"], None,
             p["h0"], p["out"], p["h"], p["c"], None, None, p["Z"], p["off"], i64(1), i64(4),
-            ctypes.byref(cv),
+            ctypes.byref(cv), None,
         )  # fmt: skip
 
     assert call(0, ln_hw=nv.ln_hw, ln_hb=nv.ln_hb) == -5

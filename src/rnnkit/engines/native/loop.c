@@ -30,6 +30,7 @@
 #ifndef NL_T
 
 #include <math.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -167,6 +168,33 @@ static inline void barrier(void) {
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
+}
+
+/* A step barrier of its own for the forward: each thread publishes how many it has passed in
+ * a cache line of its own and waits until every other thread has passed as many. On the
+ * 2-core virtual machine of the benchmarks OpenMP's barrier took about 2 us, most of a B=1
+ * step; this costs the cache-line transfers. After a long wait it yields the core (a thread
+ * that is waiting for a core of its own would otherwise be spun against). */
+typedef struct {
+    _Alignas(64) int64_t passed;
+    char pad[64 - sizeof(int64_t)];
+} nl_flag;
+
+static void flag_barrier(nl_flag *flags, int64_t nth, int64_t tid, int64_t *passed) {
+    const int64_t now = ++*passed;
+    __atomic_store_n(&flags[tid].passed, now, __ATOMIC_RELEASE);
+    for (int64_t k = 0; k < nth; k++) {
+        int64_t spins = 0;
+        while (__atomic_load_n(&flags[k].passed, __ATOMIC_ACQUIRE) < now) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+            if (++spins > 20000) {
+                sched_yield();
+                spins = 0;
+            }
+        }
+    }
 }
 
 #include "int8.h"
@@ -582,6 +610,9 @@ typedef struct {
      * [r0, r1) of the batch and every unit, so that no step waits for another thread. */
     int rows;
     int64_t r0, r1;
+    /* The step barrier's flags (nth of them), this thread's index and barriers passed. */
+    nl_flag *flags;
+    int64_t nth, tid, passed;
 } FN(fwd_call);
 
 /* A forward step and its rows: the product Zt, what the cell reads of it Yt (its norm, or Zt
@@ -848,13 +879,13 @@ static void FN(fwd_mask_h0)(const FN(fwd_call) *cx) {
 }
 
 /* A barrier, where threads split the units (threads that split the rows share nothing). */
-static inline void FN(fwd_sync)(const FN(fwd_call) *cx) {
-    if (!cx->rows) barrier();
+static inline void FN(fwd_sync)(FN(fwd_call) *cx) {
+    if (!cx->rows && cx->nth > 1) flag_barrier(cx->flags, cx->nth, cx->tid, &cx->passed);
 }
 
 /* One forward step on the thread's units, with a barrier before each phase that reads units
  * other threads wrote. */
-static void FN(fwd_step)(const FN(fwd_call) *cx, int64_t s) {
+static void FN(fwd_step)(FN(fwd_call) *cx, int64_t s) {
     const FN(fwd_rows) st = FN(fwd_rows_at)(cx, s);
     if (cx->rows && st.at.n == 0) return;
     FN(fwd_product)(cx, &st);
@@ -923,6 +954,11 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
     FN(fwd_call) cx = *call;
     split_units(cx.H, &cx.j0, &cx.j1);
     split_units(cx.R, &cx.q0, &cx.q1);
+    cx.nth = 1, cx.tid = 0, cx.passed = 0;
+#ifdef _OPENMP
+    cx.nth = omp_get_num_threads();
+    cx.tid = omp_get_thread_num();
+#endif
     if (cx.rows) FN(fwd_own_rows)(&cx);
     if (cx.q8) {
         int64_t tid = 0;
@@ -990,10 +1026,17 @@ int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t 
         cx.qa = scratch;
         cx.sa = (float *)((int8_t *)scratch + nthreads * per);
     }
+    cx.flags = aligned_alloc(64, (size_t)nthreads * sizeof(nl_flag));
+    if (!cx.flags) {
+        free(scratch);
+        return NL_NO_MEMORY;
+    }
+    memset(cx.flags, 0, (size_t)nthreads * sizeof(nl_flag));
     const int blas_ok = NL_BLAS != 0 && blas_fits(cx.GW, B, N, cx.R);
     cx.walk = (nl_walk){T_, reverse, bs, offsets, blas_ok, blas_min_rows};
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     FN(fwd_thread)(&cx);
+    free(cx.flags);
     free(scratch);
     return NL_OK;
 }
