@@ -16,6 +16,7 @@ from rnnkit.tasks.forecast import (
     ForecastTask,
     backtest_origins,
     calendar,
+    conformal_shifts,
     fit_linear_ar,
     fold,
     linear_ar,
@@ -25,7 +26,9 @@ from rnnkit.tasks.forecast import (
     parse_quantiles,
     pinball,
     seasonal_naive,
+    shift_quantiles,
 )
+from rnnkit.train import load
 
 
 def test_seasonal_naive_takes_the_values_one_lag_back():
@@ -360,6 +363,89 @@ def test_the_interval_covers_its_nominal_share_of_gaussian_noise(tmp_path, capsy
     assert s["quantile_levels"] == [0.1, 0.5, 0.9]
     text = (tmp_path / "r" / "backtest.png").read_bytes()
     assert text[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_conformal_shifts_by_hand():
+    # 9 held-out windows of one step; the residuals y - q of the upper quantile are 1..9, those
+    # of the lower 0..-8 (its targets lie above it but for one).
+    y = np.zeros((9, 1))
+    q = np.stack([np.arange(0.0, 9.0), np.zeros(9), -np.arange(1.0, 10.0)], axis=-1)[:, None]
+    shifts = conformal_shifts(q, y, [0.1, 0.5, 0.9])  # (1, 3)
+    # Level 0.9: the ceil(10 * 0.9) = 9th smallest of y - q_0.9 = 1..9: 9, all 9 targets below.
+    # Level 0.1: the mirror, the 9th smallest of q_0.1 - y = 0..8: move down by 8.
+    assert shifts.tolist() == [[-8.0, 0.0, 9.0]]
+    # Fewer windows than the level needs: the largest residual, not past the end.
+    assert conformal_shifts(q[:3, :, 1:], y[:3], [0.5, 0.99]).tolist() == [[0.0, 3.0]]
+
+
+def test_shifted_quantiles_keep_the_median_and_their_order():
+    rng = np.random.default_rng(4)
+    q = np.sort(rng.normal(size=(40, 3, 5)), axis=-1)  # (N, horizon, Q)
+    shifts = 2 * rng.normal(size=(3, 5))  # some narrow the band past the median
+    shifts[:, 2] = 0
+    out = shift_quantiles(q, shifts, 2)
+    assert (np.diff(out, axis=-1) >= 0).all()
+    assert np.array_equal(out[..., 2], q[..., 2])
+    # Where no neighbour is passed, each quantile moves by its own shift.
+    free = (np.diff(q + shifts, axis=-1) >= 0).all(axis=-1)
+    assert free.any() and np.allclose(out[free], (q + shifts)[free])
+
+
+def test_the_conformal_correction_gives_a_too_narrow_band_its_coverage(tmp_path):
+    # A "network" whose band is a tenth of the noise: the raw outputs make quantiles 0 and
+    # +-0.1 * softplus(0) of the scaled residual around the linear AR.
+    _tiny_csv(tmp_path / "s.csv", n=3000)
+    task, prep = _prepare(tmp_path / "s.csv", quantiles=[0.1, 0.5, 0.9])
+    raw = torch.zeros(1, 2, 3)
+    raw[..., 0] = raw[..., 2] = math.log(math.expm1(0.1))
+    raw = raw.reshape(1, 6)
+    test = prep.test
+    before = task.report(raw.expand(len(test), 6), test.y, test).metrics
+    val = prep.val
+    learnt = task.calibrate(raw.expand(len(val), 6), val.y, val)
+    assert np.asarray(learnt["conformal"]).shape == (2, 3)
+    after = task.report(raw.expand(len(test), 6), test.y, test).metrics
+    assert before["interval_coverage"] < 0.2 and not before["interval_conformal"]
+    # Three binomial standard errors of the test windows' count, the windows as the draws;
+    # conformal guarantees at least the nominal share, a little more with few windows.
+    se = math.sqrt(0.8 * 0.2 / after["test_windows"])
+    assert after["interval_conformal"] and abs(after["interval_coverage"] - 0.8) < 3 * se
+    for got, level in zip(after["quantile_coverage"], [0.1, 0.5, 0.9], strict=True):
+        assert abs(got - level) < 3 * math.sqrt(level * (1 - level) / after["test_windows"])
+    # The median, the point forecast, does not move.
+    assert after["mae"] == before["mae"]
+
+
+def test_the_conformal_correction_is_saved_with_the_model_and_used_by_evaluate(tmp_path, capsys):
+    _tiny_csv(tmp_path / "s.csv", n=600)
+    argv = ["train", "forecast", "--data", tmp_path / "s.csv", "--window", "8", "--period", "4"]
+    argv += ["--horizon", "2", "--epochs", "1", "--hidden-size", "4", "--threads", "1"]
+    runs = {}
+    for name, extra in (("cqr", []), ("raw", ["--no-conformal"])):
+        args = [*argv, *extra, "--quiet", "--out", tmp_path / name]
+        assert main([str(a) for a in args]) == 0, capsys.readouterr().err
+        runs[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    assert runs["cqr"]["interval_conformal"] and not runs["raw"]["interval_conformal"]
+    model = load(tmp_path / "cqr")
+    assert np.asarray(model.preprocessing["conformal"]).shape == (2, 3)
+    assert "conformal" not in load(tmp_path / "raw").preprocessing
+    # evaluate reads the correction from the model file: the summary's interval again.
+    rc = main(["evaluate", str(tmp_path / "cqr"), "--output", str(tmp_path / "m.json")])
+    assert rc == 0, capsys.readouterr().err
+    again = json.loads((tmp_path / "m.json").read_text())
+    for key in ("interval_coverage", "interval_width", "mae"):
+        assert again[key] == pytest.approx(runs["cqr"][key], rel=1e-6)
+    # predict prints the corrected quantiles: the same weights without the correction differ
+    # in the outer quantiles only.
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "cqr"), str(tmp_path / "s.csv")]) == 0
+    rows = [line.split(",") for line in capsys.readouterr().out.splitlines()[1:]]
+    task = ForecastTask()
+    task.preprocessing = {k: v for k, v in model.preprocessing.items() if k != "conformal"}
+    text = task.predict(model, tmp_path / "s.csv", torch.device("cpu"), 16)
+    plain = [line.split(",") for line in text.splitlines()[1:]]
+    assert [r[1] for r in rows] == [r[1] for r in plain]
+    assert [r[2:] for r in rows] != [r[2:] for r in plain]
 
 
 # ---- the rolling-origin backtest

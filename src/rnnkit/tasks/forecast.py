@@ -176,6 +176,40 @@ def pinball(q: Tensor, y: Tensor, levels: Tensor) -> Tensor:
     return torch.maximum(levels * err, (levels - 1) * err).sum()
 
 
+def conformal_shifts(q: np.ndarray, y: np.ndarray, levels: list[float]) -> np.ndarray:
+    """``(horizon, Q)``: how far to move each quantile forecast so that it holds its level on
+    held-out windows (conformalized quantile regression, Romano, Patterson and Candes 2019, its
+    asymmetric form: one correction per level and horizon step). ``q`` ``(N, horizon, Q)`` are
+    the quantiles forecast for ``N`` held-out windows, ``y`` ``(N, horizon)`` their targets.
+
+    A level ``tau`` above 0.5 moves up or down by the ``ceil((N + 1) tau)``-th smallest of
+    ``y - q``: afterwards at least that many of the ``N`` targets lie at or below it, so that a
+    new target does with probability at least ``tau`` when the windows are exchangeable. A level
+    below 0.5 is the mirror image (at least ``1 - tau`` of the targets at or above it), and the
+    median does not move: it is the point forecast. An interval between levels ``a`` and ``b``
+    then covers at least ``b - a`` of new targets, whatever the network learnt; a band the
+    network drew too narrow widens, one too wide narrows."""
+    n = len(y)
+    s = np.sort(y[..., None] - q, axis=0)  # (N, horizon, Q)
+    out = np.zeros(q.shape[1:])
+    for k, tau in enumerate(levels):
+        if tau > 0.5:
+            out[:, k] = s[min(n, math.ceil((n + 1) * tau)) - 1, :, k]
+        elif tau < 0.5:
+            out[:, k] = s[n - min(n, math.ceil((n + 1) * (1 - tau))), :, k]
+    return out
+
+
+def shift_quantiles(q: np.ndarray, shifts: np.ndarray, median: int) -> np.ndarray:
+    """``q`` ``(N, horizon, Q)`` moved by ``shifts`` ``(horizon, Q)`` (from
+    :func:`conformal_shifts`), still in order: a quantile that would pass its neighbour nearer the
+    median stops at it, so that the median stays and nothing crosses."""
+    out = q + shifts
+    up = np.maximum.accumulate(out[..., median:], axis=-1)
+    down = np.minimum.accumulate(out[..., median::-1], axis=-1)[..., ::-1]
+    return np.concatenate([down[..., :-1], up], axis=-1)
+
+
 def parse_quantiles(text: str) -> list[float]:
     """The levels of ``--quantiles`` (``0.1,0.5,0.9``, or ``none``), sorted, 0.5 always among
     them: the median is the point forecast. ``none``: no quantiles, a point forecast by MSE."""
@@ -347,6 +381,14 @@ class ForecastTask(Task):
         )
         self.option(
             p,
+            "--no-conformal",
+            action="store_true",
+            help="keep the quantiles as the network learnt them; by default each is moved, after "
+            "training, by the conformal correction that makes it hold its level on the "
+            "validation windows (saved with the model; predict and evaluate use it)",
+        )
+        self.option(
+            p,
             "--window",
             type=int,
             default=336,
@@ -399,6 +441,8 @@ class ForecastTask(Task):
             # A run of an earlier version, resumed, has no quantiles option: a point forecast.
             "quantiles": parse_quantiles(o.get("quantiles", "none")),
         }
+        if o.get("no_conformal"):
+            data["conformal"] = False
         if covariates or every:
             data["covariates"], data["all_covariates"] = covariates, every
         return data
@@ -458,6 +502,7 @@ class ForecastTask(Task):
         if levels:
             self.preprocessing["quantiles"] = levels
         self._series, self._z, self._cal, self._coef = series, z, cal, coef
+        self._conformal = data.get("conformal", True)
         splits = []
         for k, s in enumerate(starts):
             ar = train_ar if k == 0 else linear_ar(z, s, coef)
@@ -477,6 +522,30 @@ class ForecastTask(Task):
             self.preprocessing,
             notes,
         )
+
+    # What calibrate() adds to the preprocessing after training; prepare() does not make it.
+    calibration_keys = ("conformal",)
+
+    def calibrate(self, out: Tensor, y: Tensor, split: Split) -> dict:
+        """The conformal correction of every quantile and horizon step (see
+        :func:`conformal_shifts`) from the trained model's outputs ``out`` on the validation
+        windows ``split`` with targets ``y``, in units of the scaled residual; it joins the
+        preprocessing, so that the saved model, the test report and ``predict`` use it. Nothing
+        for a point forecast or where ``--no-conformal`` turned it off."""
+        if len(self.levels) < 2 or not self._conformal:
+            return {}
+        q = self.quantiles(out).numpy().astype(np.float64)  # (N, horizon, Q)
+        shifts = conformal_shifts(q, y.numpy().astype(np.float64), self.levels)
+        self.preprocessing["conformal"] = shifts.tolist()
+        return {"conformal": self.preprocessing["conformal"]}
+
+    def calibrated(self, q: np.ndarray) -> np.ndarray:
+        """The quantiles ``q`` ``(N, horizon, Q)`` (scaled residuals) with the conformal
+        correction of :meth:`calibrate` applied, where the model has one."""
+        shifts = self.preprocessing.get("conformal")
+        if shifts is None:
+            return q
+        return shift_quantiles(q, np.asarray(shifts), self.levels.index(0.5))
 
     @property
     def levels(self) -> list[float]:
@@ -530,7 +599,8 @@ class ForecastTask(Task):
         h = self.preprocessing["horizon"]
         ar_z = linear_ar(self._z, starts, self._coef)
         q = self.quantiles(out)
-        quantiles = self.forecast(q.numpy().astype(np.float64), ar_z)  # (N, horizon, Q)
+        calibrated = self.calibrated(q.numpy().astype(np.float64))
+        quantiles = self.forecast(calibrated, ar_z)  # (N, horizon, Q)
         levels = self.levels
         pred = quantiles[..., levels.index(0.5) if levels else 0]
         true = targets(self._series, starts, h)
@@ -555,6 +625,7 @@ class ForecastTask(Task):
             metrics["interval_nominal"] = round(levels[-1] - levels[0], 12)
             metrics["interval_coverage"] = float(inside.mean())
             metrics["interval_width"] = float((hi - lo).mean())
+            metrics["interval_conformal"] = "conformal" in self.preprocessing
             # the share of the targets at or below each quantile: its level, when calibrated
             below = (true[..., None] <= quantiles).mean(axis=(0, 1))
             metrics["quantile_levels"] = levels
@@ -641,7 +712,8 @@ class ForecastTask(Task):
                 f"was trained on values of mean {p['mean']:g} and standard deviation {p['std']:g}"
             )
         out = forward_all(model, x, torch.tensor([x.shape[1]]), False, device, batch_size)
-        q = self.forecast(self.quantiles(out).numpy().astype(np.float64), ar)[0]  # (horizon, Q)
+        q = self.calibrated(self.quantiles(out).numpy().astype(np.float64))
+        q = self.forecast(q, ar)[0]  # (horizon, Q)
         levels = self.levels
         median = levels.index(0.5) if levels else 0
         others = [k for k in range(len(levels)) if k != median]
