@@ -192,10 +192,15 @@ def bench(name: str, threads: int, root: Path) -> dict:
         seconds,
     )
     rows["rnnkit --quantiles none"] = (point["backtest_mae"], point["best_val_mae"], point_seconds)
+    rows[f"rnnkit's linear base alone ({summary['linear_base']})"] = (
+        summary["backtest_linear_base_mae"],
+        None,
+        None,
+    )
     for label, key in (
         ("seasonal naive", "baseline"),
         ("naive 7 periods back", "weekly_naive"),
-        (ar, "ar"),
+        (f"plain {ar}", "ar"),
     ):
         per_step = summary.get(f"backtest_{key}_mae_per_step")
         if per_step:
@@ -212,7 +217,11 @@ def bench(name: str, threads: int, root: Path) -> dict:
         sec_text = f"{sec:8.1f}" if sec is not None else f"{'':8}"
         print(f"  {label:34} {mae:13.4g} {val_text} {sec_text}")
     cov = summary.get("interval_coverage")
-    print(f"  rnnkit's 10-90% interval covers {100 * cov:.1f}% of the test targets (nominal 80%)")
+    how = "conformal" if summary.get("interval_conformal") else "as learnt"
+    print(
+        f"  rnnkit's 10-90% interval ({how}) covers {100 * cov:.1f}% of the test targets (nominal "
+        f"80%), mean width {summary['interval_width']:.4g}"
+    )
     baselines = {k: v[0] for k, v in rows.items() if not k.startswith("rnnkit")}
     best = min(baselines, key=baselines.get)
     model = rows["rnnkit (default: quantiles)"][0]

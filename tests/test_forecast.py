@@ -13,9 +13,12 @@ from rnnkit.cli import main
 from rnnkit.data import DataError
 from rnnkit.data.readers import read_times
 from rnnkit.tasks.forecast import (
+    RIDGES,
     ForecastTask,
+    LinearBase,
     backtest_origins,
     calendar,
+    choose_linear_base,
     conformal_shifts,
     fit_linear_ar,
     fold,
@@ -52,6 +55,45 @@ def test_linear_ar_recovers_a_doubling_series_exactly_at_every_horizon_step():
     coef = fit_linear_ar(series, np.arange(1, 12), 1, 2)  # (window + 1, horizon)
     assert coef == pytest.approx(np.array([[2.0, 4.0], [0.0, 0.0]]), abs=1e-6)
     assert linear_ar(series, np.array([14]), coef)[0] == pytest.approx([2.0**14, 2.0**15])
+
+
+def test_the_linear_base_in_changes_is_least_squares_by_hand():
+    rng = np.random.default_rng(6)
+    series = np.cumsum(rng.normal(size=(80, 2)), axis=0)  # (n, target + a covariate)
+    starts = np.arange(4, 76)
+    base = LinearBase(differences=True)
+    coef = fit_linear_ar(series, starts, 3, 2, base)  # window 3, horizon 2
+    # Each column's 3 changes before t (t-3 - t-4, ..., t-1 - t-2), then 1, to the targets'
+    # changes from the value at t-1.
+    d = np.diff(series, axis=0, prepend=np.nan)
+    x = np.array([[*d[t - 3], *d[t - 2], *d[t - 1], 1.0] for t in starts])
+    y = np.array([series[t : t + 2, 0] - series[t - 1, 0] for t in starts])
+    want = np.linalg.lstsq(x, y, rcond=None)[0]
+    assert coef == pytest.approx(want, abs=1e-10)
+    t = 77
+    got = linear_ar(series, np.array([t]), coef, base)[0]
+    assert got == pytest.approx(np.r_[d[t - 3], d[t - 2], d[t - 1], 1.0] @ want + series[t - 1, 0])
+    # The ridge weight penalises the coefficients but the constant's, per window.
+    ridged = fit_linear_ar(series, starts, 3, 2, LinearBase(True, 0.5))
+    penalty = 0.5 * len(starts) * np.diag([1.0] * 6 + [0.0])
+    assert ridged == pytest.approx(np.linalg.solve(x.T @ x + penalty, x.T @ y), abs=1e-9)
+    assert np.abs(ridged[:-1]).sum() < np.abs(want[:-1]).sum()
+
+
+def test_the_linear_base_is_the_candidate_best_on_the_validation_windows():
+    rng = np.random.default_rng(7)
+    k = np.arange(400)
+    series = 0.02 * k + np.sin(2 * np.pi * k / 6) + 0.3 * rng.normal(size=len(k))
+    train, val = np.arange(13, 280), np.arange(280, 340)
+    base, maes = choose_linear_base(series, train, val, 12, 2)
+    assert len(maes) == 2 * len(RIDGES) and maes[base] == min(maes.values())
+    # Each candidate's figure is its fit on the training windows scored on the validation ones.
+    for cand in (LinearBase(), LinearBase(True, 1e-3)):
+        coef = fit_linear_ar(series, train, 12, 2, cand)
+        truth = np.stack([series[t : t + 2] for t in val])
+        assert maes[cand] == pytest.approx(
+            np.abs(linear_ar(series, val, coef, cand) - truth).mean()
+        )
 
 
 def test_out_of_fold_ar_forecasts_each_block_with_the_others_fit():
@@ -150,16 +192,23 @@ def test_the_network_predicts_the_residual_over_the_linear_ar(tmp_path):
     test = prep.test
     starts = test.index.numpy()
     true = np.stack([values[t : t + 2] for t in starts])
-    # The autoregression fitted on the training part's windows, in data units.
-    train_starts = prep.train.index.numpy()
-    coef = fit_linear_ar(values, train_starts, 8, 2)
-    ar = linear_ar(values, starts, coef)
-    # A network that outputs 0 is the linear AR; one that outputs the targets is the truth.
+    # The linear base: the form chosen on the validation windows, fitted on the training part's
+    # windows of the standardised series.
+    train_starts, val_starts = prep.train.index.numpy(), prep.val.index.numpy()
+    z = (values - pre["mean"]) / pre["std"]
+    base, _ = choose_linear_base(z, train_starts, val_starts, 8, 2)
+    assert task.base == base
+    ar = linear_ar(z, starts, fit_linear_ar(z, train_starts, 8, 2, base), base)
+    ar = ar * pre["std"] + pre["mean"]
+    # A network that outputs 0 is the linear base; one that outputs the targets is the truth.
     report = task.report(torch.zeros_like(test.y), test.y, test)
     assert report.arrays["pred"] == pytest.approx(ar)
-    assert report.metrics["mae"] == pytest.approx(report.metrics["ar_mae"])
-    assert report.metrics["ar_mae"] == pytest.approx(np.abs(ar - true).mean())
+    assert report.metrics["mae"] == pytest.approx(report.metrics["linear_base_mae"])
+    assert report.metrics["linear_base_mae"] == pytest.approx(np.abs(ar - true).mean())
     assert task.report(test.y, test.y, test).metrics["mae"] == pytest.approx(0, abs=1e-3)
+    # The linear AR baseline is the plain one: values to values, least squares, in data units.
+    plain = linear_ar(values, starts, fit_linear_ar(values, train_starts, 8, 2))
+    assert report.metrics["ar_mae"] == pytest.approx(np.abs(plain - true).mean())
     # The targets are the residuals scaled by their training standard deviation.
     residual = (true - ar) / pre["std"] / pre["residual_scale"]
     assert test.y.numpy() == pytest.approx(residual, abs=1e-4)
@@ -176,10 +225,13 @@ def test_the_network_predicts_the_residual_over_the_linear_ar(tmp_path):
 def test_predict_adds_the_network_output_to_the_linear_ar(tmp_path):
     values = _tiny_csv(tmp_path / "s.csv")
     task, prep = _prepare(tmp_path / "s.csv")
-    coef = fit_linear_ar(values, prep.train.index.numpy(), 8, 2)
+    pre, base = prep.preprocessing, task.base
+    z = (values - pre["mean"]) / pre["std"]
+    coef = fit_linear_ar(z, prep.train.index.numpy(), 8, 2, base)
+    want = linear_ar(z, np.array([len(values)]), coef, base)[0] * pre["std"] + pre["mean"]
     text = task.predict(_Zeros(2), tmp_path / "s.csv", torch.device("cpu"), 16)
     got = [float(line.split(",")[1]) for line in text.splitlines()[1:]]
-    assert got == pytest.approx(linear_ar(values, np.array([len(values)]), coef)[0], abs=0.01)
+    assert got == pytest.approx(want, abs=0.01)
     _tiny_csv(tmp_path / "plain.csv", times=False)
     with pytest.raises(DataError, match="has no time stamps"):
         task.predict(_Zeros(2), tmp_path / "plain.csv", torch.device("cpu"), 16)
@@ -497,7 +549,7 @@ def test_the_median_alone_has_no_interval_and_old_runs_have_no_quantiles(tmp_pat
     task, prep = _prepare(tmp_path / "s.csv", quantiles=[0.5])
     assert prep.model["output_size"] == 2
     m = task.report(torch.zeros_like(prep.test.y), prep.test.y, prep.test).metrics
-    assert "interval_coverage" not in m and m["mae"] == pytest.approx(m["ar_mae"])
+    assert "interval_coverage" not in m and m["mae"] == pytest.approx(m["linear_base_mae"])
     # The options of a run of an earlier version (resumed) name no quantiles: a point forecast.
     options = {"data": str(tmp_path / "s.csv"), "column": "v", "window": 8, "horizon": 2}
     assert ForecastTask().data_config({**options, "period": 4})["quantiles"] == []

@@ -31,6 +31,7 @@ import argparse
 import csv
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -85,24 +86,85 @@ def targets(series: np.ndarray, starts: np.ndarray, horizon: int) -> np.ndarray:
     return np.stack([_columns(series)[t : t + horizon, 0] for t in starts])
 
 
-def fit_linear_ar(series: np.ndarray, starts: np.ndarray, window: int, horizon: int) -> np.ndarray:
+@dataclass(frozen=True)
+class LinearBase:
+    """Which linear autoregression the model corrects, chosen on the validation windows (see
+    :func:`choose_linear_base`). ``differences``: it forecasts each target's change from the
+    window's last value, from the window's ``window`` step-to-step changes of every column (so
+    it reads one value more than the window, the one before it), instead of the values from the
+    values; the forecast of no change is its origin, not the training mean. ``ridge``: the
+    squared size of the coefficients (but the constant's) weighs that much per window in the
+    least squares."""
+
+    differences: bool = False
+    ridge: float = 0.0
+
+
+# The candidates of choose_linear_base: both forms, each with these ridge weights.
+RIDGES = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def _design(series: np.ndarray, starts: np.ndarray, window: int, base: LinearBase) -> np.ndarray:
+    """``(N, window * C + 1)``: the regressors of :func:`fit_linear_ar`, the constant last."""
+    if base.differences:
+        cols = _columns(series)
+        change = np.r_[np.full((1, cols.shape[1]), np.nan), np.diff(cols, axis=0)]  # (n, C)
+        x = history(change, starts, window)
+    else:
+        x = history(series, starts, window)
+    return np.c_[x, np.ones(len(starts))]
+
+
+def _origin(series: np.ndarray, starts: np.ndarray, base: LinearBase) -> np.ndarray:
+    """``(N, 1)``: what the forecast adds to the regression: the last value of the target before
+    each window's first target for changes, 0 for values."""
+    if not base.differences:
+        return np.zeros((len(starts), 1))
+    return _columns(series)[starts - 1, :1]
+
+
+def fit_linear_ar(
+    series: np.ndarray,
+    starts: np.ndarray,
+    window: int,
+    horizon: int,
+    base: LinearBase = LinearBase(),
+) -> np.ndarray:
     """Least-squares coefficients ``(window * C + 1, horizon)`` (the last row the constant) from
     the ``window`` values of the ``C`` columns before ``t`` to the ``horizon`` values of the
     first from ``t``, over the windows ``starts``: one linear model per horizon step (an ARX
-    where the series has covariate columns)."""
-    x = np.c_[history(series, starts, window), np.ones(len(starts))]  # (N, W * C + 1)
-    y = targets(series, starts, horizon)  # (N, horizon)
+    where the series has covariate columns). ``base`` chooses changes instead of values, and a
+    ridge penalty (:class:`LinearBase`)."""
+    x = _design(series, starts, window, base)  # (N, W * C + 1)
+    y = targets(series, starts, horizon) - _origin(series, starts, base)  # (N, horizon)
+    if base.ridge > 0:
+        # Ridge as least squares on extra rows: sqrt(ridge * N) times each coefficient, but the
+        # constant's, should be 0.
+        penalty = math.sqrt(base.ridge * len(starts)) * np.eye(x.shape[1])[:-1]
+        x = np.r_[x, penalty]
+        y = np.r_[y, np.zeros((len(penalty), horizon))]
     return np.linalg.lstsq(x, y, rcond=None)[0]
 
 
-def linear_ar(series: np.ndarray, starts: np.ndarray, coef: np.ndarray) -> np.ndarray:
-    """``(N, horizon)``: the autoregression ``coef`` (from :func:`fit_linear_ar`) applied."""
+def linear_ar(
+    series: np.ndarray,
+    starts: np.ndarray,
+    coef: np.ndarray,
+    base: LinearBase = LinearBase(),
+) -> np.ndarray:
+    """``(N, horizon)``: the autoregression ``coef`` (from :func:`fit_linear_ar` with the same
+    ``base``) applied."""
     window = (coef.shape[0] - 1) // _columns(series).shape[1]
-    return history(series, starts, window) @ coef[:-1] + coef[-1]
+    return _design(series, starts, window, base) @ coef + _origin(series, starts, base)
 
 
 def out_of_fold_ar(
-    series: np.ndarray, starts: np.ndarray, window: int, horizon: int, folds: int = 5
+    series: np.ndarray,
+    starts: np.ndarray,
+    window: int,
+    horizon: int,
+    folds: int = 5,
+    base: LinearBase = LinearBase(),
 ) -> np.ndarray:
     """``(N, horizon)``: the autoregression's forecast of each window in ``starts`` by a fit on
     the other windows: ``starts`` cut into ``folds`` consecutive blocks, each forecast by the
@@ -111,9 +173,25 @@ def out_of_fold_ar(
     out = np.empty((len(starts), horizon))
     for block in np.array_split(np.arange(len(starts)), folds):
         rest = np.setdiff1d(np.arange(len(starts)), block)
-        coef = fit_linear_ar(series, starts[rest], window, horizon)
-        out[block] = linear_ar(series, starts[block], coef)
+        coef = fit_linear_ar(series, starts[rest], window, horizon, base)
+        out[block] = linear_ar(series, starts[block], coef, base)
     return out
+
+
+def choose_linear_base(
+    series: np.ndarray, train: np.ndarray, val: np.ndarray, window: int, horizon: int
+) -> tuple[LinearBase, dict[LinearBase, float]]:
+    """The :class:`LinearBase` whose fit on the windows ``train`` has the least MAE on the
+    windows ``val`` (values or changes, each with every weight of ``RIDGES``), and every
+    candidate's MAE. The first of equals wins: values before changes, less ridge before more."""
+    truth = targets(series, val, horizon)
+    maes = {}
+    for differences in (False, True):
+        for ridge in RIDGES:
+            base = LinearBase(differences, ridge)
+            coef = fit_linear_ar(series, train, window, horizon, base)
+            maes[base] = float(np.abs(linear_ar(series, val, coef, base) - truth).mean())
+    return min(maes, key=maes.get), maes
 
 
 def calendar(times: np.ndarray) -> np.ndarray:
@@ -251,7 +329,8 @@ def _window_starts(
     n: int, w: int, h: int, period: int, split: tuple, source: str
 ) -> list[np.ndarray]:
     """The first target step of every window of each part (train, validation, test)."""
-    first = max(w, period)
+    # The linear base in changes reads one value before the window.
+    first = max(w + 1, period)
     if _windows(n, first, h, split) is None:
         # The least length that works: the parts grow with the series, so search upward.
         lengths = range(first + h, 20 * (first + h) + 100)
@@ -472,9 +551,10 @@ class ForecastTask(Task):
             scaled.append(_standardise(col, col[train_part], f"{source}, covariate {name!r}"))
         mean, std, _ = scaled[0]
         z = np.stack([s[2] for s in scaled], axis=1)  # (n, 1 + C)
-        coef = fit_linear_ar(z, starts[0], w, h)
+        base, _ = choose_linear_base(z, starts[0], starts[1], w, h)
+        coef = fit_linear_ar(z, starts[0], w, h, base)
         # The training windows are forecast out of fold, as the later parts are.
-        train_ar = out_of_fold_ar(z, starts[0], w, h, AR_FOLDS)
+        train_ar = out_of_fold_ar(z, starts[0], w, h, AR_FOLDS, base)
         residual = targets(z, starts[0], h) - train_ar
         # The residual's own scale, so that the network's targets are about 1, not about 0.05.
         scale = float(residual.std()) or 1.0
@@ -493,6 +573,8 @@ class ForecastTask(Task):
             "calendar": cal is not None,
             "residual_scale": scale,
             "ar": coef.tolist(),
+            "ar_differences": base.differences,
+            "ar_ridge": base.ridge,
         }
         # Absent in runs without them, so that the runs of earlier versions read the same.
         if covariates:
@@ -502,10 +584,11 @@ class ForecastTask(Task):
         if levels:
             self.preprocessing["quantiles"] = levels
         self._series, self._z, self._cal, self._coef = series, z, cal, coef
+        self._plain = coef if base == LinearBase() else fit_linear_ar(z, starts[0], w, h)
         self._conformal = data.get("conformal", True)
         splits = []
         for k, s in enumerate(starts):
-            ar = train_ar if k == 0 else linear_ar(z, s, coef)
+            ar = train_ar if k == 0 else linear_ar(z, s, coef, base)
             x = model_inputs(z, cal, s, w, period, ar)  # (N, T, I)
             y = ((targets(z, s, h) - ar) / scale).astype(np.float32)
             lengths = torch.full((len(s),), x.shape[1])
@@ -513,6 +596,10 @@ class ForecastTask(Task):
                 Split(torch.from_numpy(x), lengths, torch.from_numpy(y), torch.from_numpy(s))
             )
         notes = [] if cal is not None else ["no time stamps in the CSV: no calendar inputs"]
+        form = "changes" if base.differences else "values"
+        notes.append(
+            f"linear base (chosen on the validation windows): {form}, ridge {base.ridge:g}"
+        )
         if covariates:
             notes.append(f"covariates: {', '.join(covariates)}")
         outputs = h * max(1, len(levels))
@@ -546,6 +633,12 @@ class ForecastTask(Task):
         if shifts is None:
             return q
         return shift_quantiles(q, np.asarray(shifts), self.levels.index(0.5))
+
+    @property
+    def base(self) -> LinearBase:
+        """The linear base of the model (runs of earlier versions: values, no ridge)."""
+        p = self.preprocessing
+        return LinearBase(p.get("ar_differences", False), p.get("ar_ridge", 0.0))
 
     @property
     def levels(self) -> list[float]:
@@ -584,10 +677,11 @@ class ForecastTask(Task):
 
     def baselines(self, starts: np.ndarray) -> dict[str, np.ndarray]:
         """The baselines' forecasts ``(N, horizon)`` for the windows ``starts``, by name; the
-        weekly naive only where every window reaches back a week."""
+        weekly naive only where every window reaches back a week. The linear AR (or ARX) is
+        the plain one, values to values by least squares, whatever the model's base."""
         p = self.preprocessing
         h, period = p["horizon"], p["period"]
-        ar = linear_ar(self._z, starts, self._coef) * p["std"] + p["mean"]
+        ar = linear_ar(self._z, starts, self._plain) * p["std"] + p["mean"]
         out = {"seasonal naive": seasonal_naive(self._series, starts, period, h)}
         if starts.min() >= WEEK * period:
             out["weekly naive"] = seasonal_naive(self._series, starts, WEEK * period, h)
@@ -597,7 +691,7 @@ class ForecastTask(Task):
     def report(self, out: Tensor, y: Tensor, split: Split) -> Report:
         starts = split.index.numpy()
         h = self.preprocessing["horizon"]
-        ar_z = linear_ar(self._z, starts, self._coef)
+        ar_z = linear_ar(self._z, starts, self._coef, self.base)
         q = self.quantiles(out)
         calibrated = self.calibrated(q.numpy().astype(np.float64))
         quantiles = self.forecast(calibrated, ar_z)  # (N, horizon, Q)
@@ -638,6 +732,15 @@ class ForecastTask(Task):
             metrics["test_loss"] = float(nn.functional.mse_loss(q[..., 0], split.y))
         metrics["test_windows"] = len(true)
         metrics.update(backtest(pred, true, baselines, h))
+        # The model's linear base alone (the model with a network that outputs 0): what the
+        # network adds is the difference.
+        base = ar_z * self.preprocessing["std"] + self.preprocessing["mean"]
+        metrics["linear_base"] = ("changes" if self.base.differences else "values") + (
+            f", ridge {self.base.ridge:g}"
+        )
+        metrics["linear_base_mae"] = _errors(base, true)["mae"]
+        rows = backtest_origins(len(true), h)
+        metrics["backtest_linear_base_mae"] = float(np.abs(base[rows] - true[rows]).mean())
         return Report(metrics, arrays)
 
     def plots(self, report: Report, run_dir: Path) -> list[str]:
@@ -679,10 +782,12 @@ class ForecastTask(Task):
                 raise
             series = read_series(path, None)
         w, h, period = p["window"], p["horizon"], p["period"]
-        if len(series) < w:
+        # The linear base in changes reads the value before the window too.
+        need = w + int(self.base.differences)
+        if len(series) < need:
             raise DataError(
-                f"CSV file {str(path)!r} holds {len(series)} values; the model needs the last {w} "
-                f"to forecast the next {h}"
+                f"CSV file {str(path)!r} holds {len(series)} values; the model needs the last "
+                f"{need} to forecast the next {h}"
             )
         cal = None
         if p["calendar"]:
@@ -704,7 +809,7 @@ class ForecastTask(Task):
         # Values far outside the training range overflow here; the check below names them.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             z = (values - mean) / std
-            ar = linear_ar(z, end, coef)
+            ar = linear_ar(z, end, coef, self.base)
             x = torch.from_numpy(model_inputs(z, cal, end, w, period, ar))  # (1, T, I)
         if not torch.isfinite(x).all():
             raise DataError(
