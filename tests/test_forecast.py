@@ -192,13 +192,14 @@ def test_the_network_predicts_the_residual_over_the_linear_ar(tmp_path):
     test = prep.test
     starts = test.index.numpy()
     true = np.stack([values[t : t + 2] for t in starts])
-    # The linear base: the form chosen on the validation windows, fitted on the training part's
-    # windows of the standardised series.
+    # The linear base: the form chosen on the validation windows (fitted on the training ones),
+    # then fitted on both parts' windows of the standardised series.
     train_starts, val_starts = prep.train.index.numpy(), prep.val.index.numpy()
+    before = np.r_[train_starts, val_starts]
     z = (values - pre["mean"]) / pre["std"]
     base, _ = choose_linear_base(z, train_starts, val_starts, 8, 2)
     assert task.base == base
-    ar = linear_ar(z, starts, fit_linear_ar(z, train_starts, 8, 2, base), base)
+    ar = linear_ar(z, starts, fit_linear_ar(z, before, 8, 2, base), base)
     ar = ar * pre["std"] + pre["mean"]
     # A network that outputs 0 is the linear base; one that outputs the targets is the truth.
     report = task.report(torch.zeros_like(test.y), test.y, test)
@@ -207,11 +208,17 @@ def test_the_network_predicts_the_residual_over_the_linear_ar(tmp_path):
     assert report.metrics["linear_base_mae"] == pytest.approx(np.abs(ar - true).mean())
     assert task.report(test.y, test.y, test).metrics["mae"] == pytest.approx(0, abs=1e-3)
     # The linear AR baseline is the plain one: values to values, least squares, in data units.
-    plain = linear_ar(values, starts, fit_linear_ar(values, train_starts, 8, 2))
+    plain = linear_ar(values, starts, fit_linear_ar(values, before, 8, 2))
     assert report.metrics["ar_mae"] == pytest.approx(np.abs(plain - true).mean())
     # The targets are the residuals scaled by their training standard deviation.
     residual = (true - ar) / pre["std"] / pre["residual_scale"]
     assert test.y.numpy() == pytest.approx(residual, abs=1e-4)
+    # Those of the training and validation windows are over the base's forecasts out of fold,
+    # as on new data, not over the fit that saw their targets.
+    oof = out_of_fold_ar(z, before, 8, 2, 5, base)  # (train + val windows, 2)
+    z_true = np.stack([z[t : t + 2] for t in before])
+    seen = torch.cat([prep.train.y, prep.val.y]).numpy()
+    assert seen == pytest.approx((z_true - oof) / pre["residual_scale"], abs=1e-4)
     # The other baselines on the same windows, the weekly one 7 periods = 28 steps back.
     m = report.metrics
     assert m["baseline_mae"] == pytest.approx(
@@ -227,7 +234,8 @@ def test_predict_adds_the_network_output_to_the_linear_ar(tmp_path):
     task, prep = _prepare(tmp_path / "s.csv")
     pre, base = prep.preprocessing, task.base
     z = (values - pre["mean"]) / pre["std"]
-    coef = fit_linear_ar(z, prep.train.index.numpy(), 8, 2, base)
+    before = np.r_[prep.train.index.numpy(), prep.val.index.numpy()]
+    coef = fit_linear_ar(z, before, 8, 2, base)
     want = linear_ar(z, np.array([len(values)]), coef, base)[0] * pre["std"] + pre["mean"]
     text = task.predict(_Zeros(2), tmp_path / "s.csv", torch.device("cpu"), 16)
     got = [float(line.split(",")[1]) for line in text.splitlines()[1:]]

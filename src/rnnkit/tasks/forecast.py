@@ -2,17 +2,20 @@
 
 The series is cut chronologically into train, validation and test parts (70 / 15 / 15); a window
 belongs to the part its targets fall in, and its history may reach back into the part before, as
-it would in use. Everything fitted (the scaling, the linear autoregression) is fitted on the
-training part only.
+it would in use. The scaling is fitted on the training part; the linear autoregressions on the
+windows of the training and validation parts, everything before the test part.
 
 Every report scores three baselines on the same windows: the seasonal naive forecast (the same
 step one ``period`` earlier: a day), the weekly naive (7 periods earlier, where the series reaches
 back that far) and a linear autoregression (least squares from the window's values and a constant
-to each horizon step). The model predicts the residual over that autoregression: its output, times
-the residuals' training standard deviation, is added to the autoregression's forecast. Its input
-is the window folded by the period: the recurrent layer reads the last ``period`` steps, each with
-the values 0, 1, ... periods earlier, the calendar (hour of day and day of week, when the CSV has
-time stamps) and the autoregression's forecast.
+to each horizon step). The model predicts the residual over its own linear base: its output, times
+the residuals' training standard deviation, is added to the base's forecast. The base is the
+linear autoregression above or one from the window's step-to-step changes to each target's change
+from the last value, each with a ridge penalty of several weights: whichever of these, fitted on
+the training windows, forecasts the validation windows best. Its input is the window folded by the
+period: the recurrent layer reads the last ``period`` steps, each with the values 0, 1, ...
+periods earlier, the calendar (hour of day and day of week, when the CSV has time stamps) and the
+base's forecast.
 
 Covariates (``--covariates``: other columns of the CSV) are read the same way: the autoregression
 becomes an ARX, least squares from the window's values of every column, and the recurrent layer
@@ -21,7 +24,9 @@ read, so a covariate helps where it leads the target or shares its dynamics.
 
 The model predicts quantiles of the residual (``--quantiles``, by default 10, 50 and 90%) under
 the pinball loss; the median is the point forecast, and the quantiles cannot cross: the others are
-the median minus or plus cumulative sums of softplus increments. The test report scores every
+the median minus or plus cumulative sums of softplus increments. After training, each quantile
+but the median is moved by the conformal correction that makes it hold its level on the
+validation windows (:func:`conformal_shifts`), saved with the model. The test report scores every
 test window, and, as a rolling-origin backtest, the windows every ``horizon`` steps (one forecast
 per step of the test part, from origins that never see their own targets, nothing refitted), by
 MAE per step ahead.
@@ -552,10 +557,14 @@ class ForecastTask(Task):
         mean, std, _ = scaled[0]
         z = np.stack([s[2] for s in scaled], axis=1)  # (n, 1 + C)
         base, _ = choose_linear_base(z, starts[0], starts[1], w, h)
-        coef = fit_linear_ar(z, starts[0], w, h, base)
-        # The training windows are forecast out of fold, as the later parts are.
-        train_ar = out_of_fold_ar(z, starts[0], w, h, AR_FOLDS, base)
-        residual = targets(z, starts[0], h) - train_ar
+        # Chosen, the base is fitted on every window before the test part, as statsforecast's
+        # models are; the training and validation windows are forecast out of fold, so that
+        # the residuals the network learns and is validated on are those of new data.
+        before = np.r_[starts[0], starts[1]]
+        coef = fit_linear_ar(z, before, w, h, base)
+        oof = out_of_fold_ar(z, before, w, h, AR_FOLDS, base)
+        seen = {0: oof[: len(starts[0])], 1: oof[len(starts[0]) :]}
+        residual = targets(z, starts[0], h) - seen[0]
         # The residual's own scale, so that the network's targets are about 1, not about 0.05.
         scale = float(residual.std()) or 1.0
         cal = calendar(times) if times is not None else None
@@ -584,11 +593,11 @@ class ForecastTask(Task):
         if levels:
             self.preprocessing["quantiles"] = levels
         self._series, self._z, self._cal, self._coef = series, z, cal, coef
-        self._plain = coef if base == LinearBase() else fit_linear_ar(z, starts[0], w, h)
+        self._plain = coef if base == LinearBase() else fit_linear_ar(z, before, w, h)
         self._conformal = data.get("conformal", True)
         splits = []
         for k, s in enumerate(starts):
-            ar = train_ar if k == 0 else linear_ar(z, s, coef, base)
+            ar = seen[k] if k in seen else linear_ar(z, s, coef, base)
             x = model_inputs(z, cal, s, w, period, ar)  # (N, T, I)
             y = ((targets(z, s, h) - ar) / scale).astype(np.float32)
             lengths = torch.full((len(s),), x.shape[1])
