@@ -80,20 +80,19 @@ def test_the_linear_base_in_changes_is_least_squares_by_hand():
     assert np.abs(ridged[:-1]).sum() < np.abs(want[:-1]).sum()
 
 
-def test_the_linear_base_is_the_candidate_best_on_the_validation_windows():
+def test_the_linear_base_is_the_candidate_best_out_of_fold():
     rng = np.random.default_rng(7)
     k = np.arange(400)
     series = 0.02 * k + np.sin(2 * np.pi * k / 6) + 0.3 * rng.normal(size=len(k))
-    train, val = np.arange(13, 280), np.arange(280, 340)
-    base, maes = choose_linear_base(series, train, val, 12, 2)
+    starts = np.arange(13, 340)
+    base, forecasts, maes = choose_linear_base(series, starts, 12, 2, 5)
     assert len(maes) == 2 * len(RIDGES) and maes[base] == min(maes.values())
-    # Each candidate's figure is its fit on the training windows scored on the validation ones.
+    # Each candidate's figure is that of its out-of-fold forecasts; the chosen one's are returned.
+    truth = np.stack([series[t : t + 2] for t in starts])
+    assert forecasts == pytest.approx(out_of_fold_ar(series, starts, 12, 2, 5, base))
     for cand in (LinearBase(), LinearBase(True, 1e-3)):
-        coef = fit_linear_ar(series, train, 12, 2, cand)
-        truth = np.stack([series[t : t + 2] for t in val])
-        assert maes[cand] == pytest.approx(
-            np.abs(linear_ar(series, val, coef, cand) - truth).mean()
-        )
+        oof = out_of_fold_ar(series, starts, 12, 2, 5, cand)
+        assert maes[cand] == pytest.approx(np.abs(oof - truth).mean())
 
 
 def test_out_of_fold_ar_forecasts_each_block_with_the_others_fit():
@@ -192,12 +191,12 @@ def test_the_network_predicts_the_residual_over_the_linear_ar(tmp_path):
     test = prep.test
     starts = test.index.numpy()
     true = np.stack([values[t : t + 2] for t in starts])
-    # The linear base: the form chosen on the validation windows (fitted on the training ones),
-    # then fitted on both parts' windows of the standardised series.
+    # The linear base: the form chosen out of fold on the training and validation windows of
+    # the standardised series, then fitted on them all.
     train_starts, val_starts = prep.train.index.numpy(), prep.val.index.numpy()
     before = np.r_[train_starts, val_starts]
     z = (values - pre["mean"]) / pre["std"]
-    base, _ = choose_linear_base(z, train_starts, val_starts, 8, 2)
+    base, _, _ = choose_linear_base(z, before, 8, 2, 5)
     assert task.base == base
     ar = linear_ar(z, starts, fit_linear_ar(z, before, 8, 2, base), base)
     ar = ar * pre["std"] + pre["mean"]

@@ -11,11 +11,11 @@ back that far) and a linear autoregression (least squares from the window's valu
 to each horizon step). The model predicts the residual over its own linear base: its output, times
 the residuals' training standard deviation, is added to the base's forecast. The base is the
 linear autoregression above or one from the window's step-to-step changes to each target's change
-from the last value, each with a ridge penalty of several weights: whichever of these, fitted on
-the training windows, forecasts the validation windows best. Its input is the window folded by the
-period: the recurrent layer reads the last ``period`` steps, each with the values 0, 1, ...
-periods earlier, the calendar (hour of day and day of week, when the CSV has time stamps) and the
-base's forecast.
+from the last value, each with a ridge penalty of several weights: whichever of these forecasts
+the windows before the test part best out of fold (each block of 5 by a fit on the others). Its
+input is the window folded by the period: the recurrent layer reads the last ``period`` steps,
+each with the values 0, 1, ... periods earlier, the calendar (hour of day and day of week, when
+the CSV has time stamps) and the base's forecast.
 
 Covariates (``--covariates``: other columns of the CSV) are read the same way: the autoregression
 becomes an ARX, least squares from the window's values of every column, and the recurrent layer
@@ -184,19 +184,24 @@ def out_of_fold_ar(
 
 
 def choose_linear_base(
-    series: np.ndarray, train: np.ndarray, val: np.ndarray, window: int, horizon: int
-) -> tuple[LinearBase, dict[LinearBase, float]]:
-    """The :class:`LinearBase` whose fit on the windows ``train`` has the least MAE on the
-    windows ``val`` (values or changes, each with every weight of ``RIDGES``), and every
-    candidate's MAE. The first of equals wins: values before changes, less ridge before more."""
-    truth = targets(series, val, horizon)
-    maes = {}
+    series: np.ndarray, starts: np.ndarray, window: int, horizon: int, folds: int
+) -> tuple[LinearBase, np.ndarray, dict[LinearBase, float]]:
+    """The :class:`LinearBase` (values or changes, each with every weight of ``RIDGES``) whose
+    out-of-fold forecasts of the windows ``starts`` (:func:`out_of_fold_ar`, ``folds`` blocks)
+    have the least MAE, those forecasts ``(N, horizon)``, and every candidate's MAE. Blocked
+    cross-validation chooses a linear autoregression as well as a later hold-out does, and
+    scores every window instead of the last few (Bergmeir, Hyndman and Koo 2018, "A note on the
+    validity of cross-validation for evaluating autoregressive time series prediction"). The
+    first of equals wins: values before changes, less ridge before more."""
+    truth = targets(series, starts, horizon)
+    maes, forecasts = {}, {}
     for differences in (False, True):
         for ridge in RIDGES:
             base = LinearBase(differences, ridge)
-            coef = fit_linear_ar(series, train, window, horizon, base)
-            maes[base] = float(np.abs(linear_ar(series, val, coef, base) - truth).mean())
-    return min(maes, key=maes.get), maes
+            forecasts[base] = out_of_fold_ar(series, starts, window, horizon, folds, base)
+            maes[base] = float(np.abs(forecasts[base] - truth).mean())
+    best = min(maes, key=maes.get)
+    return best, forecasts[best], maes
 
 
 def calendar(times: np.ndarray) -> np.ndarray:
@@ -556,13 +561,12 @@ class ForecastTask(Task):
             scaled.append(_standardise(col, col[train_part], f"{source}, covariate {name!r}"))
         mean, std, _ = scaled[0]
         z = np.stack([s[2] for s in scaled], axis=1)  # (n, 1 + C)
-        base, _ = choose_linear_base(z, starts[0], starts[1], w, h)
-        # Chosen, the base is fitted on every window before the test part, as statsforecast's
-        # models are; the training and validation windows are forecast out of fold, so that
-        # the residuals the network learns and is validated on are those of new data.
+        # The base is chosen and fitted on every window before the test part, as statsforecast's
+        # models are fitted; the training and validation windows are forecast out of fold, so
+        # that the residuals the network learns and is validated on are those of new data.
         before = np.r_[starts[0], starts[1]]
+        base, oof, _ = choose_linear_base(z, before, w, h, AR_FOLDS)
         coef = fit_linear_ar(z, before, w, h, base)
-        oof = out_of_fold_ar(z, before, w, h, AR_FOLDS, base)
         seen = {0: oof[: len(starts[0])], 1: oof[len(starts[0]) :]}
         residual = targets(z, starts[0], h) - seen[0]
         # The residual's own scale, so that the network's targets are about 1, not about 0.05.
@@ -606,9 +610,7 @@ class ForecastTask(Task):
             )
         notes = [] if cal is not None else ["no time stamps in the CSV: no calendar inputs"]
         form = "changes" if base.differences else "values"
-        notes.append(
-            f"linear base (chosen on the validation windows): {form}, ridge {base.ridge:g}"
-        )
+        notes.append(f"linear base, chosen out of fold: {form}, ridge {base.ridge:g}")
         if covariates:
             notes.append(f"covariates: {', '.join(covariates)}")
         outputs = h * max(1, len(levels))
