@@ -216,6 +216,7 @@ def bench(name: str, threads: int, root: Path) -> dict:
         val_text = f"{val:10.4g}" if val is not None else f"{'':10}"
         sec_text = f"{sec:8.1f}" if sec is not None else f"{'':8}"
         print(f"  {label:34} {mae:13.4g} {val_text} {sec_text}")
+    print(f"  rnnkit's forecast (chosen on the validation windows): {summary['forecast_from']}")
     cov = summary.get("interval_coverage")
     how = "conformal" if summary.get("interval_conformal") else "as learnt"
     print(

@@ -475,6 +475,32 @@ def test_the_conformal_correction_gives_a_too_narrow_band_its_coverage(tmp_path)
     assert after["mae"] == before["mae"]
 
 
+def test_the_forecast_is_the_base_alone_where_the_network_loses_to_it_on_validation(tmp_path):
+    _tiny_csv(tmp_path / "s.csv")
+    task, prep = _prepare(tmp_path / "s.csv", quantiles=[0.1, 0.5, 0.9])
+    val, test = prep.val, prep.test
+
+    def raw(y, offset):  # quantiles y + offset - 1, y + offset, y + offset + 1 (softplus 1)
+        mid = y + offset
+        step = torch.full_like(y, math.log(math.expm1(1.0)))
+        return torch.stack([step, mid, step], dim=-1).reshape(len(y), -1)  # (N, horizon * 3)
+
+    # A network that knows the validation targets wins: its median stays the forecast.
+    assert "network_median" not in task.calibrate(raw(val.y, 0.0), val.y, val)
+    m = task.report(raw(test.y, 0.0), test.y, test).metrics
+    assert m["forecast_from"] == "the network's median" and m["mae"] < 1e-3
+    # One that is 5 scaled residuals off loses to the base alone: the base is the forecast, and
+    # the band keeps its width around it.
+    task, prep = _prepare(tmp_path / "s.csv", quantiles=[0.1, 0.5, 0.9], conformal=False)
+    assert task.calibrate(raw(val.y, 5.0), val.y, val) == {"network_median": False}
+    report = task.report(raw(test.y, 5.0), test.y, test)
+    m = report.metrics
+    assert m["forecast_from"] == "the linear base"
+    assert m["mae"] == pytest.approx(m["linear_base_mae"])
+    scale = prep.preprocessing["residual_scale"] * prep.preprocessing["std"]
+    assert m["interval_width"] == pytest.approx(2 * scale, rel=1e-6)
+
+
 def test_the_conformal_correction_is_saved_with_the_model_and_used_by_evaluate(tmp_path, capsys):
     _tiny_csv(tmp_path / "s.csv", n=600)
     argv = ["train", "forecast", "--data", tmp_path / "s.csv", "--window", "8", "--period", "4"]

@@ -622,28 +622,44 @@ class ForecastTask(Task):
         )
 
     # What calibrate() adds to the preprocessing after training; prepare() does not make it.
-    calibration_keys = ("conformal",)
+    calibration_keys = ("network_median", "conformal")
 
     def calibrate(self, out: Tensor, y: Tensor, split: Split) -> dict:
-        """The conformal correction of every quantile and horizon step (see
-        :func:`conformal_shifts`) from the trained model's outputs ``out`` on the validation
-        windows ``split`` with targets ``y``, in units of the scaled residual; it joins the
-        preprocessing, so that the saved model, the test report and ``predict`` use it. Nothing
-        for a point forecast or where ``--no-conformal`` turned it off."""
-        if len(self.levels) < 2 or not self._conformal:
-            return {}
+        """What the trained model's outputs ``out`` on the validation windows ``split`` (targets
+        ``y``) decide, joined to the preprocessing so that the saved model, the test report and
+        ``predict`` use it: ``network_median`` False where the network's median forecasts the
+        validation windows no better than the linear base alone (then the forecast is the
+        base's, and the band keeps its offsets from the network's median); ``conformal``, the
+        correction of every quantile and horizon step (:func:`conformal_shifts`, in units of the
+        scaled residual), with at least two quantiles unless ``--no-conformal`` turned it off."""
         q = self.quantiles(out).numpy().astype(np.float64)  # (N, horizon, Q)
-        shifts = conformal_shifts(q, y.numpy().astype(np.float64), self.levels)
-        self.preprocessing["conformal"] = shifts.tolist()
-        return {"conformal": self.preprocessing["conformal"]}
+        truth = y.numpy().astype(np.float64)  # (N, horizon): the residual over the base
+        learnt = {}
+        # The base alone forecasts a residual of 0.
+        if np.abs(q[..., self._median] - truth).mean() >= np.abs(truth).mean():
+            learnt["network_median"] = False
+        self.preprocessing.update(learnt)
+        if len(self.levels) > 1 and self._conformal:
+            shifts = conformal_shifts(self.calibrated(q), truth, self.levels)
+            learnt["conformal"] = shifts.tolist()
+        self.preprocessing.update(learnt)
+        return learnt
+
+    @property
+    def _median(self) -> int:
+        return self.levels.index(0.5) if self.levels else 0
 
     def calibrated(self, q: np.ndarray) -> np.ndarray:
-        """The quantiles ``q`` ``(N, horizon, Q)`` (scaled residuals) with the conformal
-        correction of :meth:`calibrate` applied, where the model has one."""
-        shifts = self.preprocessing.get("conformal")
+        """The quantiles ``q`` ``(N, horizon, Q)`` (scaled residuals) as :meth:`calibrate`
+        decided: moved to the base's forecast where the network's median lost to it, then
+        moved by the conformal correction, where the model has either."""
+        p = self.preprocessing
+        if not p.get("network_median", True):
+            q = q - q[..., self._median : self._median + 1]
+        shifts = p.get("conformal")
         if shifts is None:
             return q
-        return shift_quantiles(q, np.asarray(shifts), self.levels.index(0.5))
+        return shift_quantiles(q, np.asarray(shifts), self._median)
 
     @property
     def base(self) -> LinearBase:
@@ -750,6 +766,8 @@ class ForecastTask(Task):
             f", ridge {self.base.ridge:g}"
         )
         metrics["linear_base_mae"] = _errors(base, true)["mae"]
+        network = self.preprocessing.get("network_median", True)
+        metrics["forecast_from"] = "the network's median" if network else "the linear base"
         rows = backtest_origins(len(true), h)
         metrics["backtest_linear_base_mae"] = float(np.abs(base[rows] - true[rows]).mean())
         return Report(metrics, arrays)
