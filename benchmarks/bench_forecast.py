@@ -5,8 +5,12 @@ pinball loss, and ``--quantiles none``, a point forecast under the squared error
 default on validation data), then scores on the rolling-origin backtest of the test part (the
 test windows every ``horizon`` steps, one origin per ``horizon`` steps, nothing refitted):
 
-- rnnkit's model (its median), its linear AR or ARX, the seasonal and weekly naive, all read from
-  the run's summary.json;
+- rnnkit's model (its median, or its linear base alone where the network's median lost to the
+  base on the validation windows), its linear base alone (chosen by cross-validation among
+  values and changes with ridge weights: part of rnnkit's model, not a baseline), the plain
+  least-squares linear AR or ARX (values to values, fitted like the base on every window before
+  the test part), the seasonal and weekly naive, all read from the run's summary.json; the
+  coverage and width of rnnkit's conformally corrected 10-90% interval;
 - statsforecast's MSTL, AutoETS and AutoARIMA where statsforecast is installed (a benchmark-only
   dependency: ``pip install statsforecast``), fitted once on everything before the test part and
   rolled over the same windows: ``cross_validation(h=H, step_size=H, n_windows=origins,

@@ -428,7 +428,7 @@ class ForecastTask(Task):
         "AR/ARX baselines"
     )
     metric = "mae"
-    loss_name = "pinball loss of the quantiles of the scaled residual over the linear AR"
+    loss_name = "pinball loss of the quantiles of the scaled residual over the linear base"
     train: ClassVar[dict] = dict(epochs=40, batch_size=64)
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
