@@ -93,7 +93,7 @@ def targets(series: np.ndarray, starts: np.ndarray, horizon: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LinearBase:
-    """Which linear autoregression the model corrects, chosen on the validation windows (see
+    """Which linear autoregression the model corrects, chosen by cross-validation (see
     :func:`choose_linear_base`). ``differences``: it forecasts each target's change from the
     window's last value, from the window's ``window`` step-to-step changes of every column (so
     it reads one value more than the window, the one before it), instead of the values from the
@@ -634,16 +634,13 @@ class ForecastTask(Task):
         scaled residual), with at least two quantiles unless ``--no-conformal`` turned it off."""
         q = self.quantiles(out).numpy().astype(np.float64)  # (N, horizon, Q)
         truth = y.numpy().astype(np.float64)  # (N, horizon): the residual over the base
-        learnt = {}
+        p = self.preprocessing
         # The base alone forecasts a residual of 0.
         if np.abs(q[..., self._median] - truth).mean() >= np.abs(truth).mean():
-            learnt["network_median"] = False
-        self.preprocessing.update(learnt)
+            p["network_median"] = False
         if len(self.levels) > 1 and self._conformal:
-            shifts = conformal_shifts(self.calibrated(q), truth, self.levels)
-            learnt["conformal"] = shifts.tolist()
-        self.preprocessing.update(learnt)
-        return learnt
+            p["conformal"] = conformal_shifts(self.calibrated(q), truth, self.levels).tolist()
+        return {k: p[k] for k in self.calibration_keys if k in p}
 
     @property
     def _median(self) -> int:
