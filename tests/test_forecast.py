@@ -95,6 +95,27 @@ def test_the_linear_base_is_the_candidate_best_out_of_fold():
         assert maes[cand] == pytest.approx(np.abs(oof - truth).mean())
 
 
+def test_runs_of_earlier_versions_keep_the_plain_ar_on_the_training_windows(tmp_path):
+    values = _tiny_csv(tmp_path / "s.csv")
+    # Their options have no --no-conformal, and their data no base.
+    options = {"data": str(tmp_path / "s.csv"), "column": "v", "window": 8, "horizon": 2}
+    options["period"] = 4
+    assert ForecastTask().data_config(options)["base"] == "plain"
+    new = ForecastTask().data_config({**options, "no_conformal": False})
+    assert new["base"] == "cross-validated" and "conformal" not in new
+    task, prep = _prepare(tmp_path / "s.csv", base="plain")
+    pre = prep.preprocessing
+    assert "ar_differences" not in pre and "ar_ridge" not in pre
+    # Windows from step 8 (the window alone), the AR fitted on the training ones only.
+    train = prep.train.index.numpy()
+    assert train[0] == 8
+    z = (values - pre["mean"]) / pre["std"]
+    assert np.asarray(pre["ar"]) == pytest.approx(fit_linear_ar(z, train, 8, 2), abs=1e-9)
+    zeros = torch.zeros_like(prep.test.y)
+    m = task.report(zeros, prep.test.y, prep.test).metrics
+    assert m["mae"] == pytest.approx(m["ar_mae"]) and m["linear_base"] == "values, ridge 0"
+
+
 def test_out_of_fold_ar_forecasts_each_block_with_the_others_fit():
     rng = np.random.default_rng(0)
     series = np.cumsum(rng.normal(size=200))
@@ -178,6 +199,7 @@ def _prepare(path, window=8, horizon=2, period=4, column="v", **more):
         "horizon": horizon,
         "period": period,
         "split": [0.7, 0.15, 0.15],
+        "base": "cross-validated",
         **more,
     }
     return task, task.prepare(data)

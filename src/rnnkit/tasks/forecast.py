@@ -336,11 +336,11 @@ def _windows(n: int, first: int, horizon: int, split: tuple) -> list[int] | None
 
 
 def _window_starts(
-    n: int, w: int, h: int, period: int, split: tuple, source: str
+    n: int, w: int, h: int, period: int, split: tuple, source: str, reach: int
 ) -> list[np.ndarray]:
-    """The first target step of every window of each part (train, validation, test)."""
-    # The linear base in changes reads one value before the window.
-    first = max(w + 1, period)
+    """The first target step of every window of each part (train, validation, test), each with
+    ``reach`` values before it (the window, and one more for a linear base in changes)."""
+    first = max(reach, period)
     if _windows(n, first, h, split) is None:
         # The least length that works: the parts grow with the series, so search upward.
         lengths = range(first + h, 20 * (first + h) + 100)
@@ -532,6 +532,9 @@ class ForecastTask(Task):
         }
         if o.get("no_conformal"):
             data["conformal"] = False
+        # A run of an earlier version, resumed (its options have no --no-conformal), keeps its
+        # base: the plain linear AR fitted on the training windows.
+        data["base"] = "cross-validated" if "no_conformal" in o else "plain"
         if covariates or every:
             data["covariates"], data["all_covariates"] = covariates, every
         return data
@@ -553,7 +556,11 @@ class ForecastTask(Task):
         series = values[:, 0]
         w, h, period = data["window"], data["horizon"], data["period"]
         source = data["data"] or "the load series"
-        starts = _window_starts(len(series), w, h, period, tuple(data["split"]), source)
+        # Runs of earlier versions (their data name no base) keep the plain AR on the training
+        # windows, so that evaluate and --resume find their preprocessing again.
+        plain = data.get("base", "plain") == "plain"
+        reach = w if plain else w + 1
+        starts = _window_starts(len(series), w, h, period, tuple(data["split"]), source, reach)
         train_part = chronological_split(len(series), tuple(data["split"]))[0]
         scaled = [_standardise(series, series[train_part], source)]
         for k, name in enumerate(covariates, 1):
@@ -564,10 +571,17 @@ class ForecastTask(Task):
         # The base is chosen and fitted on every window before the test part, as statsforecast's
         # models are fitted; the training and validation windows are forecast out of fold, so
         # that the residuals the network learns and is validated on are those of new data.
-        before = np.r_[starts[0], starts[1]]
-        base, oof, _ = choose_linear_base(z, before, w, h, AR_FOLDS)
+        if plain:
+            base, before = LinearBase(), starts[0]
+            oof = out_of_fold_ar(z, before, w, h, AR_FOLDS)
+        else:
+            before = np.r_[starts[0], starts[1]]
+            base, oof, _ = choose_linear_base(z, before, w, h, AR_FOLDS)
         coef = fit_linear_ar(z, before, w, h, base)
-        seen = {0: oof[: len(starts[0])], 1: oof[len(starts[0]) :]}
+        # The parts the forecasts out of fold cover: the training windows, then the validation's.
+        seen = {0: oof[: len(starts[0])]}
+        if not plain:
+            seen[1] = oof[len(starts[0]) :]
         residual = targets(z, starts[0], h) - seen[0]
         # The residual's own scale, so that the network's targets are about 1, not about 0.05.
         scale = float(residual.std()) or 1.0
@@ -586,9 +600,10 @@ class ForecastTask(Task):
             "calendar": cal is not None,
             "residual_scale": scale,
             "ar": coef.tolist(),
-            "ar_differences": base.differences,
-            "ar_ridge": base.ridge,
         }
+        if not plain:
+            self.preprocessing["ar_differences"] = base.differences
+            self.preprocessing["ar_ridge"] = base.ridge
         # Absent in runs without them, so that the runs of earlier versions read the same.
         if covariates:
             self.preprocessing["covariates"] = covariates
