@@ -541,7 +541,9 @@ class _Trainer:
 
     def finish(self, state: TrainState, test_data: object, val_data: object) -> History:
         self.net.load_state_dict(state.best["state"])
-        if self.val is not None:
+        # Only an objective that learns something after training (it names the keys) costs a
+        # second pass over the validation data.
+        if self.val is not None and self.objective.calibration_keys:
             out, y, _, _ = self.evaluate(self.val)
             learnt = self.objective.calibrate(out, y, getattr(self.val, "split", val_data))
             if learnt:

@@ -61,7 +61,8 @@ class Objective:
     def plots(self, report: Report, run_dir: Path) -> list[str]:
         return []
 
-    # The preprocessing entries that calibrate() learns (a task's prepare() does not make them).
+    # The preprocessing entries that calibrate() learns (a task's prepare() does not make them);
+    # fit() calls calibrate() only where there are some.
     calibration_keys: tuple[str, ...] = ()
 
     def calibrate(self, out: Tensor, y: Tensor, data: object) -> dict:
