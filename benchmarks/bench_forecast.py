@@ -5,8 +5,12 @@ pinball loss, and ``--quantiles none``, a point forecast under the squared error
 default on validation data), then scores on the rolling-origin backtest of the test part (the
 test windows every ``horizon`` steps, one origin per ``horizon`` steps, nothing refitted):
 
-- rnnkit's model (its median), its linear AR or ARX, the seasonal and weekly naive, all read from
-  the run's summary.json;
+- rnnkit's model (its median, or its linear base alone where the network's median lost to the
+  base on the validation windows), its linear base alone (chosen by cross-validation among
+  values and changes with ridge weights: part of rnnkit's model, not a baseline), the plain
+  least-squares linear AR or ARX (values to values, fitted like the base on every window before
+  the test part), the seasonal and weekly naive, all read from the run's summary.json; the
+  coverage and width of rnnkit's conformally corrected 10-90% interval;
 - statsforecast's MSTL, AutoETS and AutoARIMA where statsforecast is installed (a benchmark-only
   dependency: ``pip install statsforecast``), fitted once on everything before the test part and
   rolled over the same windows: ``cross_validation(h=H, step_size=H, n_windows=origins,
@@ -192,10 +196,15 @@ def bench(name: str, threads: int, root: Path) -> dict:
         seconds,
     )
     rows["rnnkit --quantiles none"] = (point["backtest_mae"], point["best_val_mae"], point_seconds)
+    rows[f"rnnkit's linear base alone ({summary['linear_base']})"] = (
+        summary["backtest_linear_base_mae"],
+        None,
+        None,
+    )
     for label, key in (
         ("seasonal naive", "baseline"),
         ("naive 7 periods back", "weekly_naive"),
-        (ar, "ar"),
+        (f"plain {ar}", "ar"),
     ):
         per_step = summary.get(f"backtest_{key}_mae_per_step")
         if per_step:
@@ -211,8 +220,13 @@ def bench(name: str, threads: int, root: Path) -> dict:
         val_text = f"{val:10.4g}" if val is not None else f"{'':10}"
         sec_text = f"{sec:8.1f}" if sec is not None else f"{'':8}"
         print(f"  {label:34} {mae:13.4g} {val_text} {sec_text}")
+    print(f"  rnnkit's forecast (chosen on the validation windows): {summary['forecast_from']}")
     cov = summary.get("interval_coverage")
-    print(f"  rnnkit's 10-90% interval covers {100 * cov:.1f}% of the test targets (nominal 80%)")
+    how = "conformal" if summary.get("interval_conformal") else "as learnt"
+    print(
+        f"  rnnkit's 10-90% interval ({how}) covers {100 * cov:.1f}% of the test targets (nominal "
+        f"80%), mean width {summary['interval_width']:.4g}"
+    )
     baselines = {k: v[0] for k, v in rows.items() if not k.startswith("rnnkit")}
     best = min(baselines, key=baselines.get)
     model = rows["rnnkit (default: quantiles)"][0]

@@ -13,9 +13,13 @@ from rnnkit.cli import main
 from rnnkit.data import DataError
 from rnnkit.data.readers import read_times
 from rnnkit.tasks.forecast import (
+    RIDGES,
     ForecastTask,
+    LinearBase,
     backtest_origins,
     calendar,
+    choose_linear_base,
+    conformal_shifts,
     fit_linear_ar,
     fold,
     linear_ar,
@@ -25,7 +29,9 @@ from rnnkit.tasks.forecast import (
     parse_quantiles,
     pinball,
     seasonal_naive,
+    shift_quantiles,
 )
+from rnnkit.train import load
 
 
 def test_seasonal_naive_takes_the_values_one_lag_back():
@@ -49,6 +55,65 @@ def test_linear_ar_recovers_a_doubling_series_exactly_at_every_horizon_step():
     coef = fit_linear_ar(series, np.arange(1, 12), 1, 2)  # (window + 1, horizon)
     assert coef == pytest.approx(np.array([[2.0, 4.0], [0.0, 0.0]]), abs=1e-6)
     assert linear_ar(series, np.array([14]), coef)[0] == pytest.approx([2.0**14, 2.0**15])
+
+
+def test_the_linear_base_in_changes_is_least_squares_by_hand():
+    rng = np.random.default_rng(6)
+    series = np.cumsum(rng.normal(size=(80, 2)), axis=0)  # (n, target + a covariate)
+    starts = np.arange(4, 76)
+    base = LinearBase(differences=True)
+    coef = fit_linear_ar(series, starts, 3, 2, base)  # window 3, horizon 2
+    # Each column's 3 changes before t (t-3 - t-4, ..., t-1 - t-2), then 1, to the targets'
+    # changes from the value at t-1.
+    d = np.diff(series, axis=0, prepend=np.nan)
+    x = np.array([[*d[t - 3], *d[t - 2], *d[t - 1], 1.0] for t in starts])
+    y = np.array([series[t : t + 2, 0] - series[t - 1, 0] for t in starts])
+    want = np.linalg.lstsq(x, y, rcond=None)[0]
+    assert coef == pytest.approx(want, abs=1e-10)
+    t = 77
+    got = linear_ar(series, np.array([t]), coef, base)[0]
+    assert got == pytest.approx(np.r_[d[t - 3], d[t - 2], d[t - 1], 1.0] @ want + series[t - 1, 0])
+    # The ridge weight penalises the coefficients but the constant's, per window.
+    ridged = fit_linear_ar(series, starts, 3, 2, LinearBase(True, 0.5))
+    penalty = 0.5 * len(starts) * np.diag([1.0] * 6 + [0.0])
+    assert ridged == pytest.approx(np.linalg.solve(x.T @ x + penalty, x.T @ y), abs=1e-9)
+    assert np.abs(ridged[:-1]).sum() < np.abs(want[:-1]).sum()
+
+
+def test_the_linear_base_is_the_candidate_best_out_of_fold():
+    rng = np.random.default_rng(7)
+    k = np.arange(400)
+    series = 0.02 * k + np.sin(2 * np.pi * k / 6) + 0.3 * rng.normal(size=len(k))
+    starts = np.arange(13, 340)
+    base, forecasts, maes = choose_linear_base(series, starts, 12, 2, 5)
+    assert len(maes) == 2 * len(RIDGES) and maes[base] == min(maes.values())
+    # Each candidate's figure is that of its out-of-fold forecasts; the chosen one's are returned.
+    truth = np.stack([series[t : t + 2] for t in starts])
+    assert forecasts == pytest.approx(out_of_fold_ar(series, starts, 12, 2, 5, base))
+    for cand in (LinearBase(), LinearBase(True, 1e-3)):
+        oof = out_of_fold_ar(series, starts, 12, 2, 5, cand)
+        assert maes[cand] == pytest.approx(np.abs(oof - truth).mean())
+
+
+def test_runs_of_earlier_versions_keep_the_plain_ar_on_the_training_windows(tmp_path):
+    values = _tiny_csv(tmp_path / "s.csv")
+    # Their options have no --no-conformal, and their data no base.
+    options = {"data": str(tmp_path / "s.csv"), "column": "v", "window": 8, "horizon": 2}
+    options["period"] = 4
+    assert ForecastTask().data_config(options)["base"] == "plain"
+    new = ForecastTask().data_config({**options, "no_conformal": False})
+    assert new["base"] == "cross-validated" and "conformal" not in new
+    task, prep = _prepare(tmp_path / "s.csv", base="plain")
+    pre = prep.preprocessing
+    assert "ar_differences" not in pre and "ar_ridge" not in pre
+    # Windows from step 8 (the window alone), the AR fitted on the training ones only.
+    train = prep.train.index.numpy()
+    assert train[0] == 8
+    z = (values - pre["mean"]) / pre["std"]
+    assert np.asarray(pre["ar"]) == pytest.approx(fit_linear_ar(z, train, 8, 2), abs=1e-9)
+    zeros = torch.zeros_like(prep.test.y)
+    m = task.report(zeros, prep.test.y, prep.test).metrics
+    assert m["mae"] == pytest.approx(m["ar_mae"]) and m["linear_base"] == "values, ridge 0"
 
 
 def test_out_of_fold_ar_forecasts_each_block_with_the_others_fit():
@@ -134,6 +199,7 @@ def _prepare(path, window=8, horizon=2, period=4, column="v", **more):
         "horizon": horizon,
         "period": period,
         "split": [0.7, 0.15, 0.15],
+        "base": "cross-validated",
         **more,
     }
     return task, task.prepare(data)
@@ -147,19 +213,33 @@ def test_the_network_predicts_the_residual_over_the_linear_ar(tmp_path):
     test = prep.test
     starts = test.index.numpy()
     true = np.stack([values[t : t + 2] for t in starts])
-    # The autoregression fitted on the training part's windows, in data units.
-    train_starts = prep.train.index.numpy()
-    coef = fit_linear_ar(values, train_starts, 8, 2)
-    ar = linear_ar(values, starts, coef)
-    # A network that outputs 0 is the linear AR; one that outputs the targets is the truth.
+    # The linear base: the form chosen out of fold on the training and validation windows of
+    # the standardised series, then fitted on them all.
+    train_starts, val_starts = prep.train.index.numpy(), prep.val.index.numpy()
+    before = np.r_[train_starts, val_starts]
+    z = (values - pre["mean"]) / pre["std"]
+    base, _, _ = choose_linear_base(z, before, 8, 2, 5)
+    assert task.base == base
+    ar = linear_ar(z, starts, fit_linear_ar(z, before, 8, 2, base), base)
+    ar = ar * pre["std"] + pre["mean"]
+    # A network that outputs 0 is the linear base; one that outputs the targets is the truth.
     report = task.report(torch.zeros_like(test.y), test.y, test)
     assert report.arrays["pred"] == pytest.approx(ar)
-    assert report.metrics["mae"] == pytest.approx(report.metrics["ar_mae"])
-    assert report.metrics["ar_mae"] == pytest.approx(np.abs(ar - true).mean())
+    assert report.metrics["mae"] == pytest.approx(report.metrics["linear_base_mae"])
+    assert report.metrics["linear_base_mae"] == pytest.approx(np.abs(ar - true).mean())
     assert task.report(test.y, test.y, test).metrics["mae"] == pytest.approx(0, abs=1e-3)
+    # The linear AR baseline is the plain one: values to values, least squares, in data units.
+    plain = linear_ar(values, starts, fit_linear_ar(values, before, 8, 2))
+    assert report.metrics["ar_mae"] == pytest.approx(np.abs(plain - true).mean())
     # The targets are the residuals scaled by their training standard deviation.
     residual = (true - ar) / pre["std"] / pre["residual_scale"]
     assert test.y.numpy() == pytest.approx(residual, abs=1e-4)
+    # Those of the training and validation windows are over the base's forecasts out of fold,
+    # as on new data, not over the fit that saw their targets.
+    oof = out_of_fold_ar(z, before, 8, 2, 5, base)  # (train + val windows, 2)
+    z_true = np.stack([z[t : t + 2] for t in before])
+    seen = torch.cat([prep.train.y, prep.val.y]).numpy()
+    assert seen == pytest.approx((z_true - oof) / pre["residual_scale"], abs=1e-4)
     # The other baselines on the same windows, the weekly one 7 periods = 28 steps back.
     m = report.metrics
     assert m["baseline_mae"] == pytest.approx(
@@ -173,10 +253,14 @@ def test_the_network_predicts_the_residual_over_the_linear_ar(tmp_path):
 def test_predict_adds_the_network_output_to_the_linear_ar(tmp_path):
     values = _tiny_csv(tmp_path / "s.csv")
     task, prep = _prepare(tmp_path / "s.csv")
-    coef = fit_linear_ar(values, prep.train.index.numpy(), 8, 2)
+    pre, base = prep.preprocessing, task.base
+    z = (values - pre["mean"]) / pre["std"]
+    before = np.r_[prep.train.index.numpy(), prep.val.index.numpy()]
+    coef = fit_linear_ar(z, before, 8, 2, base)
+    want = linear_ar(z, np.array([len(values)]), coef, base)[0] * pre["std"] + pre["mean"]
     text = task.predict(_Zeros(2), tmp_path / "s.csv", torch.device("cpu"), 16)
     got = [float(line.split(",")[1]) for line in text.splitlines()[1:]]
-    assert got == pytest.approx(linear_ar(values, np.array([len(values)]), coef)[0], abs=0.01)
+    assert got == pytest.approx(want, abs=0.01)
     _tiny_csv(tmp_path / "plain.csv", times=False)
     with pytest.raises(DataError, match="has no time stamps"):
         task.predict(_Zeros(2), tmp_path / "plain.csv", torch.device("cpu"), 16)
@@ -362,6 +446,115 @@ def test_the_interval_covers_its_nominal_share_of_gaussian_noise(tmp_path, capsy
     assert text[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_conformal_shifts_by_hand():
+    # 9 held-out windows of one step; the residuals y - q of the upper quantile are 1..9, those
+    # of the lower 0..-8 (its targets lie above it but for one).
+    y = np.zeros((9, 1))
+    q = np.stack([np.arange(0.0, 9.0), np.zeros(9), -np.arange(1.0, 10.0)], axis=-1)[:, None]
+    shifts = conformal_shifts(q, y, [0.1, 0.5, 0.9])  # (1, 3)
+    # Level 0.9: the ceil(10 * 0.9) = 9th smallest of y - q_0.9 = 1..9: 9, all 9 targets below.
+    # Level 0.1: the mirror, the 9th smallest of q_0.1 - y = 0..8: move down by 8.
+    assert shifts.tolist() == [[-8.0, 0.0, 9.0]]
+    # Fewer windows than the level needs: the largest residual, not past the end.
+    assert conformal_shifts(q[:3, :, 1:], y[:3], [0.5, 0.99]).tolist() == [[0.0, 3.0]]
+
+
+def test_shifted_quantiles_keep_the_median_and_their_order():
+    rng = np.random.default_rng(4)
+    q = np.sort(rng.normal(size=(40, 3, 5)), axis=-1)  # (N, horizon, Q)
+    shifts = 2 * rng.normal(size=(3, 5))  # some narrow the band past the median
+    shifts[:, 2] = 0
+    out = shift_quantiles(q, shifts, 2)
+    assert (np.diff(out, axis=-1) >= 0).all()
+    assert np.array_equal(out[..., 2], q[..., 2])
+    # Where no neighbour is passed, each quantile moves by its own shift.
+    free = (np.diff(q + shifts, axis=-1) >= 0).all(axis=-1)
+    assert free.any() and np.allclose(out[free], (q + shifts)[free])
+
+
+def test_the_conformal_correction_gives_a_too_narrow_band_its_coverage(tmp_path):
+    # A "network" whose band is a tenth of the noise: the raw outputs make quantiles 0 and
+    # +-0.1 * softplus(0) of the scaled residual around the linear AR.
+    _tiny_csv(tmp_path / "s.csv", n=3000)
+    task, prep = _prepare(tmp_path / "s.csv", quantiles=[0.1, 0.5, 0.9])
+    raw = torch.zeros(1, 2, 3)
+    raw[..., 0] = raw[..., 2] = math.log(math.expm1(0.1))
+    raw = raw.reshape(1, 6)
+    test = prep.test
+    before = task.report(raw.expand(len(test), 6), test.y, test).metrics
+    val = prep.val
+    learnt = task.calibrate(raw.expand(len(val), 6), val.y, val)
+    assert np.asarray(learnt["conformal"]).shape == (2, 3)
+    after = task.report(raw.expand(len(test), 6), test.y, test).metrics
+    assert before["interval_coverage"] < 0.2 and not before["interval_conformal"]
+    # Three binomial standard errors of the test windows' count, the windows as the draws;
+    # conformal guarantees at least the nominal share, a little more with few windows.
+    se = math.sqrt(0.8 * 0.2 / after["test_windows"])
+    assert after["interval_conformal"] and abs(after["interval_coverage"] - 0.8) < 3 * se
+    for got, level in zip(after["quantile_coverage"], [0.1, 0.5, 0.9], strict=True):
+        assert abs(got - level) < 3 * math.sqrt(level * (1 - level) / after["test_windows"])
+    # The median, the point forecast, does not move.
+    assert after["mae"] == before["mae"]
+
+
+def test_the_forecast_is_the_base_alone_where_the_network_loses_to_it_on_validation(tmp_path):
+    _tiny_csv(tmp_path / "s.csv")
+    task, prep = _prepare(tmp_path / "s.csv", quantiles=[0.1, 0.5, 0.9])
+    val, test = prep.val, prep.test
+
+    def raw(y, offset):  # quantiles y + offset - 1, y + offset, y + offset + 1 (softplus 1)
+        mid = y + offset
+        step = torch.full_like(y, math.log(math.expm1(1.0)))
+        return torch.stack([step, mid, step], dim=-1).reshape(len(y), -1)  # (N, horizon * 3)
+
+    # A network that knows the validation targets wins: its median stays the forecast.
+    assert "network_median" not in task.calibrate(raw(val.y, 0.0), val.y, val)
+    m = task.report(raw(test.y, 0.0), test.y, test).metrics
+    assert m["forecast_from"] == "the network's median" and m["mae"] < 1e-3
+    # One that is 5 scaled residuals off loses to the base alone: the base is the forecast, and
+    # the band keeps its width around it.
+    task, prep = _prepare(tmp_path / "s.csv", quantiles=[0.1, 0.5, 0.9], conformal=False)
+    assert task.calibrate(raw(val.y, 5.0), val.y, val) == {"network_median": False}
+    report = task.report(raw(test.y, 5.0), test.y, test)
+    m = report.metrics
+    assert m["forecast_from"] == "the linear base"
+    assert m["mae"] == pytest.approx(m["linear_base_mae"])
+    scale = prep.preprocessing["residual_scale"] * prep.preprocessing["std"]
+    assert m["interval_width"] == pytest.approx(2 * scale, rel=1e-6)
+
+
+def test_the_conformal_correction_is_saved_with_the_model_and_used_by_evaluate(tmp_path, capsys):
+    _tiny_csv(tmp_path / "s.csv", n=600)
+    argv = ["train", "forecast", "--data", tmp_path / "s.csv", "--window", "8", "--period", "4"]
+    argv += ["--horizon", "2", "--epochs", "1", "--hidden-size", "4", "--threads", "1"]
+    runs = {}
+    for name, extra in (("cqr", []), ("raw", ["--no-conformal"])):
+        args = [*argv, *extra, "--quiet", "--out", tmp_path / name]
+        assert main([str(a) for a in args]) == 0, capsys.readouterr().err
+        runs[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    assert runs["cqr"]["interval_conformal"] and not runs["raw"]["interval_conformal"]
+    model = load(tmp_path / "cqr")
+    assert np.asarray(model.preprocessing["conformal"]).shape == (2, 3)
+    assert "conformal" not in load(tmp_path / "raw").preprocessing
+    # evaluate reads the correction from the model file: the summary's interval again.
+    rc = main(["evaluate", str(tmp_path / "cqr"), "--output", str(tmp_path / "m.json")])
+    assert rc == 0, capsys.readouterr().err
+    again = json.loads((tmp_path / "m.json").read_text())
+    for key in ("interval_coverage", "interval_width", "mae"):
+        assert again[key] == pytest.approx(runs["cqr"][key], rel=1e-6)
+    # predict prints the corrected quantiles: the same weights without the correction differ
+    # in the outer quantiles only.
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "cqr"), str(tmp_path / "s.csv")]) == 0
+    rows = [line.split(",") for line in capsys.readouterr().out.splitlines()[1:]]
+    task = ForecastTask()
+    task.preprocessing = {k: v for k, v in model.preprocessing.items() if k != "conformal"}
+    text = task.predict(model, tmp_path / "s.csv", torch.device("cpu"), 16)
+    plain = [line.split(",") for line in text.splitlines()[1:]]
+    assert [r[1] for r in rows] == [r[1] for r in plain]
+    assert [r[2:] for r in rows] != [r[2:] for r in plain]
+
+
 # ---- the rolling-origin backtest
 
 
@@ -411,7 +604,7 @@ def test_the_median_alone_has_no_interval_and_old_runs_have_no_quantiles(tmp_pat
     task, prep = _prepare(tmp_path / "s.csv", quantiles=[0.5])
     assert prep.model["output_size"] == 2
     m = task.report(torch.zeros_like(prep.test.y), prep.test.y, prep.test).metrics
-    assert "interval_coverage" not in m and m["mae"] == pytest.approx(m["ar_mae"])
+    assert "interval_coverage" not in m and m["mae"] == pytest.approx(m["linear_base_mae"])
     # The options of a run of an earlier version (resumed) name no quantiles: a point forecast.
     options = {"data": str(tmp_path / "s.csv"), "column": "v", "window": 8, "horizon": 2}
     assert ForecastTask().data_config({**options, "period": 4})["quantiles"] == []

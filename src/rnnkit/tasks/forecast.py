@@ -2,17 +2,20 @@
 
 The series is cut chronologically into train, validation and test parts (70 / 15 / 15); a window
 belongs to the part its targets fall in, and its history may reach back into the part before, as
-it would in use. Everything fitted (the scaling, the linear autoregression) is fitted on the
-training part only.
+it would in use. The scaling is fitted on the training part; the linear autoregressions on the
+windows of the training and validation parts, everything before the test part.
 
 Every report scores three baselines on the same windows: the seasonal naive forecast (the same
 step one ``period`` earlier: a day), the weekly naive (7 periods earlier, where the series reaches
 back that far) and a linear autoregression (least squares from the window's values and a constant
-to each horizon step). The model predicts the residual over that autoregression: its output, times
-the residuals' training standard deviation, is added to the autoregression's forecast. Its input
-is the window folded by the period: the recurrent layer reads the last ``period`` steps, each with
-the values 0, 1, ... periods earlier, the calendar (hour of day and day of week, when the CSV has
-time stamps) and the autoregression's forecast.
+to each horizon step). The model predicts the residual over its own linear base: its output, times
+the residuals' training standard deviation, is added to the base's forecast. The base is the
+linear autoregression above or one from the window's step-to-step changes to each target's change
+from the last value, each with a ridge penalty of several weights: whichever of these forecasts
+the windows before the test part best out of fold (each block of 5 by a fit on the others). Its
+input is the window folded by the period: the recurrent layer reads the last ``period`` steps,
+each with the values 0, 1, ... periods earlier, the calendar (hour of day and day of week, when
+the CSV has time stamps) and the base's forecast.
 
 Covariates (``--covariates``: other columns of the CSV) are read the same way: the autoregression
 becomes an ARX, least squares from the window's values of every column, and the recurrent layer
@@ -21,7 +24,9 @@ read, so a covariate helps where it leads the target or shares its dynamics.
 
 The model predicts quantiles of the residual (``--quantiles``, by default 10, 50 and 90%) under
 the pinball loss; the median is the point forecast, and the quantiles cannot cross: the others are
-the median minus or plus cumulative sums of softplus increments. The test report scores every
+the median minus or plus cumulative sums of softplus increments. After training, each quantile
+but the median is moved by the conformal correction that makes it hold its level on the
+validation windows (:func:`conformal_shifts`), saved with the model. The test report scores every
 test window, and, as a rolling-origin backtest, the windows every ``horizon`` steps (one forecast
 per step of the test part, from origins that never see their own targets, nothing refitted), by
 MAE per step ahead.
@@ -31,6 +36,7 @@ import argparse
 import csv
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -85,24 +91,85 @@ def targets(series: np.ndarray, starts: np.ndarray, horizon: int) -> np.ndarray:
     return np.stack([_columns(series)[t : t + horizon, 0] for t in starts])
 
 
-def fit_linear_ar(series: np.ndarray, starts: np.ndarray, window: int, horizon: int) -> np.ndarray:
+@dataclass(frozen=True)
+class LinearBase:
+    """Which linear autoregression the model corrects, chosen by cross-validation (see
+    :func:`choose_linear_base`). ``differences``: it forecasts each target's change from the
+    window's last value, from the window's ``window`` step-to-step changes of every column (so
+    it reads one value more than the window, the one before it), instead of the values from the
+    values; the forecast of no change is its origin, not the training mean. ``ridge``: the
+    squared size of the coefficients (but the constant's) weighs that much per window in the
+    least squares."""
+
+    differences: bool = False
+    ridge: float = 0.0
+
+
+# The candidates of choose_linear_base: both forms, each with these ridge weights.
+RIDGES = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def _design(series: np.ndarray, starts: np.ndarray, window: int, base: LinearBase) -> np.ndarray:
+    """``(N, window * C + 1)``: the regressors of :func:`fit_linear_ar`, the constant last."""
+    if base.differences:
+        cols = _columns(series)
+        change = np.r_[np.full((1, cols.shape[1]), np.nan), np.diff(cols, axis=0)]  # (n, C)
+        x = history(change, starts, window)
+    else:
+        x = history(series, starts, window)
+    return np.c_[x, np.ones(len(starts))]
+
+
+def _origin(series: np.ndarray, starts: np.ndarray, base: LinearBase) -> np.ndarray:
+    """``(N, 1)``: what the forecast adds to the regression: the last value of the target before
+    each window's first target for changes, 0 for values."""
+    if not base.differences:
+        return np.zeros((len(starts), 1))
+    return _columns(series)[starts - 1, :1]
+
+
+def fit_linear_ar(
+    series: np.ndarray,
+    starts: np.ndarray,
+    window: int,
+    horizon: int,
+    base: LinearBase = LinearBase(),
+) -> np.ndarray:
     """Least-squares coefficients ``(window * C + 1, horizon)`` (the last row the constant) from
     the ``window`` values of the ``C`` columns before ``t`` to the ``horizon`` values of the
     first from ``t``, over the windows ``starts``: one linear model per horizon step (an ARX
-    where the series has covariate columns)."""
-    x = np.c_[history(series, starts, window), np.ones(len(starts))]  # (N, W * C + 1)
-    y = targets(series, starts, horizon)  # (N, horizon)
+    where the series has covariate columns). ``base`` chooses changes instead of values, and a
+    ridge penalty (:class:`LinearBase`)."""
+    x = _design(series, starts, window, base)  # (N, W * C + 1)
+    y = targets(series, starts, horizon) - _origin(series, starts, base)  # (N, horizon)
+    if base.ridge > 0:
+        # Ridge as least squares on extra rows: sqrt(ridge * N) times each coefficient, but the
+        # constant's, should be 0.
+        penalty = math.sqrt(base.ridge * len(starts)) * np.eye(x.shape[1])[:-1]
+        x = np.r_[x, penalty]
+        y = np.r_[y, np.zeros((len(penalty), horizon))]
     return np.linalg.lstsq(x, y, rcond=None)[0]
 
 
-def linear_ar(series: np.ndarray, starts: np.ndarray, coef: np.ndarray) -> np.ndarray:
-    """``(N, horizon)``: the autoregression ``coef`` (from :func:`fit_linear_ar`) applied."""
+def linear_ar(
+    series: np.ndarray,
+    starts: np.ndarray,
+    coef: np.ndarray,
+    base: LinearBase = LinearBase(),
+) -> np.ndarray:
+    """``(N, horizon)``: the autoregression ``coef`` (from :func:`fit_linear_ar` with the same
+    ``base``) applied."""
     window = (coef.shape[0] - 1) // _columns(series).shape[1]
-    return history(series, starts, window) @ coef[:-1] + coef[-1]
+    return _design(series, starts, window, base) @ coef + _origin(series, starts, base)
 
 
 def out_of_fold_ar(
-    series: np.ndarray, starts: np.ndarray, window: int, horizon: int, folds: int = 5
+    series: np.ndarray,
+    starts: np.ndarray,
+    window: int,
+    horizon: int,
+    folds: int = 5,
+    base: LinearBase = LinearBase(),
 ) -> np.ndarray:
     """``(N, horizon)``: the autoregression's forecast of each window in ``starts`` by a fit on
     the other windows: ``starts`` cut into ``folds`` consecutive blocks, each forecast by the
@@ -111,9 +178,30 @@ def out_of_fold_ar(
     out = np.empty((len(starts), horizon))
     for block in np.array_split(np.arange(len(starts)), folds):
         rest = np.setdiff1d(np.arange(len(starts)), block)
-        coef = fit_linear_ar(series, starts[rest], window, horizon)
-        out[block] = linear_ar(series, starts[block], coef)
+        coef = fit_linear_ar(series, starts[rest], window, horizon, base)
+        out[block] = linear_ar(series, starts[block], coef, base)
     return out
+
+
+def choose_linear_base(
+    series: np.ndarray, starts: np.ndarray, window: int, horizon: int, folds: int
+) -> tuple[LinearBase, np.ndarray, dict[LinearBase, float]]:
+    """The :class:`LinearBase` (values or changes, each with every weight of ``RIDGES``) whose
+    out-of-fold forecasts of the windows ``starts`` (:func:`out_of_fold_ar`, ``folds`` blocks)
+    have the least MAE, those forecasts ``(N, horizon)``, and every candidate's MAE. Blocked
+    cross-validation chooses a linear autoregression as well as a later hold-out does, and
+    scores every window instead of the last few (Bergmeir, Hyndman and Koo 2018, "A note on the
+    validity of cross-validation for evaluating autoregressive time series prediction"). The
+    first of equals wins: values before changes, less ridge before more."""
+    truth = targets(series, starts, horizon)
+    maes, forecasts = {}, {}
+    for differences in (False, True):
+        for ridge in RIDGES:
+            base = LinearBase(differences, ridge)
+            forecasts[base] = out_of_fold_ar(series, starts, window, horizon, folds, base)
+            maes[base] = float(np.abs(forecasts[base] - truth).mean())
+    best = min(maes, key=maes.get)
+    return best, forecasts[best], maes
 
 
 def calendar(times: np.ndarray) -> np.ndarray:
@@ -176,6 +264,40 @@ def pinball(q: Tensor, y: Tensor, levels: Tensor) -> Tensor:
     return torch.maximum(levels * err, (levels - 1) * err).sum()
 
 
+def conformal_shifts(q: np.ndarray, y: np.ndarray, levels: list[float]) -> np.ndarray:
+    """``(horizon, Q)``: how far to move each quantile forecast so that it holds its level on
+    held-out windows (conformalized quantile regression, Romano, Patterson and Candes 2019, its
+    asymmetric form: one correction per level and horizon step). ``q`` ``(N, horizon, Q)`` are
+    the quantiles forecast for ``N`` held-out windows, ``y`` ``(N, horizon)`` their targets.
+
+    A level ``tau`` above 0.5 moves up or down by the ``ceil((N + 1) tau)``-th smallest of
+    ``y - q``: afterwards at least that many of the ``N`` targets lie at or below it, so that a
+    new target does with probability at least ``tau`` when the windows are exchangeable. A level
+    below 0.5 is the mirror image (at least ``1 - tau`` of the targets at or above it), and the
+    median does not move: it is the point forecast. An interval between levels ``a`` and ``b``
+    then covers at least ``b - a`` of new targets, whatever the network learnt; a band the
+    network drew too narrow widens, one too wide narrows."""
+    n = len(y)
+    s = np.sort(y[..., None] - q, axis=0)  # (N, horizon, Q)
+    out = np.zeros(q.shape[1:])
+    for k, tau in enumerate(levels):
+        if tau > 0.5:
+            out[:, k] = s[min(n, math.ceil((n + 1) * tau)) - 1, :, k]
+        elif tau < 0.5:
+            out[:, k] = s[n - min(n, math.ceil((n + 1) * (1 - tau))), :, k]
+    return out
+
+
+def shift_quantiles(q: np.ndarray, shifts: np.ndarray, median: int) -> np.ndarray:
+    """``q`` ``(N, horizon, Q)`` moved by ``shifts`` ``(horizon, Q)`` (from
+    :func:`conformal_shifts`), still in order: a quantile that would pass its neighbour nearer the
+    median stops at it, so that the median stays and nothing crosses."""
+    out = q + shifts
+    up = np.maximum.accumulate(out[..., median:], axis=-1)
+    down = np.minimum.accumulate(out[..., median::-1], axis=-1)[..., ::-1]
+    return np.concatenate([down[..., :-1], up], axis=-1)
+
+
 def parse_quantiles(text: str) -> list[float]:
     """The levels of ``--quantiles`` (``0.1,0.5,0.9``, or ``none``), sorted, 0.5 always among
     them: the median is the point forecast. ``none``: no quantiles, a point forecast by MSE."""
@@ -214,10 +336,11 @@ def _windows(n: int, first: int, horizon: int, split: tuple) -> list[int] | None
 
 
 def _window_starts(
-    n: int, w: int, h: int, period: int, split: tuple, source: str
+    n: int, w: int, h: int, period: int, split: tuple, source: str, reach: int
 ) -> list[np.ndarray]:
-    """The first target step of every window of each part (train, validation, test)."""
-    first = max(w, period)
+    """The first target step of every window of each part (train, validation, test), each with
+    ``reach`` values before it (the window, and one more for a linear base in changes)."""
+    first = max(reach, period)
     if _windows(n, first, h, split) is None:
         # The least length that works: the parts grow with the series, so search upward.
         lengths = range(first + h, 20 * (first + h) + 100)
@@ -305,7 +428,7 @@ class ForecastTask(Task):
         "AR/ARX baselines"
     )
     metric = "mae"
-    loss_name = "pinball loss of the quantiles of the scaled residual over the linear AR"
+    loss_name = "pinball loss of the quantiles of the scaled residual over the linear base"
     train: ClassVar[dict] = dict(epochs=40, batch_size=64)
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
@@ -344,6 +467,14 @@ class ForecastTask(Task):
             help="the quantiles predicted, under the pinball loss (default 0.1,0.5,0.9: an 80%% "
             "interval); 0.5 is always among them and is the point forecast; none: a point "
             "forecast under the squared error",
+        )
+        self.option(
+            p,
+            "--no-conformal",
+            action="store_true",
+            help="keep the quantiles as the network learnt them; by default each is moved, after "
+            "training, by the conformal correction that makes it hold its level on the "
+            "validation windows (saved with the model; predict and evaluate use it)",
         )
         self.option(
             p,
@@ -399,6 +530,11 @@ class ForecastTask(Task):
             # A run of an earlier version, resumed, has no quantiles option: a point forecast.
             "quantiles": parse_quantiles(o.get("quantiles", "none")),
         }
+        if o.get("no_conformal"):
+            data["conformal"] = False
+        # A run of an earlier version, resumed (its options have no --no-conformal), keeps its
+        # base: the plain linear AR fitted on the training windows.
+        data["base"] = "cross-validated" if "no_conformal" in o else "plain"
         if covariates or every:
             data["covariates"], data["all_covariates"] = covariates, every
         return data
@@ -420,7 +556,11 @@ class ForecastTask(Task):
         series = values[:, 0]
         w, h, period = data["window"], data["horizon"], data["period"]
         source = data["data"] or "the load series"
-        starts = _window_starts(len(series), w, h, period, tuple(data["split"]), source)
+        # Runs of earlier versions (their data name no base) keep the plain AR on the training
+        # windows, so that evaluate and --resume find their preprocessing again.
+        plain = data.get("base", "plain") == "plain"
+        reach = w if plain else w + 1
+        starts = _window_starts(len(series), w, h, period, tuple(data["split"]), source, reach)
         train_part = chronological_split(len(series), tuple(data["split"]))[0]
         scaled = [_standardise(series, series[train_part], source)]
         for k, name in enumerate(covariates, 1):
@@ -428,10 +568,21 @@ class ForecastTask(Task):
             scaled.append(_standardise(col, col[train_part], f"{source}, covariate {name!r}"))
         mean, std, _ = scaled[0]
         z = np.stack([s[2] for s in scaled], axis=1)  # (n, 1 + C)
-        coef = fit_linear_ar(z, starts[0], w, h)
-        # The training windows are forecast out of fold, as the later parts are.
-        train_ar = out_of_fold_ar(z, starts[0], w, h, AR_FOLDS)
-        residual = targets(z, starts[0], h) - train_ar
+        # The base is chosen and fitted on every window before the test part, as statsforecast's
+        # models are fitted; the training and validation windows are forecast out of fold, so
+        # that the residuals the network learns and is validated on are those of new data.
+        if plain:
+            base, before = LinearBase(), starts[0]
+            oof = out_of_fold_ar(z, before, w, h, AR_FOLDS)
+        else:
+            before = np.r_[starts[0], starts[1]]
+            base, oof, _ = choose_linear_base(z, before, w, h, AR_FOLDS)
+        coef = fit_linear_ar(z, before, w, h, base)
+        # The parts the forecasts out of fold cover: the training windows, then the validation's.
+        seen = {0: oof[: len(starts[0])]}
+        if not plain:
+            seen[1] = oof[len(starts[0]) :]
+        residual = targets(z, starts[0], h) - seen[0]
         # The residual's own scale, so that the network's targets are about 1, not about 0.05.
         scale = float(residual.std()) or 1.0
         cal = calendar(times) if times is not None else None
@@ -450,6 +601,9 @@ class ForecastTask(Task):
             "residual_scale": scale,
             "ar": coef.tolist(),
         }
+        if not plain:
+            self.preprocessing["ar_differences"] = base.differences
+            self.preprocessing["ar_ridge"] = base.ridge
         # Absent in runs without them, so that the runs of earlier versions read the same.
         if covariates:
             self.preprocessing["covariates"] = covariates
@@ -458,9 +612,11 @@ class ForecastTask(Task):
         if levels:
             self.preprocessing["quantiles"] = levels
         self._series, self._z, self._cal, self._coef = series, z, cal, coef
+        self._plain = coef if base == LinearBase() else fit_linear_ar(z, before, w, h)
+        self._conformal = data.get("conformal", True)
         splits = []
         for k, s in enumerate(starts):
-            ar = train_ar if k == 0 else linear_ar(z, s, coef)
+            ar = seen[k] if k in seen else linear_ar(z, s, coef, base)
             x = model_inputs(z, cal, s, w, period, ar)  # (N, T, I)
             y = ((targets(z, s, h) - ar) / scale).astype(np.float32)
             lengths = torch.full((len(s),), x.shape[1])
@@ -468,6 +624,8 @@ class ForecastTask(Task):
                 Split(torch.from_numpy(x), lengths, torch.from_numpy(y), torch.from_numpy(s))
             )
         notes = [] if cal is not None else ["no time stamps in the CSV: no calendar inputs"]
+        form = "changes" if base.differences else "values"
+        notes.append(f"linear base, chosen out of fold: {form}, ridge {base.ridge:g}")
         if covariates:
             notes.append(f"covariates: {', '.join(covariates)}")
         outputs = h * max(1, len(levels))
@@ -477,6 +635,49 @@ class ForecastTask(Task):
             self.preprocessing,
             notes,
         )
+
+    # What calibrate() adds to the preprocessing after training; prepare() does not make it.
+    calibration_keys = ("network_median", "conformal")
+
+    def calibrate(self, out: Tensor, y: Tensor, split: Split) -> dict:
+        """What the trained model's outputs ``out`` on the validation windows ``split`` (targets
+        ``y``) decide, joined to the preprocessing so that the saved model, the test report and
+        ``predict`` use it: ``network_median`` False where the network's median forecasts the
+        validation windows no better than the linear base alone (then the forecast is the
+        base's, and the band keeps its offsets from the network's median); ``conformal``, the
+        correction of every quantile and horizon step (:func:`conformal_shifts`, in units of the
+        scaled residual), with at least two quantiles unless ``--no-conformal`` turned it off."""
+        q = self.quantiles(out).numpy().astype(np.float64)  # (N, horizon, Q)
+        truth = y.numpy().astype(np.float64)  # (N, horizon): the residual over the base
+        p = self.preprocessing
+        # The base alone forecasts a residual of 0.
+        if np.abs(q[..., self._median] - truth).mean() >= np.abs(truth).mean():
+            p["network_median"] = False
+        if len(self.levels) > 1 and self._conformal:
+            p["conformal"] = conformal_shifts(self.calibrated(q), truth, self.levels).tolist()
+        return {k: p[k] for k in self.calibration_keys if k in p}
+
+    @property
+    def _median(self) -> int:
+        return self.levels.index(0.5) if self.levels else 0
+
+    def calibrated(self, q: np.ndarray) -> np.ndarray:
+        """The quantiles ``q`` ``(N, horizon, Q)`` (scaled residuals) as :meth:`calibrate`
+        decided: moved to the base's forecast where the network's median lost to it, then
+        moved by the conformal correction, where the model has either."""
+        p = self.preprocessing
+        if not p.get("network_median", True):
+            q = q - q[..., self._median : self._median + 1]
+        shifts = p.get("conformal")
+        if shifts is None:
+            return q
+        return shift_quantiles(q, np.asarray(shifts), self._median)
+
+    @property
+    def base(self) -> LinearBase:
+        """The linear base of the model (runs of earlier versions: values, no ridge)."""
+        p = self.preprocessing
+        return LinearBase(p.get("ar_differences", False), p.get("ar_ridge", 0.0))
 
     @property
     def levels(self) -> list[float]:
@@ -515,10 +716,11 @@ class ForecastTask(Task):
 
     def baselines(self, starts: np.ndarray) -> dict[str, np.ndarray]:
         """The baselines' forecasts ``(N, horizon)`` for the windows ``starts``, by name; the
-        weekly naive only where every window reaches back a week."""
+        weekly naive only where every window reaches back a week. The linear AR (or ARX) is
+        the plain one, values to values by least squares, whatever the model's base."""
         p = self.preprocessing
         h, period = p["horizon"], p["period"]
-        ar = linear_ar(self._z, starts, self._coef) * p["std"] + p["mean"]
+        ar = linear_ar(self._z, starts, self._plain) * p["std"] + p["mean"]
         out = {"seasonal naive": seasonal_naive(self._series, starts, period, h)}
         if starts.min() >= WEEK * period:
             out["weekly naive"] = seasonal_naive(self._series, starts, WEEK * period, h)
@@ -528,9 +730,10 @@ class ForecastTask(Task):
     def report(self, out: Tensor, y: Tensor, split: Split) -> Report:
         starts = split.index.numpy()
         h = self.preprocessing["horizon"]
-        ar_z = linear_ar(self._z, starts, self._coef)
+        ar_z = linear_ar(self._z, starts, self._coef, self.base)
         q = self.quantiles(out)
-        quantiles = self.forecast(q.numpy().astype(np.float64), ar_z)  # (N, horizon, Q)
+        calibrated = self.calibrated(q.numpy().astype(np.float64))
+        quantiles = self.forecast(calibrated, ar_z)  # (N, horizon, Q)
         levels = self.levels
         pred = quantiles[..., levels.index(0.5) if levels else 0]
         true = targets(self._series, starts, h)
@@ -555,6 +758,7 @@ class ForecastTask(Task):
             metrics["interval_nominal"] = round(levels[-1] - levels[0], 12)
             metrics["interval_coverage"] = float(inside.mean())
             metrics["interval_width"] = float((hi - lo).mean())
+            metrics["interval_conformal"] = "conformal" in self.preprocessing
             # the share of the targets at or below each quantile: its level, when calibrated
             below = (true[..., None] <= quantiles).mean(axis=(0, 1))
             metrics["quantile_levels"] = levels
@@ -567,6 +771,17 @@ class ForecastTask(Task):
             metrics["test_loss"] = float(nn.functional.mse_loss(q[..., 0], split.y))
         metrics["test_windows"] = len(true)
         metrics.update(backtest(pred, true, baselines, h))
+        # The model's linear base alone (the model with a network that outputs 0): what the
+        # network adds is the difference.
+        base = ar_z * self.preprocessing["std"] + self.preprocessing["mean"]
+        metrics["linear_base"] = ("changes" if self.base.differences else "values") + (
+            f", ridge {self.base.ridge:g}"
+        )
+        metrics["linear_base_mae"] = _errors(base, true)["mae"]
+        network = self.preprocessing.get("network_median", True)
+        metrics["forecast_from"] = "the network's median" if network else "the linear base"
+        rows = backtest_origins(len(true), h)
+        metrics["backtest_linear_base_mae"] = float(np.abs(base[rows] - true[rows]).mean())
         return Report(metrics, arrays)
 
     def plots(self, report: Report, run_dir: Path) -> list[str]:
@@ -608,10 +823,12 @@ class ForecastTask(Task):
                 raise
             series = read_series(path, None)
         w, h, period = p["window"], p["horizon"], p["period"]
-        if len(series) < w:
+        # The linear base in changes reads the value before the window too.
+        need = w + int(self.base.differences)
+        if len(series) < need:
             raise DataError(
-                f"CSV file {str(path)!r} holds {len(series)} values; the model needs the last {w} "
-                f"to forecast the next {h}"
+                f"CSV file {str(path)!r} holds {len(series)} values; the model needs the last "
+                f"{need} to forecast the next {h}"
             )
         cal = None
         if p["calendar"]:
@@ -633,7 +850,7 @@ class ForecastTask(Task):
         # Values far outside the training range overflow here; the check below names them.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             z = (values - mean) / std
-            ar = linear_ar(z, end, coef)
+            ar = linear_ar(z, end, coef, self.base)
             x = torch.from_numpy(model_inputs(z, cal, end, w, period, ar))  # (1, T, I)
         if not torch.isfinite(x).all():
             raise DataError(
@@ -641,7 +858,8 @@ class ForecastTask(Task):
                 f"was trained on values of mean {p['mean']:g} and standard deviation {p['std']:g}"
             )
         out = forward_all(model, x, torch.tensor([x.shape[1]]), False, device, batch_size)
-        q = self.forecast(self.quantiles(out).numpy().astype(np.float64), ar)[0]  # (horizon, Q)
+        q = self.calibrated(self.quantiles(out).numpy().astype(np.float64))
+        q = self.forecast(q, ar)[0]  # (horizon, Q)
         levels = self.levels
         median = levels.index(0.5) if levels else 0
         others = [k for k in range(len(levels)) if k != median]

@@ -453,17 +453,21 @@ def evaluate(args: argparse.Namespace) -> int:
     if task is None:
         raise RunError(f"{args.run!r} is a run of rnnkit.fit; evaluate it in Python")
     prepared = task.prepare(meta["data"])
-    if prepared.preprocessing != meta["preprocessing"]:
+    # What training learnt after the data were read (a calibration) is the model's, not the data's.
+    learnt = {k: v for k, v in meta["preprocessing"].items() if k in task.calibration_keys}
+    saved = {k: v for k, v in meta["preprocessing"].items() if k not in learnt}
+    if prepared.preprocessing != saved:
         diff = sorted(
             k
-            for k in meta["preprocessing"]
-            if prepared.preprocessing.get(k) != meta["preprocessing"][k]
+            for k in {*saved, *prepared.preprocessing}
+            if prepared.preprocessing.get(k) != saved.get(k)
         )
         raise DataError(
             "the data files of this run changed since it was trained "
             f"(their {', '.join(diff)} differ "
             "from the model's); evaluate cannot reproduce its splits"
         )
+    task.preprocessing.update(learnt)
     split = {"test": prepared.test, "val": prepared.val, "train": prepared.train}[args.split]
     out, y = SplitSource(split, task).outputs(model, device, args.batch_size)
     metrics = task.report(out, y, split).metrics

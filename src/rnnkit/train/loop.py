@@ -122,7 +122,7 @@ def fit(
         parts = (train, val, test)
         trainer = _Trainer(model, objective, parts, config, info, run, (rank, world, device))
         state = trainer.loop(trainer.start())
-        return trainer.finish(state, test_data)
+        return trainer.finish(state, test_data, val_data)
     except KeyboardInterrupt:
         if rank == 0:
             _say_interrupted(run, info)
@@ -539,8 +539,17 @@ class _Trainer:
 
     # ---- the end: best weights, test figures, summary and plots
 
-    def finish(self, state: TrainState, test_data: object) -> History:
+    def finish(self, state: TrainState, test_data: object, val_data: object) -> History:
         self.net.load_state_dict(state.best["state"])
+        # Only an objective that learns something after training (it names the keys) costs a
+        # second pass over the validation data.
+        if self.val is not None and self.objective.calibration_keys:
+            out, y, _, _ = self.evaluate(self.val)
+            learnt = self.objective.calibrate(out, y, getattr(self.val, "split", val_data))
+            if learnt:
+                self.info["preprocessing"] = {**self.info.get("preprocessing", {}), **learnt}
+                if self.writer:
+                    self._save_model(state)
         report = None
         if self.test is not None:
             out, y, _, _ = self.evaluate(self.test)

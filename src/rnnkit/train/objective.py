@@ -61,6 +61,17 @@ class Objective:
     def plots(self, report: Report, run_dir: Path) -> list[str]:
         return []
 
+    # The preprocessing entries that calibrate() learns (a task's prepare() does not make them);
+    # fit() calls calibrate() only where there are some.
+    calibration_keys: tuple[str, ...] = ()
+
+    def calibrate(self, out: Tensor, y: Tensor, data: object) -> dict:
+        """What the objective learns from the best weights' outputs ``out`` on the validation
+        data ``data`` (targets ``y``) once training ends, before the test report: entries of the
+        run's preprocessing, saved with the model (a forecast's conformal correction); none by
+        default."""
+        return {}
+
 
 class Regression(Objective):
     """Mean squared error, reported with the mean absolute error (the default for floats)."""
