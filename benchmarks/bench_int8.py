@@ -35,6 +35,7 @@ import torch
 import rnnkit
 from rnnkit.engines.native import build as native_build
 from rnnkit.engines.native import int8
+from rnnkit.engines.native import loop as native_loop
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_engines import _device_name, interleaved
@@ -59,7 +60,9 @@ class Floor:
 
     def __init__(self, threads: int) -> None:
         source = Path(__file__).with_name("floor.c")
-        flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+        # The instruction set of the loop's build (RNNKIT_NATIVE_ARCH=baseline: AVX2).
+        march = native_loop.ARCHES[native_loop.ARCH]
+        flags = ["-O3", f"-march={march}", "-fopenmp", "-fPIC", "-shared"]
         self.lib = native_build.build(source, [flags])
         self.lib.read_seconds.restype = ctypes.c_double
         self.threads = threads
@@ -159,7 +162,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     floor = Floor(args.threads)
     print(f"# {_device_name('cpu')}, {args.threads} threads, torch {torch.__version__}, "
-          f"rnnkit int8 kernel: {int8.kernel()}")  # fmt: skip
+          f"rnnkit build {native_loop.ARCH}, int8 kernel: {int8.kernel()}")  # fmt: skip
     print(
         f"# measured peaks (floor.c, from registers): float32 FMA {floor.f32_macs / 1e9:.1f} "
         f"GMAC/s, int8 {floor.int8_macs / 1e9:.1f} GMAC/s"

@@ -96,7 +96,8 @@ def main() -> None:
         print(table(["task", "metric", "float32", "int8", "int8 - float32"],
                     task_rows(args.runs, args.tasks)))  # fmt: skip
         print()
-    head = ["layer", "I=H", "options", "int8 rel. error", "int8 max abs error", "float32 rel. error"]
+    head = ["layer", "I=H", "options", "int8 rel. error", "int8 max abs error",
+            "float32 rel. error"]  # fmt: skip
     print(f"Random layers, T={args.steps}, B={args.batch}, against float64:")
     print(table(head, layer_rows(args.steps, args.batch)))
 
