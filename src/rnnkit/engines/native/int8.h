@@ -179,10 +179,14 @@ static inline __attribute__((always_inline)) __m256i q8_dot_half(__m256i c, q8_p
 #define Q8_PIN(v) __asm__("" : "+x"(v.lo), "+x"(v.hi))
 #endif
 
-#ifdef Q8_V
+#if Q8_ISA == 2
+/* Tiles: Q8_TR rows by Q8_TP panels, or one row by Q8_TP1 panels (32 vector registers). */
+#define Q8_TR 4
+#define Q8_TP 4
+#define Q8_TP1 8
 /* 4 rows x 4 panels. */
-static void q8_kernel_4x4(const int8_t *const *a, int64_t Kp, const int8_t *const *w,
-                          int32_t *acc) {
+static void q8_kernel_rows(const int8_t *const *a, int64_t Kp, const int8_t *const *w,
+                           int32_t *acc) {
     Q8_V c00 = Q8_ZERO, c01 = Q8_ZERO, c02 = Q8_ZERO, c03 = Q8_ZERO;
     Q8_V c10 = Q8_ZERO, c11 = Q8_ZERO, c12 = Q8_ZERO, c13 = Q8_ZERO;
     Q8_V c20 = Q8_ZERO, c21 = Q8_ZERO, c22 = Q8_ZERO, c23 = Q8_ZERO;
@@ -213,7 +217,7 @@ static void q8_kernel_4x4(const int8_t *const *a, int64_t Kp, const int8_t *cons
 }
 
 /* 1 row x 8 panels (one row: more panels to keep the products independent). */
-static void q8_kernel_1x8(const int8_t *a0, int64_t Kp, const int8_t *const *w, int32_t *acc) {
+static void q8_kernel_row(const int8_t *a0, int64_t Kp, const int8_t *const *w, int32_t *acc) {
     Q8_V c0 = Q8_ZERO, c1 = Q8_ZERO, c2 = Q8_ZERO, c3 = Q8_ZERO;
     Q8_V c4 = Q8_ZERO, c5 = Q8_ZERO, c6 = Q8_ZERO, c7 = Q8_ZERO;
     const int8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
@@ -230,25 +234,63 @@ static void q8_kernel_1x8(const int8_t *a0, int64_t Kp, const int8_t *const *w, 
     Q8_STORE(acc + 4 * 16, c4); Q8_STORE(acc + 5 * 16, c5);
     Q8_STORE(acc + 6 * 16, c6); Q8_STORE(acc + 7 * 16, c7);
 }
+#elif Q8_ISA == 1
+/* AVX2 has 16 vector registers and a panel takes two: 2 rows x 2 panels (8 accumulators), or
+ * one row by 4 panels. */
+#define Q8_TR 2
+#define Q8_TP 2
+#define Q8_TP1 4
+static void q8_kernel_rows(const int8_t *const *a, int64_t Kp, const int8_t *const *w,
+                           int32_t *acc) {
+    Q8_V c00 = Q8_ZERO, c01 = Q8_ZERO, c10 = Q8_ZERO, c11 = Q8_ZERO;
+    const int8_t *a0 = a[0], *a1 = a[1], *w0 = w[0], *w1 = w[1];
+    for (int64_t k = 0; k < Kp; k += 4) {
+        Q8_V v0 = Q8_LOAD(w0 + k * 16), v1 = Q8_LOAD(w1 + k * 16);
+        Q8_PIN(v0); Q8_PIN(v1);
+        Q8_V b = q8_bcast(a0 + k);
+        Q8_DOT(c00, b, v0); Q8_DOT(c01, b, v1);
+        b = q8_bcast(a1 + k);
+        Q8_DOT(c10, b, v0); Q8_DOT(c11, b, v1);
+    }
+    Q8_STORE(acc + 0 * 16, c00); Q8_STORE(acc + 1 * 16, c01);
+    Q8_STORE(acc + 2 * 16, c10); Q8_STORE(acc + 3 * 16, c11);
+}
+
+static void q8_kernel_row(const int8_t *a0, int64_t Kp, const int8_t *const *w, int32_t *acc) {
+    Q8_V c0 = Q8_ZERO, c1 = Q8_ZERO, c2 = Q8_ZERO, c3 = Q8_ZERO;
+    const int8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+    for (int64_t k = 0; k < Kp; k += 4) {
+        const Q8_V b = q8_bcast(a0 + k);
+        Q8_DOT(c0, b, Q8_LOAD(w0 + k * 16)); Q8_DOT(c1, b, Q8_LOAD(w1 + k * 16));
+        Q8_DOT(c2, b, Q8_LOAD(w2 + k * 16)); Q8_DOT(c3, b, Q8_LOAD(w3 + k * 16));
+    }
+    Q8_STORE(acc + 0 * 16, c0); Q8_STORE(acc + 1 * 16, c1);
+    Q8_STORE(acc + 2 * 16, c2); Q8_STORE(acc + 3 * 16, c3);
+}
+#else
+#define Q8_TR 4
+#define Q8_TP 4
+#define Q8_TP1 8
 #endif
 
-#define Q8_NB 4
-#define Q8_NP 8
+#define Q8_NB Q8_TR
+#define Q8_NP Q8_TP1
 
-/* acc[(b np + p) 16 + lane] for b < nb <= 4 rows from qa (stride Kp) and p < np <= 8
- * consecutive panels from w (4 at most when nb > 1), the same integers on every path. */
+/* acc[(b np + p) 16 + lane] for b < nb <= Q8_TR rows from qa (stride Kp) and p < np
+ * consecutive panels from w (at most Q8_TP1 for one row, Q8_TP for more), the same integers
+ * on every path. */
 static void q8_tile(int nb, int np, const int8_t *qa, int64_t Kp, const int8_t *w,
                     const int32_t *wsum, int32_t *acc) {
 #ifdef Q8_V
-    int32_t tmp[16 * 16];
-    const int8_t *rows[4], *panels[8];
-    for (int b = 0; b < 4; b++) rows[b] = qa + (b < nb ? b : 0) * Kp;
-    for (int p = 0; p < 8; p++) panels[p] = w + (p < np ? p : 0) * Kp * 16;
-    int sub = nb == 1 ? 8 : 4;
+    int32_t tmp[Q8_TR * Q8_TP1 * 16];
+    const int8_t *rows[Q8_TR], *panels[Q8_TP1];
+    for (int b = 0; b < Q8_TR; b++) rows[b] = qa + (b < nb ? b : 0) * Kp;
+    for (int p = 0; p < Q8_TP1; p++) panels[p] = w + (p < np ? p : 0) * Kp * 16;
+    const int sub = nb == 1 ? Q8_TP1 : Q8_TP;
     if (nb == 1)
-        q8_kernel_1x8(rows[0], Kp, panels, tmp);
+        q8_kernel_row(rows[0], Kp, panels, tmp);
     else
-        q8_kernel_4x4(rows, Kp, panels, tmp);
+        q8_kernel_rows(rows, Kp, panels, tmp);
     for (int b = 0; b < nb; b++)
         for (int p = 0; p < np; p++) {
             int32_t *dst = acc + (b * np + p) * 16;
@@ -286,8 +328,7 @@ static void q8_product(int64_t n, const int8_t *qa, const float *sa, const nl_q8
     int32_t acc[Q8_NB * Q8_NP * 16];
     for (int64_t b = 0; b < n; b += Q8_NB) {
         const int nb = (int)(n - b < Q8_NB ? n - b : Q8_NB);
-        /* One row takes 8 panels at a time, more rows 4. */
-        const int64_t step = nb == 1 ? 8 : 4;
+        const int64_t step = nb == 1 ? Q8_TP1 : Q8_TP;
         for (int64_t p = p0; p < p1; p += step) {
             const int np = (int)(p1 - p < step ? p1 - p : step);
             q8_tile(nb, np, qa + b * Kp, Kp, m->w + p * Kp * 16, m->wsum + p * 16, acc);
