@@ -53,7 +53,10 @@ enum {
  *   also of the cell, ln_cw and ln_cb (H). Forward saves Zr (N, GW), the product before its norm
  *   (may be NULL without saving), and stats (2 or 4, N): mean and 1/std of the product's norm,
  *   then (LSTM) of the cell's. Backward reads them and writes dZ (N, GW), the gradient of the
- *   product, and (LSTM) dCN (N, H), the gradient of the cell norm's output.
+ *   product; dCN (B, H) is its scratch for the gradient of the cell norm's output (LSTM).
+ *   ln_grads (float64 whatever the call's type; NULL: not computed): backward adds the gains'
+ *   and biases' gradients, d ln_hw and d ln_hb (GW each), then (LSTM) d ln_cw and d ln_cb (H
+ *   each), summed over every row; the caller zeroes it.
  * - Recurrent dropout: rmask (B, R) multiplies h_{t-1} where it enters W_hh.
  * - Zoneout (zoneout != 0): keep k = 1 keeps the previous value of a unit; k from the masks
  *   zh (N, R) and, for LSTM, zc (N, H), laid out like the rows, or zoneout_p for every unit
@@ -74,6 +77,7 @@ typedef struct {
     void *r_scratch;
     double eps, zoneout_p;
     int64_t zoneout, proj;
+    double *ln_grads;
 } nl_variants;
 
 typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *,
@@ -902,6 +906,8 @@ typedef struct {
     /* Scratch: the product before the mask (S), dr = dh~ W_hr (DR); with zoneout the shares of
      * dL/dh_t and dL/dc_t that pass to step t-1 past the cell (CH, CC). */
     T *S, *DR, *CH, *CC;
+    /* The layer norms' parameter gradients, summed here (nl_variants' ln_grads) or NULL. */
+    double *lng;
     T zp;
     int64_t j0, j1, q0, q1;
 } FN(bwd_call);
@@ -914,6 +920,7 @@ static int64_t FN(bwd_variants)(FN(bwd_call) *cx, const nl_variants *v) {
     cx->ln_hw = v->ln_hw; cx->ln_cw = v->ln_cw; cx->ln_cb = v->ln_cb; cx->rmask = v->rmask;
     cx->Zr = v->Zr; cx->stats = v->stats; cx->dZ = v->dZ; cx->dCN = v->dCN; cx->S = v->scratch;
     cx->ln = cx->ln_hw != 0;
+    cx->lng = cx->ln ? v->ln_grads : 0;
     if (cx->ln && (!cx->Zr || !cx->stats || !cx->dZ || !cells ||
                    (lstm && (!cx->ln_cw || !cx->ln_cb || !cx->dCN))))
         return NL_BAD_VARIANTS;
@@ -1011,7 +1018,7 @@ static void FN(bwd_lstm_out)(const FN(bwd_call) *cx, const nl_step *st) {
         const T *doutr = FN(dout_row)(cx, off + b), *dsr = cx->P ? cx->DR + b * H : cx->dh + b * H;
         const T *gr = cx->G + (off + b) * GW, *cr = cx->C + (off + b) * H;
         const T m = cx->stats[2 * N + off + b], r = cx->stats[3 * N + off + b];
-        T *dcnr = cx->dCN + (off + b) * H, *dgr = cx->dG + (off + b) * GW;
+        T *dcnr = cx->dCN + b * H, *dgr = cx->dG + (off + b) * GW;
 #pragma omp simd
         for (int64_t j = j0; j < j1; j++) {
             T d = dsr[j] + (doutr ? doutr[j] : 0);
@@ -1021,14 +1028,27 @@ static void FN(bwd_lstm_out)(const FN(bwd_call) *cx, const nl_step *st) {
     }
 }
 
+/* A layer norm's gain and bias gradients from one row, on its units [k0, k1): dw += dy x^ and
+ * db += dy, with x^ = (x - m) r, summed in float64 (a sum over every row of the call). */
+static inline void FN(ln_param_grads)(const T *dy, const T *x, int64_t k0, int64_t k1, T m, T r,
+                                      double *dw, double *db) {
+#pragma omp simd
+    for (int64_t k = k0; k < k1; k++) {
+        dw[k] += (double)(dy[k] * ((x[k] - m) * r));
+        db[k] += (double)dy[k];
+    }
+}
+
 /* The layer-norm LSTM's cell: dL/dc_t through the norm (which reads every unit of dCN's row),
- * then the input, forget and cell gates. */
+ * then the input, forget and cell gates; the cell norm's gain and bias gradients on the
+ * thread's units. */
 static void FN(bwd_norm_cell)(const FN(bwd_call) *cx, const nl_step *st) {
     const int64_t H = cx->H, GW = cx->GW, N = cx->N, j0 = cx->j0, j1 = cx->j1, off = st->off;
     const T *w = cx->ln_cw;
+    double *dw = cx->lng ? cx->lng + 2 * GW : 0, *db = dw ? dw + H : 0;
     for (int64_t b = 0; b < st->n; b++) {
         const T *gr = cx->G + (off + b) * GW, *cr = cx->C + (off + b) * H;
-        const T *cpr = FN(c_prev_row)(cx, st, b), *dcnr = cx->dCN + (off + b) * H;
+        const T *cpr = FN(c_prev_row)(cx, st, b), *dcnr = cx->dCN + b * H;
         const T m = cx->stats[2 * N + off + b], r = cx->stats[3 * N + off + b];
         T *dcr = cx->dc + b * H, *dgr = cx->dG + (off + b) * GW;
         T ma, max;
@@ -1038,6 +1058,7 @@ static void FN(bwd_norm_cell)(const FN(bwd_call) *cx, const nl_step *st) {
             T dct = dcr[j] + FN(ln_input_grad)(dcnr[j], w[j], cr[j], m, r, ma, max);
             dcr[j] = FN(lstm_bwd_cell)(gr, H, j, dct, cpr[j], dgr);
         }
+        if (dw) FN(ln_param_grads)(dcnr, cr, j0, j1, m, r, dw, db);
     }
 }
 
@@ -1089,10 +1110,12 @@ static void FN(bwd_zoneout)(const FN(bwd_call) *cx, const nl_step *st) {
     }
 }
 
-/* dZ: the gradient of the product through its norm (which reads every unit of the row). */
+/* dZ: the gradient of the product through its norm (which reads every unit of the row); the
+ * norm's gain and bias gradients on the thread's units of every gate. */
 static void FN(bwd_norm_product)(const FN(bwd_call) *cx, const nl_step *st) {
     const int64_t H = cx->H, GW = cx->GW, N = cx->N, j0 = cx->j0, j1 = cx->j1;
     const T *w = cx->ln_hw, *dy = cx->gru ? cx->dGH : cx->dG;
+    double *dw = cx->lng, *db = dw ? dw + GW : 0;
     for (int64_t b = 0; b < st->n; b++) {
         const int64_t row = st->off + b;
         const T *dyr = dy + row * GW, *zr = cx->Zr + row * GW;
@@ -1104,6 +1127,7 @@ static void FN(bwd_norm_product)(const FN(bwd_call) *cx, const nl_step *st) {
 #pragma omp simd
             for (int64_t k = g * H + j0; k < g * H + j1; k++)
                 dzr[k] = FN(ln_input_grad)(dyr[k], w[k], zr[k], m, r, ma, max);
+            if (dw) FN(ln_param_grads)(dyr, zr, g * H + j0, g * H + j1, m, r, dw, db);
         }
     }
 }

@@ -161,17 +161,21 @@ class ForwardResult(NamedTuple):
 class BackwardResult(NamedTuple):
     """``dG`` (N, G*H) the input-side pre-activation gradients, ``dGH`` (N, 3H) the hidden-side
     ones of GRU (None otherwise: they are ``dG``), ``dh0`` and ``dc0`` (B, H); with a layer norm
-    ``dZ`` (N, G*H) the gradient of the recurrent product before it and (LSTM) ``dCN`` (N, H)
-    that of the cell norm's output; with a projection ``dHt`` (N, P) that of the projected h_t
-    before zoneout."""
+    ``dZ`` (N, G*H) the gradient of the recurrent product before it and the gradients of the
+    norms' gains and biases, named as in :class:`NativeVariants` (``ln_cw``, ``ln_cb``: LSTM),
+    summed over all rows inside the loop; with a projection ``dHt`` (N, P) the gradient of the
+    projected h_t before zoneout."""
 
     dG: Tensor
     dGH: Tensor | None
     dh0: Tensor
     dc0: Tensor | None
     dZ: Tensor | None = None
-    dCN: Tensor | None = None
     dHt: Tensor | None = None
+    ln_hw: Tensor | None = None
+    ln_hb: Tensor | None = None
+    ln_cw: Tensor | None = None
+    ln_cb: Tensor | None = None
 
 
 # What the C structure carries besides the variants' tensors: the projection, what forward saves
@@ -189,6 +193,7 @@ class _CVariants(ctypes.Structure):
         ("zoneout_p", ctypes.c_double),
         ("zoneout", ctypes.c_int64),
         ("proj", ctypes.c_int64),
+        ("ln_grads", ctypes.c_void_p),
     ]  # fmt: skip
 
 
@@ -573,7 +578,11 @@ def backward(
     dG = torch.empty_like(G)
     dGH = torch.empty_like(G) if gru else None
     dZ = torch.empty_like(G) if v.layer_norm else None
-    dCN = G.new_empty(N, H) if v.layer_norm and lstm else None
+    # The cell norm's output gradient, one step's rows at a time.
+    dCN = G.new_empty(B, H) if v.layer_norm and lstm else None
+    # The norms' gain and bias gradients, [ln_hw, ln_hb, ln_cw, ln_cb], summed in float64.
+    ln_sizes = (GW, GW, *((H, H) if lstm else ()))
+    ln_grads = G.new_zeros(sum(ln_sizes), dtype=torch.float64) if v.layer_norm else None
     scratch = G.new_empty(B, R) if v.rmask is not None else None
     zo_scratch = G.new_empty(B * R + B * H) if v.zoneout else None
     proj = w_hr is not None
@@ -581,7 +590,7 @@ def backward(
     r_scratch = G.new_empty(B, H) if proj else None
     cv = _c_variants(v, w_hr, Zr=Zr, stats=stats, dZ=dZ, dCN=dCN, CZ=CZ if v.zoneout else None,
                      dHt=dHt, scratch=scratch, zo_scratch=zo_scratch,
-                     r_scratch=r_scratch)  # fmt: skip
+                     r_scratch=r_scratch, ln_grads=ln_grads)  # fmt: skip
     offsets = torch.empty(len(bs) + 1, dtype=torch.int64)
     i64 = ctypes.c_int64
     _run(
@@ -592,4 +601,5 @@ def backward(
         _ptr(dGH), _ptr(offsets), i64(threads or _default_threads(B, R, GW)), _blas_min_rows(blas),
         cv,
     )  # fmt: skip
-    return BackwardResult(dG, dGH, dh, dc, dZ, dCN, dHt)
+    ln = [] if ln_grads is None else [g.to(dtype, copy=True) for g in ln_grads.split(ln_sizes)]
+    return BackwardResult(dG, dGH, dh, dc, dZ, dHt, *ln)
