@@ -33,6 +33,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -133,6 +136,23 @@ int64_t nl_has_openmp(void) {
 #ifdef _OPENMP
     return 1;
 #else
+    return 0;
+#endif
+}
+
+/* Asks the kernel for transparent huge pages on the whole 2 MiB pages inside [p, p + bytes),
+ * before anything touches them: a fresh buffer of tens of MiB otherwise takes one page fault
+ * per 4 KiB inside the loop, where a fault on one thread stalls the other at the next barrier
+ * (measured: a quarter of a B=64 LSTM's backward). A hint only: where the kernel has no such
+ * pages or refuses, nothing changes. Returns whether the kernel took it. */
+int64_t nl_advise_huge_pages(void *p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = (uintptr_t)1 << 21;
+    uintptr_t start = ((uintptr_t)p + huge - 1) & ~(huge - 1);
+    uintptr_t end = ((uintptr_t)p + (uintptr_t)(bytes > 0 ? bytes : 0)) & ~(huge - 1);
+    return end > start && madvise((void *)start, end - start, MADV_HUGEPAGE) == 0;
+#else
+    (void)p; (void)bytes;
     return 0;
 #endif
 }
@@ -1028,14 +1048,28 @@ static void FN(bwd_lstm_out)(const FN(bwd_call) *cx, const nl_step *st) {
     }
 }
 
-/* A layer norm's gain and bias gradients from one row, on its units [k0, k1): dw += dy x^ and
- * db += dy, with x^ = (x - m) r, summed in float64 (a sum over every row of the call). */
-static inline void FN(ln_param_grads)(const T *dy, const T *x, int64_t k0, int64_t k1, T m, T r,
-                                      double *dw, double *db) {
+/* A layer norm's gain and bias gradients over a step's n rows, on units [k0, k1): dw += sum_b
+ * dy x^ and db += sum_b dy, with x^ = (x - mean[b]) rstd[b]; dy and x with row strides ldy, ldx.
+ * A block of columns sums the rows in registers and adds to the float64 totals once a step. */
+static void FN(ln_param_grads)(int64_t n, const T *dy, int64_t ldy, const T *x, int64_t ldx,
+                               const T *mean, const T *rstd, int64_t k0, int64_t k1, double *dw,
+                               double *db) {
+    for (int64_t k = k0; k < k1; k += NL_CW) {
+        const int64_t kw = k1 - k < NL_CW ? k1 - k : NL_CW;
+        T sw[NL_CW], sb[NL_CW];
+        for (int64_t j = 0; j < NL_CW; j++) sw[j] = sb[j] = 0;
+        for (int64_t b = 0; b < n; b++) {
+            const T *dyr = dy + b * ldy + k, *xr = x + b * ldx + k, m = mean[b], r = rstd[b];
 #pragma omp simd
-    for (int64_t k = k0; k < k1; k++) {
-        dw[k] += (double)(dy[k] * ((x[k] - m) * r));
-        db[k] += (double)dy[k];
+            for (int64_t j = 0; j < kw; j++) {
+                sw[j] += dyr[j] * ((xr[j] - m) * r);
+                sb[j] += dyr[j];
+            }
+        }
+        for (int64_t j = 0; j < kw; j++) {
+            dw[k + j] += (double)sw[j];
+            db[k + j] += (double)sb[j];
+        }
     }
 }
 
@@ -1058,8 +1092,10 @@ static void FN(bwd_norm_cell)(const FN(bwd_call) *cx, const nl_step *st) {
             T dct = dcr[j] + FN(ln_input_grad)(dcnr[j], w[j], cr[j], m, r, ma, max);
             dcr[j] = FN(lstm_bwd_cell)(gr, H, j, dct, cpr[j], dgr);
         }
-        if (dw) FN(ln_param_grads)(dcnr, cr, j0, j1, m, r, dw, db);
     }
+    if (dw)
+        FN(ln_param_grads)(st->n, cx->dCN, H, cx->C + off * H, H, cx->stats + 2 * N + off,
+                           cx->stats + 3 * N + off, j0, j1, dw, db);
 }
 
 /* The GRU cell backward on the thread's units; dh keeps the share past the gates, d z. */
@@ -1127,9 +1163,13 @@ static void FN(bwd_norm_product)(const FN(bwd_call) *cx, const nl_step *st) {
 #pragma omp simd
             for (int64_t k = g * H + j0; k < g * H + j1; k++)
                 dzr[k] = FN(ln_input_grad)(dyr[k], w[k], zr[k], m, r, ma, max);
-            if (dw) FN(ln_param_grads)(dyr, zr, g * H + j0, g * H + j1, m, r, dw, db);
         }
     }
+    if (!dw) return;
+    for (int64_t g = 0; g < cx->gates; g++)
+        FN(ln_param_grads)(st->n, dy + st->off * GW, GW, cx->Zr + st->off * GW, GW,
+                           cx->stats + st->off, cx->stats + N + st->off, g * H + j0, g * H + j1,
+                           dw, db);
 }
 
 /* dh[:n, q0:q1] (+)= D_t W_hh[:, q0:q1]: GRU adds to its carried d z, zoneout to what it

@@ -219,6 +219,7 @@ def _build(arch: str) -> ctypes.CDLL:
     lib.nl_has_openmp.restype = ctypes.c_int64
     lib.nl_set_blas.restype = None
     lib.nl_set_packed_blas.restype = None
+    lib.nl_advise_huge_pages.restype = ctypes.c_int64
     global _blas
     # RNNKIT_NATIVE_BLAS=0: behave as where torch ships no BLAS (the own loops only).
     _blas = None if os.environ.get("RNNKIT_NATIVE_BLAS") == "0" else _find_blas()
@@ -347,6 +348,20 @@ def _sizes(batch_sizes, rows: int, B: int) -> torch.Tensor:
 
 def _ptr(t: Tensor | None) -> ctypes.c_void_p | None:
     return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+# Fresh buffers from this size up are offered transparent huge pages before the loop first
+# writes them (nl_advise_huge_pages): 2 MiB pages need a few aligned ones inside the buffer.
+HUGE_PAGES_MIN_BYTES = 8 << 20
+HUGE_PAGES = os.environ.get("RNNKIT_NATIVE_HUGE_PAGES", "1") != "0"
+
+
+def _fresh(t: Tensor) -> Tensor:
+    """``t``, a buffer nothing has written yet, with huge pages asked for where it is large."""
+    nbytes = t.numel() * t.element_size()
+    if HUGE_PAGES and nbytes >= HUGE_PAGES_MIN_BYTES:
+        _library().lib.nl_advise_huge_pages(ctypes.c_void_p(t.data_ptr()), ctypes.c_int64(nbytes))
+    return t
 
 
 def _run(fn, *args) -> None:
@@ -479,7 +494,7 @@ def forward(
     if not available(dtype):
         raise RuntimeError(f"native_loop: the native library is unavailable for {dtype}")
     ln, proj = v.layer_norm, w_hr is not None
-    Zr = G.new_empty(N, GW) if ln and save else None
+    Zr = _fresh(G.new_empty(N, GW)) if ln and save else None
     stats = G.new_empty(4 if lstm else 2, N) if ln and save else None
     # h_{t-1} * mask, double-buffered: the product of step t reads one, step t writes the other.
     scratch = G.new_empty(2, B, R) if v.rmask is not None else None
@@ -491,12 +506,12 @@ def forward(
     r_scratch = G.new_empty(B, H) if proj and not save else None
     cv = _c_variants(v, w_hr, Zr=Zr, stats=stats, CZ=CZ, Rs=Rs, scratch=scratch,
                      ln_scratch=ln_scratch, zo_scratch=zo_scratch, r_scratch=r_scratch)  # fmt: skip
-    out = G.new_empty(N, R)
+    out = _fresh(G.new_empty(N, R))
     h = h0.clone()
     c = c0.clone() if lstm else None
-    C = G.new_empty(N, H) if lstm and save else None
-    GH = G.new_empty(N, GW) if gru and save else None
-    A = G.new_empty(N, GW) if (lstm or gru) and save else None
+    C = _fresh(G.new_empty(N, H)) if lstm and save else None
+    GH = _fresh(G.new_empty(N, GW)) if gru and save else None
+    A = _fresh(G.new_empty(N, GW)) if (lstm or gru) and save else None
     # Without A, each step's activations go to Z's second half.
     Z = G.new_empty(B, GW) if A is not None else G.new_empty(2, B, GW)
     offsets = torch.empty(len(bs) + 1, dtype=torch.int64)
@@ -575,9 +590,9 @@ def backward(
         dc = h0.new_zeros(B, H) if d_cn is None else d_cn.to(dtype).clone(
             memory_format=torch.contiguous_format)  # fmt: skip
         _check("d_cn", dc, (B, H), dtype)
-    dG = torch.empty_like(G)
-    dGH = torch.empty_like(G) if gru else None
-    dZ = torch.empty_like(G) if v.layer_norm else None
+    dG = _fresh(torch.empty_like(G))
+    dGH = _fresh(torch.empty_like(G)) if gru else None
+    dZ = _fresh(torch.empty_like(G)) if v.layer_norm else None
     # The cell norm's output gradient, one step's rows at a time.
     dCN = G.new_empty(B, H) if v.layer_norm and lstm else None
     # The norms' gain and bias gradients, [ln_hw, ln_hb, ln_cw, ln_cb], summed in float64.
