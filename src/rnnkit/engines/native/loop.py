@@ -555,7 +555,8 @@ def backward(
     any matrix of that shape: unread); ``out``, ``C``, ``GH``: what it saved; ``d_out`` (N, R),
     ``d_hn`` (B, R), ``d_cn`` (B, H): incoming gradients, None for zero. ``variants``, ``Zr``,
     ``stats``, ``CZ``, ``w_hr``: as :func:`forward` had and saved (with a projection the
-    caller adds ``dW_hr = dHt^T Rs``). The caller finishes as
+    caller adds ``dW_hr = dHt^T Rs``). The layer norms' gain and bias gradients come summed
+    over all rows. The caller finishes as
     ``op.py`` does: ``dX = dG W_ih``, ``dW_ih = dG^T X``, ``dW_hh = dY^T H_prev``
     with ``dY`` = ``dZ`` under a layer norm, else ``dGH`` for GRU, else ``dG`` (and ``H_prev``
     times the recurrent-dropout mask).
