@@ -389,6 +389,40 @@ def test_native_loop_layer_norm_param_grads_equal_torch_sums_over_the_saved_rows
     assert (r.ln_cw is not None) == (mode == "LSTM")
 
 
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
+def test_native_loop_matches_reference_again_on_pooled_buffers(mode, dtype):
+    """Saved activations and gradients of 1 MiB and more come from the loop's pool: a second
+    run, on the buffers the first one left, gives the reference's numbers again."""
+    batch_sizes, H = (16,) * 60 + (9,) * 10, 100
+    assert sum(batch_sizes) * GATES[mode] * H * 4 >= native_loop.POOL_MIN_BYTES
+    layer = make_layer(mode, 5, H, 16, sum(batch_sizes), dtype, seed=11)
+    v = make_variants(mode, "layer-norm+zoneout", 16, H, dtype, seed=11, N=sum(batch_sizes))
+    for _ in range(2):
+        assert_matches_reference("native", mode, True, batch_sizes, layer, v, threads=2)
+
+
+def test_native_loop_pool_hands_out_a_buffer_only_when_no_tensor_holds_it():
+    N, B, H = 2003, 1, 64  # A: N x 4H float32, about 2 MiB, an odd size of its own
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(4 * H, H, generator=gen) * 0.1
+    h0, c0 = torch.zeros(B, H), torch.zeros(B, H)
+
+    def run(scale):
+        G = torch.randn(N, 4 * H, generator=gen) * scale
+        return native_loop.forward("LSTM", False, (B,) * N, G, h0, c0, w, None)
+
+    first = run(1.0)
+    held, ptr = first.A.clone(), first.A.data_ptr()
+    second = run(2.0)
+    assert second.A.data_ptr() != ptr
+    torch.testing.assert_close(first.A, held, atol=0, rtol=0)
+    del first
+    third = run(3.0)
+    assert third.A.data_ptr() == ptr
+    assert second.A.data_ptr() != ptr
+
+
 def test_native_loop_layer_norm_inference_saves_nothing_and_gives_the_same_outputs():
     layer = {k: (t.detach() if t is not None else None)
              for k, t in make_layer("LSTM", 5, 32, 2, 6, F64).items()}  # fmt: skip

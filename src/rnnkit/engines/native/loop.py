@@ -28,7 +28,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
+import math
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -350,18 +352,48 @@ def _ptr(t: Tensor | None) -> ctypes.c_void_p | None:
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
-# Fresh buffers from this size up are offered transparent huge pages before the loop first
-# writes them (nl_advise_huge_pages): 2 MiB pages need a few aligned ones inside the buffer.
-HUGE_PAGES_MIN_BYTES = 8 << 20
+# The loop's large outputs (the saved activations, dG) are a few tens of MiB each per call:
+# fresh from the allocator they take one page fault per 4 KiB inside the loop, where a fault on
+# one thread holds the other at the next barrier (measured: 15-30 ms of a 150 ms B=64 LSTM
+# training step). So buffers from POOL_MIN_BYTES up come from a pool that keeps them when their
+# last tensor dies (the pool's reference is then the only one) and hands them out again, up to
+# POOL_MAX_BYTES of idle ones (RNNKIT_NATIVE_POOL_MIB, 0: no pool); each new one is offered
+# transparent huge pages before its first write (RNNKIT_NATIVE_HUGE_PAGES=0: not).
+POOL_MIN_BYTES = 1 << 20
+POOL_MAX_BYTES = int(os.environ.get("RNNKIT_NATIVE_POOL_MIB", "512")) << 20
 HUGE_PAGES = os.environ.get("RNNKIT_NATIVE_HUGE_PAGES", "1") != "0"
+_pool: list[torch.UntypedStorage] = []
+_pool_lock = threading.Lock()
 
 
-def _fresh(t: Tensor) -> Tensor:
-    """``t``, a buffer nothing has written yet, with huge pages asked for where it is large."""
-    nbytes = t.numel() * t.element_size()
-    if HUGE_PAGES and nbytes >= HUGE_PAGES_MIN_BYTES:
-        _library().lib.nl_advise_huge_pages(ctypes.c_void_p(t.data_ptr()), ctypes.c_int64(nbytes))
-    return t
+def _idle(storage: torch.UntypedStorage) -> bool:
+    """Whether no tensor holds ``storage`` any more (the pool's own reference is the one)."""
+    return torch._C._storage_Use_Count(storage._cdata) == 1
+
+
+def _buffer(like: Tensor, *shape: int) -> Tensor:
+    """An uninitialised contiguous tensor of ``shape`` with ``like``'s dtype and device, for the
+    loop to write in full: a large one from the pool."""
+    nbytes = math.prod(shape) * like.element_size()
+    if nbytes < POOL_MIN_BYTES or POOL_MAX_BYTES <= 0 or like.device.type != "cpu":
+        return like.new_empty(shape)
+    with _pool_lock:
+        for storage in _pool:
+            if storage.nbytes() == nbytes and _idle(storage):
+                return like.new_empty(0).set_(storage, 0, shape)
+        t = like.new_empty(shape)
+        if HUGE_PAGES:
+            _library().lib.nl_advise_huge_pages(ctypes.c_void_p(t.data_ptr()),
+                                                ctypes.c_int64(nbytes))  # fmt: skip
+        _pool.append(t.untyped_storage())
+        # Past the cap, the idle buffers go, oldest first.
+        idle = sum(s.nbytes() for s in _pool if _idle(s))
+        for storage in [s for s in _pool if _idle(s)]:
+            if idle <= POOL_MAX_BYTES:
+                break
+            _pool.remove(storage)
+            idle -= storage.nbytes()
+        return t
 
 
 def _run(fn, *args) -> None:
@@ -494,7 +526,7 @@ def forward(
     if not available(dtype):
         raise RuntimeError(f"native_loop: the native library is unavailable for {dtype}")
     ln, proj = v.layer_norm, w_hr is not None
-    Zr = _fresh(G.new_empty(N, GW)) if ln and save else None
+    Zr = _buffer(G, N, GW) if ln and save else None
     stats = G.new_empty(4 if lstm else 2, N) if ln and save else None
     # h_{t-1} * mask, double-buffered: the product of step t reads one, step t writes the other.
     scratch = G.new_empty(2, B, R) if v.rmask is not None else None
@@ -506,12 +538,12 @@ def forward(
     r_scratch = G.new_empty(B, H) if proj and not save else None
     cv = _c_variants(v, w_hr, Zr=Zr, stats=stats, CZ=CZ, Rs=Rs, scratch=scratch,
                      ln_scratch=ln_scratch, zo_scratch=zo_scratch, r_scratch=r_scratch)  # fmt: skip
-    out = _fresh(G.new_empty(N, R))
+    out = _buffer(G, N, R)
     h = h0.clone()
     c = c0.clone() if lstm else None
-    C = _fresh(G.new_empty(N, H)) if lstm and save else None
-    GH = _fresh(G.new_empty(N, GW)) if gru and save else None
-    A = _fresh(G.new_empty(N, GW)) if (lstm or gru) and save else None
+    C = _buffer(G, N, H) if lstm and save else None
+    GH = _buffer(G, N, GW) if gru and save else None
+    A = _buffer(G, N, GW) if (lstm or gru) and save else None
     # Without A, each step's activations go to Z's second half.
     Z = G.new_empty(B, GW) if A is not None else G.new_empty(2, B, GW)
     offsets = torch.empty(len(bs) + 1, dtype=torch.int64)
@@ -591,9 +623,9 @@ def backward(
         dc = h0.new_zeros(B, H) if d_cn is None else d_cn.to(dtype).clone(
             memory_format=torch.contiguous_format)  # fmt: skip
         _check("d_cn", dc, (B, H), dtype)
-    dG = _fresh(torch.empty_like(G))
-    dGH = _fresh(torch.empty_like(G)) if gru else None
-    dZ = _fresh(torch.empty_like(G)) if v.layer_norm else None
+    dG = _buffer(G, N, GW)
+    dGH = _buffer(G, N, GW) if gru else None
+    dZ = _buffer(G, N, GW) if v.layer_norm else None
     # The cell norm's output gradient, one step's rows at a time.
     dCN = G.new_empty(B, H) if v.layer_norm and lstm else None
     # The norms' gain and bias gradients, [ln_hw, ln_hb, ln_cw, ln_cb], summed in float64.
@@ -602,7 +634,7 @@ def backward(
     scratch = G.new_empty(B, R) if v.rmask is not None else None
     zo_scratch = G.new_empty(B * R + B * H) if v.zoneout else None
     proj = w_hr is not None
-    dHt = G.new_empty(N, R) if proj else None
+    dHt = _buffer(G, N, R) if proj else None
     r_scratch = G.new_empty(B, H) if proj else None
     cv = _c_variants(v, w_hr, Zr=Zr, stats=stats, dZ=dZ, dCN=dCN, CZ=CZ if v.zoneout else None,
                      dHt=dHt, scratch=scratch, zo_scratch=zo_scratch,
