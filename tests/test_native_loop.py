@@ -423,6 +423,23 @@ def test_native_loop_pool_hands_out_a_buffer_only_when_no_tensor_holds_it():
     assert second.A.data_ptr() != ptr
 
 
+def test_native_loop_pool_keeps_at_most_its_count_while_a_caller_keeps_every_output(monkeypatch):
+    monkeypatch.setattr(native_loop, "POOL_MAX_BUFFERS", 3)
+    monkeypatch.setattr(native_loop, "_pool", [])
+    N, H = 1100, 256  # out: N x H float32, about 1.1 MiB
+    w, h0 = torch.randn(H, H) * 0.05, torch.zeros(1, H)
+    kept = []
+    with torch.inference_mode():
+        for k in range(6):
+            G = torch.full((N, H), 0.01 * k)
+            kept.append(native_loop.forward("RNN_TANH", False, (1,) * N, G, h0, None, w, None,
+                                            save=False).out)  # fmt: skip
+    assert len(native_loop._pool) <= 3
+    assert len({o.data_ptr() for o in kept}) == 6
+    for k, o in enumerate(kept[1:], 1):
+        assert not torch.equal(o, kept[0]), k
+
+
 def test_native_loop_layer_norm_inference_saves_nothing_and_gives_the_same_outputs():
     layer = {k: (t.detach() if t is not None else None)
              for k, t in make_layer("LSTM", 5, 32, 2, 6, F64).items()}  # fmt: skip

@@ -357,13 +357,19 @@ def _ptr(t: Tensor | None) -> ctypes.c_void_p | None:
 # one thread holds the other at the next barrier (measured: 15-30 ms of a 150 ms B=64 LSTM
 # training step). So buffers from POOL_MIN_BYTES up come from a pool that keeps them when their
 # last tensor dies (the pool's reference is then the only one) and hands them out again, up to
-# POOL_MAX_BYTES of idle ones (RNNKIT_NATIVE_POOL_MIB, 0: no pool); each new one is offered
-# transparent huge pages before its first write (RNNKIT_NATIVE_HUGE_PAGES=0: not).
+# POOL_MAX_BYTES of idle ones (RNNKIT_NATIVE_POOL_MIB, 0: no pool) and POOL_MAX_BUFFERS in all
+# (past it, say while a caller keeps every output, new buffers are plain ones); each new one is
+# offered transparent huge pages before its first write (RNNKIT_NATIVE_HUGE_PAGES=0: not).
 POOL_MIN_BYTES = 1 << 20
 POOL_MAX_BYTES = int(os.environ.get("RNNKIT_NATIVE_POOL_MIB", "512")) << 20
+POOL_MAX_BUFFERS = 64
 HUGE_PAGES = os.environ.get("RNNKIT_NATIVE_HUGE_PAGES", "1") != "0"
 _pool: list[torch.UntypedStorage] = []
 _pool_lock = threading.Lock()
+
+
+# The pool needs torch's storage use counts (a private function; without it, no pool).
+_COUNTS = hasattr(torch._C, "_storage_Use_Count")
 
 
 def _idle(storage: torch.UntypedStorage) -> bool:
@@ -375,7 +381,7 @@ def _buffer(like: Tensor, *shape: int) -> Tensor:
     """An uninitialised contiguous tensor of ``shape`` with ``like``'s dtype and device, for the
     loop to write in full: a large one from the pool."""
     nbytes = math.prod(shape) * like.element_size()
-    if nbytes < POOL_MIN_BYTES or POOL_MAX_BYTES <= 0 or like.device.type != "cpu":
+    if nbytes < POOL_MIN_BYTES or POOL_MAX_BYTES <= 0 or like.device.type != "cpu" or not _COUNTS:
         return like.new_empty(shape)
     with _pool_lock:
         for storage in _pool:
@@ -385,14 +391,16 @@ def _buffer(like: Tensor, *shape: int) -> Tensor:
         if HUGE_PAGES:
             _library().lib.nl_advise_huge_pages(ctypes.c_void_p(t.data_ptr()),
                                                 ctypes.c_int64(nbytes))  # fmt: skip
-        _pool.append(t.untyped_storage())
-        # Past the cap, the idle buffers go, oldest first.
-        idle = sum(s.nbytes() for s in _pool if _idle(s))
-        for storage in [s for s in _pool if _idle(s)]:
-            if idle <= POOL_MAX_BYTES:
+        # Past the caps, the idle buffers go, oldest first.
+        idle = [s for s in _pool if _idle(s)]
+        idle_bytes = sum(s.nbytes() for s in idle) + nbytes
+        for storage in idle:
+            if idle_bytes <= POOL_MAX_BYTES and len(_pool) < POOL_MAX_BUFFERS:
                 break
             _pool.remove(storage)
-            idle -= storage.nbytes()
+            idle_bytes -= storage.nbytes()
+        if len(_pool) < POOL_MAX_BUFFERS:
+            _pool.append(t.untyped_storage())
         return t
 
 
