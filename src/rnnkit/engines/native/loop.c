@@ -143,7 +143,7 @@ int64_t nl_has_openmp(void) {
 /* Asks the kernel for transparent huge pages on the whole 2 MiB pages inside [p, p + bytes),
  * before anything touches them: a fresh buffer of tens of MiB otherwise takes one page fault
  * per 4 KiB inside the loop, where a fault on one thread stalls the other at the next barrier
- * (measured: a quarter of a B=64 LSTM's backward). A hint only: where the kernel has no such
+ * (measured: about a fifth of a B=64 LSTM's backward). A hint only: where the kernel has no such
  * pages or refuses, nothing changes. Returns whether the kernel took it. */
 int64_t nl_advise_huge_pages(void *p, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
