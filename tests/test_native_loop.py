@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FACTOR, FLOOR
+from helpers import FACTOR, FLOOR, assert_float32_as_accurate
 from one_layer import (
     GATES,
     MODES,
@@ -26,7 +26,7 @@ from one_layer import (
     make_variants,
 )
 
-from rnnkit.engines import reference
+from rnnkit.engines import reference, shared
 from rnnkit.engines.native import build as native_build
 from rnnkit.engines.native import loop as native_loop
 from rnnkit.engines.native import op
@@ -327,6 +327,117 @@ def test_native_loop_layer_norm_without_bias_matches_reference(mode):
     layer = make_layer(mode, 4, 20, 3, 12, F64, bias=False)
     v = make_variants(mode, "layer-norm", 3, 20, F64)
     assert_matches_reference("native", mode, False, (3,) * 4, layer, v)
+
+
+# Many rows (N = 330), ragged: the norms' gain and bias gradients are sums over every row of the
+# call, which the C loop adds up step by step on each thread's units.
+MANY_ROWS = (9,) * 20 + (7,) * 15 + (4,) * 10 + (1,) * 5
+
+
+@pytest.mark.parametrize("mode", VARIANT_MODES)
+@pytest.mark.parametrize("variant", ["layer-norm", "layer-norm+recurrent-dropout+zoneout"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
+def test_native_loop_layer_norm_param_grads_over_many_rows_match_reference(
+    build, mode, variant, reverse, dtype
+):
+    H = 33
+    layer = make_layer(mode, 5, H, 9, sum(MANY_ROWS), dtype, seed=5)
+    v = make_variants(mode, variant, 9, H, dtype, seed=5, N=sum(MANY_ROWS))
+    assert_matches_reference("native", mode, reverse, MANY_ROWS, layer, v, threads=2)
+
+
+@pytest.mark.parametrize("mode", VARIANT_MODES)
+@pytest.mark.parametrize("threads", [1, 2], ids=["1-thread", "2-threads"])
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
+def test_native_loop_layer_norm_param_grads_equal_torch_sums_over_the_saved_rows(
+    build, mode, threads, dtype
+):
+    """The hidden norm's gain and bias gradients from the loop equal torch's layer-norm backward
+    over the rows the loop saved (Zr, its statistics) and the gradient it wrote (dG, or dGH for
+    GRU): to 1e-10 in float64, in float32 within the bound of ``helpers`` with torch's float32
+    sum as the base and its float64 sum on the same rows as the exact one."""
+    batch_sizes, H = MANY_ROWS, 40
+    B, N = batch_sizes[0], sum(batch_sizes)
+    layer = {k: (t.detach() if t is not None else None)
+             for k, t in make_layer(mode, 6, H, B, N, dtype, seed=7).items()}  # fmt: skip
+    v = make_variants(mode, "layer-norm", B, H, dtype, seed=7)
+    ln = [t.detach() for t in v.layer_norm]
+    nv = native_loop.NativeVariants(*ln[2:])
+    G = layer["x"] @ layer["w_ih"].t()
+    c0 = layer["c0"] if mode == "LSTM" else None
+    f = native_loop.forward(mode, True, batch_sizes, G, layer["h0"], c0, layer["w_hh"],
+                            layer["b_hh"] if mode == "GRU" else None, variants=nv,
+                            threads=threads)  # fmt: skip
+    d_out = torch.randn(f.out.shape, generator=torch.Generator().manual_seed(8)).to(dtype)
+    r = native_loop.backward(mode, True, batch_sizes, f.A, f.out, f.C, f.GH, layer["h0"], c0,
+                             layer["w_hh"], d_out, None, None, variants=nv, Zr=f.Zr,
+                             stats=f.stats, threads=threads)  # fmt: skip
+    dY = r.dGH if mode == "GRU" else r.dG
+
+    def torch_sums(dtype):
+        mean, rstd = (s.to(dtype).view(N, 1) for s in f.stats[:2])
+        return shared.layer_norm_param_grads(dY.to(dtype), f.Zr.to(dtype), mean, rstd,
+                                             nv.ln_hw.to(dtype))  # fmt: skip
+
+    ours, base = [r.ln_hw, r.ln_hb], list(torch_sums(dtype))
+    if dtype == F64:
+        for a, b in zip(ours, base, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    else:
+        assert_float32_as_accurate(ours, base, list(torch_sums(F64)), ["ln_hw", "ln_hb"])
+    assert (r.ln_cw is not None) == (mode == "LSTM")
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
+def test_native_loop_matches_reference_again_on_pooled_buffers(mode, dtype):
+    """Saved activations and gradients of 1 MiB and more come from the loop's pool: a second
+    run, on the buffers the first one left, gives the reference's numbers again."""
+    batch_sizes, H = (16,) * 60 + (9,) * 10, 100
+    assert sum(batch_sizes) * GATES[mode] * H * 4 >= native_loop.POOL_MIN_BYTES
+    layer = make_layer(mode, 5, H, 16, sum(batch_sizes), dtype, seed=11)
+    v = make_variants(mode, "layer-norm+zoneout", 16, H, dtype, seed=11, N=sum(batch_sizes))
+    for _ in range(2):
+        assert_matches_reference("native", mode, True, batch_sizes, layer, v, threads=2)
+
+
+def test_native_loop_pool_hands_out_a_buffer_only_when_no_tensor_holds_it():
+    N, B, H = 2003, 1, 64  # A: N x 4H float32, about 2 MiB, an odd size of its own
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(4 * H, H, generator=gen) * 0.1
+    h0, c0 = torch.zeros(B, H), torch.zeros(B, H)
+
+    def run(scale):
+        G = torch.randn(N, 4 * H, generator=gen) * scale
+        return native_loop.forward("LSTM", False, (B,) * N, G, h0, c0, w, None)
+
+    first = run(1.0)
+    held, ptr = first.A.clone(), first.A.data_ptr()
+    second = run(2.0)
+    assert second.A.data_ptr() != ptr
+    torch.testing.assert_close(first.A, held, atol=0, rtol=0)
+    del first
+    third = run(3.0)
+    assert third.A.data_ptr() == ptr
+    assert second.A.data_ptr() != ptr
+
+
+def test_native_loop_pool_keeps_at_most_its_count_while_a_caller_keeps_every_output(monkeypatch):
+    monkeypatch.setattr(native_loop, "POOL_MAX_BUFFERS", 3)
+    monkeypatch.setattr(native_loop, "_pool", [])
+    N, H = 1100, 256  # out: N x H float32, about 1.1 MiB
+    w, h0 = torch.randn(H, H) * 0.05, torch.zeros(1, H)
+    kept = []
+    with torch.inference_mode():
+        for k in range(6):
+            G = torch.full((N, H), 0.01 * k)
+            kept.append(native_loop.forward("RNN_TANH", False, (1,) * N, G, h0, None, w, None,
+                                            save=False).out)  # fmt: skip
+    assert len(native_loop._pool) <= 3
+    assert len({o.data_ptr() for o in kept}) == 6
+    for k, o in enumerate(kept[1:], 1):
+        assert not torch.equal(o, kept[0]), k
 
 
 def test_native_loop_layer_norm_inference_saves_nothing_and_gives_the_same_outputs():

@@ -34,6 +34,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -55,7 +58,10 @@ enum {
  *   also of the cell, ln_cw and ln_cb (H). Forward saves Zr (N, GW), the product before its norm
  *   (may be NULL without saving), and stats (2 or 4, N): mean and 1/std of the product's norm,
  *   then (LSTM) of the cell's. Backward reads them and writes dZ (N, GW), the gradient of the
- *   product, and (LSTM) dCN (N, H), the gradient of the cell norm's output.
+ *   product; dCN (B, H) is its scratch for the gradient of the cell norm's output (LSTM).
+ *   ln_grads (float64 whatever the call's type; NULL: not computed): backward adds the gains'
+ *   and biases' gradients, d ln_hw and d ln_hb (GW each), then (LSTM) d ln_cw and d ln_cb (H
+ *   each), summed over every row; the caller zeroes it.
  * - Recurrent dropout: rmask (B, R) multiplies h_{t-1} where it enters W_hh.
  * - Zoneout (zoneout != 0): keep k = 1 keeps the previous value of a unit; k from the masks
  *   zh (N, R) and, for LSTM, zc (N, H), laid out like the rows, or zoneout_p for every unit
@@ -76,6 +82,7 @@ typedef struct {
     void *r_scratch;
     double eps, zoneout_p;
     int64_t zoneout, proj;
+    double *ln_grads;
 } nl_variants;
 
 typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *,
@@ -131,6 +138,23 @@ int64_t nl_has_openmp(void) {
 #ifdef _OPENMP
     return 1;
 #else
+    return 0;
+#endif
+}
+
+/* Asks the kernel for transparent huge pages on the whole 2 MiB pages inside [p, p + bytes),
+ * before anything touches them: a fresh buffer of tens of MiB otherwise takes one page fault
+ * per 4 KiB inside the loop, where a fault on one thread stalls the other at the next barrier
+ * (measured: about a fifth of a B=64 LSTM's backward). A hint only: where the kernel has no such
+ * pages or refuses, nothing changes. Returns whether the kernel took it. */
+int64_t nl_advise_huge_pages(void *p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = (uintptr_t)1 << 21;
+    uintptr_t start = ((uintptr_t)p + huge - 1) & ~(huge - 1);
+    uintptr_t end = ((uintptr_t)p + (uintptr_t)(bytes > 0 ? bytes : 0)) & ~(huge - 1);
+    return end > start && madvise((void *)start, end - start, MADV_HUGEPAGE) == 0;
+#else
+    (void)p; (void)bytes;
     return 0;
 #endif
 }
@@ -1055,6 +1079,8 @@ typedef struct {
     /* Scratch: the product before the mask (S), dr = dh~ W_hr (DR); with zoneout the shares of
      * dL/dh_t and dL/dc_t that pass to step t-1 past the cell (CH, CC). */
     T *S, *DR, *CH, *CC;
+    /* The layer norms' parameter gradients, summed here (nl_variants' ln_grads) or NULL. */
+    double *lng;
     T zp;
     int64_t j0, j1, q0, q1;
 } FN(bwd_call);
@@ -1067,6 +1093,7 @@ static int64_t FN(bwd_variants)(FN(bwd_call) *cx, const nl_variants *v) {
     cx->ln_hw = v->ln_hw; cx->ln_cw = v->ln_cw; cx->ln_cb = v->ln_cb; cx->rmask = v->rmask;
     cx->Zr = v->Zr; cx->stats = v->stats; cx->dZ = v->dZ; cx->dCN = v->dCN; cx->S = v->scratch;
     cx->ln = cx->ln_hw != 0;
+    cx->lng = cx->ln ? v->ln_grads : 0;
     if (cx->ln && (!cx->Zr || !cx->stats || !cx->dZ || !cells ||
                    (lstm && (!cx->ln_cw || !cx->ln_cb || !cx->dCN))))
         return NL_BAD_VARIANTS;
@@ -1164,7 +1191,7 @@ static void FN(bwd_lstm_out)(const FN(bwd_call) *cx, const nl_step *st) {
         const T *doutr = FN(dout_row)(cx, off + b), *dsr = cx->P ? cx->DR + b * H : cx->dh + b * H;
         const T *gr = cx->G + (off + b) * GW, *cr = cx->C + (off + b) * H;
         const T m = cx->stats[2 * N + off + b], r = cx->stats[3 * N + off + b];
-        T *dcnr = cx->dCN + (off + b) * H, *dgr = cx->dG + (off + b) * GW;
+        T *dcnr = cx->dCN + b * H, *dgr = cx->dG + (off + b) * GW;
 #pragma omp simd
         for (int64_t j = j0; j < j1; j++) {
             T d = dsr[j] + (doutr ? doutr[j] : 0);
@@ -1174,14 +1201,41 @@ static void FN(bwd_lstm_out)(const FN(bwd_call) *cx, const nl_step *st) {
     }
 }
 
+/* A layer norm's gain and bias gradients over a step's n rows, on units [k0, k1): dw += sum_b
+ * dy x^ and db += sum_b dy, with x^ = (x - mean[b]) rstd[b]; dy and x with row strides ldy, ldx.
+ * A block of columns sums the rows in registers and adds to the float64 totals once a step. */
+static void FN(ln_param_grads)(int64_t n, const T *dy, int64_t ldy, const T *x, int64_t ldx,
+                               const T *mean, const T *rstd, int64_t k0, int64_t k1, double *dw,
+                               double *db) {
+    for (int64_t k = k0; k < k1; k += NL_CW) {
+        const int64_t kw = k1 - k < NL_CW ? k1 - k : NL_CW;
+        T sw[NL_CW], sb[NL_CW];
+        for (int64_t j = 0; j < NL_CW; j++) sw[j] = sb[j] = 0;
+        for (int64_t b = 0; b < n; b++) {
+            const T *dyr = dy + b * ldy + k, *xr = x + b * ldx + k, m = mean[b], r = rstd[b];
+#pragma omp simd
+            for (int64_t j = 0; j < kw; j++) {
+                sw[j] += dyr[j] * ((xr[j] - m) * r);
+                sb[j] += dyr[j];
+            }
+        }
+        for (int64_t j = 0; j < kw; j++) {
+            dw[k + j] += (double)sw[j];
+            db[k + j] += (double)sb[j];
+        }
+    }
+}
+
 /* The layer-norm LSTM's cell: dL/dc_t through the norm (which reads every unit of dCN's row),
- * then the input, forget and cell gates. */
+ * then the input, forget and cell gates; the cell norm's gain and bias gradients on the
+ * thread's units. */
 static void FN(bwd_norm_cell)(const FN(bwd_call) *cx, const nl_step *st) {
     const int64_t H = cx->H, GW = cx->GW, N = cx->N, j0 = cx->j0, j1 = cx->j1, off = st->off;
     const T *w = cx->ln_cw;
+    double *dw = cx->lng ? cx->lng + 2 * GW : 0, *db = dw ? dw + H : 0;
     for (int64_t b = 0; b < st->n; b++) {
         const T *gr = cx->G + (off + b) * GW, *cr = cx->C + (off + b) * H;
-        const T *cpr = FN(c_prev_row)(cx, st, b), *dcnr = cx->dCN + (off + b) * H;
+        const T *cpr = FN(c_prev_row)(cx, st, b), *dcnr = cx->dCN + b * H;
         const T m = cx->stats[2 * N + off + b], r = cx->stats[3 * N + off + b];
         T *dcr = cx->dc + b * H, *dgr = cx->dG + (off + b) * GW;
         T ma, max;
@@ -1192,6 +1246,9 @@ static void FN(bwd_norm_cell)(const FN(bwd_call) *cx, const nl_step *st) {
             dcr[j] = FN(lstm_bwd_cell)(gr, H, j, dct, cpr[j], dgr);
         }
     }
+    if (dw)
+        FN(ln_param_grads)(st->n, cx->dCN, H, cx->C + off * H, H, cx->stats + 2 * N + off,
+                           cx->stats + 3 * N + off, j0, j1, dw, db);
 }
 
 /* The GRU cell backward on the thread's units; dh keeps the share past the gates, d z. */
@@ -1242,10 +1299,12 @@ static void FN(bwd_zoneout)(const FN(bwd_call) *cx, const nl_step *st) {
     }
 }
 
-/* dZ: the gradient of the product through its norm (which reads every unit of the row). */
+/* dZ: the gradient of the product through its norm (which reads every unit of the row); the
+ * norm's gain and bias gradients on the thread's units of every gate. */
 static void FN(bwd_norm_product)(const FN(bwd_call) *cx, const nl_step *st) {
     const int64_t H = cx->H, GW = cx->GW, N = cx->N, j0 = cx->j0, j1 = cx->j1;
     const T *w = cx->ln_hw, *dy = cx->gru ? cx->dGH : cx->dG;
+    double *dw = cx->lng, *db = dw ? dw + GW : 0;
     for (int64_t b = 0; b < st->n; b++) {
         const int64_t row = st->off + b;
         const T *dyr = dy + row * GW, *zr = cx->Zr + row * GW;
@@ -1259,6 +1318,11 @@ static void FN(bwd_norm_product)(const FN(bwd_call) *cx, const nl_step *st) {
                 dzr[k] = FN(ln_input_grad)(dyr[k], w[k], zr[k], m, r, ma, max);
         }
     }
+    if (!dw) return;
+    for (int64_t g = 0; g < cx->gates; g++)
+        FN(ln_param_grads)(st->n, dy + st->off * GW, GW, cx->Zr + st->off * GW, GW,
+                           cx->stats + st->off, cx->stats + N + st->off, g * H + j0, g * H + j1,
+                           dw, db);
 }
 
 /* dh[:n, q0:q1] (+)= D_t W_hh[:, q0:q1]: GRU adds to its carried d z, zoneout to what it

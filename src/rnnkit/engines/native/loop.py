@@ -28,7 +28,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
+import math
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -163,17 +165,21 @@ class ForwardResult(NamedTuple):
 class BackwardResult(NamedTuple):
     """``dG`` (N, G*H) the input-side pre-activation gradients, ``dGH`` (N, 3H) the hidden-side
     ones of GRU (None otherwise: they are ``dG``), ``dh0`` and ``dc0`` (B, H); with a layer norm
-    ``dZ`` (N, G*H) the gradient of the recurrent product before it and (LSTM) ``dCN`` (N, H)
-    that of the cell norm's output; with a projection ``dHt`` (N, P) that of the projected h_t
-    before zoneout."""
+    ``dZ`` (N, G*H) the gradient of the recurrent product before it and the gradients of the
+    norms' gains and biases, named as in :class:`NativeVariants` (``ln_cw``, ``ln_cb``: LSTM),
+    summed over all rows inside the loop; with a projection ``dHt`` (N, P) the gradient of the
+    projected h_t before zoneout."""
 
     dG: Tensor
     dGH: Tensor | None
     dh0: Tensor
     dc0: Tensor | None
     dZ: Tensor | None = None
-    dCN: Tensor | None = None
     dHt: Tensor | None = None
+    ln_hw: Tensor | None = None
+    ln_hb: Tensor | None = None
+    ln_cw: Tensor | None = None
+    ln_cb: Tensor | None = None
 
 
 # What the C structure carries besides the variants' tensors: the projection, what forward saves
@@ -191,6 +197,7 @@ class _CVariants(ctypes.Structure):
         ("zoneout_p", ctypes.c_double),
         ("zoneout", ctypes.c_int64),
         ("proj", ctypes.c_int64),
+        ("ln_grads", ctypes.c_void_p),
     ]  # fmt: skip
 
 
@@ -238,6 +245,7 @@ def _build(arch: str) -> ctypes.CDLL:
         getattr(lib, name).restype = ctypes.c_int64
     lib.nl_set_blas.restype = None
     lib.nl_set_packed_blas.restype = None
+    lib.nl_advise_huge_pages.restype = ctypes.c_int64
     global _blas
     # RNNKIT_NATIVE_BLAS=0: behave as where torch ships no BLAS (the own loops only).
     _blas = None if os.environ.get("RNNKIT_NATIVE_BLAS") == "0" else _find_blas()
@@ -374,6 +382,58 @@ def _sizes(batch_sizes, rows: int, B: int) -> torch.Tensor:
 
 def _ptr(t: Tensor | None) -> ctypes.c_void_p | None:
     return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+# The loop's large outputs (the saved activations, dG) are a few tens of MiB each per call:
+# fresh from the allocator they take one page fault per 4 KiB inside the loop, where a fault on
+# one thread holds the other at the next barrier (measured: 15-30 ms of a 150 ms B=64 LSTM
+# training step). So buffers from POOL_MIN_BYTES up come from a pool that keeps them when their
+# last tensor dies (the pool's reference is then the only one) and hands them out again, up to
+# POOL_MAX_BYTES of idle ones (RNNKIT_NATIVE_POOL_MIB, 0: no pool) and POOL_MAX_BUFFERS in all
+# (past it, say while a caller keeps every output, new buffers are plain ones); each new one is
+# offered transparent huge pages before its first write (RNNKIT_NATIVE_HUGE_PAGES=0: not).
+POOL_MIN_BYTES = 1 << 20
+POOL_MAX_BYTES = int(os.environ.get("RNNKIT_NATIVE_POOL_MIB", "512")) << 20
+POOL_MAX_BUFFERS = 64
+HUGE_PAGES = os.environ.get("RNNKIT_NATIVE_HUGE_PAGES", "1") != "0"
+_pool: list[torch.UntypedStorage] = []
+_pool_lock = threading.Lock()
+
+
+# The pool needs torch's storage use counts (a private function; without it, no pool).
+_COUNTS = hasattr(torch._C, "_storage_Use_Count")
+
+
+def _idle(storage: torch.UntypedStorage) -> bool:
+    """Whether no tensor holds ``storage`` any more (the pool's own reference is the one)."""
+    return torch._C._storage_Use_Count(storage._cdata) == 1
+
+
+def _buffer(like: Tensor, *shape: int) -> Tensor:
+    """An uninitialised contiguous tensor of ``shape`` with ``like``'s dtype and device, for the
+    loop to write in full: a large one from the pool."""
+    nbytes = math.prod(shape) * like.element_size()
+    if nbytes < POOL_MIN_BYTES or POOL_MAX_BYTES <= 0 or like.device.type != "cpu" or not _COUNTS:
+        return like.new_empty(shape)
+    with _pool_lock:
+        for storage in _pool:
+            if storage.nbytes() == nbytes and _idle(storage):
+                return like.new_empty(0).set_(storage, 0, shape)
+        t = like.new_empty(shape)
+        if HUGE_PAGES:
+            _library().lib.nl_advise_huge_pages(ctypes.c_void_p(t.data_ptr()),
+                                                ctypes.c_int64(nbytes))  # fmt: skip
+        # Past the caps, the idle buffers go, oldest first.
+        idle = [s for s in _pool if _idle(s)]
+        idle_bytes = sum(s.nbytes() for s in idle) + nbytes
+        for storage in idle:
+            if idle_bytes <= POOL_MAX_BYTES and len(_pool) < POOL_MAX_BUFFERS:
+                break
+            _pool.remove(storage)
+            idle_bytes -= storage.nbytes()
+        if len(_pool) < POOL_MAX_BUFFERS:
+            _pool.append(t.untyped_storage())
+        return t
 
 
 def _run(fn, *args) -> None:
@@ -516,7 +576,7 @@ def forward(
     if not available(dtype):
         raise RuntimeError(f"native_loop: the native library is unavailable for {dtype}")
     ln, proj = v.layer_norm, w_hr is not None
-    Zr = G.new_empty(N, GW) if ln and save else None
+    Zr = _buffer(G, N, GW) if ln and save else None
     stats = G.new_empty(4 if lstm else 2, N) if ln and save else None
     # h_{t-1} * mask, double-buffered: the product of step t reads one, step t writes the other.
     scratch = G.new_empty(2, B, R) if v.rmask is not None else None
@@ -528,12 +588,12 @@ def forward(
     r_scratch = G.new_empty(B, H) if proj and not save else None
     cv = _c_variants(v, w_hr, int8 is not None, Zr=Zr, stats=stats, CZ=CZ, Rs=Rs, scratch=scratch,
                      ln_scratch=ln_scratch, zo_scratch=zo_scratch, r_scratch=r_scratch)  # fmt: skip
-    out = G.new_empty(N, R)
+    out = _buffer(G, N, R)
     h = h0.clone()
     c = c0.clone() if lstm else None
-    C = G.new_empty(N, H) if lstm and save else None
-    GH = G.new_empty(N, GW) if gru and save else None
-    A = G.new_empty(N, GW) if (lstm or gru) and save else None
+    C = _buffer(G, N, H) if lstm and save else None
+    GH = _buffer(G, N, GW) if gru and save else None
+    A = _buffer(G, N, GW) if (lstm or gru) and save else None
     # Without A, each step's activations go to Z's second half.
     Z = G.new_empty(B, GW) if A is not None else G.new_empty(2, B, GW)
     offsets = torch.empty(len(bs) + 1, dtype=torch.int64)
@@ -578,7 +638,8 @@ def backward(
     any matrix of that shape: unread); ``out``, ``C``, ``GH``: what it saved; ``d_out`` (N, R),
     ``d_hn`` (B, R), ``d_cn`` (B, H): incoming gradients, None for zero. ``variants``, ``Zr``,
     ``stats``, ``CZ``, ``w_hr``: as :func:`forward` had and saved (with a projection the
-    caller adds ``dW_hr = dHt^T Rs``). The caller finishes as
+    caller adds ``dW_hr = dHt^T Rs``). The layer norms' gain and bias gradients come summed
+    over all rows. The caller finishes as
     ``op.py`` does: ``dX = dG W_ih``, ``dW_ih = dG^T X``, ``dW_hh = dY^T H_prev``
     with ``dY`` = ``dZ`` under a layer norm, else ``dGH`` for GRU, else ``dG`` (and ``H_prev``
     times the recurrent-dropout mask).
@@ -613,18 +674,22 @@ def backward(
         dc = h0.new_zeros(B, H) if d_cn is None else d_cn.to(dtype).clone(
             memory_format=torch.contiguous_format)  # fmt: skip
         _check("d_cn", dc, (B, H), dtype)
-    dG = torch.empty_like(G)
-    dGH = torch.empty_like(G) if gru else None
-    dZ = torch.empty_like(G) if v.layer_norm else None
-    dCN = G.new_empty(N, H) if v.layer_norm and lstm else None
+    dG = _buffer(G, N, GW)
+    dGH = _buffer(G, N, GW) if gru else None
+    dZ = _buffer(G, N, GW) if v.layer_norm else None
+    # The cell norm's output gradient, one step's rows at a time.
+    dCN = G.new_empty(B, H) if v.layer_norm and lstm else None
+    # The norms' gain and bias gradients, [ln_hw, ln_hb, ln_cw, ln_cb], summed in float64.
+    ln_sizes = (GW, GW, *((H, H) if lstm else ()))
+    ln_grads = G.new_zeros(sum(ln_sizes), dtype=torch.float64) if v.layer_norm else None
     scratch = G.new_empty(B, R) if v.rmask is not None else None
     zo_scratch = G.new_empty(B * R + B * H) if v.zoneout else None
     proj = w_hr is not None
-    dHt = G.new_empty(N, R) if proj else None
+    dHt = _buffer(G, N, R) if proj else None
     r_scratch = G.new_empty(B, H) if proj else None
     cv = _c_variants(v, w_hr, Zr=Zr, stats=stats, dZ=dZ, dCN=dCN, CZ=CZ if v.zoneout else None,
                      dHt=dHt, scratch=scratch, zo_scratch=zo_scratch,
-                     r_scratch=r_scratch)  # fmt: skip
+                     r_scratch=r_scratch, ln_grads=ln_grads)  # fmt: skip
     offsets = torch.empty(len(bs) + 1, dtype=torch.int64)
     i64 = ctypes.c_int64
     _run(
@@ -635,4 +700,5 @@ def backward(
         _ptr(dGH), _ptr(offsets), i64(threads or _default_threads(B, R, GW)), _blas_min_rows(blas),
         cv,
     )  # fmt: skip
-    return BackwardResult(dG, dGH, dh, dc, dZ, dCN, dHt)
+    ln = [] if ln_grads is None else [g.to(dtype, copy=True) for g in ln_grads.split(ln_sizes)]
+    return BackwardResult(dG, dGH, dh, dc, dZ, dHt, *ln)

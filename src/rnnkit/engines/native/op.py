@@ -117,21 +117,20 @@ def _native_layer_backward(
     d_cn: Tensor | None,
     threads: int,
     blas: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(dG, dGH, dh0, dc0, dZ, dCN, dHt)``, empty where absent: the gradients of
-    :func:`native_layer`'s ``G`` (pre-activations), of its hidden side (GRU), of ``h0``, ``c0``,
-    of the recurrent product before its norm, of the cell norm's output (LSTM) and of the
-    projected h_t before zoneout."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dG, dGH, dh0, dc0, dZ, dHt, d ln_hw, d ln_hb, d ln_cw, d ln_cb)``, empty where absent:
+    the gradients of :func:`native_layer`'s ``G`` (pre-activations), of its hidden side (GRU),
+    of ``h0``, ``c0``, of the recurrent product before its norm, of the projected h_t before
+    zoneout, and of the layer norms' gains and biases."""
     v = NativeVariants.from_tensors(variants, zoneout_p)
     r = native_loop.backward(
         mode, reverse, batch_sizes, A, out, C, GH, h0, c0, w_hh, d_out, d_hn, d_cn,
         variants=v, Zr=Zr, stats=stats, CZ=CZ, w_hr=w_hr, threads=threads or None,
         blas=None if blas < 0 else bool(blas),
     )  # fmt: skip
-    dGH, dc0, dZ, dCN, dHt = (
-        t if t is not None else A.new_empty(0) for t in (r.dGH, r.dc0, r.dZ, r.dCN, r.dHt)
-    )
-    return r.dG, dGH, r.dh0, dc0, dZ, dCN, dHt
+    optional = (r.dGH, r.dc0, r.dZ, r.dHt, r.ln_hw, r.ln_hb, r.ln_cw, r.ln_cb)
+    dGH, dc0, dZ, dHt, *d_ln = (t if t is not None else A.new_empty(0) for t in optional)
+    return r.dG, dGH, r.dh0, dc0, dZ, dHt, *d_ln
 
 
 native_layer_backward = torch.library.custom_op("rnnkit::native_layer_backward", mutates_args=())(
@@ -145,13 +144,15 @@ def _native_layer_backward_fake(mode, reverse, batch_sizes, A, out, C, GH, Zr, s
                                 blas):  # fmt: skip
     v = NativeVariants.from_tensors(variants, zoneout_p)
     lstm, ln = mode == "LSTM", v.layer_norm
-    N, H = A.shape[0], A.shape[1] // _GATES[mode]
+    GW = A.shape[1]
+    H = GW // _GATES[mode]
     dGH = torch.empty_like(A) if mode == "GRU" else A.new_empty(0)
     dc0 = torch.empty_like(c0) if lstm else A.new_empty(0)
     dZ = torch.empty_like(A) if ln else A.new_empty(0)
-    dCN = A.new_empty(N, H) if ln and lstm else A.new_empty(0)
     dHt = A.new_empty(out.shape) if w_hr is not None else A.new_empty(0)
-    return torch.empty_like(A), dGH, torch.empty_like(h0), dc0, dZ, dCN, dHt
+    ln_sizes = (GW, GW, *((H, H) if lstm else (0, 0))) if ln else (0, 0, 0, 0)
+    d_ln = [A.new_empty(n) for n in ln_sizes]
+    return torch.empty_like(A), dGH, torch.empty_like(h0), dc0, dZ, dHt, *d_ln
 
 
 def reference_layer(
@@ -246,7 +247,7 @@ def _native_grads(ctx, t: dict, v, saved: tuple, d_out, d_hn, d_cn) -> dict[str,
     lstm, gru, ln = mode == "LSTM", mode == "GRU", v.layer_norm
     # The eager path (_EagerLayer) calls the function itself; a traced graph, the operator.
     backward_op = _native_layer_backward if ctx.eager else native_layer_backward
-    dG, dGH, dh0, dc0, dZ, dCN, dHt = backward_op(
+    dG, dGH, dh0, dc0, dZ, dHt, *d_ln = backward_op(
         # RNN saves no activations: its backward reads none, G stands in for the shape.
         mode, reverse, list(batch_sizes), A if A.numel() else G, out, none_if_empty(C),
         none_if_empty(GH), none_if_empty(Zr), none_if_empty(stats), none_if_empty(CZ), h0,
@@ -257,26 +258,33 @@ def _native_grads(ctx, t: dict, v, saved: tuple, d_out, d_hn, d_cn) -> dict[str,
     grads = {"G": dG, "h0": dh0, "c0": dc0 if lstm else None}
     dY = dGH if gru else dG  # the gradient at the recurrent side, after its norm
     if ctx.needs["w_hh"]:
-        prev, batch_row = shared.prev_rows(batch_sizes, reverse, G.device)
-        h_prev = torch.cat((out, h0)).index_select(0, prev)  # (N, H)
-        if v.rmask is not None:
-            h_prev = h_prev * v.rmask.index_select(0, batch_row)
-        grads["w_hh"] = (dZ if ln else dY).t() @ h_prev  # (G*H, H)
+        grads["w_hh"] = _w_hh_grad(dZ if ln else dY, out, h0, v.rmask, batch_sizes, reverse)
     if gru and b_hh is not None and ctx.needs["b_hh"]:
         grads["b_hh"] = dGH.sum(0)
     if t["w_hr"] is not None and ctx.needs["w_hr"]:
         grads["w_hr"] = dHt.t() @ Rs  # (P, H)
-    if ln:
-        N = G.shape[0]
-        mean, rstd, *cell_stats = stats.view(-1, N, 1).unbind(0)
-        grads["ln_hw"], grads["ln_hb"] = shared.layer_norm_param_grads(
-            dY, Zr, mean, rstd, v.ln_hw
-        )
-        if lstm:
-            grads["ln_cw"], grads["ln_cb"] = shared.layer_norm_param_grads(
-                dCN, C, *cell_stats, v.ln_cw
-            )
+    # The norms' gain and bias gradients come summed from the loop.
+    grads.update(zip(_LEARNED, d_ln, strict=True))
     return grads
+
+
+def _w_hh_grad(
+    dY: Tensor, out: Tensor, h0: Tensor, rmask: Tensor | None, batch_sizes, reverse: bool
+) -> Tensor:
+    """``dW_hh = dY^T H_prev`` (G*H, R), ``H_prev`` the rows' h_{t-1} (times the recurrent-dropout
+    mask). Where every step has all B rows, ``H_prev`` is ``out`` shifted by one step with h0
+    in front: two GEMMs on views, no gathered (N, R) copy."""
+    B, N = h0.shape[0], out.shape[0]
+    if rmask is None and all(b == B for b in batch_sizes):
+        # Forward order: row r's h_{t-1} is out[r - B] (reverse: out[r + B]), h0 for the first step.
+        first, rest = (slice(N - B, N), slice(0, N - B)) if reverse else (slice(0, B), slice(B, N))
+        shifted = out[B:] if reverse else out[: N - B]
+        return torch.addmm(dY[first].t() @ h0, dY[rest].t(), shifted)  # (G*H, R)
+    prev, batch_row = shared.prev_rows(batch_sizes, reverse, out.device)
+    h_prev = torch.cat((out, h0)).index_select(0, prev)  # (N, R)
+    if rmask is not None:
+        h_prev = h_prev * rmask.index_select(0, batch_row)
+    return dY.t() @ h_prev  # (G*H, R)
 
 
 def _backward(ctx, d_out, d_hn, d_cn, *_saved_outputs):
@@ -353,8 +361,9 @@ def run_layer(
     ln = variants.layer_norm if variants is not None else None
     bias = None if b_ih is None else (b_ih if mode == "GRU" else b_ih + b_hh)
     if ln is not None:
-        G = F.layer_norm(x @ w_ih.t(), (w_ih.shape[0],), ln[0], ln[1], LN_EPS)  # (N, G*H)
-        G = G if bias is None else G + bias
+        # The biases ride in the norm's own bias: one pass over (N, G*H), not a second add.
+        ln_bias = bias if ln[1] is None else ln[1] if bias is None else ln[1] + bias
+        G = F.layer_norm(x @ w_ih.t(), (w_ih.shape[0],), ln[0], ln_bias, LN_EPS)  # (N, G*H)
     else:
         # The bias inside the GEMM: a separate add re-reads all of G (5 ms of 33 at B=64).
         G = x @ w_ih.t() if bias is None else torch.addmm(bias, x, w_ih.t())  # (N, G*H)
