@@ -561,13 +561,15 @@ static inline T FN(lstm_bwd_cell)(const T *a, int64_t H, int64_t j, T dct, T c_p
     return dct * f;
 }
 
-/* y + b_hh (bhh NULL: no bias) saved in gh, which may be y itself; the gates, saved in a; and
+/* y + b_hh (zeros without a bias: a NULL here vectorised into masked loads from address 0,
+ * which AMD CPUs take as a slow fault assist every time) saved in gh, which may be y itself; the
+ * gates, saved in a; and
  * h_t = n + z (h_{t-1} - n). */
 static inline T FN(gru_fwd)(const T *x, const T *y, const T *bhh, int64_t H, int64_t j, T h,
                             T *gh, T *a) {
-    T yr = y[j] + (bhh ? bhh[j] : 0);
-    T yz = y[H + j] + (bhh ? bhh[H + j] : 0);
-    T yn = y[2 * H + j] + (bhh ? bhh[2 * H + j] : 0);
+    T yr = y[j] + bhh[j];
+    T yz = y[H + j] + bhh[H + j];
+    T yn = y[2 * H + j] + bhh[2 * H + j];
     gh[j] = yr; gh[H + j] = yz; gh[2 * H + j] = yn;
     T r = FN(sigmoid)(x[j] + yr);
     T z = FN(sigmoid)(x[H + j] + yz);
@@ -1051,15 +1053,19 @@ int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t 
         cx.sa = (float *)((int8_t *)scratch + nthreads * per);
     }
     cx.flags = aligned_alloc(64, (size_t)nthreads * sizeof(nl_flag));
-    if (!cx.flags) {
+    T *zeros = cx.gru && !bhh ? calloc((size_t)cx.GW, sizeof(T)) : 0;
+    if (!cx.flags || (cx.gru && !bhh && !zeros)) {
+        free(cx.flags);
         free(scratch);
         return NL_NO_MEMORY;
     }
+    if (zeros) cx.bhh = zeros;
     memset(cx.flags, 0, (size_t)nthreads * sizeof(nl_flag));
     const int blas_ok = NL_BLAS != 0 && blas_fits(cx.GW, B, N, cx.R);
     cx.walk = (nl_walk){T_, reverse, bs, offsets, blas_ok, blas_min_rows};
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     FN(fwd_thread)(&cx);
+    free(zeros);
     free(cx.flags);
     free(scratch);
     return NL_OK;
