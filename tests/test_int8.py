@@ -548,3 +548,23 @@ def test_the_repr_names_int8():
     _, q = _float_and_int8(rnnkit.GRU, 3, 4, bidirectional=True)
     assert repr(q) == "QuantizedGRU(3, 4, bidirectional=True, dtype=int8)"
     assert int8.kernel() in int8.KERNELS.values()
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("config", ["lstm", "gru", "lstm-zoneout", "rnn-relu", "lstm-nobias"])
+def test_one_sequence_computes_its_input_side_beside_the_walk_with_the_same_numbers(
+    build, config, reverse, monkeypatch
+):
+    """With one sequence and two threads, the loop's second thread computes x W_ih^T a few steps
+    ahead of the walk: the same numbers as computing it first, on one thread."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    mode, opts = CONFIGS[config]
+    weights = _layer_weights(mode, 9, 21, 0, opts.get("bias", True), seed=7)
+    T = 11
+    x, h0 = torch.randn(T, 9), torch.randn(1, 21)
+    c0 = torch.randn(1, 21) if mode == "LSTM" else None
+    variants = StepVariants(None, None, opts["zoneout"]) if "zoneout" in opts else None
+    beside = int8.run_layer(mode, reverse, (1,) * T, x, h0, c0, weights, variants)
+    first = int8.run_layer(mode, reverse, (1,) * T, x, h0, c0, weights, variants, threads=1)
+    for a, b in zip(beside, first, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)

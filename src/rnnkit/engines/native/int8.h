@@ -50,9 +50,12 @@ typedef struct {
     int64_t gates, H, K;
 } nl_q8_matrix;
 
-/* The int8 weights of one layer and direction's loop: W_hh, and LSTM's W_hr (hr.w NULL: none). */
+/* The int8 weights of one layer and direction's loop: W_hh, and LSTM's W_hr (hr.w NULL: none).
+ * With x (N, ih.K) set, the loop also computes its input side G = x W_ih^T + bias (bias NULL:
+ * none) into G, on a second thread a few steps ahead of the walk (x NULL: G is given). */
 typedef struct {
-    nl_q8_matrix hh, hr;
+    nl_q8_matrix hh, hr, ih;
+    const float *x, *bias;
 } nl_q8;
 
 static inline int64_t q8_kp(int64_t K) { return (K + 3) / 4 * 4; }

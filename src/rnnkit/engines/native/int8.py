@@ -177,7 +177,23 @@ def run_layer(
     w_ih, w_hh, b_ih, b_hh, w_hr = weights
     ln = variants.layer_norm if variants is not None else None
     bias = None if b_ih is None else (b_ih if mode == "GRU" else b_ih + b_hh)
-    if ln is not None:
+    B, step_macs = h0.shape[0], w_hh.q.shape[0] * w_hh.K
+    c_int8 = CInt8(w_hh.c(), CInt8Matrix() if w_hr is None else w_hr.c())
+    x = x.contiguous()
+    if ln is None and B == 1 and threads is None and torch.get_num_threads() > 1 and (
+        step_macs < PARALLEL_MIN_STEP_MACS
+    ):
+        # One sequence walks on one thread; the other computes the input side a few steps
+        # ahead of it (in the loop's call), instead of both doing it first.
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != w_ih.K:
+            raise ValueError(f"int8 layer: expected float32 rows of {w_ih.K} features; got "
+                             f"{x.dtype} {tuple(x.shape)}")  # fmt: skip
+        bias = None if bias is None else bias.contiguous()
+        G = x.new_empty(x.shape[0], w_ih.q.shape[0])  # (N, G*H), written by the loop
+        c_int8.ih, c_int8.x = w_ih.c(), x.data_ptr()
+        c_int8.bias = None if bias is None else bias.data_ptr()
+        threads = 2
+    elif ln is not None:
         G = F.layer_norm(linear(x, w_ih, None, threads), (w_ih.q.shape[0],), ln[0], ln[1], LN_EPS)
         G = G if bias is None else G + bias  # (N, G*H)
     else:
@@ -185,9 +201,8 @@ def run_layer(
     v = NativeVariants.of(mode, variants, x.shape[0])
     if v.rmask is not None or v.zh is not None:
         raise ValueError("int8 layers run in eval: no recurrent-dropout or zoneout masks")
-    c_int8 = CInt8(w_hh.c(), CInt8Matrix() if w_hr is None else w_hr.c())
     if threads is None:
-        threads = _threads(h0.shape[0], w_hh.q.shape[0] * w_hh.K)
+        threads = _threads(B, step_macs)
     gru_bias = b_hh.contiguous() if mode == "GRU" and b_hh is not None else None
     r = native_loop.forward(
         mode, reverse, batch_sizes, G, h0.contiguous(), None if c0 is None else c0.contiguous(),

@@ -248,6 +248,39 @@ static inline nl_step step_at(const nl_walk *wk, int64_t s, int64_t t) {
     return st;
 }
 
+/* int8: G = x W_ih^T + bias for the steps of walk wk, in its order, a few steps at a time,
+ * publishing how many are done in ready->passed (release: the rows are written before). */
+static void q8_input_side(const nl_walk *wk, const nl_q8 *q8, float *G, int64_t GW,
+                          nl_flag *ready) {
+    enum { STEPS = 4 };
+    const nl_q8_matrix *m = &q8->ih;
+    const int64_t K = m->K, Kp = q8_kp(K), H = m->H, T_ = wk->T_;
+    int64_t most = 0;
+    for (int64_t t = 0; t < T_; t++) most = wk->bs[t] > most ? wk->bs[t] : most;
+    int8_t *qa = malloc((size_t)(STEPS * most * Kp) + 64);
+    float *sa = malloc((size_t)(STEPS * most) * sizeof(float) + 64);
+    for (int64_t s = 0; s < T_; s += STEPS) {
+        const int64_t e = s + STEPS < T_ ? s + STEPS : T_;
+        /* The steps' rows are one run: [offsets of the last in walk order's t, ...). */
+        const int64_t ta = wk->reverse ? T_ - e : s, tb = wk->reverse ? T_ - 1 - s : e - 1;
+        const int64_t lo = wk->offsets[ta], hi = wk->offsets[tb] + wk->bs[tb];
+        if (qa && sa) {
+            q8_quantize_rows(hi - lo, q8->x + lo * K, K, K, qa, sa);
+            q8_product(hi - lo, qa, sa, m, 0, H, G + lo * GW, GW);
+        } else {
+            /* Out of memory: NaN rows, never garbage (and the walk still ends). */
+            for (int64_t i = lo * GW; i < hi * GW; i++) G[i] = __builtin_nanf("");
+        }
+        if (q8->bias)
+            for (int64_t i = lo; i < hi; i++)
+#pragma omp simd
+                for (int64_t j = 0; j < GW; j++) G[i * GW + j] += q8->bias[j];
+        __atomic_store_n(&ready->passed, e, __ATOMIC_RELEASE);
+    }
+    free(qa);
+    free(sa);
+}
+
 static inline int64_t gates_of(int64_t mode) {
     return mode == NL_LSTM ? 4 : mode == NL_GRU ? 3 : 1;
 }
@@ -639,6 +672,10 @@ typedef struct {
     /* The step barrier's flags (nth of them), this thread's index and barriers passed. */
     nl_flag *flags;
     int64_t nth, tid, passed;
+    /* int8 with x: thread 1 computes G ahead of the walk and counts the steps ready in
+     * ready->passed; thread 0 walks alone. */
+    int pipe;
+    nl_flag *ready;
 } FN(fwd_call);
 
 /* A forward step and its rows: the product Zt, what the cell reads of it Yt (its norm, or Zt
@@ -912,6 +949,19 @@ static inline void FN(fwd_sync)(FN(fwd_call) *cx) {
 /* One forward step on the thread's units, with a barrier before each phase that reads units
  * other threads wrote. */
 static void FN(fwd_step)(FN(fwd_call) *cx, int64_t s) {
+    if (cx->pipe) {
+        /* Wait for this step's input side. */
+        int64_t spins = 0;
+        while (__atomic_load_n(&cx->ready->passed, __ATOMIC_ACQUIRE) <= s) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+            if (++spins > 20000) {
+                sched_yield();
+                spins = 0;
+            }
+        }
+    }
     const FN(fwd_rows) st = FN(fwd_rows_at)(cx, s);
     if (cx->rows && st.at.n == 0) return;
     FN(fwd_product)(cx, &st);
@@ -986,6 +1036,17 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
     cx.tid = omp_get_thread_num();
 #endif
     if (cx.rows) FN(fwd_own_rows)(&cx);
+#if NL_Q8
+    if (cx.pipe) {
+        /* Thread 1 (or, alone, this thread first) computes the input side; thread 0 walks
+         * every unit alone. */
+        if (cx.nth == 1 || cx.tid == 1)
+            q8_input_side(&cx.walk, cx.q8, (float *)cx.G, cx.GW, cx.ready);
+        if (cx.tid != 0) return;
+        cx.nth = 1;
+        cx.j0 = 0, cx.j1 = cx.H, cx.q0 = 0, cx.q1 = cx.R;
+    }
+#endif
     if (cx.q8) {
         int64_t tid = 0;
 #ifdef _OPENMP
@@ -1039,11 +1100,19 @@ int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t 
     if (rc != NL_OK) return rc;
     if (q8 && (!FN(q8_fits)(&cx, q8) || A || C || GH || cx.rmask || cx.Zr || cx.CZ || cx.Rs))
         return NL_BAD_VARIANTS;
+    if (q8 && q8->x && (!q8_matrix_ok(&q8->ih, cx.gates, H, q8->ih.K) || cx.ln))
+        return NL_BAD_VARIANTS;
     if (nthreads < 1) nthreads = 1;
     /* int8 weights are small enough for every core to keep a copy in its cache, so threads
      * take rows of the batch and never wait for each other. */
     cx.rows = q8 && B > 1 && nthreads > 1;
     if (cx.rows && nthreads > B) nthreads = B;
+    nl_flag ready = {0};
+    cx.ready = &ready;
+    /* The input side on a second thread while the first walks; where threads take rows, all of
+     * it first. */
+    cx.pipe = q8 && q8->x && !cx.rows;
+    if (cx.pipe) nthreads = nthreads > 1 ? 2 : 1;
     void *scratch = 0;
     if (q8) {
         const int64_t per = FN(q8_scratch)(&cx);
@@ -1063,6 +1132,9 @@ int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t 
     memset(cx.flags, 0, (size_t)nthreads * sizeof(nl_flag));
     const int blas_ok = NL_BLAS != 0 && blas_fits(cx.GW, B, N, cx.R);
     cx.walk = (nl_walk){T_, reverse, bs, offsets, blas_ok, blas_min_rows};
+#if NL_Q8
+    if (q8 && q8->x && cx.rows) q8_input_side(&cx.walk, q8, (float *)G, cx.GW, &ready);
+#endif
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     FN(fwd_thread)(&cx);
     free(zeros);

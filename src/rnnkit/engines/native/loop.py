@@ -216,9 +216,16 @@ class CInt8Matrix(ctypes.Structure):
 
 class CInt8(ctypes.Structure):
     """``nl_q8``: the int8 W_hh and (LSTM's projection) W_hr of one loop, ``hr.w`` NULL for
-    none."""
+    none; with ``x`` set, the input rows whose ``x W_ih^T + bias`` (``ih``, ``bias``) the loop
+    writes into G itself, ahead of the walk."""
 
-    _fields_ = [("hh", CInt8Matrix), ("hr", CInt8Matrix)]
+    _fields_ = [
+        ("hh", CInt8Matrix),
+        ("hr", CInt8Matrix),
+        ("ih", CInt8Matrix),
+        ("x", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+    ]
 
 
 def covers(spec: LayerSpec) -> bool:
