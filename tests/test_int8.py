@@ -277,7 +277,7 @@ def test_int8_layer_steps_are_the_quantized_arithmetic(build, config, batch_size
     variants = StepVariants(ln, None, opts.get("zoneout"))
     if ln is None and "zoneout" not in opts:
         variants = None
-    out, h_n, _ = int8.run_layer(mode, reverse, batch_sizes, x, h0, c0, weights, variants,
+    out, h_n, _ = int8.run_layer(mode, reverse, batch_sizes, x, h0, c0, *weights, variants,
                                    threads=threads)  # fmt: skip
     ref, cmax, zmax = _teacher_forced(mode, reverse, batch_sizes, x, h0, c0, weights, variants,
                                       out)  # fmt: skip
@@ -299,7 +299,7 @@ def test_int8_loop_with_a_projection_is_the_quantized_arithmetic_for_one_step(bu
     mode, I, H, P, B = "LSTM", 11, 24, 7, 3
     weights = _layer_weights(mode, I, H, P, True, seed=5)
     x, h0, c0 = torch.randn(B, I), torch.randn(B, P), torch.randn(B, H)
-    out, _, c_n = int8.run_layer(mode, False, (B,), x, h0, c0, weights)
+    out, _, c_n = int8.run_layer(mode, False, (B,), x, h0, c0, *weights)
     w_ih, w_hh, b_ih, b_hh, w_hr = weights
     g = int8_product(x, w_ih).to(F64) + (b_ih + b_hh).to(F64) + int8_product(h0, w_hh).to(F64)
     i, f, gg, o = g.chunk(4, 1)
@@ -419,7 +419,7 @@ def test_stacked_bidirectional_layer_is_its_layers_run_in_turn():
     rows = x.reshape(12, 5)
     bs = (2,) * 6
     for layer in range(2):
-        outs = [int8.run_layer("LSTM", d == 1, bs, rows, zeros, zeros, ws[2 * layer + d])
+        outs = [int8.run_layer("LSTM", d == 1, bs, rows, zeros, zeros, *ws[2 * layer + d])
                 for d in range(2)]  # fmt: skip
         rows = torch.cat([o for o, _, _ in outs], 1)
         for d in range(2):
@@ -441,7 +441,7 @@ def test_a_quantized_cell_is_one_step_of_its_quantized_layer(cls):
     c0 = torch.randn(3, 9)
     weights = (q._matrix("weight_ih", q._gates), q._matrix("weight_hh", q._gates), q.bias_ih,
                q.bias_hh, None)  # fmt: skip
-    _, h, c = int8.run_layer(mode, False, (3,), x, h0, c0 if mode == "LSTM" else None, weights)
+    _, h, c = int8.run_layer(mode, False, (3,), x, h0, c0 if mode == "LSTM" else None, *weights)
     got = q(x, (h0, c0)) if mode == "LSTM" else q(x, h0)
     if mode == "LSTM":
         assert torch.equal(got[0], h) and torch.equal(got[1], c)
@@ -564,7 +564,7 @@ def test_one_sequence_computes_its_input_side_beside_the_walk_with_the_same_numb
     x, h0 = torch.randn(T, 9), torch.randn(1, 21)
     c0 = torch.randn(1, 21) if mode == "LSTM" else None
     variants = StepVariants(None, None, opts["zoneout"]) if "zoneout" in opts else None
-    beside = int8.run_layer(mode, reverse, (1,) * T, x, h0, c0, weights, variants)
-    first = int8.run_layer(mode, reverse, (1,) * T, x, h0, c0, weights, variants, threads=1)
+    beside = int8.run_layer(mode, reverse, (1,) * T, x, h0, c0, *weights, variants)
+    first = int8.run_layer(mode, reverse, (1,) * T, x, h0, c0, *weights, variants, threads=1)
     for a, b in zip(beside, first, strict=True):
         assert (a is None and b is None) or torch.equal(a, b)

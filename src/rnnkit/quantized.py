@@ -259,7 +259,7 @@ class QuantizedCellBase(_Int8Module):
             v = StepVariants(tuple(self._float(n) for n in self._ln_names))
         with torch.no_grad():
             _, h, c = int8.run_layer(self.mode, False, (x.shape[0],), x.contiguous(), hs[0],
-                                     hs[1] if states == 2 else None, weights, v)  # fmt: skip
+                                     hs[1] if states == 2 else None, *weights, v)  # fmt: skip
         out = (h, c) if states == 2 else (h,)
         return tuple(t.squeeze(0) for t in out) if unbatched else out, unbatched
 

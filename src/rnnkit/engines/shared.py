@@ -120,6 +120,26 @@ def run_stack(
     if dtype != stored:
         x, hx, weights = _cast(dtype, x, hx, weights)
         variants = None if variants is None else [v.to(dtype) for v in variants]
+    x, states = stack_rows(spec, x, hx, weights, batch_sizes, training, variants, run_layer)
+    if dtype != stored:
+        x, states = x.to(stored), tuple(s.to(stored) for s in states)
+    return x, states
+
+
+def stack_rows(
+    spec: LayerSpec,
+    x: Tensor,
+    hx: Carry,
+    weights: Sequence[tuple],
+    batch_sizes: Sequence[int] | None,
+    training: bool,
+    variants: Sequence[StepVariants] | None,
+    run_layer: Callable[..., tuple[Tensor, Tensor, Tensor | None]],
+) -> tuple[Tensor, Carry]:
+    """:func:`run_stack` after its casts: padded input (``batch_sizes`` None) as packed rows,
+    ``run_layer`` per layer and direction (outside autocast), and the output back in the
+    input's layout. The int8 layers call it directly (their matrices are not cast)."""
+    device_type = x.device.type
     padded = batch_sizes is None
     if padded:
         T, B = x.shape[0], x.shape[1]
@@ -140,6 +160,4 @@ def run_stack(
         x, states = stack_layers(run_direction, x, spec.num_layers, D, spec.dropout, training)
     if padded:
         x = x.view(T, B, x.shape[1])  # (T, B, D*R)
-    if dtype != stored:
-        x, states = x.to(stored), tuple(s.to(stored) for s in states)
     return x, states

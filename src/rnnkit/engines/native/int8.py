@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rnnkit.engines import shared
 from rnnkit.engines.native import loop as native_loop
 from rnnkit.engines.native.loop import CInt8, CInt8Matrix, NativeVariants
 from rnnkit.engines.spec import LN_EPS, LayerSpec, StepVariants
-from rnnkit.scan import Carry, stack_layers
+from rnnkit.scan import Carry
 
 # Columns above which the kernels' int32 sums could overflow (int8.h's Q8_MAX_K).
 MAX_COLUMNS = 65536
@@ -167,14 +168,18 @@ def run_layer(
     x: Tensor,
     h0: Tensor,
     c0: Tensor | None,
-    weights: Int8Weights,
+    w_ih: Int8Matrix,
+    w_hh: Int8Matrix,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    w_hr: Int8Matrix | None = None,
     variants: StepVariants | None = None,
     *,
     threads: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """One layer and direction, ``(out (N, R), h_n, c_n)``, as ``op.run_layer`` but with int8
-    matrices, in eval: the variants' layer norms and zoneout's expectation."""
-    w_ih, w_hh, b_ih, b_hh, w_hr = weights
+    """One layer and direction, ``(out (N, R), h_n, c_n)``, as ``op.run_layer`` (the same
+    arguments) but with int8 matrices, in eval: the variants' layer norms and zoneout's
+    expectation."""
     ln = variants.layer_norm if variants is not None else None
     bias = None if b_ih is None else (b_ih if mode == "GRU" else b_ih + b_hh)
     B, step_macs = h0.shape[0], w_hh.q.shape[0] * w_hh.K
@@ -222,23 +227,4 @@ def run(
 ) -> tuple[Tensor, Carry]:
     """A whole layer stack in float32 with int8 matrices (eval: no dropout between layers);
     ``x`` padded (T, B, I) when ``batch_sizes`` is None, else packed rows (N, I)."""
-    padded = batch_sizes is None
-    if padded:
-        T, B = x.shape[0], x.shape[1]
-        batch_sizes = (B,) * T
-        x = x.reshape(T * B, x.shape[2])  # (T*B, I)
-    batch_sizes = tuple(batch_sizes)
-    D, lstm = spec.num_directions, spec.mode == "LSTM"
-
-    def run_direction(layer: int, direction: int, x: Tensor) -> tuple[Tensor, Carry]:
-        k = layer * D + direction
-        out, h, c = run_layer(
-            spec.mode, direction == 1, batch_sizes, x, hx[0][k], hx[1][k] if lstm else None,
-            weights[k], None if variants is None else variants[k],
-        )  # fmt: skip
-        return out, ((h, c) if lstm else (h,))
-
-    x, states = stack_layers(run_direction, x, spec.num_layers, D)
-    if padded:
-        x = x.view(T, B, x.shape[1])  # (T, B, D*R)
-    return x, states
+    return shared.stack_rows(spec, x, hx, weights, batch_sizes, False, variants, run_layer)
