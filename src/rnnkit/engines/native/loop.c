@@ -204,21 +204,24 @@ typedef struct {
     char pad[64 - sizeof(int64_t)];
 } nl_flag;
 
+/* Wait until flag->passed reaches at_least (acquire: what was written before it is seen). */
+static void flag_wait(nl_flag *flag, int64_t at_least) {
+    int64_t spins = 0;
+    while (__atomic_load_n(&flag->passed, __ATOMIC_ACQUIRE) < at_least) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+        if (++spins > 20000) {
+            sched_yield();
+            spins = 0;
+        }
+    }
+}
+
 static void flag_barrier(nl_flag *flags, int64_t nth, int64_t tid, int64_t *passed) {
     const int64_t now = ++*passed;
     __atomic_store_n(&flags[tid].passed, now, __ATOMIC_RELEASE);
-    for (int64_t k = 0; k < nth; k++) {
-        int64_t spins = 0;
-        while (__atomic_load_n(&flags[k].passed, __ATOMIC_ACQUIRE) < now) {
-#if defined(__x86_64__) || defined(__i386__)
-            __builtin_ia32_pause();
-#endif
-            if (++spins > 20000) {
-                sched_yield();
-                spins = 0;
-            }
-        }
-    }
+    for (int64_t k = 0; k < nth; k++) flag_wait(&flags[k], now);
 }
 
 #include "int8.h"
@@ -949,19 +952,8 @@ static inline void FN(fwd_sync)(FN(fwd_call) *cx) {
 /* One forward step on the thread's units, with a barrier before each phase that reads units
  * other threads wrote. */
 static void FN(fwd_step)(FN(fwd_call) *cx, int64_t s) {
-    if (cx->pipe) {
-        /* Wait for this step's input side. */
-        int64_t spins = 0;
-        while (__atomic_load_n(&cx->ready->passed, __ATOMIC_ACQUIRE) <= s) {
-#if defined(__x86_64__) || defined(__i386__)
-            __builtin_ia32_pause();
-#endif
-            if (++spins > 20000) {
-                sched_yield();
-                spins = 0;
-            }
-        }
-    }
+    /* Wait for this step's input side. */
+    if (cx->pipe) flag_wait(cx->ready, s + 1);
     const FN(fwd_rows) st = FN(fwd_rows_at)(cx, s);
     if (cx->rows && st.at.n == 0) return;
     FN(fwd_product)(cx, &st);
