@@ -91,15 +91,18 @@ def peak_memory(train_step) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def onnxruntime_forward(ref, x):
+def onnxruntime_forward(ref, x, rewrite=None):
     """Inference of torch.nn's layer exported to ONNX (its own LSTM/GRU/RNN operator) in ONNX
-    Runtime with torch's thread count and spinning off; None where it is not installed."""
+    Runtime with torch's thread count and spinning off; None where it is not installed.
+    ``rewrite(path) -> path``: a transformation of the exported file first (quantization)."""
     try:
         import onnxruntime as ort
     except ImportError:
         return None
     path = os.path.join(tempfile.mkdtemp(), "layer.onnx")
     torch.onnx.export(ref, (x,), path, dynamo=False, input_names=["x"])
+    if rewrite is not None:
+        path = rewrite(path)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -22,10 +22,8 @@ from registers.
 
 import argparse
 import ctypes
-import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -38,7 +36,7 @@ from rnnkit.engines.native import int8
 from rnnkit.engines.native import loop as native_loop
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_engines import _device_name, interleaved
+from bench_engines import _device_name, interleaved, onnxruntime_forward
 
 TORCH = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
 OURS = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU}
@@ -92,29 +90,13 @@ class Floor:
         return (T * step + T * B * gates * H * I / macs) * 1e3
 
 
-def onnx_sessions(layer: torch.nn.Module, x: torch.Tensor, quantized: bool):
-    """ONNX Runtime's forward of torch.nn's exported layer (float32, and with its dynamic int8
-    quantization where asked), or None where it is not installed."""
-    try:
-        import onnxruntime as ort
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-    except ImportError:
-        return None
-    folder = tempfile.mkdtemp()
-    path = os.path.join(folder, "layer.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(layer, (x,), path, dynamo=False, input_names=["x"])
-    if quantized:
-        qpath = os.path.join(folder, "layer-int8.onnx")
-        quantize_dynamic(path, qpath, weight_type=QuantType.QInt8)
-        path = qpath
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    feed = {"x": x.numpy()}
-    return lambda: session.run(None, feed)
+def onnx_int8(path: str) -> str:
+    """ONNX Runtime's dynamic int8 quantization of an exported layer (its DynamicQuantizeLSTM)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    qpath = path.replace(".onnx", "-int8.onnx")
+    quantize_dynamic(path, qpath, weight_type=QuantType.QInt8)
+    return qpath
 
 
 def rows_for(mode: str, T: int, B: int, H: int, repeats: int, floor: Floor) -> list[list[str]]:
@@ -133,9 +115,11 @@ def rows_for(mode: str, T: int, B: int, H: int, repeats: int, floor: Floor) -> l
     for name, layer in [("torch.nn", ref), ("torch int8", torch_int8), ("native", ours),
                         ("rnnkit int8", ours_int8)]:  # fmt: skip
         fns[name] = lambda layer=layer: layer(x)
-    fns["onnxruntime"] = onnx_sessions(ref, x, False)
-    if mode == "lstm":
-        fns["onnxruntime int8"] = onnx_sessions(ref, x, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fns["onnxruntime"] = onnxruntime_forward(ref, x)
+        if mode == "lstm":
+            fns["onnxruntime int8"] = onnxruntime_forward(ref, x, onnx_int8)
     fns = {k: v for k, v in fns.items() if v is not None}
     with torch.no_grad():
         ms = interleaved(fns, "cpu", repeats)
