@@ -121,13 +121,18 @@ def pack(q: Tensor, scale: Tensor, gates: int, name: str = "weight") -> Int8Matr
     return Int8Matrix(q, scale, packed, wsum, gates)
 
 
+def _check_rows(owner: str, x: Tensor, w: Int8Matrix) -> None:
+    """x must be the float32 rows (N, K) that w multiplies: the C code reads them as such."""
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != w.K:
+        raise ValueError(f"{owner}: expected float32 rows of {w.K} features; got {x.dtype} "
+                         f"{tuple(x.shape)}")  # fmt: skip
+
+
 def linear(x: Tensor, w: Int8Matrix, bias: Tensor | None, threads: int | None = None) -> Tensor:
     """``x W^T + bias`` (N, gates*H) with x (N, K) float32 quantized per row."""
     x = x.contiguous()
     N, GW = x.shape[0], w.q.shape[0]
-    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != w.K:
-        raise ValueError(f"int8 linear: expected float32 rows of {w.K} features; got "
-                         f"{x.dtype} {tuple(x.shape)}")  # fmt: skip
+    _check_rows("int8 linear", x, w)
     if bias is not None:
         bias = bias.contiguous()
         if bias.dtype != torch.float32 or tuple(bias.shape) != (GW,):
@@ -190,9 +195,7 @@ def run_layer(
     ):
         # One sequence walks on one thread; the other computes the input side a few steps
         # ahead of it (in the loop's call), instead of both doing it first.
-        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != w_ih.K:
-            raise ValueError(f"int8 layer: expected float32 rows of {w_ih.K} features; got "
-                             f"{x.dtype} {tuple(x.shape)}")  # fmt: skip
+        _check_rows("int8 layer", x, w_ih)
         bias = None if bias is None else bias.contiguous()
         G = x.new_empty(x.shape[0], w_ih.q.shape[0])  # (N, G*H), written by the loop
         c_int8.ih, c_int8.x = w_ih.c(), x.data_ptr()
