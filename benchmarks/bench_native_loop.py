@@ -72,9 +72,9 @@ def main() -> None:
     torch.manual_seed(0)
     assert native_loop.available(torch.float32), "the native loop could not be built"
     print(f"T={args.T}, I=H={args.H}, float32, {args.threads} threads, median of "
-          f"{args.repeats} interleaved repeats; torch {torch.__version__}, native BLAS "
-          f"{'MKL' if native_loop.blas_available() else 'absent'} from {native_loop.BLAS_MIN_ROWS}"
-          f" rows{'; fused and native: layer_norm=True' if args.layer_norm else ''}\n")  # fmt: skip
+          f"{args.repeats} interleaved repeats; torch {torch.__version__}, native panels from "
+          f"{native_loop.GEMM_MIN_ROWS} rows"
+          f"{'; fused and native: layer_norm=True' if args.layer_norm else ''}\n")  # fmt: skip
     print("| mode | B | torch.nn fwd | fused fwd | native fwd | torch.nn f+b | fused f+b | "
           "native f+b | fused/torch fwd, f+b | native/torch fwd, f+b |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -6,11 +6,9 @@ error on the same input). The parity tests run on two builds of the loop: this C
 users on AMD and older Intel CPUs get. Then the loop's own guards, in Python and in C."""
 
 import ctypes
-import os
 import platform
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -67,8 +65,9 @@ SHAPES = {
     "packed-ragged-H100": ((3, 3, 2, 2, 2, 1, 1), 100),
     "packed-B9-H33": ((9, 9, 7, 4, 4, 1), 33),
 }
-# Rows below and above BLAS_MIN_ROWS, so that both the own loops and the BLAS run.
-MIXED_ROWS = (16, 16, 12, 5, 5, 5, 3, 1)
+# Rows below and above GEMM_MIN_ROWS, so that both the own loops and the panels run, and row
+# counts that are not a multiple of the panels' register tile (8 rows with AVX-512, 4 without).
+MIXED_ROWS = (16, 16, 13, 5, 5, 5, 3, 1)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -82,20 +81,21 @@ def test_native_loop_matches_reference(build, mode, shape, reverse, dtype):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("blas", [False, True], ids=["own-loops", "blas"])
+@pytest.mark.parametrize("gemm", [False, True], ids=["own-loops", "panels"])
 @pytest.mark.parametrize("threads", [1, 2], ids=["1-thread", "2-threads"])
-def test_native_loop_own_loops_and_blas_match_reference(build, mode, blas, threads):
+def test_native_loop_own_loops_and_panels_match_reference(build, mode, gemm, threads):
     layer = make_layer(mode, 5, 37, 16, sum(MIXED_ROWS), F64, seed=3)
     for reverse in (False, True):
-        assert_matches_reference("native", mode, reverse, MIXED_ROWS, layer, blas=blas,
+        assert_matches_reference("native", mode, reverse, MIXED_ROWS, layer, gemm=gemm,
                                  threads=threads)  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("threads", [1, 2], ids=["1-thread", "2-threads"])
-def test_native_loop_float32_packed_gemm_matches_reference(build, mode, threads):
-    """Float32 with at least BLAS_MIN_ROWS rows packs W_hh once for MKL's packed GEMM (where
-    torch's MKL has it); the later steps run fewer rows than it was packed for."""
+def test_native_loop_float32_partial_panels_match_reference(build, mode, threads):
+    """Float32 panels whose last one is part-filled: H=40 is two and a half panels of 16 lanes
+    (five of 8), and two threads own 32 and 8 units; the later steps run fewer rows than the
+    panels' register tile."""
     layer = make_layer(mode, 5, 40, 16, sum(MIXED_ROWS), torch.float32, seed=4)
     for reverse in (False, True):
         assert_matches_reference("native", mode, reverse, MIXED_ROWS, layer, threads=threads)
@@ -258,35 +258,6 @@ def test_native_loop_c_side_refuses_bad_batch_sizes_without_crashing():
     assert rc == -1
 
 
-def test_native_loop_fallback_when_blas_is_absent():
-    """With RNNKIT_NATIVE_BLAS=0 the library loads without torch's BLAS: the own loops run
-    every step, plain and with every variant, and still match the reference."""
-    here = str(Path(__file__).parent)
-    code = "\n".join([
-        f"import sys; sys.path.insert(0, {here!r})",
-        "import torch",
-        "from rnnkit.engines.native import loop",
-        "from one_layer import assert_matches_reference, make_layer, make_variants",
-        "assert loop.available(torch.float32) and not loop.blas_available()",
-        "for mode in ('LSTM', 'GRU', 'RNN_TANH'):",
-        "    layer = make_layer(mode, 5, 40, 16, 16 * 6, torch.float32)",
-        "    assert_matches_reference('native', mode, False, (16,) * 6, layer)",
-        "for mode in ('LSTM', 'GRU'):",
-        "    layer = make_layer(mode, 5, 40, 16, 16 * 6, torch.float32)",
-        "    v = make_variants(mode, 'layer-norm+recurrent-dropout+zoneout', 16, 40,",
-        "                      torch.float32, N=16 * 6)",
-        "    assert_matches_reference('native', mode, True, (16,) * 6, layer, v)",
-        "layer = make_layer('LSTM', 5, 40, 16, 16 * 6, torch.float32, P=13)",
-        "v = make_variants('LSTM', 'layer-norm+recurrent-dropout+zoneout', 16, 40,",
-        "                  torch.float32, N=16 * 6, R=13)",
-        "assert_matches_reference('native', 'LSTM', False, (16,) * 6, layer, v)",
-        "print('ok')",
-    ])  # fmt: skip
-    env = dict(os.environ, RNNKIT_NATIVE_BLAS="0")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
-
-
 # The variants (rnnkit.variants) in the native loop.
 
 VARIANT_SHAPES = {
@@ -311,14 +282,14 @@ def test_native_loop_variants_match_reference(build, mode, variant, shape, rever
 
 
 @pytest.mark.parametrize("mode", VARIANT_MODES)
-@pytest.mark.parametrize("blas", [False, True], ids=["own-loops", "blas"])
+@pytest.mark.parametrize("gemm", [False, True], ids=["own-loops", "panels"])
 @pytest.mark.parametrize("threads", [1, 2], ids=["1-thread", "2-threads"])
-def test_native_loop_variants_own_loops_and_blas_match_reference(build, mode, blas, threads):
+def test_native_loop_variants_own_loops_and_panels_match_reference(build, mode, gemm, threads):
     layer = make_layer(mode, 5, 37, 16, sum(MIXED_ROWS), F64, seed=3)
     for variant in ("layer-norm+recurrent-dropout+zoneout", "zoneout-eval"):
         v = make_variants(mode, variant, 16, 37, F64, seed=3, N=sum(MIXED_ROWS))
         for reverse in (False, True):
-            assert_matches_reference("native", mode, reverse, MIXED_ROWS, layer, v, blas=blas,
+            assert_matches_reference("native", mode, reverse, MIXED_ROWS, layer, v, gemm=gemm,
                                      threads=threads)  # fmt: skip
 
 
@@ -677,14 +648,14 @@ def test_native_loop_projected_lstm_matches_reference(build, variant, shape, rev
     assert_matches_reference("native", "LSTM", reverse, batch_sizes, layer, v)
 
 
-@pytest.mark.parametrize("blas", [False, True], ids=["own-loops", "blas"])
+@pytest.mark.parametrize("gemm", [False, True], ids=["own-loops", "panels"])
 @pytest.mark.parametrize("threads", [1, 2], ids=["1-thread", "2-threads"])
-def test_native_loop_projected_own_loops_and_blas_match_reference(build, blas, threads):
+def test_native_loop_projected_own_loops_and_panels_match_reference(build, gemm, threads):
     layer = make_layer("LSTM", 5, 37, 16, sum(MIXED_ROWS), F64, seed=5, P=20)
     v = make_variants("LSTM", "layer-norm+recurrent-dropout+zoneout", 16, 37, F64, seed=5,
                       N=sum(MIXED_ROWS), R=20)  # fmt: skip
     for reverse in (False, True):
-        assert_matches_reference("native", "LSTM", reverse, MIXED_ROWS, layer, v, blas=blas,
+        assert_matches_reference("native", "LSTM", reverse, MIXED_ROWS, layer, v, gemm=gemm,
                                  threads=threads)  # fmt: skip
 
 

@@ -16,10 +16,12 @@
  * thread's units; the per-unit math of each cell is an inline function, so that forward and
  * backward share each formula and the loops around them still vectorise.
  *
- * The product runs through the BLAS that torch ships (MKL's Fortran sgemm_/dgemm_, resolved by
- * the Python side and handed over with nl_set_blas) when a step has at least `blas_min_rows`
- * rows, else through the register-blocked loops below, which at B=1 are a GEMV over W_hh that
- * stays in the cores' L2 caches.
+ * The products (W_hh, and W_hr with a projection) of a step with at least `gemm_min_rows` rows
+ * run on panels: each thread packs its share of the weights once per call into a layout for
+ * a register-blocked kernel (panel_product), which then stays in the core's L2 cache across the
+ * steps. Steps with fewer rows run the register-blocked dot products below, which at B=1 are a
+ * GEMV over W_hh. No BLAS: MKL dispatches its AVX2 kernels on AMD CPUs, and its per-call
+ * overhead and packing of the small per-step products cost more than the products.
  *
  * Built without -ffast-math (NaN and inf propagate as through torch's ops); sigmoid and tanh are
  * native_math.h's, written so that the pointwise loops vectorise. Every matrix is contiguous;
@@ -84,55 +86,6 @@ typedef struct {
     int64_t zoneout, proj;
     double *ln_grads;
 } nl_variants;
-
-typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *,
-                         const float *, const float *, const int *, const float *, const int *,
-                         const float *, float *, const int *);
-typedef void (*dgemm_fn)(const char *, const char *, const int *, const int *, const int *,
-                         const double *, const double *, const int *, const double *,
-                         const int *, const double *, double *, const int *);
-typedef int (*set_threads_fn)(int);
-static sgemm_fn blas_f32;
-static dgemm_fn blas_f64;
-static set_threads_fn blas_set_threads_local;
-
-/* The BLAS (column-major, 32-bit integers) or NULL to use the loops below only; and MKL's
- * MKL_Set_Num_Threads_Local (or NULL), to keep each call single-threaded: the threads here
- * already split the work, and MKL's own threads would fight them for the cores. */
-void nl_set_blas(void *sgemm, void *dgemm, void *set_threads_local) {
-    blas_f32 = (sgemm_fn)sgemm;
-    blas_f64 = (dgemm_fn)dgemm;
-    blas_set_threads_local = (set_threads_fn)set_threads_local;
-}
-
-/* MKL's packed GEMM in float32 (Fortran interface; NULL where torch's MKL lacks it): the forward
- * packs each thread's block of W_hh once per call instead of sgemm_ packing it every step
- * (measured 0.8x of the loop's time at B=16 on one thread). */
-typedef size_t (*pack_size_fn)(const char *, const int *, const int *, const int *);
-typedef void (*pack_fn)(const char *, const char *, const int *, const int *, const int *,
-                        const float *, const float *, const int *, float *);
-typedef void (*compute_fn)(const char *, const char *, const int *, const int *, const int *,
-                           const float *, const int *, const float *, const int *, const float *,
-                           float *, const int *);
-static pack_size_fn pack_size_f32;
-static pack_fn pack_f32;
-static compute_fn compute_f32;
-
-void nl_set_packed_blas(void *size, void *pack, void *compute) {
-    int all = size && pack && compute;
-    pack_size_f32 = all ? (pack_size_fn)size : 0;
-    pack_f32 = all ? (pack_fn)pack : 0;
-    compute_f32 = all ? (compute_fn)compute : 0;
-}
-
-/* Per thread, around the loop: MKL single-threaded, then back to what it was. */
-static inline int blas_threads_begin(void) {
-    return blas_set_threads_local ? blas_set_threads_local(1) : 0;
-}
-
-static inline void blas_threads_end(int previous) {
-    if (blas_set_threads_local) blas_set_threads_local(previous);
-}
 
 int64_t nl_has_openmp(void) {
 #ifdef _OPENMP
@@ -226,20 +179,34 @@ static void flag_barrier(nl_flag *flags, int64_t nth, int64_t tid, int64_t *pass
 
 #include "int8.h"
 
+/* The vector width of the panel products (bytes) and their register tile: NL_MR rows by NL_NP
+ * vectors of sums, 24 of AVX-512's 32 registers, 12 of AVX2's (and SSE's) 16. */
+#if defined(__AVX512F__)
+#define NL_VB 64
+#define NL_MR 8
+#elif defined(__AVX__)
+#define NL_VB 32
+#define NL_MR 4
+#else
+#define NL_VB 16
+#define NL_MR 4
+#endif
+#define NL_NP 3
+
+
 /* The steps of one call: T_ steps of bs[t] rows from offsets[t], walked in reverse or not;
- * steps of at least blas_min_rows rows use the BLAS where blas_ok. */
+ * steps of at least gemm_min_rows rows are wide: their products run on panels. */
 typedef struct {
     int64_t T_, reverse;
     const int64_t *bs, *offsets;
-    int blas_ok;
-    int64_t blas_min_rows;
+    int64_t gemm_min_rows;
 } nl_walk;
 
 /* Step t, the s-th of the walk: its n rows from row off, of which the first np continue from
  * step tp (the one before t in the forward order, its rows from offp), the rest from h0. */
 typedef struct {
     int64_t s, t, tp, n, off, np, offp;
-    int use_blas;
+    int wide;
 } nl_step;
 
 static inline nl_step step_at(const nl_walk *wk, int64_t s, int64_t t) {
@@ -247,7 +214,7 @@ static inline nl_step step_at(const nl_walk *wk, int64_t s, int64_t t) {
     st.np = st.tp >= 0 && st.tp < wk->T_ ? wk->bs[st.tp] : 0;
     if (st.np > st.n) st.np = st.n;
     if (st.np > 0) st.offp = wk->offsets[st.tp];
-    st.use_blas = wk->blas_ok && st.n >= wk->blas_min_rows;
+    st.wide = st.n >= wk->gemm_min_rows;
     return st;
 }
 
@@ -288,30 +255,19 @@ static inline int64_t gates_of(int64_t mode) {
     return mode == NL_LSTM ? 4 : mode == NL_GRU ? 3 : 1;
 }
 
-/* Whether the BLAS's 32-bit sizes hold every size of a call. */
-static inline int blas_fits(int64_t GW, int64_t B, int64_t N, int64_t R) {
-    return fits_int(GW) && fits_int(B) && fits_int(N) && fits_int(R);
-}
-
 #define NL_T float
 #define NL_SUF f32
-#define NL_BLAS blas_f32
 #define NL_SQRT sqrtf
-#define NL_PACKED 1
 #define NL_Q8 1
 #include __FILE__
 #undef NL_T
 #undef NL_SUF
-#undef NL_BLAS
 #undef NL_SQRT
-#undef NL_PACKED
 #undef NL_Q8
 
 #define NL_T double
 #define NL_SUF f64
-#define NL_BLAS blas_f64
 #define NL_SQRT sqrt
-#define NL_PACKED 0
 #define NL_Q8 0
 #include __FILE__
 
@@ -419,6 +375,135 @@ static void FN(axpy_rows)(int64_t nb, const T *d, int64_t ldd, int64_t K, const 
     }
 }
 
+/* Panels: the per-step recurrent product as a register-blocked GEMM over weights packed once
+ * per call, which stay in the core's cache across the steps. A panel holds NL_VL output columns
+ * (one vector register) of every k: p[k * NL_VL + l] is the weight of its column l at k; a
+ * block's last panel may use fewer lanes (the rest are zeros). col[i]: the output column of
+ * panel i's lane 0; lanes[i]: the lanes it uses. */
+typedef T FN(vec) __attribute__((vector_size(NL_VB)));
+/* The same vector at a T's alignment: the output rows' columns are not vector-aligned. */
+typedef T FN(vecu) __attribute__((vector_size(NL_VB), aligned(sizeof(T))));
+#define NL_VL ((int64_t)(NL_VB / sizeof(T)))
+
+typedef struct {
+    T *p;
+    int64_t n, K, *col, *lanes;
+} FN(panels);
+
+static void FN(panels_free)(FN(panels) *pp) {
+    free(pp->p);
+    free(pp->col);
+    pp->p = 0, pp->col = 0, pp->lanes = 0, pp->n = 0;
+}
+
+/* Packs nblocks blocks of m output columns each over k < K: block b's column c (c < m) at k is
+ * w[b * sb + c * cs + k * ks] and goes to output column b * db + c. 0 on success (pp owns the
+ * memory), -1 where memory ran out (pp empty). */
+static int FN(panels_make)(FN(panels) *pp, const T *w, int64_t nblocks, int64_t m, int64_t K,
+                           int64_t sb, int64_t cs, int64_t ks, int64_t db) {
+    const int64_t per = (m + NL_VL - 1) / NL_VL, n = nblocks * per;
+    *pp = (FN(panels)){0, n, K, 0, 0};
+    if (n == 0 || K == 0) return 0;
+    pp->col = malloc((size_t)(2 * n) * sizeof(int64_t));
+    pp->p = aligned_alloc(64, (size_t)((n * K * NL_VL * (int64_t)sizeof(T) + 63) / 64 * 64));
+    if (!pp->col || !pp->p) {
+        FN(panels_free)(pp);
+        return -1;
+    }
+    pp->lanes = pp->col + n;
+    for (int64_t b = 0; b < nblocks; b++)
+        for (int64_t i = 0; i < per; i++) {
+            const int64_t at = b * per + i, c0 = i * NL_VL;
+            const int64_t lanes = m - c0 < NL_VL ? m - c0 : NL_VL;
+            const T *src = w + b * sb + c0 * cs;
+            T *dst = pp->p + at * K * NL_VL;
+            pp->col[at] = b * db + c0;
+            pp->lanes[at] = lanes;
+            for (int64_t k = 0; k < K; k++)
+                for (int64_t l = 0; l < NL_VL; l++)
+                    dst[k * NL_VL + l] = l < lanes ? src[l * cs + k * ks] : 0;
+        }
+    return 0;
+}
+
+/* z[r, col(q) + l] (+)= sum_k x[r, k] p_q[k, l] for r < mr rows and q < np panels from p:
+ * mr x np vectors of sums in registers, each weight vector loaded once for the mr rows. */
+static inline __attribute__((always_inline)) void FN(panel_tile)(
+    const int mr, const int np, int64_t K, const T *x, int64_t ldx, const T *p,
+    const int64_t *col, const int64_t *lanes, T *z, int64_t ldz, int accumulate) {
+    FN(vec) acc[NL_MR][NL_NP];
+#pragma GCC unroll 8
+    for (int r = 0; r < mr; r++)
+#pragma GCC unroll 4
+        for (int q = 0; q < np; q++) acc[r][q] = (FN(vec)){0};
+    const int64_t stride = K * NL_VL;
+    for (int64_t k = 0; k < K; k++) {
+        FN(vec) wv[NL_NP];
+#pragma GCC unroll 4
+        for (int q = 0; q < np; q++) wv[q] = *(const FN(vec) *)(p + q * stride + k * NL_VL);
+#pragma GCC unroll 8
+        for (int r = 0; r < mr; r++) {
+            const T xv = x[r * ldx + k];
+#pragma GCC unroll 4
+            for (int q = 0; q < np; q++) acc[r][q] += xv * wv[q];
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < mr; r++)
+#pragma GCC unroll 4
+        for (int q = 0; q < np; q++) {
+            T *zr = z + r * ldz + col[q];
+            if (lanes[q] == NL_VL) {
+                FN(vecu) *zv = (FN(vecu) *)zr;
+                *zv = accumulate ? *zv + acc[r][q] : acc[r][q];
+            } else {
+                for (int64_t l = 0; l < lanes[q]; l++)
+                    zr[l] = accumulate ? zr[l] + acc[r][q][l] : acc[r][q][l];
+            }
+        }
+}
+
+/* The rows of a tile, as a constant for panel_tile. */
+static inline __attribute__((always_inline)) void FN(panel_rows)(
+    int mr, const int np, int64_t K, const T *x, int64_t ldx, const T *p, const int64_t *col,
+    const int64_t *lanes, T *z, int64_t ldz, int accumulate) {
+    switch (mr) {
+#define NL_TILE(R)                                                                            \
+    case R:                                                                                   \
+        FN(panel_tile)(R, np, K, x, ldx, p, col, lanes, z, ldz, accumulate);                  \
+        break;
+    NL_TILE(1) NL_TILE(2) NL_TILE(3) NL_TILE(4)
+#if NL_MR > 4
+    NL_TILE(5) NL_TILE(6) NL_TILE(7) NL_TILE(8)
+#endif
+#undef NL_TILE
+    }
+}
+
+/* z[b, col] (+)= x[b] . (the panels' column col) for b < nb: x (nb, K) with row stride ldx, z
+ * with row stride ldz. NL_NP panels at a time, their rows NL_MR at a time, so that the panels'
+ * weights are read from the L1 and L2 caches once for every NL_MR rows. */
+static void FN(panel_product)(int64_t nb, const T *x, int64_t ldx, const FN(panels) *pp, T *z,
+                              int64_t ldz, int accumulate) {
+    const int64_t K = pp->K;
+    for (int64_t i = 0; i < pp->n; i += NL_NP) {
+        const int64_t np = pp->n - i < NL_NP ? pp->n - i : NL_NP;
+        const T *p = pp->p + i * K * NL_VL;
+        const int64_t *col = pp->col + i, *lanes = pp->lanes + i;
+        for (int64_t b = 0; b < nb; b += NL_MR) {
+            const int mr = (int)(nb - b < NL_MR ? nb - b : NL_MR);
+            const T *xb = x + b * ldx;
+            T *zb = z + b * ldz;
+            if (np == 3)
+                FN(panel_rows)(mr, 3, K, xb, ldx, p, col, lanes, zb, ldz, accumulate);
+            else if (np == 2)
+                FN(panel_rows)(mr, 2, K, xb, ldx, p, col, lanes, zb, ldz, accumulate);
+            else
+                FN(panel_rows)(mr, 1, K, xb, ldx, p, col, lanes, zb, ldz, accumulate);
+        }
+    }
+}
+
 /* The blocks of w (G*H, H) that a thread owning units [j0, j1) multiplies: one per gate, or
  * one for all gates when it owns every unit. */
 static inline int64_t FN(blocks)(int64_t H, int64_t gates, int64_t j0, int64_t j1,
@@ -431,73 +516,19 @@ static inline int64_t FN(blocks)(int64_t H, int64_t gates, int64_t j0, int64_t j
     return gates;
 }
 
-/* op(src) (m, k), column-major with leading dimension ld, packed as the A of MKL's packed GEMM
- * for products with up to n columns; NULL where there is no packed GEMM (float64, or torch's
- * MKL lacks it) or no memory. The caller frees it. */
-static void *FN(pack_a)(const char *trans, int64_t m, int64_t n, int64_t k, const T *src,
-                        int64_t ld) {
-#if NL_PACKED
-    if (!pack_size_f32 || !fits_int(m) || !fits_int(n) || !fits_int(k) || !fits_int(m * k))
-        return 0;
-    const int mi = (int)m, ni = (int)n, ki = (int)k, ldi = (int)ld;
-    const float one = 1;
-    size_t size = pack_size_f32("A", &mi, &ni, &ki);
-    void *buf = size ? malloc(size) : 0;
-    if (buf) pack_f32("A", trans, &mi, &ni, &ki, &one, src, &ldi, (float *)buf);
-    return buf;
-#else
-    (void)trans; (void)m; (void)n; (void)k; (void)src; (void)ld;
-    return 0;
-#endif
-}
-
-/* This thread's blocks of w (G*H, K) packed (pack_a) for the forward's products with up to B
- * rows: the count packed, 0 (and nothing allocated) where any block could not be. */
-static int64_t FN(pack_blocks)(const T *w, int64_t H, int64_t K, int64_t gates, int64_t j0,
-                               int64_t j1, int64_t B, void **packs) {
-    int64_t rows, nblocks = FN(blocks)(H, gates, j0, j1, &rows);
-    if (j1 <= j0) return 0;
-    for (int64_t g = 0; g < nblocks; g++) {
-        packs[g] = FN(pack_a)("T", rows, B, K, w + (g * H + j0) * K, K);
-        if (!packs[g]) {
-            while (g-- > 0) free(packs[g]);
-            return 0;
-        }
-    }
-    return nblocks;
-}
-
 /* Z[b, g*H + j] = x[b] . w[g*H + j] for b < nb, j in [j0, j1), every gate g: x (nb, K), w
- * (G*H, K). packs: what pack_blocks made (nb at most its B), or NULL. */
+ * (G*H, K); on the thread's panels of those rows of w where it has them (wide steps). */
 static void FN(gates_product)(int64_t nb, const T *x, int64_t H, int64_t K, int64_t gates,
-                              const T *w, int64_t j0, int64_t j1, T *Z, int64_t use_blas,
-                              void *const *packs) {
+                              const T *w, int64_t j0, int64_t j1, T *Z, const FN(panels) *pp) {
     int64_t GW = gates * H, rows;
-#if !NL_PACKED
-    (void)packs;
-#endif
     if (nb <= 0 || j1 <= j0) return;
-    const int64_t nblocks = FN(blocks)(H, gates, j0, j1, &rows);
-    for (int64_t g = 0; g < nblocks; g++) {
-        const T *wg = w + (g * H + j0) * K;
-        T *zg = Z + g * H + j0;
-        if (use_blas) {
-            /* Column-major: Z^T block (m, nb) = w block^T... i.e. op(A) = w rows as (m, K). */
-            const int m = (int)rows, n = (int)nb, k = (int)K, lda = (int)K, ldb = (int)K;
-            const int ldc = (int)GW;
-            const T one = 1, zero = 0;
-#if NL_PACKED
-            if (packs) {
-                compute_f32("P", "N", &m, &n, &k, (const float *)packs[g], &lda, x, &ldb, &zero,
-                            zg, &ldc);
-                continue;
-            }
-#endif
-            NL_BLAS("T", "N", &m, &n, &k, &one, wg, &lda, x, &ldb, &zero, zg, &ldc);
-        } else {
-            FN(dot_rows)(nb, x, K, wg, rows, zg, GW);
-        }
+    if (pp && pp->n) {
+        FN(panel_product)(nb, x, K, pp, Z + j0, GW, 0);
+        return;
     }
+    const int64_t nblocks = FN(blocks)(H, gates, j0, j1, &rows);
+    for (int64_t g = 0; g < nblocks; g++)
+        FN(dot_rows)(nb, x, K, w + (g * H + j0) * K, rows, Z + g * H + j0, GW);
 }
 
 /* Mean and 1/std of the n values of x: the statistics of one row's layer norm. */
@@ -525,35 +556,6 @@ static inline void FN(ln_grad_means)(const T *dy, const T *w, const T *x, int64_
     }
     *mean_a = sa / (T)n;
     *mean_ax = sax / (T)n;
-}
-
-/* y[b, :m] = x[b] . w[:m] for b < n: x (n, K), w (m, K), y with row stride ldy (the forward's
- * projection, h~ = r W_hr^T, on a block of W_hr's rows). */
-static void FN(rows_times_wt)(int64_t n, const T *x, int64_t K, const T *w, int64_t m, T *y,
-                              int64_t ldy, int use_blas) {
-    if (n <= 0 || m <= 0) return;
-    if (use_blas) {
-        const int mi = (int)m, ni = (int)n, ki = (int)K, ld = (int)ldy;
-        const T one = 1, zero = 0;
-        NL_BLAS("T", "N", &mi, &ni, &ki, &one, w, &ki, x, &ki, &zero, y, &ld);
-    } else {
-        FN(dot_rows)(n, x, K, w, m, y, ldy);
-    }
-}
-
-/* y[b, :m] = sum_k d[b, k] w[k, :m] for b < n: d (n, K) with row stride ldd, w with row stride
- * ldw (the backward's dr = dh~ W_hr on a block of W_hr's columns). */
-static void FN(rows_times_w)(int64_t n, const T *d, int64_t ldd, int64_t K, const T *w,
-                             int64_t ldw, int64_t m, T *y, int64_t ldy, int use_blas) {
-    if (n <= 0 || m <= 0) return;
-    if (use_blas) {
-        const int mi = (int)m, ni = (int)n, ki = (int)K, lda = (int)ldw, ldb = (int)ldd;
-        const int ldc = (int)ldy;
-        const T one = 1, zero = 0;
-        NL_BLAS("N", "N", &mi, &ni, &ki, &one, w, &lda, d, &ldb, &zero, y, &ldc);
-    } else {
-        FN(axpy_rows)(n, d, ldd, K, w, ldw, m, y, ldy, 0);
-    }
 }
 
 /* The per-unit math of the cells (engines/README.md): unit j of rows laid out gate by gate, i, f,
@@ -662,7 +664,8 @@ typedef struct {
     T *HM, *Y, *RS, *PH, *PC, *CS;
     T eps, zp;
     int64_t j0, j1, q0, q1;
-    void *const *packs;
+    /* The thread's units of W_hh and its rows of W_hr as panels (panel_product), or none. */
+    FN(panels) pp, ppr;
     /* int8 weights (float32 only; NULL: w and w_hr are the weights), and the thread's own
      * quantized rows of h_{t-1} or r_t with their scales. */
     const nl_q8 *q8;
@@ -769,14 +772,14 @@ static void FN(fwd_product)(const FN(fwd_call) *cx, const FN(fwd_rows) *st) {
 #endif
     if (cx->rmask) {
         FN(gates_product)(a->n, cx->HM + (a->s & 1) * cx->B * R, H, R, gates, cx->w, j0, j1,
-                          st->Zt, a->use_blas, cx->packs);
+                          st->Zt, a->wide ? &cx->pp : 0);
         return;
     }
     if (a->np > 0)
         FN(gates_product)(a->np, cx->out + a->offp * R, H, R, gates, cx->w, j0, j1, st->Zt,
-                          a->use_blas, cx->packs);
+                          a->wide ? &cx->pp : 0);
     FN(gates_product)(a->n - a->np, cx->h0 + a->np * R, H, R, gates, cx->w, j0, j1,
-                      st->Zt + a->np * cx->GW, a->use_blas, cx->packs);
+                      st->Zt + a->np * cx->GW, a->wide ? &cx->pp : 0);
 }
 
 /* Y_t = LN(Z_t) on the thread's units. Every thread computes each row's statistics itself (no
@@ -891,8 +894,10 @@ static void FN(fwd_project)(const FN(fwd_call) *cx, const FN(fwd_rows) *st) {
         if (q1 > q0) q8_product(st->at.n, cx->qa, cx->sa, &cx->q8->hr, q0, q1, cx->out + off * R, R);
     } else
 #endif
-        FN(rows_times_wt)(st->at.n, st->Rt, H, cx->w_hr + q0 * H, q1 - q0, cx->out + off * R + q0,
-                          R, st->at.use_blas);
+    if (st->at.wide && cx->ppr.n)
+        FN(panel_product)(st->at.n, st->Rt, H, &cx->ppr, cx->out + off * R + q0, R, 0);
+    else if (q1 > q0)
+        FN(dot_rows)(st->at.n, st->Rt, H, cx->w_hr + q0 * H, q1 - q0, cx->out + off * R + q0, R);
     if (cx->zo) return;
     for (int64_t b = 0; b < st->at.n; b++)
         memcpy(cx->h + b * R + q0, cx->out + (off + b) * R + q0, (size_t)(q1 - q0) * sizeof(T));
@@ -1047,20 +1052,21 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
         cx.qa += tid * FN(q8_scratch)(&cx);
         cx.sa += tid * cx.B;
     }
-    const int blas_ok = cx.walk.blas_ok, blas_threads = blas_ok ? blas_threads_begin() : 0;
-    void *packs[4] = {0, 0, 0, 0};
-    const int64_t npacks = blas_ok && !cx.q8 && cx.B >= cx.walk.blas_min_rows
-                               ? FN(pack_blocks)(cx.w, cx.H, cx.R, cx.gates, cx.j0, cx.j1, cx.B,
-                                                 packs)
-                               : 0;
-    cx.packs = npacks ? packs : 0;
+    /* Panels where a step can be wide; where memory runs out, the own loops instead. */
+    cx.pp = cx.ppr = (FN(panels)){0};
+    if (!cx.q8 && cx.B >= cx.walk.gemm_min_rows) {
+        FN(panels_make)(&cx.pp, cx.w + cx.j0 * cx.R, cx.gates, cx.j1 - cx.j0, cx.R,
+                        cx.H * cx.R, cx.R, 1, cx.H);
+        if (cx.P) FN(panels_make)(&cx.ppr, cx.w_hr + cx.q0 * cx.H, 1, cx.q1 - cx.q0, cx.H, 0,
+                                  cx.H, 1, 0);
+    }
     if (cx.rmask) {
         FN(fwd_mask_h0)(&cx);
         barrier();
     }
     for (int64_t s = 0; s < cx.walk.T_; s++) FN(fwd_step)(&cx, s);
-    for (int64_t g = 0; g < npacks; g++) free(packs[g]);
-    if (blas_ok) blas_threads_end(blas_threads);
+    FN(panels_free)(&cx.pp);
+    FN(panels_free)(&cx.ppr);
 }
 
 /* One layer and direction forward; see engines/native/loop.py's `forward` for the contract.
@@ -1075,7 +1081,7 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
 int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t *bs, int64_t N,
                        int64_t B, int64_t H, const T *G, T *A, const T *w, const T *bhh,
                        const T *h0, T *out, T *h, T *c, T *C, T *GH, T *Z, int64_t *offsets,
-                       int64_t nthreads, int64_t blas_min_rows, const nl_variants *v,
+                       int64_t nthreads, int64_t gemm_min_rows, const nl_variants *v,
                        const nl_q8 *q8) {
     if (mode < NL_LSTM || mode > NL_RNN_RELU) return NL_BAD_MODE;
     if (T_ < 0 || N < 0 || B < 1 || H < 1) return NL_BAD_SIZES;
@@ -1122,8 +1128,7 @@ int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t 
     }
     if (zeros) cx.bhh = zeros;
     memset(cx.flags, 0, (size_t)nthreads * sizeof(nl_flag));
-    const int blas_ok = NL_BLAS != 0 && blas_fits(cx.GW, B, N, cx.R);
-    cx.walk = (nl_walk){T_, reverse, bs, offsets, blas_ok, blas_min_rows};
+    cx.walk = (nl_walk){T_, reverse, bs, offsets, gemm_min_rows};
 #if NL_Q8
     if (q8 && q8->x && cx.rows) q8_input_side(&cx.walk, q8, (float *)G, cx.GW, &ready);
 #endif
@@ -1153,6 +1158,11 @@ typedef struct {
     double *lng;
     T zp;
     int64_t j0, j1, q0, q1;
+    /* The thread's columns of W_hh and of W_hr as panels (panel_product), or none. */
+    FN(panels) pp, ppr;
+    /* The step barrier's flags (nth of them), this thread's index and barriers passed. */
+    nl_flag *flags;
+    int64_t nth, tid, passed;
 } FN(bwd_call);
 
 /* The variants' pointers of a backward call, and whether they fit together and the mode. */
@@ -1229,8 +1239,12 @@ static void FN(bwd_split)(const FN(bwd_call) *cx, const nl_step *st) {
 /* dr[:, j0:j1] = dh~ W_hr[:, j0:j1], into DR. */
 static void FN(bwd_project)(const FN(bwd_call) *cx, const nl_step *st) {
     const int64_t H = cx->H, R = cx->R, j0 = cx->j0, j1 = cx->j1;
-    FN(rows_times_w)(st->n, cx->dHt + st->off * R, R, R, cx->w_hr + j0, H, j1 - j0, cx->DR + j0,
-                     H, st->use_blas);
+    if (j1 <= j0) return;
+    if (st->wide && cx->ppr.n)
+        FN(panel_product)(st->n, cx->dHt + st->off * R, R, &cx->ppr, cx->DR + j0, H, 0);
+    else
+        FN(axpy_rows)(st->n, cx->dHt + st->off * R, R, R, cx->w_hr + j0, H, j1 - j0, cx->DR + j0,
+                      H, 0);
 }
 
 /* The LSTM cell backward on the thread's units: dG of every gate, dL/dc_t to dL/dc_{t-1}. The
@@ -1402,13 +1416,8 @@ static void FN(bwd_product)(const FN(bwd_call) *cx, const nl_step *st) {
     if (q1 <= q0) return;
     T *target = cx->rmask ? cx->S : cx->dh;
     const int carried = cx->gru || cx->zo, accumulate = carried && !cx->rmask;
-    if (st->use_blas) {
-        const int m = (int)(q1 - q0), nn = (int)n, k = (int)GW, lda = (int)R;
-        const int ldb = (int)GW, ldc = (int)R;
-        const T one = 1, beta = accumulate ? 1 : 0;
-        /* Not MKL's packed GEMM: packing W_hh measured slower here (1.06x). */
-        NL_BLAS("N", "N", &m, &nn, &k, &one, cx->w + q0, &lda, cx->D + off * GW, &ldb, &beta,
-                target + q0, &ldc);
+    if (st->wide && cx->pp.n) {
+        FN(panel_product)(n, cx->D + off * GW, GW, &cx->pp, target + q0, R, accumulate);
     } else {
         FN(axpy_rows)(n, cx->D + off * GW, GW, GW, cx->w + q0, R, q1 - q0, target + q0, R,
                       accumulate);
@@ -1424,12 +1433,17 @@ static void FN(bwd_product)(const FN(bwd_call) *cx, const nl_step *st) {
 
 /* One backward step, the forward's phases in reverse order, with a barrier before each phase
  * that reads units other threads wrote. */
-static void FN(bwd_step)(const FN(bwd_call) *cx, int64_t s) {
+/* The step barrier (flag_barrier, as in forward). */
+static inline void FN(bwd_sync)(FN(bwd_call) *cx) {
+    if (cx->nth > 1) flag_barrier(cx->flags, cx->nth, cx->tid, &cx->passed);
+}
+
+static void FN(bwd_step)(FN(bwd_call) *cx, int64_t s) {
     const nl_walk *wk = &cx->walk;
     const nl_step st = step_at(wk, s, wk->reverse ? s : wk->T_ - 1 - s);
     if (cx->zo || cx->P) FN(bwd_split)(cx, &st);
     if (cx->P) {
-        barrier();
+        FN(bwd_sync)(cx);
         FN(bwd_project)(cx, &st);
     }
     if (cx->lstm && cx->ln)
@@ -1441,16 +1455,16 @@ static void FN(bwd_step)(const FN(bwd_call) *cx, int64_t s) {
     else
         FN(bwd_rnn)(cx, &st);
     if (cx->lstm && cx->ln) {
-        barrier();
+        FN(bwd_sync)(cx);
         FN(bwd_norm_cell)(cx, &st);
     }
     if (cx->zo) FN(bwd_zoneout)(cx, &st);
     if (cx->ln) {
-        barrier();
+        FN(bwd_sync)(cx);
         FN(bwd_norm_product)(cx, &st);
     }
     /* The product reads every unit of D_t's row. */
-    barrier();
+    FN(bwd_sync)(cx);
     FN(bwd_product)(cx, &st);
 }
 
@@ -1458,9 +1472,20 @@ static void FN(bwd_thread)(const FN(bwd_call) *call) {
     FN(bwd_call) cx = *call;
     split_units(cx.H, &cx.j0, &cx.j1);
     split_units(cx.R, &cx.q0, &cx.q1);
-    const int blas_ok = cx.walk.blas_ok, blas_threads = blas_ok ? blas_threads_begin() : 0;
+    cx.nth = 1, cx.tid = 0, cx.passed = 0;
+#ifdef _OPENMP
+    cx.nth = omp_get_num_threads();
+    cx.tid = omp_get_thread_num();
+#endif
+    /* Panels where a step can be wide; where memory runs out, the own loops instead. */
+    cx.pp = cx.ppr = (FN(panels)){0};
+    if (cx.B >= cx.walk.gemm_min_rows) {
+        FN(panels_make)(&cx.pp, cx.w + cx.q0, 1, cx.q1 - cx.q0, cx.GW, 0, 1, cx.R, 0);
+        if (cx.P) FN(panels_make)(&cx.ppr, cx.w_hr + cx.j0, 1, cx.j1 - cx.j0, cx.R, 0, 1, cx.H, 0);
+    }
     for (int64_t s = 0; s < cx.walk.T_; s++) FN(bwd_step)(&cx, s);
-    if (blas_ok) blas_threads_end(blas_threads);
+    FN(panels_free)(&cx.pp);
+    FN(panels_free)(&cx.ppr);
 }
 
 /* One layer and direction backward; see engines/native/loop.py's `backward` for the contract.
@@ -1471,7 +1496,7 @@ int64_t FN(nl_backward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t
                         int64_t B, int64_t H, const T *G, const T *GH, const T *out, const T *C,
                         const T *h0, const T *c0, const T *w, const T *dout, T *dh, T *dc,
                         T *dG, T *dGH, int64_t *offsets, int64_t nthreads,
-                        int64_t blas_min_rows, const nl_variants *v) {
+                        int64_t gemm_min_rows, const nl_variants *v) {
     if (mode < NL_LSTM || mode > NL_RNN_RELU) return NL_BAD_MODE;
     if (T_ < 0 || N < 0 || B < 1 || H < 1) return NL_BAD_SIZES;
     if (!G || !out || !h0 || !w || !dh || !dG || !offsets) return NL_MISSING_TENSOR;
@@ -1488,11 +1513,14 @@ int64_t FN(nl_backward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t
     if (rc != NL_OK) return rc;
     cx.Cprev = cx.zo ? cx.CZ : C;
     cx.D = cx.ln ? cx.dZ : cx.gru ? dGH : dG;
-    const int blas_ok = NL_BLAS != 0 && blas_fits(cx.GW, B, N, cx.R);
-    cx.walk = (nl_walk){T_, reverse, bs, offsets, blas_ok, blas_min_rows};
+    cx.walk = (nl_walk){T_, reverse, bs, offsets, gemm_min_rows};
     if (nthreads < 1) nthreads = 1;
+    cx.flags = aligned_alloc(64, (size_t)nthreads * sizeof(nl_flag));
+    if (!cx.flags) return NL_NO_MEMORY;
+    memset(cx.flags, 0, (size_t)nthreads * sizeof(nl_flag));
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     FN(bwd_thread)(&cx);
+    free(cx.flags);
     return NL_OK;
 }
 
@@ -1501,4 +1529,5 @@ int64_t FN(nl_backward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t
 #undef CAT
 #undef CAT_
 #undef NL_CW
+#undef NL_VL
 #endif

@@ -6,13 +6,11 @@ projection), and saves what backward reads; :func:`backward` walks the steps in 
 derivation is in ``engines/README.md``; the operator and the gradients over all steps at once
 are ``op.py``'s.
 
-The recurrent product goes to the BLAS that torch ships (MKL's Fortran ``sgemm_``/``dgemm_``,
-looked up in ``libtorch_cpu`` at run time) for steps of at least ``BLAS_MIN_ROWS`` rows, else to
-the C file's own register-blocked loops (a GEMV over ``W_hh`` at B=1). Without that BLAS (or
-with ``RNNKIT_NATIVE_BLAS=0`` set before the first call, which acts as if it were absent), or
-with ``blas=False``, the own loops run every step: same numbers up to rounding. A float32
-forward packs ``W_hh`` once for MKL's packed GEMM where torch's MKL has it (``PACKED``,
-``RNNKIT_NATIVE_PACKED=0`` to turn it off). The hidden units are split over ``threads`` OpenMP
+The recurrent products of steps with at least ``GEMM_MIN_ROWS`` rows run on panels: each
+thread packs its share of ``W_hh`` (and ``W_hr``) once per call for the C file's
+register-blocked kernel, and the panels stay in its core's cache across the steps; fewer rows
+(a GEMV over ``W_hh`` at B=1), or ``gemm=False``, run its register-blocked dot products: same
+numbers up to rounding. The hidden units are split over ``threads`` OpenMP
 threads (default: torch's).
 
 Built into ``$RNNKIT_CACHE`` for this CPU (``-march=native``) or, with
@@ -62,14 +60,9 @@ _ERRORS = {
     -5: "the variants' tensors are incomplete or do not apply to this mode",
     -6: "out of memory",
 }
-# Steps with at least this many rows use the BLAS; below, the own loops (measured on 2 cores,
-# I=H=256: the own GEMV wins at B=1, MKL from a few rows on).
-BLAS_MIN_ROWS = 4
-# Whether a float32 forward packs its W_hh blocks once for MKL's packed GEMM (where torch's MKL
-# has it) instead of sgemm_ packing them every step.
-PACKED = os.environ.get("RNNKIT_NATIVE_PACKED", "1") != "0"
-
-_blas: tuple[int, int, int | None] | None = None
+# Steps with at least this many rows run on panels; below, the own dot products (measured on 2
+# cores, I=H=256: the dot products win at B=1, the panels from a few rows on).
+GEMM_MIN_ROWS = 4
 
 
 def none_if_empty(t: Tensor | None) -> Tensor | None:
@@ -250,45 +243,8 @@ def _build(arch: str) -> ctypes.CDLL:
     lib.nl_has_openmp.restype = ctypes.c_int64
     for name in ("nl_q8_isa", "nl_q8_packed_size", "nl_q8_pack", "nl_q8_linear"):
         getattr(lib, name).restype = ctypes.c_int64
-    lib.nl_set_blas.restype = None
-    lib.nl_set_packed_blas.restype = None
     lib.nl_advise_huge_pages.restype = ctypes.c_int64
-    global _blas
-    # RNNKIT_NATIVE_BLAS=0: behave as where torch ships no BLAS (the own loops only).
-    _blas = None if os.environ.get("RNNKIT_NATIVE_BLAS") == "0" else _find_blas()
-    blas = (ctypes.c_void_p(a) for a in _blas) if _blas else (None, None, None)
-    lib.nl_set_blas(*blas)
-    packed = _find_packed_blas() if _blas and PACKED else None
-    lib.nl_set_packed_blas(*(ctypes.c_void_p(a) for a in packed or (0, 0, 0)))
     return lib
-
-
-def _find_blas() -> tuple[int, int, int | None] | None:
-    """Addresses of torch's MKL ``sgemm_`` and ``dgemm_`` (LP64 Fortran interface) and of
-    ``MKL_Set_Num_Threads_Local`` (None where absent), or None."""
-    path = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
-    if not torch.backends.mkl.is_available() or not path.exists():
-        return None
-    try:
-        torch_cpu = ctypes.CDLL(str(path))
-        gemms = [ctypes.cast(getattr(torch_cpu, n), ctypes.c_void_p).value
-                 for n in ("sgemm_", "dgemm_")]  # fmt: skip
-    except (OSError, AttributeError):
-        return None
-    # The C API (takes an int); the lower-case name is the Fortran one (takes an int *).
-    local = getattr(torch_cpu, "MKL_Set_Num_Threads_Local", None)
-    return (*gemms, None if local is None else ctypes.cast(local, ctypes.c_void_p).value)
-
-
-def _find_packed_blas() -> tuple[int, int, int] | None:
-    """Addresses of MKL's ``sgemm_pack_get_size``, ``sgemm_pack`` and ``sgemm_compute``
-    (packed GEMM, float32) in torch's ``libtorch_cpu``, or None."""
-    try:
-        torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-        names = ("sgemm_pack_get_size", "sgemm_pack", "sgemm_compute")
-        return tuple(ctypes.cast(getattr(torch_cpu, n), ctypes.c_void_p).value for n in names)
-    except (OSError, AttributeError):
-        return None
 
 
 _LIBRARIES = {
@@ -342,11 +298,6 @@ def build_error() -> str | None:
     return _library().error
 
 
-def blas_available() -> bool:
-    """Whether torch's BLAS was found (after :func:`available`)."""
-    return _blas is not None
-
-
 # Multiply-adds of one step's recurrent product below which the loop stays on one thread: the
 # threads meet at a barrier every step. On an idle 2-core machine two threads take 0.68x the time
 # of one at H=256 (B=1 to 64), but a small step gains nothing, and when other processes hold the
@@ -359,9 +310,9 @@ def _default_threads(B: int, H: int, GW: int) -> int:
     return torch.get_num_threads() if B * H * GW >= PARALLEL_MIN_MACS else 1
 
 
-def _blas_min_rows(blas: bool | None) -> ctypes.c_int64:
-    """The C loop's threshold for the BLAS; ``blas=False`` forces the own loops."""
-    return ctypes.c_int64(2**62 if blas is False else BLAS_MIN_ROWS)
+def _gemm_min_rows(gemm: bool | None) -> ctypes.c_int64:
+    """The C loop's threshold for the panels; ``gemm=False`` forces the own dot products."""
+    return ctypes.c_int64(2**62 if gemm is False else GEMM_MIN_ROWS)
 
 
 def _check(name: str, t: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> None:
@@ -551,7 +502,7 @@ def forward(
     w_hr: Tensor | None = None,
     variants: NativeVariants | None = None,
     threads: int | None = None,
-    blas: bool | None = None,
+    gemm: bool | None = None,
     int8: CInt8 | None = None,
 ) -> ForwardResult:
     """One layer and direction forward over packed-layout rows, all steps in one native call.
@@ -610,7 +561,7 @@ def forward(
         i64(_MODES[mode]), i64(int(reverse)), i64(len(bs)), _ptr(bs), i64(N), i64(B), i64(H),
         _ptr(G), _ptr(A), _ptr(w_hh if int8 is None else None), _ptr(b_hh if gru else None),
         _ptr(h0), _ptr(out), _ptr(h), _ptr(c), _ptr(C), _ptr(GH), _ptr(Z), _ptr(offsets),
-        i64(threads or _default_threads(B, R, GW)), _blas_min_rows(blas), cv,
+        i64(threads or _default_threads(B, R, GW)), _gemm_min_rows(gemm), cv,
         None if int8 is None else ctypes.byref(int8),
     )  # fmt: skip
     return ForwardResult(out, h, c, C, GH, Zr, stats, CZ, A, Rs)
@@ -637,7 +588,7 @@ def backward(
     CZ: Tensor | None = None,
     w_hr: Tensor | None = None,
     threads: int | None = None,
-    blas: bool | None = None,
+    gemm: bool | None = None,
 ) -> BackwardResult:
     """The backward walk of :func:`forward` (``engines/README.md``), all steps in one call.
 
@@ -704,7 +655,7 @@ def backward(
         i64(_MODES[mode]), i64(int(reverse)), i64(len(bs)), _ptr(bs), i64(N), i64(B), i64(H),
         _ptr(G), _ptr(GH if gru else None), _ptr(out), _ptr(C if lstm else None), _ptr(h0),
         _ptr(c0 if lstm else None), _ptr(w_hh), _ptr(d_out), _ptr(dh), _ptr(dc), _ptr(dG),
-        _ptr(dGH), _ptr(offsets), i64(threads or _default_threads(B, R, GW)), _blas_min_rows(blas),
+        _ptr(dGH), _ptr(offsets), i64(threads or _default_threads(B, R, GW)), _gemm_min_rows(gemm),
         cv,
     )  # fmt: skip
     ln = [] if ln_grads is None else [g.to(dtype, copy=True) for g in ln_grads.split(ln_sizes)]

@@ -60,17 +60,17 @@ def _native_layer(
     zoneout_p: float | None,
     save: bool,
     threads: int,
-    blas: int,
+    gemm: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(out (N, R), h_n, c_n or empty, activations A, C, GH, Zr, stats, CZ, Rs)`` (the saved
     tensors of ``native_loop.ForwardResult``, empty where absent: all without ``save``, ``A``
     for RNN); ``variants``: ``NativeVariants``' tensors in order, an empty tensor where one is
     absent (a list holding None would be opaque to the operator's autograd); ``threads=0``: torch's;
-    ``blas=-1``: automatic, 0: the own loops only."""
+    ``gemm=-1``: automatic, 0: the own loops only."""
     v = NativeVariants.from_tensors(variants, zoneout_p)
     r = native_loop.forward(
         mode, reverse, batch_sizes, G, h0, c0, w_hh, b_hh, save, w_hr=w_hr, variants=v,
-        threads=threads or None, blas=None if blas < 0 else bool(blas),
+        threads=threads or None, gemm=None if gemm < 0 else bool(gemm),
     )  # fmt: skip
     c_n, A, C, GH, Zr, stats, CZ, Rs = (
         t if t is not None else G.new_empty(0)
@@ -84,7 +84,7 @@ native_layer = torch.library.custom_op("rnnkit::native_layer", mutates_args=())(
 
 @native_layer.register_fake
 def _native_layer_fake(mode, reverse, batch_sizes, G, h0, c0, w_hh, b_hh, w_hr, variants,
-                       zoneout_p, save, threads, blas):  # fmt: skip
+                       zoneout_p, save, threads, gemm):  # fmt: skip
     v = NativeVariants.from_tensors(variants, zoneout_p)
     saved = _saved_shapes(mode, G, v.layer_norm, v.zoneout, w_hr is not None, save)
     c_n = torch.empty_like(c0) if mode == "LSTM" else G.new_empty(0)
@@ -116,7 +116,7 @@ def _native_layer_backward(
     d_hn: Tensor | None,
     d_cn: Tensor | None,
     threads: int,
-    blas: int,
+    gemm: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dG, dGH, dh0, dc0, dZ, dHt, d ln_hw, d ln_hb, d ln_cw, d ln_cb)``, empty where absent:
     the gradients of :func:`native_layer`'s ``G`` (pre-activations), of its hidden side (GRU),
@@ -126,7 +126,7 @@ def _native_layer_backward(
     r = native_loop.backward(
         mode, reverse, batch_sizes, A, out, C, GH, h0, c0, w_hh, d_out, d_hn, d_cn,
         variants=v, Zr=Zr, stats=stats, CZ=CZ, w_hr=w_hr, threads=threads or None,
-        blas=None if blas < 0 else bool(blas),
+        gemm=None if gemm < 0 else bool(gemm),
     )  # fmt: skip
     optional = (r.dGH, r.dc0, r.dZ, r.dHt, r.ln_hw, r.ln_hb, r.ln_cw, r.ln_cb)
     dGH, dc0, dZ, dHt, *d_ln = (t if t is not None else A.new_empty(0) for t in optional)
@@ -141,7 +141,7 @@ native_layer_backward = torch.library.custom_op("rnnkit::native_layer_backward",
 @native_layer_backward.register_fake
 def _native_layer_backward_fake(mode, reverse, batch_sizes, A, out, C, GH, Zr, stats, CZ, h0,
                                 c0, w_hh, w_hr, variants, zoneout_p, d_out, d_hn, d_cn, threads,
-                                blas):  # fmt: skip
+                                gemm):  # fmt: skip
     v = NativeVariants.from_tensors(variants, zoneout_p)
     lstm, ln = mode == "LSTM", v.layer_norm
     GW = A.shape[1]
@@ -198,13 +198,13 @@ class _Inputs(NamedTuple):
     zoneout_p: float | None
     save: bool
     threads: int
-    blas: int
+    gemm: int
 
 
 def _setup_context(ctx, inputs, output) -> None:
     a = _Inputs(*inputs)
     out, _, _, A, C, GH, Zr, stats, CZ, Rs = output
-    ctx.where = (a.mode, a.reverse, tuple(a.batch_sizes), a.threads, a.blas, a.zoneout_p)
+    ctx.where = (a.mode, a.reverse, tuple(a.batch_sizes), a.threads, a.gemm, a.zoneout_p)
     ctx.needs = {
         name: t is not None and t.requires_grad
         for name, t in (
@@ -241,7 +241,7 @@ def _reference_grads(ctx, t: dict, v, cotangents) -> dict[str, Tensor]:
 
 def _native_grads(ctx, t: dict, v, saved: tuple, d_out, d_hn, d_cn) -> dict[str, Tensor | None]:
     """Gradients through the native backward walk and the one-GEMM sums over all steps."""
-    mode, reverse, batch_sizes, threads, blas, zoneout_p = ctx.where
+    mode, reverse, batch_sizes, threads, gemm, zoneout_p = ctx.where
     out, A, C, GH, Zr, stats, CZ, Rs = saved
     G, h0, c0, w_hh, b_hh = (t[k] for k in ("G", "h0", "c0", "w_hh", "b_hh"))
     lstm, gru, ln = mode == "LSTM", mode == "GRU", v.layer_norm
@@ -253,7 +253,7 @@ def _native_grads(ctx, t: dict, v, saved: tuple, d_out, d_hn, d_cn) -> dict[str,
         none_if_empty(GH), none_if_empty(Zr), none_if_empty(stats), none_if_empty(CZ), h0,
         c0 if lstm else None, w_hh, t["w_hr"], [G.new_empty(0) if u is None else u for u in
         v.tensors()], zoneout_p, d_out, d_hn, d_cn,
-        threads, blas,
+        threads, gemm,
     )  # fmt: skip
     grads = {"G": dG, "h0": dh0, "c0": dc0 if lstm else None}
     dY = dGH if gru else dG  # the gradient at the recurrent side, after its norm
@@ -325,8 +325,8 @@ class _EagerLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        *head, variants, zoneout_p, save, threads, blas = _backward(ctx, *grads)
-        return (*head, *variants, zoneout_p, save, threads, blas)
+        *head, variants, zoneout_p, save, threads, gemm = _backward(ctx, *grads)
+        return (*head, *variants, zoneout_p, save, threads, gemm)
 
 
 def _flatten(inputs: tuple) -> tuple:
@@ -354,7 +354,7 @@ def run_layer(
     variants: StepVariants | None = None,
     *,
     threads: int | None = None,
-    blas: bool | None = None,
+    gemm: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One layer and direction: ``(out (N, R), h_n, c_n)``, with LSTM's projection ``w_hr`` and
     the variants of ``variants`` (layer norm, recurrent dropout, zoneout)."""
@@ -380,12 +380,12 @@ def run_layer(
         # Eager inference: no graph to record and no gradient, so the operator's dispatch (about
         # 0.2 ms a call, a tenth of a B=1 layer) buys nothing; the same function runs directly.
         r = native_loop.forward(mode, reverse, batch_sizes, G, h0, c0, w_hh, gru_bias, False,
-                                w_hr=w_hr, variants=v, threads=threads, blas=blas)  # fmt: skip
+                                w_hr=w_hr, variants=v, threads=threads, gemm=gemm)  # fmt: skip
         return r.out, r.h_n, r.c_n
     inputs = (
         mode, reverse, list(batch_sizes), G, h0, c0, w_hh, gru_bias, w_hr,
         [G.new_empty(0) if t is None else t for t in v.tensors()],
-        v.zoneout_p, save, threads or 0, -1 if blas is None else int(blas),
+        v.zoneout_p, save, threads or 0, -1 if gemm is None else int(gemm),
     )  # fmt: skip
     if torch.compiler.is_compiling() or torch.compiler.is_exporting() or functorch:
         out, h_n, c_n, *_ = native_layer(*inputs)
