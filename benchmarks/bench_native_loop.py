@@ -3,13 +3,16 @@
     .venv/bin/python benchmarks/bench_native_loop.py
     .venv/bin/python benchmarks/bench_native_loop.py --modes lstm --batches 1 --repeats 21
     .venv/bin/python benchmarks/bench_native_loop.py --modes lstm gru --layer-norm
+    .venv/bin/python benchmarks/bench_native_loop.py --gemms --batches 16 64
 
 Prints a Markdown table: median milliseconds of forward (no grad) and forward+backward for
 torch.nn (oneDNN), rnnkit's fused engine (backend="fused") and the native loop (the same layer's
 weights through ``native.op.run_layer``), and each one's ratio to torch.nn. The three run
 interleaved, repeat by repeat, so that a machine shared with other work slows all alike. With
 ``--layer-norm`` the fused and native columns run the layer-norm variant (issue 9's target
-compares it with torch.nn's plain layer).
+compares it with torch.nn's plain layer). ``--gemms`` prints instead the input side's GEMMs of
+one LSTM layer (``x W_ih^T + b`` and its input gradient ``dG W_ih``) through torch's addmm/mm
+(MKL) and through oneDNN (``engines/native/onednn.py``), interleaved.
 """
 
 import argparse
@@ -20,6 +23,7 @@ import torch
 
 import rnnkit
 from rnnkit.engines.native import loop as native_loop
+from rnnkit.engines.native import onednn
 from rnnkit.engines.native import op as ops
 from rnnkit.engines.spec import StepVariants
 
@@ -67,9 +71,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layer-norm", action="store_true", help="fused and native: layer_norm=True")
+    ap.add_argument("--gemms", action="store_true", help="the input side's GEMMs: MKL, oneDNN")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.gemms:
+        gemms(args)
+        return
     assert native_loop.available(torch.float32), "the native loop could not be built"
     print(f"T={args.T}, I=H={args.H}, float32, {args.threads} threads, median of "
           f"{args.repeats} interleaved repeats; torch {torch.__version__}, native panels from "
@@ -108,6 +116,41 @@ def main() -> None:
             cells = [f"{med[k, p]:.2f}" for p in ("fwd", "f+b") for k in runs]
             print(f"| {m} | {B} | " + " | ".join(cells) + f" | {ratio('fused')} | "
                   f"{ratio('native')} |", flush=True)  # fmt: skip
+
+
+def _gemm_runs(x, w, b, dG) -> dict:
+    return {
+        "fwd mkl": lambda: torch.addmm(b, x, w.t()),
+        "fwd dnn": lambda: onednn._linear(x, w, b),
+        "dx mkl": lambda: dG @ w,
+        "dx dnn": lambda: onednn._linear(dG, w.t().contiguous(), None),
+    }
+
+
+def gemms(args) -> None:
+    """Median ms of one LSTM layer's input-side GEMMs (N = T*B rows), MKL against oneDNN."""
+    assert onednn.usable(torch.empty(1)), "torch's oneDNN linear is not available here"
+    print(f"T={args.T}, I=H={args.H}, LSTM (G*H = {4 * args.H}), float32, {args.threads} "
+          f"threads, median of {args.repeats} interleaved repeats; torch {torch.__version__}\n")
+    print("| B | x W_ih^T + b, addmm | oneDNN | oneDNN / addmm | dG W_ih, mm | oneDNN | "
+          "oneDNN / mm |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for B in args.batches:
+        N, H, GH = args.T * B, args.H, 4 * args.H
+        runs = _gemm_runs(torch.randn(N, H), torch.randn(GH, H), torch.randn(GH),
+                          torch.randn(N, GH))  # fmt: skip
+        times = {k: [] for k in runs}
+        for fn in runs.values():
+            fn()
+        for _ in range(args.repeats):
+            for k, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+        m = {k: statistics.median(v) for k, v in times.items()}
+        print(f"| {B} | {m['fwd mkl']:.2f} | {m['fwd dnn']:.2f} | "
+              f"{m['fwd dnn'] / m['fwd mkl']:.2f} | {m['dx mkl']:.2f} | {m['dx dnn']:.2f} | "
+              f"{m['dx dnn'] / m['dx mkl']:.2f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
