@@ -867,7 +867,11 @@ class ForecastTask(Task):
             self.preprocessing["ar_differences"] = base.differences
             self.preprocessing["ar_ridge"] = base.ridge
         if base.smoothing is not None:
-            self.preprocessing["smoothing"] = asdict(base.smoothing)
+            # Lists, as the saved model reads them back, so that evaluate finds them equal.
+            smooth = asdict(base.smoothing)
+            self.preprocessing["smoothing"] = {
+                k: list(v) if isinstance(v, tuple) else v for k, v in smooth.items()
+            }
         # Absent in runs without them, so that the runs of earlier versions read the same.
         if covariates:
             self.preprocessing["covariates"] = covariates
