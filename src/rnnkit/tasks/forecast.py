@@ -12,10 +12,14 @@ to each horizon step). The model predicts the residual over its own linear base:
 the residuals' training standard deviation, is added to the base's forecast. The base is the
 linear autoregression above or one from the window's step-to-step changes to each target's change
 from the last value, each with a ridge penalty of several weights: whichever of these forecasts
-the windows before the test part best out of fold (each block of 5 by a fit on the others). Its
-input is the window folded by the period: the recurrent layer reads the last ``period`` steps,
-each with the values 0, 1, ... periods earlier, the calendar (hour of day and day of week, when
-the CSV has time stamps) and the base's forecast.
+the windows before the test part best out of fold (each block of 5 by a fit on the others), or
+either of those with two more regressors per step from an exponential smoothing with one profile
+per season (``--seasons``; :class:`Smoothing`), which reads the whole history, not one window, as
+MSTL does: the daily and weekly profiles of half-hourly load are estimated over many weeks. The
+network's input is the window folded by the period: the recurrent layer reads the last ``period``
+steps, each with the values 0, 1, ... periods earlier, the calendar (hour of day and day of week,
+when the CSV has time stamps) and the base's forecast (and the smoothing's, where the base has
+one).
 
 Covariates (``--covariates``: other columns of the CSV) are read the same way: the autoregression
 becomes an ARX, least squares from the window's values of every column, and the recurrent layer
