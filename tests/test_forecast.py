@@ -28,6 +28,7 @@ from rnnkit.tasks.forecast import (
     fold,
     linear_ar,
     model_inputs,
+    network_beats_base,
     ordered_quantiles,
     out_of_fold_ar,
     parse_quantiles,
@@ -515,13 +516,15 @@ def test_the_forecast_is_the_base_alone_where_the_network_loses_to_it_on_validat
         return torch.stack([step, mid, step], dim=-1).reshape(len(y), -1)  # (N, horizon * 3)
 
     # A network that knows the validation targets wins: its median stays the forecast.
-    assert "network_median" not in task.calibrate(raw(val.y, 0.0), val.y, val)
+    decided = task.calibrate(raw(val.y, 0.0), val.y, val)
+    assert "network_median" not in decided
+    assert decided["network_vs_base"]["network_mae"] < 1e-3 < decided["network_vs_base"]["base_mae"]
     m = task.report(raw(test.y, 0.0), test.y, test).metrics
     assert m["forecast_from"] == "the network's median" and m["mae"] < 1e-3
     # One that is 5 scaled residuals off loses to the base alone: the base is the forecast, and
     # the band keeps its width around it.
     task, prep = _prepare(tmp_path / "s.csv", quantiles=[0.1, 0.5, 0.9], conformal=False)
-    assert task.calibrate(raw(val.y, 5.0), val.y, val) == {"network_median": False}
+    assert task.calibrate(raw(val.y, 5.0), val.y, val)["network_median"] is False
     report = task.report(raw(test.y, 5.0), test.y, test)
     m = report.metrics
     assert m["forecast_from"] == "the linear base"
@@ -762,3 +765,22 @@ def test_a_model_with_smoothing_predicts_what_evaluate_forecasts(tmp_path, capsy
     assert main(["predict", str(tmp_path / "r"), str(tmp_path / "s.csv")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("steps_ahead,forecast") and len(lines) == 3
+
+
+def test_the_network_must_beat_the_base_by_two_standard_errors_of_block_means():
+    base = np.ones(12)
+    # Blocks of 3 windows: differences -0.3, -0.1, -0.2, -0.2 per block, mean -0.2; the block
+    # means' standard deviation is sqrt(0.02 / 3), so the standard error is sqrt(0.02 / 3) / 2.
+    network = base + np.repeat([-0.3, -0.1, -0.2, -0.2], 3)
+    wins, se = network_beats_base(network, base, 3)
+    assert se == pytest.approx(math.sqrt(0.02 / 3) / 2) and wins  # -0.2 < -2 * 0.0408
+    # The same mean with blocks far apart: -0.2 is no longer 2 standard errors below 0.
+    network = base + np.repeat([-0.8, 0.4, -0.6, 0.2], 3)
+    wins, se = network_beats_base(network, base, 3)
+    assert se == pytest.approx(np.std([-0.8, 0.4, -0.6, 0.2], ddof=1) / 2) and not wins
+    # A worse network never wins; one block is too few to tell.
+    assert not network_beats_base(base + 0.1, base, 3)[0]
+    assert network_beats_base(base - 1.0, base, 12) == (
+        False,
+        pytest.approx(float("nan"), nan_ok=True),
+    )

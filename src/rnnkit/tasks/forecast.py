@@ -908,22 +908,34 @@ class ForecastTask(Task):
         )
 
     # What calibrate() adds to the preprocessing after training; prepare() does not make it.
-    calibration_keys = ("network_median", "conformal")
+    calibration_keys = ("network_median", "network_vs_base", "conformal")
 
     def calibrate(self, out: Tensor, y: Tensor, split: Split) -> dict:
         """What the trained model's outputs ``out`` on the validation windows ``split`` (targets
         ``y``) decide, joined to the preprocessing so that the saved model, the test report and
-        ``predict`` use it: ``network_median`` False where the network's median forecasts the
-        validation windows no better than the linear base alone (then the forecast is the
-        base's, and the band keeps its offsets from the network's median); ``conformal``, the
+        ``predict`` use it: ``network_median`` False where the network's median does not beat
+        the linear base alone on the validation windows by ``NETWORK_MARGIN`` standard errors
+        (:func:`network_beats_base`; then the forecast is the base's, and the band keeps its
+        offsets from the network's median), ``network_vs_base`` the figures of that comparison
+        (validation MAE of each and the standard error of their difference, in data units);
+        ``conformal``, the
         correction of every quantile and horizon step (:func:`conformal_shifts`, in units of the
         scaled residual), with at least two quantiles unless ``--no-conformal`` turned it off."""
         q = self.quantiles(out).numpy().astype(np.float64)  # (N, horizon, Q)
         truth = y.numpy().astype(np.float64)  # (N, horizon): the residual over the base
         p = self.preprocessing
         # The base alone forecasts a residual of 0.
-        if np.abs(q[..., self._median] - truth).mean() >= np.abs(truth).mean():
+        network = np.abs(q[..., self._median] - truth).mean(axis=1)  # (N,)
+        base = np.abs(truth).mean(axis=1)
+        wins, se = network_beats_base(network, base, max(p["period"], p["horizon"]))
+        if not wins:
             p["network_median"] = False
+        unit = p["residual_scale"] * p["std"]
+        p["network_vs_base"] = {
+            "network_mae": float(network.mean() * unit),
+            "base_mae": float(base.mean() * unit),
+            "difference_se": None if math.isnan(se) else float(se * unit),
+        }
         if len(self.levels) > 1 and self._conformal:
             p["conformal"] = conformal_shifts(self.calibrated(q), truth, self.levels).tolist()
         return {k: p[k] for k in self.calibration_keys if k in p}
@@ -1073,6 +1085,8 @@ class ForecastTask(Task):
         metrics["linear_base_mae"] = _errors(base, true)["mae"]
         network = self.preprocessing.get("network_median", True)
         metrics["forecast_from"] = "the network's median" if network else "the linear base"
+        for k, v in self.preprocessing.get("network_vs_base", {}).items():
+            metrics[f"val_{k}"] = v
         rows = backtest_origins(len(true), h)
         metrics["backtest_linear_base_mae"] = float(np.abs(base[rows] - true[rows]).mean())
         return Report(metrics, arrays)
@@ -1175,6 +1189,28 @@ KEYS = {
     "linear AR": "ar",
     "ARX": "ar",
 }
+
+
+# The network's median replaces the base only where it beats it on the validation windows by this
+# many standard errors (its epoch was chosen on those windows, which flatters it).
+NETWORK_MARGIN = 2.0
+
+
+def network_beats_base(network: np.ndarray, base: np.ndarray, block: int) -> tuple[bool, float]:
+    """Whether the network's absolute errors ``network`` ``(N,)`` (one per validation window, in
+    time order) are below the base's ``base`` ``(N,)`` by more than ``NETWORK_MARGIN`` standard
+    errors of the mean paired difference, and that standard error. Neighbouring windows share
+    targets and seasons, so the error is that of the means of consecutive blocks of ``block``
+    windows (a period), as independent draws; with fewer than two blocks the network cannot show
+    that it wins. The best epoch is the one whose validation MAE was least: comparing that MAE
+    with the base's without a margin kept networks that lost to the base on new data."""
+    d = network - base
+    count = len(d) // block
+    if count < 2:
+        return False, float("nan")
+    means = np.array([b.mean() for b in np.array_split(d[: count * block], count)])
+    se = float(means.std(ddof=1) / math.sqrt(count))
+    return bool(d.mean() < 0 and d.mean() < -NETWORK_MARGIN * se), se
 
 
 def backtest_origins(windows: int, horizon: int) -> np.ndarray:
