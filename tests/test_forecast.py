@@ -784,3 +784,20 @@ def test_the_network_must_beat_the_base_by_two_standard_errors_of_block_means():
         False,
         pytest.approx(float("nan"), nan_ok=True),
     )
+
+
+def test_a_series_the_smoothing_forecasts_exactly_still_gives_a_base():
+    # Every one-step error is 0: the error column is all zeros, and the normal equations of a
+    # ridge that leaves it unpenalised would be singular.
+    series = np.tile([1.0, 4.0, 2.0, 8.0, 5.0], 60)
+    starts = np.arange(9, 290)
+    s = Smoothing((5,), 0.1, (0.2,), 0.5)
+    for ridge in (0.0, 0.1):
+        base = LinearBase(True, ridge, s)
+        coef = fit_linear_ar(series, starts, 8, 2, base)
+        assert np.isfinite(coef).all()
+        assert linear_ar(series, starts, coef, base) == pytest.approx(
+            targets_of(series, starts, 2), abs=1e-6
+        )
+    with pytest.raises(ValueError, match="before the first season"):
+        smoothing_forecasts(series, np.array([4]), 2, s)

@@ -189,8 +189,13 @@ def smoothing_forecasts(
     the windows whose first targets are ``starts``, from the values before each, and ``(N,)``
     the one-step error at each origin (the last value before the window)."""
     target = np.ascontiguousarray(_columns(z)[:, 0], dtype=np.float64)
-    fc, err = _smoothed_series(target.tobytes(), smoothing, horizon)
     first = max(smoothing.seasons) - 1
+    if (starts - 1).min() < first:
+        raise ValueError(
+            f"smoothing: a window starts at step {(starts - 1).min() + 1}, before the first "
+            f"season's {first + 1} values that the smoothing starts from"
+        )
+    fc, err = _smoothed_series(target.tobytes(), smoothing, horizon)
     return fc[starts - 1 - first], err[starts - 1 - first]
 
 
@@ -263,6 +268,8 @@ class LinearBase:
 # smoothing also these larger ones (its columns are not penalised, so they do not vanish).
 RIDGES = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 SMOOTHING_RIDGES = (*RIDGES, 10.0, 100.0)
+# The ridge weight per window on the smoothing's columns: none in effect (see fit_linear_ar).
+SMOOTHING_JITTER = 1e-10
 
 
 def _design(series: np.ndarray, starts: np.ndarray, window: int, base: LinearBase) -> np.ndarray:
@@ -335,6 +342,10 @@ def fit_linear_ar(
         xj = _with(x, extra, j)
         if base.ridge > 0:
             gram = xj.T @ xj + penalty.T @ penalty
+            # A vanishing ridge on the smoothing's two columns keeps the equations solvable where
+            # one is 0 or repeats another (a series the smoothing forecasts exactly).
+            own = np.arange(penalised, width - 1)
+            gram[own, own] += SMOOTHING_JITTER * len(starts)
             coef[:, j] = np.linalg.solve(gram, xj.T @ y[:, j])
         else:
             coef[:, j] = np.linalg.lstsq(xj, y[:, j], rcond=None)[0]
