@@ -750,7 +750,7 @@ def test_bad_seasons_are_refused_with_a_clear_error(tmp_path, capsys, text, frag
     assert fragment in capsys.readouterr().err
 
 
-def test_a_model_with_smoothing_predicts_what_evaluate_forecasts(tmp_path, capsys):
+def test_a_model_with_smoothing_trains_and_predicts(tmp_path, capsys):
     k = np.arange(600)
     rng = np.random.default_rng(4)
     values = 50 + 5 * np.sin(2 * np.pi * k / 4) + 2 * (k % 28 < 4) + 0.3 * rng.normal(size=600)
