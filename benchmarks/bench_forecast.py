@@ -5,9 +5,10 @@ pinball loss, and ``--quantiles none``, a point forecast under the squared error
 default on validation data), then scores on the rolling-origin backtest of the test part (the
 test windows every ``horizon`` steps, one origin per ``horizon`` steps, nothing refitted):
 
-- rnnkit's model (its median, or its linear base alone where the network's median lost to the
-  base on the validation windows), its linear base alone (chosen by cross-validation among
-  values and changes with ridge weights: part of rnnkit's model, not a baseline), the plain
+- rnnkit's model (its median, or its linear base alone where the network's median did not beat
+  the base on the validation windows by two standard errors), its linear base alone (chosen by
+  cross-validation among values and changes with ridge weights, each with or without the
+  multi-seasonal exponential smoothing: part of rnnkit's model, not a baseline), the plain
   least-squares linear AR or ARX (values to values, fitted like the base on every window before
   the test part), the seasonal and weekly naive, all read from the run's summary.json; the
   coverage and width of rnnkit's conformally corrected 10-90% interval;
@@ -221,6 +222,13 @@ def bench(name: str, threads: int, root: Path) -> dict:
         sec_text = f"{sec:8.1f}" if sec is not None else f"{'':8}"
         print(f"  {label:34} {mae:13.4g} {val_text} {sec_text}")
     print(f"  rnnkit's forecast (chosen on the validation windows): {summary['forecast_from']}")
+    if "val_network_mae" in summary:
+        se = summary["val_difference_se"]
+        print(
+            f"  validation MAE: network's median {summary['val_network_mae']:.4g}, base alone "
+            f"{summary['val_base_mae']:.4g}, standard error of the difference "
+            + (f"{se:.3g}" if se is not None else "n/a (too few windows)")
+        )
     cov = summary.get("interval_coverage")
     how = "conformal" if summary.get("interval_conformal") else "as learnt"
     print(

@@ -14,22 +14,28 @@ from rnnkit.data import DataError
 from rnnkit.data.readers import read_times
 from rnnkit.tasks.forecast import (
     RIDGES,
+    SMOOTHING_RIDGES,
     ForecastTask,
     LinearBase,
+    Smoothing,
+    auto_seasons,
     backtest_origins,
     calendar,
     choose_linear_base,
     conformal_shifts,
     fit_linear_ar,
+    fit_smoothing,
     fold,
     linear_ar,
     model_inputs,
+    network_beats_base,
     ordered_quantiles,
     out_of_fold_ar,
     parse_quantiles,
     pinball,
     seasonal_naive,
     shift_quantiles,
+    smoothing_forecasts,
 )
 from rnnkit.train import load
 
@@ -429,6 +435,8 @@ def test_the_interval_covers_its_nominal_share_of_gaussian_noise(tmp_path, capsy
     values = 10 * np.sin(2 * np.pi * k / 8) + rng.normal(size=len(k))  # noise sd 1
     (tmp_path / "s.csv").write_text("v\n" + "\n".join(f"{v:.5f}" for v in values) + "\n")
     argv = ["train", "forecast", "--data", tmp_path / "s.csv", "--window", "8", "--period", "8"]
+    # No smoothing: the width below is that of the window AR's Gaussian errors.
+    argv += ["--seasons", "none"]
     argv += ["--horizon", "2", "--epochs", "4", "--lr", "0.03", "--hidden-size", "8"]
     argv += ["--threads", "1", "--quiet", "--out", tmp_path / "r"]
     assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
@@ -508,13 +516,15 @@ def test_the_forecast_is_the_base_alone_where_the_network_loses_to_it_on_validat
         return torch.stack([step, mid, step], dim=-1).reshape(len(y), -1)  # (N, horizon * 3)
 
     # A network that knows the validation targets wins: its median stays the forecast.
-    assert "network_median" not in task.calibrate(raw(val.y, 0.0), val.y, val)
+    decided = task.calibrate(raw(val.y, 0.0), val.y, val)
+    assert "network_median" not in decided
+    assert decided["network_vs_base"]["network_mae"] < 1e-3 < decided["network_vs_base"]["base_mae"]
     m = task.report(raw(test.y, 0.0), test.y, test).metrics
     assert m["forecast_from"] == "the network's median" and m["mae"] < 1e-3
     # One that is 5 scaled residuals off loses to the base alone: the base is the forecast, and
     # the band keeps its width around it.
     task, prep = _prepare(tmp_path / "s.csv", quantiles=[0.1, 0.5, 0.9], conformal=False)
-    assert task.calibrate(raw(val.y, 5.0), val.y, val) == {"network_median": False}
+    assert task.calibrate(raw(val.y, 5.0), val.y, val)["network_median"] is False
     report = task.report(raw(test.y, 5.0), test.y, test)
     m = report.metrics
     assert m["forecast_from"] == "the linear base"
@@ -608,3 +618,186 @@ def test_the_median_alone_has_no_interval_and_old_runs_have_no_quantiles(tmp_pat
     # The options of a run of an earlier version (resumed) name no quantiles: a point forecast.
     options = {"data": str(tmp_path / "s.csv"), "column": "v", "window": 8, "horizon": 2}
     assert ForecastTask().data_config({**options, "period": 4})["quantiles"] == []
+
+
+def _smoothing_by_hand(z, s: Smoothing, origin, horizon):
+    """The docstring's equations stepped one value at a time: forecasts from ``origin``."""
+    L = max(s.seasons)
+    level = z[:L].mean()
+    rest = z[:L] - level
+    profiles = {}
+    for p in sorted(s.seasons):
+        profiles[p] = [rest[k::p].mean() for k in range(p)]
+        rest = rest - np.array([profiles[p][k % p] for k in range(L)])
+    e = 0.0
+    for t in range(L, origin + 1):
+        e = z[t] - level - sum(profiles[p][t % p] for p in s.seasons)
+        level += s.alpha * e
+        for p, g in zip(s.seasons, s.gammas, strict=True):
+            profiles[p][t % p] += g * e
+    ahead = [origin + k for k in range(1, horizon + 1)]
+    fc = [
+        level + sum(profiles[p][u % p] for p in s.seasons) + s.phi**k * e
+        for k, u in enumerate(ahead, 1)
+    ]
+    return np.array(fc), e
+
+
+def test_smoothing_follows_its_equations_step_by_step():
+    rng = np.random.default_rng(11)
+    z = np.cumsum(rng.normal(size=90)) * 0.3 + np.sin(np.arange(90))
+    s = Smoothing((3, 12), 0.3, (0.2, 0.1), 0.8)
+    starts = np.array([12, 13, 40, 89])  # origins 11 (the first season's end), 12, 39, 88
+    fc, err = smoothing_forecasts(z, starts, 3, s)
+    for k, t in enumerate(starts):
+        want, e = _smoothing_by_hand(z, s, t - 1, 3)
+        assert fc[k] == pytest.approx(want, abs=1e-12) and err[k] == pytest.approx(e, abs=1e-12)
+
+
+def test_smoothing_recovers_two_seasons_exactly_and_the_base_keeps_it():
+    # A level plus a daily (4 steps) and a weekly (28 steps) profile, no noise: the state after
+    # the first week holds both profiles, every one-step error is 0 and every forecast exact.
+    k = np.arange(400)
+    day, week = np.array([0.0, 2.0, -1.0, 3.0]), np.sin(2 * np.pi * np.arange(28) / 28)
+    series = 5.0 + day[k % 4] + week[k % 28]
+    starts = np.arange(30, 396)
+    s = Smoothing((4, 28), 0.4, (0.2, 0.3), 0.9)
+    fc, err = smoothing_forecasts(series, starts, 3, s)
+    assert fc == pytest.approx(targets_of(series, starts, 3), abs=1e-12)
+    assert np.abs(err).max() < 1e-12
+    # With noise, the level chosen stays nearly fixed, and the base built on the
+    # smoothing beats the window AR out of fold (the window of 8 sees too little of the week).
+    noisy = series + 0.3 * np.random.default_rng(2).normal(size=len(series))
+    fitted = fit_smoothing(noisy, starts, 3, (4, 28))
+    assert fitted.alpha <= 0.1
+    window = np.arange(30, 396)
+    base, _, maes = choose_linear_base(noisy, window, 8, 3, 5, fitted)
+    assert len(maes) == 2 * len(RIDGES) + 2 * len(SMOOTHING_RIDGES)
+    assert base.smoothing == fitted
+    plain = min(v for b, v in maes.items() if b.smoothing is None)
+    assert maes[base] < 0.8 * plain
+    # Noise of sd 0.3 has a mean absolute value of 0.24: the base's error is near that floor.
+    assert maes[base] < 0.24 * 1.25
+
+
+def targets_of(series, starts, horizon):
+    return np.stack([series[t : t + horizon] for t in starts])
+
+
+def test_smoothing_never_reads_a_window_s_own_future():
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=120)
+    s = Smoothing((6, 24), 0.2, (0.1, 0.2), 0.7)
+    starts = np.array([60])
+    before = smoothing_forecasts(z, starts, 4, s)
+    later = z.copy()
+    later[60:] += 100.0  # the window's targets and everything after them
+    after = smoothing_forecasts(later, starts, 4, s)
+    assert after[0] == pytest.approx(before[0]) and after[1] == pytest.approx(before[1])
+    earlier = z.copy()
+    earlier[59] += 1.0  # the last value before the window is read
+    assert not np.allclose(smoothing_forecasts(earlier, starts, 4, s)[0], before[0])
+
+
+def test_the_linear_base_with_smoothing_is_ridge_least_squares_by_hand():
+    rng = np.random.default_rng(8)
+    k = np.arange(200)
+    series = np.sin(2 * np.pi * k / 6) + 0.5 * rng.normal(size=len(k))
+    starts = np.arange(13, 190)
+    sm = Smoothing((6,), 0.1, (0.2,), 0.5)
+    fc, err = smoothing_forecasts(series, starts, 2, sm)
+    for differences, ridge in ((False, 0.0), (True, 0.3)):
+        base = LinearBase(differences, ridge, sm)
+        coef = fit_linear_ar(series, starts, 4, 2, base)  # (4 window + 2 smoothing + 1, 2)
+        origin = series[starts - 1] if differences else np.zeros(len(starts))
+        d = np.diff(series, prepend=np.nan) if differences else series
+        window = np.stack([d[t - 4 : t] for t in starts])
+        for j in range(2):
+            x = np.c_[window, fc[:, j] - origin, err, np.ones(len(starts))]
+            y = series[starts + j] - origin
+            # The ridge penalises the window's 4 coefficients only.
+            penalty = ridge * len(starts) * np.diag([1.0] * 4 + [0.0] * 3)
+            want = np.linalg.solve(x.T @ x + penalty, x.T @ y)
+            assert coef[:, j] == pytest.approx(want, abs=1e-8)
+            got = linear_ar(series, starts, coef, base)[:, j]
+            assert got == pytest.approx(x @ want + origin, abs=1e-8)
+
+
+def test_seasons_auto_adds_a_week_only_for_daily_periods_with_a_week_of_window(tmp_path):
+    half_hours = np.datetime64("2000-06-05T00:00") + np.arange(10) * np.timedelta64(30, "m")
+    assert auto_seasons(48, 336, half_hours) == [48, 336]
+    assert auto_seasons(48, 100, half_hours) == [48]  # the window holds no week
+    assert auto_seasons(24, 336, half_hours) == [24]  # 24 half-hours are not a day
+    assert auto_seasons(48, 336, None) == [48]
+    _tiny_csv(tmp_path / "s.csv")  # 6-hourly: a day is 4 steps
+    _, prep = _prepare(tmp_path / "s.csv", window=28, seasons="auto")
+    note = next(n for n in prep.notes if n.startswith("linear base"))
+    if "smoothing" in note:
+        assert "seasons 4, 28" in note
+        assert prep.preprocessing["smoothing"]["seasons"] == [4, 28]
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [("0,48", "at least 2"), ("a", "expected auto"), ("4,8,12", "at most 2"), ("48,400", "longer")],
+    ids=["too-short", "not-a-number", "three-seasons", "longer-than-window"],
+)
+def test_bad_seasons_are_refused_with_a_clear_error(tmp_path, capsys, text, fragment):
+    _tiny_csv(tmp_path / "s.csv")
+    argv = ["train", "forecast", "--data", tmp_path / "s.csv", "--window", "336"]
+    argv += ["--seasons", text, "--epochs", "1", "--quiet", "--out", tmp_path / "r"]
+    assert main([str(a) for a in argv]) != 0
+    assert fragment in capsys.readouterr().err
+
+
+def test_a_model_with_smoothing_trains_and_predicts(tmp_path, capsys):
+    k = np.arange(600)
+    rng = np.random.default_rng(4)
+    values = 50 + 5 * np.sin(2 * np.pi * k / 4) + 2 * (k % 28 < 4) + 0.3 * rng.normal(size=600)
+    (tmp_path / "s.csv").write_text("v\n" + "\n".join(f"{v:.5f}" for v in values) + "\n")
+    argv = ["train", "forecast", "--data", tmp_path / "s.csv", "--window", "28", "--period", "4"]
+    argv += ["--seasons", "4,28", "--horizon", "2", "--epochs", "2", "--hidden-size", "8"]
+    argv += ["--threads", "1", "--quiet", "--out", tmp_path / "r"]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert "smoothing of seasons 4, 28" in summary["linear_base"]
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "r"), str(tmp_path / "s.csv")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("steps_ahead,forecast") and len(lines) == 3
+
+
+def test_the_network_must_beat_the_base_by_two_standard_errors_of_block_means():
+    base = np.ones(12)
+    # Blocks of 3 windows: differences -0.3, -0.1, -0.2, -0.2 per block, mean -0.2; the block
+    # means' standard deviation is sqrt(0.02 / 3), so the standard error is sqrt(0.02 / 3) / 2.
+    network = base + np.repeat([-0.3, -0.1, -0.2, -0.2], 3)
+    wins, se = network_beats_base(network, base, 3)
+    assert se == pytest.approx(math.sqrt(0.02 / 3) / 2) and wins  # -0.2 < -2 * 0.0408
+    # The same mean with blocks far apart: -0.2 is no longer 2 standard errors below 0.
+    network = base + np.repeat([-0.8, 0.4, -0.6, 0.2], 3)
+    wins, se = network_beats_base(network, base, 3)
+    assert se == pytest.approx(np.std([-0.8, 0.4, -0.6, 0.2], ddof=1) / 2) and not wins
+    # A worse network never wins; one block is too few to tell.
+    assert not network_beats_base(base + 0.1, base, 3)[0]
+    assert network_beats_base(base - 1.0, base, 12) == (
+        False,
+        pytest.approx(float("nan"), nan_ok=True),
+    )
+
+
+def test_a_series_the_smoothing_forecasts_exactly_still_gives_a_base():
+    # Every one-step error is 0: the error column is all zeros, and the normal equations of a
+    # ridge that leaves it unpenalised would be singular.
+    series = np.tile([1.0, 4.0, 2.0, 8.0, 5.0], 60)
+    starts = np.arange(9, 290)
+    s = Smoothing((5,), 0.1, (0.2,), 0.5)
+    for ridge in (0.0, 0.1):
+        base = LinearBase(True, ridge, s)
+        coef = fit_linear_ar(series, starts, 8, 2, base)
+        assert np.isfinite(coef).all()
+        assert linear_ar(series, starts, coef, base) == pytest.approx(
+            targets_of(series, starts, 2), abs=1e-6
+        )
+    with pytest.raises(ValueError, match="before the first season"):
+        smoothing_forecasts(series, np.array([4]), 2, s)

@@ -12,10 +12,14 @@ to each horizon step). The model predicts the residual over its own linear base:
 the residuals' training standard deviation, is added to the base's forecast. The base is the
 linear autoregression above or one from the window's step-to-step changes to each target's change
 from the last value, each with a ridge penalty of several weights: whichever of these forecasts
-the windows before the test part best out of fold (each block of 5 by a fit on the others). Its
-input is the window folded by the period: the recurrent layer reads the last ``period`` steps,
-each with the values 0, 1, ... periods earlier, the calendar (hour of day and day of week, when
-the CSV has time stamps) and the base's forecast.
+the windows before the test part best out of fold (each block of 5 by a fit on the others), or
+either of those with two more regressors per step from an exponential smoothing with one profile
+per season (``--seasons``; :class:`Smoothing`), which reads the whole history, not one window, as
+MSTL does: the daily and weekly profiles of half-hourly load are estimated over many weeks. The
+network's input is the window folded by the period: the recurrent layer reads the last ``period``
+steps, each with the values 0, 1, ... periods earlier, the calendar (hour of day and day of week,
+when the CSV has time stamps) and the base's forecast (and the smoothing's, where the base has
+one).
 
 Covariates (``--covariates``: other columns of the CSV) are read the same way: the autoregression
 becomes an ARX, least squares from the window's values of every column, and the recurrent layer
@@ -34,9 +38,11 @@ MAE per step ahead.
 
 import argparse
 import csv
+import functools
 import io
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -92,6 +98,155 @@ def targets(series: np.ndarray, starts: np.ndarray, horizon: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Smoothing:
+    """Additive exponential smoothing with one profile per season and no trend: Taylor's (2003)
+    double seasonal Holt-Winters with its AR(1) adjustment of the forecast, as one set of
+    parameters. It reads the whole history before each origin, not one window. From the state
+    after step ``t - 1`` (a level ``l`` and a profile ``s_i`` of ``p_i`` values per season):
+
+        e_t = z_t - (l + sum_i s_i[t mod p_i])            (the one-step error)
+        l <- l + alpha e_t,   s_i[t mod p_i] <- s_i[t mod p_i] + gammas[i] e_t
+
+    and the forecast from origin ``t`` of ``z_{t+k}`` is ``l + sum_i s_i[(t+k) mod p_i] +
+    phi^k e_t``. The state starts from the first ``max(seasons)`` values (their mean, then each
+    season's mean profile of what the shorter seasons leave), and the recursion runs from there."""
+
+    seasons: tuple[int, ...]
+    alpha: float
+    gammas: tuple[float, ...]
+    phi: float
+
+
+# The grid fit_smoothing searches: the level's, each season's and the error's weights.
+SMOOTHING_ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0)
+SMOOTHING_GAMMAS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4)
+SMOOTHING_PHIS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
+# More seasons would make the grid too large to search in a few seconds (6 ** seasons).
+MAX_SEASONS = 2
+
+
+def _smooth(
+    z: np.ndarray,
+    seasons: tuple[int, ...],
+    alpha: np.ndarray,
+    gammas: np.ndarray,
+    phi: np.ndarray,
+    origins: np.ndarray,
+    horizon: int,
+    truth: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
+    """:class:`Smoothing` of the series ``z`` ``(n,)`` run for ``G`` parameter sets at once
+    (``alpha`` and ``phi`` ``(G,)``, ``gammas`` ``(G, S)``). Returns the forecasts ``(G, N,
+    horizon)`` from the ``origins`` ``(N,)`` (each at least ``max(seasons) - 1``) and the one-step
+    errors at them ``(G, N)``, or with ``truth`` ``(N, horizon)`` only the summed absolute errors of
+    those forecasts ``(G,)`` (the grid search keeps no forecasts)."""
+    G, L = len(alpha), max(seasons)
+    if origins.min() < L - 1:
+        raise ValueError(f"smoothing: origin {origins.min()} precedes the first season's end")
+    order = np.argsort(seasons, kind="stable")
+    level = np.full(G, z[:L].mean())
+    rest = z[:L] - z[:L].mean()
+    profiles = [None] * len(seasons)
+    for i in order:
+        p = seasons[i]
+        prof = np.array([rest[k::p].mean() for k in range(p)])
+        rest = rest - prof[np.arange(L) % p]
+        profiles[i] = np.tile(prof, (G, 1))  # (G, p)
+    index = {int(o): k for k, o in enumerate(origins)}
+    steps = np.arange(1, horizon + 1)
+    damp = phi[:, None] ** steps  # (G, horizon)
+    total = np.zeros(G)
+    if truth is None:
+        fc, err = np.empty((G, len(origins), horizon)), np.empty((G, len(origins)))
+    e = np.zeros(G)
+    for t in range(L - 1, int(origins.max()) + 1):
+        if t >= L:
+            e = (
+                z[t]
+                - level
+                - sum(prof[:, t % p] for prof, p in zip(profiles, seasons, strict=True))
+            )
+            level = level + alpha * e
+            for i, p in enumerate(seasons):
+                profiles[i][:, t % p] += gammas[:, i] * e
+        k = index.get(t)
+        if k is None:
+            continue
+        ahead = level[:, None] + damp * e[:, None]  # (G, horizon)
+        for prof, p in zip(profiles, seasons, strict=True):
+            ahead = ahead + prof[:, (t + steps) % p]
+        if truth is None:
+            fc[:, k], err[:, k] = ahead, e
+        else:
+            total += np.abs(ahead - truth[k]).sum(axis=1)
+    return total if truth is not None else (fc, err)
+
+
+def smoothing_forecasts(
+    z: np.ndarray, starts: np.ndarray, horizon: int, smoothing: Smoothing
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, horizon)`` forecasts of the target (the first column of ``z``) by ``smoothing`` for
+    the windows whose first targets are ``starts``, from the values before each, and ``(N,)``
+    the one-step error at each origin (the last value before the window)."""
+    target = np.ascontiguousarray(_columns(z)[:, 0], dtype=np.float64)
+    first = max(smoothing.seasons) - 1
+    if (starts - 1).min() < first:
+        raise ValueError(
+            f"smoothing: a window starts at step {(starts - 1).min() + 1}, before the first "
+            f"season's {first + 1} values that the smoothing starts from"
+        )
+    fc, err = _smoothed_series(target.tobytes(), smoothing, horizon)
+    return fc[starts - 1 - first], err[starts - 1 - first]
+
+
+@functools.lru_cache(maxsize=4)
+def _smoothed_series(
+    target: bytes, smoothing: Smoothing, horizon: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`smoothing_forecasts` from every origin from ``max(seasons) - 1`` on, kept for the
+    next call: the cross-validation asks for the same series' run for every fold."""
+    z = np.frombuffer(target, dtype=np.float64)
+    one = np.ones(1)
+    origins = np.arange(max(smoothing.seasons) - 1, len(z))
+    gammas = np.array([smoothing.gammas])
+    fc, err = _smooth(
+        z, smoothing.seasons, smoothing.alpha * one, gammas, smoothing.phi * one, origins, horizon
+    )
+    return fc[0], err[0]
+
+
+def fit_smoothing(
+    z: np.ndarray, starts: np.ndarray, horizon: int, seasons: tuple[int, ...]
+) -> Smoothing:
+    """The :class:`Smoothing` of ``seasons`` whose forecasts of the windows ``starts`` (each
+    ``horizon`` steps of the target, the first column of ``z``) have the least mean absolute
+    error, among every combination of ``SMOOTHING_ALPHAS``, ``SMOOTHING_GAMMAS`` per season and
+    ``SMOOTHING_PHIS``; a tie goes to the first in that order."""
+    grid = np.array(
+        list(
+            itertools.product(
+                SMOOTHING_ALPHAS, SMOOTHING_PHIS, *([SMOOTHING_GAMMAS] * len(seasons))
+            )
+        )
+    )  # (G, 2 + S)
+    y = np.ascontiguousarray(_columns(z)[:, 0])
+    errors = _smooth(
+        y,
+        seasons,
+        grid[:, 0],
+        grid[:, 2:],
+        grid[:, 1],
+        starts - 1,
+        horizon,
+        truth=targets(z, starts, horizon),
+    )
+    best = grid[int(np.argmin(errors))]
+    return Smoothing(
+        tuple(seasons), float(best[0]), tuple(float(g) for g in best[2:]), float(best[1])
+    )
+
+
+@dataclass(frozen=True)
 class LinearBase:
     """Which linear autoregression the model corrects, chosen by cross-validation (see
     :func:`choose_linear_base`). ``differences``: it forecasts each target's change from the
@@ -99,14 +254,22 @@ class LinearBase:
     it reads one value more than the window, the one before it), instead of the values from the
     values; the forecast of no change is its origin, not the training mean. ``ridge``: the
     squared size of the coefficients (but the constant's) weighs that much per window in the
-    least squares."""
+    least squares. ``smoothing``: two more regressors per horizon step, the :class:`Smoothing`'s
+    forecast of that step (as a change from the origin with ``differences``) and its one-step
+    error at the origin, which the ridge does not penalise: with a large weight the base is the
+    smoothing's forecast rescaled per step, with a small one the window corrects it."""
 
     differences: bool = False
     ridge: float = 0.0
+    smoothing: Smoothing | None = None
 
 
-# The candidates of choose_linear_base: both forms, each with these ridge weights.
+# The candidates of choose_linear_base: both forms, each with these ridge weights, and with a
+# smoothing also these larger ones (its columns are not penalised, so they do not vanish).
 RIDGES = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+SMOOTHING_RIDGES = (*RIDGES, 10.0, 100.0)
+# The ridge weight per window on the smoothing's columns: none in effect (see fit_linear_ar).
+SMOOTHING_JITTER = 1e-10
 
 
 def _design(series: np.ndarray, starts: np.ndarray, window: int, base: LinearBase) -> np.ndarray:
@@ -118,6 +281,25 @@ def _design(series: np.ndarray, starts: np.ndarray, window: int, base: LinearBas
     else:
         x = history(series, starts, window)
     return np.c_[x, np.ones(len(starts))]
+
+
+def _smoothing_columns(
+    series: np.ndarray, starts: np.ndarray, horizon: int, base: LinearBase
+) -> np.ndarray | None:
+    """``(N, horizon, 2)``: per horizon step, the smoothing's forecast (minus the origin for
+    changes) and its one-step error at the origin; None without a smoothing."""
+    if base.smoothing is None:
+        return None
+    fc, err = smoothing_forecasts(series, starts, horizon, base.smoothing)
+    fc = fc - _origin(series, starts, base)
+    return np.stack([fc, np.broadcast_to(err[:, None], fc.shape)], axis=-1)
+
+
+def _with(x: np.ndarray, extra: np.ndarray | None, step: int) -> np.ndarray:
+    """The regressors of horizon step ``step``: the window's, its smoothing columns, then 1."""
+    if extra is None:
+        return x
+    return np.c_[x[:, :-1], extra[:, step], x[:, -1:]]
 
 
 def _origin(series: np.ndarray, starts: np.ndarray, base: LinearBase) -> np.ndarray:
@@ -142,13 +324,32 @@ def fit_linear_ar(
     ridge penalty (:class:`LinearBase`)."""
     x = _design(series, starts, window, base)  # (N, W * C + 1)
     y = targets(series, starts, horizon) - _origin(series, starts, base)  # (N, horizon)
-    if base.ridge > 0:
-        # Ridge as least squares on extra rows: sqrt(ridge * N) times each coefficient, but the
-        # constant's, should be 0.
-        penalty = math.sqrt(base.ridge * len(starts)) * np.eye(x.shape[1])[:-1]
-        x = np.r_[x, penalty]
-        y = np.r_[y, np.zeros((len(penalty), horizon))]
-    return np.linalg.lstsq(x, y, rcond=None)[0]
+    extra = _smoothing_columns(series, starts, horizon, base)  # (N, horizon, 2) or None
+    # Ridge as least squares on extra rows: sqrt(ridge * N) times each coefficient of the
+    # window should be 0 (not the constant's, nor the smoothing's).
+    penalised = x.shape[1] - 1
+    width = x.shape[1] + (0 if extra is None else extra.shape[2])
+    penalty = math.sqrt(base.ridge * len(starts)) * np.eye(width)[:penalised]
+    if base.ridge <= 0:
+        penalty = penalty[:0]
+    zeros = np.zeros((len(penalty), horizon))
+    if extra is None:
+        return np.linalg.lstsq(np.r_[x, penalty], np.r_[y, zeros], rcond=None)[0]
+    # The smoothing's columns differ per horizon step: one least squares per step, by the
+    # normal equations where the ridge makes them well posed (several times faster than lstsq).
+    coef = np.empty((width, horizon))
+    for j in range(horizon):
+        xj = _with(x, extra, j)
+        if base.ridge > 0:
+            gram = xj.T @ xj + penalty.T @ penalty
+            # A vanishing ridge on the smoothing's two columns keeps the equations solvable where
+            # one is 0 or repeats another (a series the smoothing forecasts exactly).
+            own = np.arange(penalised, width - 1)
+            gram[own, own] += SMOOTHING_JITTER * len(starts)
+            coef[:, j] = np.linalg.solve(gram, xj.T @ y[:, j])
+        else:
+            coef[:, j] = np.linalg.lstsq(xj, y[:, j], rcond=None)[0]
+    return coef
 
 
 def linear_ar(
@@ -159,8 +360,15 @@ def linear_ar(
 ) -> np.ndarray:
     """``(N, horizon)``: the autoregression ``coef`` (from :func:`fit_linear_ar` with the same
     ``base``) applied."""
-    window = (coef.shape[0] - 1) // _columns(series).shape[1]
-    return _design(series, starts, window, base) @ coef + _origin(series, starts, base)
+    horizon = coef.shape[1]
+    extra = _smoothing_columns(series, starts, horizon, base)
+    own = 0 if extra is None else extra.shape[2]
+    window = (coef.shape[0] - 1 - own) // _columns(series).shape[1]
+    x = _design(series, starts, window, base)
+    if extra is None:
+        return x @ coef + _origin(series, starts, base)
+    out = np.stack([_with(x, extra, j) @ coef[:, j] for j in range(horizon)], axis=1)
+    return out + _origin(series, starts, base)
 
 
 def out_of_fold_ar(
@@ -184,22 +392,32 @@ def out_of_fold_ar(
 
 
 def choose_linear_base(
-    series: np.ndarray, starts: np.ndarray, window: int, horizon: int, folds: int
+    series: np.ndarray,
+    starts: np.ndarray,
+    window: int,
+    horizon: int,
+    folds: int,
+    smoothing: Smoothing | None = None,
 ) -> tuple[LinearBase, np.ndarray, dict[LinearBase, float]]:
-    """The :class:`LinearBase` (values or changes, each with every weight of ``RIDGES``) whose
+    """The :class:`LinearBase` (values or changes, each with every weight of ``RIDGES``, and
+    with a ``smoothing`` the same two forms with it and every weight of ``SMOOTHING_RIDGES``) whose
     out-of-fold forecasts of the windows ``starts`` (:func:`out_of_fold_ar`, ``folds`` blocks)
     have the least MAE, those forecasts ``(N, horizon)``, and every candidate's MAE. Blocked
     cross-validation chooses a linear autoregression as well as a later hold-out does, and
     scores every window instead of the last few (Bergmeir, Hyndman and Koo 2018, "A note on the
     validity of cross-validation for evaluating autoregressive time series prediction"). The
-    first of equals wins: values before changes, less ridge before more."""
+    first of equals wins: values before changes, less ridge before more, without the smoothing
+    before with it. The smoothing's own parameters are not refitted per fold (they are chosen
+    once, on all of ``starts``: a few numbers against thousands of windows)."""
     truth = targets(series, starts, horizon)
     maes, forecasts = {}, {}
-    for differences in (False, True):
-        for ridge in RIDGES:
-            base = LinearBase(differences, ridge)
-            forecasts[base] = out_of_fold_ar(series, starts, window, horizon, folds, base)
-            maes[base] = float(np.abs(forecasts[base] - truth).mean())
+    kinds = [(None, RIDGES)] + ([(smoothing, SMOOTHING_RIDGES)] if smoothing else [])
+    for smooth, ridges in kinds:
+        for differences in (False, True):
+            for ridge in ridges:
+                base = LinearBase(differences, ridge, smooth)
+                forecasts[base] = out_of_fold_ar(series, starts, window, horizon, folds, base)
+                maes[base] = float(np.abs(forecasts[base] - truth).mean())
     best = min(maes, key=maes.get)
     return best, forecasts[best], maes
 
@@ -231,17 +449,21 @@ def model_inputs(
     window: int,
     period: int,
     ar: np.ndarray,
+    smoothed: np.ndarray | None = None,
 ) -> np.ndarray:
     """``(N, T, lags * C + calendar + horizon)`` float32: see the module docstring. ``z`` is the
     standardised series ``(n,)`` or, with covariates, ``(n, C)``, ``cal`` its calendar rows (or
-    None), ``ar`` the standardised autoregression forecasts ``(N, horizon)``."""
+    None), ``ar`` the standardised autoregression forecasts ``(N, horizon)``; ``smoothed``, the
+    smoothing's forecasts ``(N, horizon)`` where the base has one, are read after them."""
     steps, lags = fold(window, period)
     z = _columns(z)
     pos = starts[:, None] - steps + np.arange(steps)  # (N, T): the time step of each input step
     parts = [z[pos - k * period] for k in range(lags)]  # lags x (N, T, C)
     if cal is not None:
         parts.append(cal[pos])  # (N, T, 9)
-    parts.append(np.broadcast_to(ar[:, None, :], (len(starts), steps, ar.shape[1])))
+    for every in (ar, smoothed):
+        if every is not None:
+            parts.append(np.broadcast_to(every[:, None, :], (len(starts), steps, every.shape[1])))
     return np.concatenate(parts, axis=-1).astype(np.float32)  # (N, T, I)
 
 
@@ -392,6 +614,43 @@ def _parse_covariates(text: str | None) -> list[str]:
     return names
 
 
+def _parse_seasons(text: str, window: int) -> str | list[int]:
+    """``--seasons``: ``auto``, or the seasons in steps (``[]`` for ``none``)."""
+    text = text.strip().lower()
+    if text in ("auto", "none"):
+        return "auto" if text == "auto" else []
+    try:
+        seasons = sorted({int(f) for f in text.split(",")})
+    except ValueError:
+        seasons = [0]
+    if not seasons or seasons[0] < 2:
+        raise DataError(
+            f"--seasons {text!r}: expected auto, none or season lengths in steps of at least 2, "
+            "such as 48,336"
+        )
+    if len(seasons) > MAX_SEASONS:
+        raise DataError(f"--seasons {text!r}: at most {MAX_SEASONS} seasons; got {len(seasons)}")
+    if seasons[-1] > window:
+        raise DataError(
+            f"--seasons {text!r}: a season of {seasons[-1]} steps is longer than --window "
+            f"{window}; the smoothing starts from the first season's values, which the first "
+            "window must not precede"
+        )
+    return seasons
+
+
+def auto_seasons(period: int, window: int, times: np.ndarray | None) -> list[int]:
+    """``--seasons auto``: the period, and a week of such periods where the time stamps say that
+    ``period`` steps make a day (their median step times ``period`` is 24 hours) and the window
+    holds a week (the smoothing starts from its first week, before the first window)."""
+    seasons = [period]
+    if times is not None and len(times) > 1:
+        step = np.median(np.diff(times.astype("datetime64[s]").astype(np.int64)))
+        if step * period == 86_400 and WEEK * period <= window:
+            seasons.append(WEEK * period)
+    return seasons
+
+
 def _target_name(path: str, column: str | None) -> str:
     header = csv_header(path)
     if column is None:
@@ -495,6 +754,17 @@ class ForecastTask(Task):
             "earlier in the window (default 48 = one day of half-hours)",
         )
 
+        self.option(
+            p,
+            "--seasons",
+            metavar="P,Q",
+            default="auto",
+            help="the seasons in steps (at most two, none longer than --window) of the "
+            "exponential smoothing that the linear base may use, which reads the whole history "
+            "as MSTL does; auto (default): --period, and 7 times it where the time stamps say "
+            "that --period steps make a day and --window reaches a week; none: no smoothing",
+        )
+
     def data_config(self, o: dict) -> dict:
         for name in ("window", "horizon", "period"):
             if o[name] < 1:
@@ -537,6 +807,9 @@ class ForecastTask(Task):
         data["base"] = "cross-validated" if "no_conformal" in o else "plain"
         if covariates or every:
             data["covariates"], data["all_covariates"] = covariates, every
+        # Runs of earlier versions (no --seasons) have no smoothing.
+        if "seasons" in o:
+            data["seasons"] = _parse_seasons(o["seasons"] or "auto", o["window"])
         return data
 
     def _read(self, data: dict) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
@@ -576,7 +849,11 @@ class ForecastTask(Task):
             oof = out_of_fold_ar(z, before, w, h, AR_FOLDS)
         else:
             before = np.r_[starts[0], starts[1]]
-            base, oof, _ = choose_linear_base(z, before, w, h, AR_FOLDS)
+            seasons = data.get("seasons", [])
+            if seasons == "auto":
+                seasons = auto_seasons(period, w, times)
+            smoothing = fit_smoothing(z, before, h, tuple(seasons)) if seasons else None
+            base, oof, _ = choose_linear_base(z, before, w, h, AR_FOLDS, smoothing)
         coef = fit_linear_ar(z, before, w, h, base)
         # The parts the forecasts out of fold cover: the training windows, then the validation's.
         seen = {0: oof[: len(starts[0])]}
@@ -604,6 +881,12 @@ class ForecastTask(Task):
         if not plain:
             self.preprocessing["ar_differences"] = base.differences
             self.preprocessing["ar_ridge"] = base.ridge
+        if base.smoothing is not None:
+            # Lists, as the saved model reads them back, so that evaluate finds them equal.
+            smooth = asdict(base.smoothing)
+            self.preprocessing["smoothing"] = {
+                k: list(v) if isinstance(v, tuple) else v for k, v in smooth.items()
+            }
         # Absent in runs without them, so that the runs of earlier versions read the same.
         if covariates:
             self.preprocessing["covariates"] = covariates
@@ -617,15 +900,14 @@ class ForecastTask(Task):
         splits = []
         for k, s in enumerate(starts):
             ar = seen[k] if k in seen else linear_ar(z, s, coef, base)
-            x = model_inputs(z, cal, s, w, period, ar)  # (N, T, I)
+            x = model_inputs(z, cal, s, w, period, ar, self._smoothed(z, s))  # (N, T, I)
             y = ((targets(z, s, h) - ar) / scale).astype(np.float32)
             lengths = torch.full((len(s),), x.shape[1])
             splits.append(
                 Split(torch.from_numpy(x), lengths, torch.from_numpy(y), torch.from_numpy(s))
             )
         notes = [] if cal is not None else ["no time stamps in the CSV: no calendar inputs"]
-        form = "changes" if base.differences else "values"
-        notes.append(f"linear base, chosen out of fold: {form}, ridge {base.ridge:g}")
+        notes.append(f"linear base, chosen out of fold: {self._describe(base)}")
         if covariates:
             notes.append(f"covariates: {', '.join(covariates)}")
         outputs = h * max(1, len(levels))
@@ -637,22 +919,34 @@ class ForecastTask(Task):
         )
 
     # What calibrate() adds to the preprocessing after training; prepare() does not make it.
-    calibration_keys = ("network_median", "conformal")
+    calibration_keys = ("network_median", "network_vs_base", "conformal")
 
     def calibrate(self, out: Tensor, y: Tensor, split: Split) -> dict:
         """What the trained model's outputs ``out`` on the validation windows ``split`` (targets
         ``y``) decide, joined to the preprocessing so that the saved model, the test report and
-        ``predict`` use it: ``network_median`` False where the network's median forecasts the
-        validation windows no better than the linear base alone (then the forecast is the
-        base's, and the band keeps its offsets from the network's median); ``conformal``, the
+        ``predict`` use it: ``network_median`` False where the network's median does not beat
+        the linear base alone on the validation windows by ``NETWORK_MARGIN`` standard errors
+        (:func:`network_beats_base`; then the forecast is the base's, and the band keeps its
+        offsets from the network's median), ``network_vs_base`` the figures of that comparison
+        (validation MAE of each and the standard error of their difference, in data units);
+        ``conformal``, the
         correction of every quantile and horizon step (:func:`conformal_shifts`, in units of the
         scaled residual), with at least two quantiles unless ``--no-conformal`` turned it off."""
         q = self.quantiles(out).numpy().astype(np.float64)  # (N, horizon, Q)
         truth = y.numpy().astype(np.float64)  # (N, horizon): the residual over the base
         p = self.preprocessing
         # The base alone forecasts a residual of 0.
-        if np.abs(q[..., self._median] - truth).mean() >= np.abs(truth).mean():
+        network = np.abs(q[..., self._median] - truth).mean(axis=1)  # (N,)
+        base = np.abs(truth).mean(axis=1)
+        wins, se = network_beats_base(network, base, max(p["period"], p["horizon"]))
+        if not wins:
             p["network_median"] = False
+        unit = p["residual_scale"] * p["std"]
+        p["network_vs_base"] = {
+            "network_mae": float(network.mean() * unit),
+            "base_mae": float(base.mean() * unit),
+            "difference_se": None if math.isnan(se) else float(se * unit),
+        }
         if len(self.levels) > 1 and self._conformal:
             p["conformal"] = conformal_shifts(self.calibrated(q), truth, self.levels).tolist()
         return {k: p[k] for k in self.calibration_keys if k in p}
@@ -677,7 +971,31 @@ class ForecastTask(Task):
     def base(self) -> LinearBase:
         """The linear base of the model (runs of earlier versions: values, no ridge)."""
         p = self.preprocessing
-        return LinearBase(p.get("ar_differences", False), p.get("ar_ridge", 0.0))
+        smoothing = None
+        if "smoothing" in p:
+            s = p["smoothing"]
+            smoothing = Smoothing(tuple(s["seasons"]), s["alpha"], tuple(s["gammas"]), s["phi"])
+        return LinearBase(p.get("ar_differences", False), p.get("ar_ridge", 0.0), smoothing)
+
+    @staticmethod
+    def _describe(base: LinearBase) -> str:
+        text = ("changes" if base.differences else "values") + f", ridge {base.ridge:g}"
+        s = base.smoothing
+        if s is not None:
+            seasons = ", ".join(map(str, s.seasons))
+            gammas = ", ".join(f"{g:g}" for g in s.gammas)
+            text += (
+                f", smoothing of seasons {seasons} (alpha {s.alpha:g}, gammas {gammas}, "
+                f"phi {s.phi:g})"
+            )
+        return text
+
+    def _smoothed(self, z: np.ndarray, starts: np.ndarray) -> np.ndarray | None:
+        """The base's smoothing forecasts ``(N, horizon)`` the network reads, or None."""
+        base = self.base
+        if base.smoothing is None:
+            return None
+        return smoothing_forecasts(z, starts, self.preprocessing["horizon"], base.smoothing)[0]
 
     @property
     def levels(self) -> list[float]:
@@ -774,12 +1092,12 @@ class ForecastTask(Task):
         # The model's linear base alone (the model with a network that outputs 0): what the
         # network adds is the difference.
         base = ar_z * self.preprocessing["std"] + self.preprocessing["mean"]
-        metrics["linear_base"] = ("changes" if self.base.differences else "values") + (
-            f", ridge {self.base.ridge:g}"
-        )
+        metrics["linear_base"] = self._describe(self.base)
         metrics["linear_base_mae"] = _errors(base, true)["mae"]
         network = self.preprocessing.get("network_median", True)
         metrics["forecast_from"] = "the network's median" if network else "the linear base"
+        for k, v in self.preprocessing.get("network_vs_base", {}).items():
+            metrics[f"val_{k}"] = v
         rows = backtest_origins(len(true), h)
         metrics["backtest_linear_base_mae"] = float(np.abs(base[rows] - true[rows]).mean())
         return Report(metrics, arrays)
@@ -851,7 +1169,8 @@ class ForecastTask(Task):
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             z = (values - mean) / std
             ar = linear_ar(z, end, coef, self.base)
-            x = torch.from_numpy(model_inputs(z, cal, end, w, period, ar))  # (1, T, I)
+            smoothed = self._smoothed(z, end)
+            x = torch.from_numpy(model_inputs(z, cal, end, w, period, ar, smoothed))  # (1, T, I)
         if not torch.isfinite(x).all():
             raise DataError(
                 f"CSV file {str(path)!r}: its last {w} values are too large for the model, which "
@@ -881,6 +1200,28 @@ KEYS = {
     "linear AR": "ar",
     "ARX": "ar",
 }
+
+
+# The network's median replaces the base only where it beats it on the validation windows by this
+# many standard errors (its epoch was chosen on those windows, which flatters it).
+NETWORK_MARGIN = 2.0
+
+
+def network_beats_base(network: np.ndarray, base: np.ndarray, block: int) -> tuple[bool, float]:
+    """Whether the network's absolute errors ``network`` ``(N,)`` (one per validation window, in
+    time order) are below the base's ``base`` ``(N,)`` by more than ``NETWORK_MARGIN`` standard
+    errors of the mean paired difference, and that standard error. Neighbouring windows share
+    targets and seasons, so the error is that of the means of consecutive blocks of ``block``
+    windows (a period), as independent draws; with fewer than two blocks the network cannot show
+    that it wins. The best epoch is the one whose validation MAE was least: comparing that MAE
+    with the base's without a margin kept networks that lost to the base on new data."""
+    d = network - base
+    count = len(d) // block
+    if count < 2:
+        return False, float("nan")
+    means = np.array([b.mean() for b in np.array_split(d[: count * block], count)])
+    se = float(means.std(ddof=1) / math.sqrt(count))
+    return bool(d.mean() < 0 and d.mean() < -NETWORK_MARGIN * se), se
 
 
 def backtest_origins(windows: int, horizon: int) -> np.ndarray:
