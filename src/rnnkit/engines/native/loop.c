@@ -253,8 +253,8 @@ static inline nl_step step_at(const nl_walk *wk, int64_t s, int64_t t) {
 
 /* int8: the input side G = x W_ih^T + bias of the walk's steps [s, s + Q8_STEPS) on units
  * [j0, j1) of every gate, the rows of those steps (one run of x) quantized into qa, sa (room for
- * Q8_STEPS * B rows). Each thread computes its own units' share a few steps ahead of the step
- * that reads it, so the threads never wait for each other's input side. */
+ * Q8_STEPS * B rows). Where threads split the units, each computes its own units' share, which
+ * only it reads, so the threads never wait for each other's input side. */
 #define Q8_STEPS 4
 static void q8_input_side(const nl_walk *wk, const nl_q8 *q8, int64_t s, int64_t j0, int64_t j1,
                           float *G, int64_t GW, int8_t *qa, float *sa) {
@@ -665,9 +665,9 @@ typedef struct {
     /* The step barrier's flags (nth of them), this thread's index and barriers passed. */
     nl_flag *flags;
     int64_t nth, tid, passed;
-    /* int8 with x and threads that split the units: each computes its units of G every
-     * Q8_STEPS steps (q8_input_side), quantizing x's rows into qx, sx. */
-    int pipe;
+    /* int8 with x and threads that split the units: each computes its units of G before its
+     * walk (q8_input_side), quantizing x's rows into qx, sx. */
+    int q8_in;
     int8_t *qx;
     float *sx;
 } FN(fwd_call);
@@ -943,11 +943,6 @@ static inline void FN(fwd_sync)(FN(fwd_call) *cx) {
 /* One forward step on the thread's units, with a barrier before each phase that reads units
  * other threads wrote. */
 static void FN(fwd_step)(FN(fwd_call) *cx, int64_t s) {
-#if NL_Q8
-    if (cx->pipe && s % Q8_STEPS == 0)
-        q8_input_side(&cx->walk, cx->q8, s, cx->j0, cx->j1, (float *)cx->G, cx->GW, cx->qx,
-                      cx->sx);
-#endif
     const FN(fwd_rows) st = FN(fwd_rows_at)(cx, s);
     if (cx->rows && st.at.n == 0) return;
     FN(fwd_product)(cx, &st);
@@ -1003,14 +998,14 @@ static int64_t FN(q8_h_scratch)(const FN(fwd_call) *cx) {
     return (cx->B * q8_kp(K) + 63) / 64 * 64;
 }
 
-/* One thread's quantized rows: B of h_{t-1}, then (pipe) Q8_STEPS * B of x. */
+/* One thread's quantized rows: B of h_{t-1}, then (q8_in) Q8_STEPS * B of x. */
 static int64_t FN(q8_rows)(const FN(fwd_call) *cx) {
-    return cx->B + (cx->pipe ? Q8_STEPS * cx->B : 0);
+    return cx->B + (cx->q8_in ? Q8_STEPS * cx->B : 0);
 }
 
 /* Bytes of one thread's quantized rows (a multiple of 64). */
 static int64_t FN(q8_scratch)(const FN(fwd_call) *cx) {
-    const int64_t x = cx->pipe ? Q8_STEPS * cx->B * q8_kp(cx->q8->ih.K) : 0;
+    const int64_t x = cx->q8_in ? Q8_STEPS * cx->B * q8_kp(cx->q8->ih.K) : 0;
     return (FN(q8_h_scratch)(cx) + x + 63) / 64 * 64;
 }
 
@@ -1050,6 +1045,11 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
         FN(fwd_mask_h0)(&cx);
         barrier();
     }
+#if NL_Q8
+    /* Each thread's units of the input side, before its walk: no other thread reads them. */
+    for (int64_t s = 0; cx.q8_in && s < cx.walk.T_; s += Q8_STEPS)
+        q8_input_side(&cx.walk, cx.q8, s, cx.j0, cx.j1, (float *)cx.G, cx.GW, cx.qx, cx.sx);
+#endif
     for (int64_t s = 0; s < cx.walk.T_; s++) FN(fwd_step)(&cx, s);
     for (int64_t g = 0; g < npacks; g++) free(packs[g]);
     if (blas_ok) blas_threads_end(blas_threads);
@@ -1091,9 +1091,9 @@ int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t 
      * take rows of the batch and never wait for each other. */
     cx.rows = q8 && B > 1 && nthreads > 1;
     if (cx.rows && nthreads > B) nthreads = B;
-    /* The input side inside the walk where threads split the units; where they take rows,
-     * all of it first. */
-    cx.pipe = q8 && q8->x && !cx.rows;
+    /* The input side: each thread its units where threads split the units (q8_in); where they
+     * take rows, all of it first, the units split. */
+    cx.q8_in = q8 && q8->x && !cx.rows;
     void *scratch = 0;
     if (q8) {
         const int64_t per = FN(q8_scratch)(&cx), rows = FN(q8_rows)(&cx);
