@@ -998,9 +998,10 @@ static int64_t FN(q8_h_scratch)(const FN(fwd_call) *cx) {
     return (cx->B * q8_kp(K) + 63) / 64 * 64;
 }
 
-/* One thread's quantized rows: B of h_{t-1}, then (q8_in) Q8_STEPS * B of x. */
+/* One thread's quantized rows: B of h_{t-1}, then (q8_in) Q8_STEPS * B of x; their scales
+ * rounded up to whole cache lines (the threads write theirs every step). */
 static int64_t FN(q8_rows)(const FN(fwd_call) *cx) {
-    return cx->B + (cx->q8_in ? Q8_STEPS * cx->B : 0);
+    return (cx->B + (cx->q8_in ? Q8_STEPS * cx->B : 0) + 15) / 16 * 16;
 }
 
 /* Bytes of one thread's quantized rows (a multiple of 64). */
@@ -1097,7 +1098,7 @@ int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t 
     void *scratch = 0;
     if (q8) {
         const int64_t per = FN(q8_scratch)(&cx), rows = FN(q8_rows)(&cx);
-        scratch = malloc((size_t)(nthreads * (per + rows * (int64_t)sizeof(float))));
+        scratch = aligned_alloc(64, (size_t)(nthreads * (per + rows * (int64_t)sizeof(float))));
         if (!scratch) return NL_NO_MEMORY;
         cx.qa = scratch;
         cx.sa = (float *)((int8_t *)scratch + nthreads * per);
