@@ -218,7 +218,7 @@ class CInt8Matrix(ctypes.Structure):
 class CInt8(ctypes.Structure):
     """``nl_q8``: the int8 W_hh and (LSTM's projection) W_hr of one loop, ``hr.w`` NULL for
     none; with ``x`` set, the input rows whose ``x W_ih^T + bias`` (``ih``, ``bias``) the loop
-    writes into G itself, ahead of the walk."""
+    writes into G itself, before the walk."""
 
     _fields_ = [
         ("hh", CInt8Matrix),
