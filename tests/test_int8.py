@@ -83,7 +83,8 @@ def matrix(rows: int, K: int, gates: int = 1, seed: int = 0) -> int8.Int8Matrix:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     "N,K,gates,H",
-    [(1, 1, 1, 1), (3, 5, 4, 3), (7, 33, 3, 17), (9, 100, 4, 40), (130, 64, 1, 20)],
+    [(1, 1, 1, 1), (3, 5, 4, 3), (7, 33, 3, 17), (9, 100, 4, 40), (130, 64, 1, 20),
+     (1, 31, 3, 50), (1, 300, 4, 29), (5, 7, 4, 29), (2, 261, 3, 45)],
     ids=lambda v: str(v),
 )
 def test_int8_linear_is_the_exact_integer_product(build, N, K, gates, H, threads):
@@ -550,21 +551,32 @@ def test_the_repr_names_int8():
     assert int8.kernel() in int8.KERNELS.values()
 
 
+@pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("config", ["lstm", "gru", "lstm-zoneout", "rnn-relu", "lstm-nobias"])
-def test_one_sequence_computes_its_input_side_beside_the_walk_with_the_same_numbers(
-    build, config, reverse, monkeypatch
+def test_one_sequence_split_over_threads_gives_the_numbers_of_one_thread(
+    build, config, reverse, threads
 ):
-    """With one sequence and two threads, the loop's second thread computes x W_ih^T a few steps
-    ahead of the walk: the same numbers as computing it first, on one thread."""
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    """With one sequence the threads split the units, each computing its units' input side
+    itself (blocks of 16 units: H=37 leaves a thread a part block, or nothing): the same numbers
+    as one thread, and as the input side computed first by int8.linear (a layer norm's path)."""
     mode, opts = CONFIGS[config]
-    weights = _layer_weights(mode, 9, 21, 0, opts.get("bias", True), seed=7)
-    T = 11
-    x, h0 = torch.randn(T, 9), torch.randn(1, 21)
-    c0 = torch.randn(1, 21) if mode == "LSTM" else None
+    I, H, T = 9, 37, 11
+    weights = _layer_weights(mode, I, H, 0, opts.get("bias", True), seed=7)
+    x, h0 = torch.randn(T, I), torch.randn(1, H)
+    c0 = torch.randn(1, H) if mode == "LSTM" else None
     variants = StepVariants(None, None, opts["zoneout"]) if "zoneout" in opts else None
-    beside = int8.run_layer(mode, reverse, (1,) * T, x, h0, c0, *weights, variants)
-    first = int8.run_layer(mode, reverse, (1,) * T, x, h0, c0, *weights, variants, threads=1)
-    for a, b in zip(beside, first, strict=True):
+    split = int8.run_layer(mode, reverse, (1,) * T, x, h0, c0, *weights, variants,
+                           threads=threads)  # fmt: skip
+    alone = int8.run_layer(mode, reverse, (1,) * T, x, h0, c0, *weights, variants, threads=1)
+    for a, b in zip(split, alone, strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
+    w_ih, w_hh, b_ih, b_hh = weights[:4]
+    bias = None if b_ih is None else (b_ih if mode == "GRU" else b_ih + b_hh)
+    G = int8.linear(x, w_ih, bias, threads=1)
+    v = native_loop.NativeVariants.of(mode, variants, T)
+    first = native_loop.forward(
+        mode, reverse, (1,) * T, G, h0, c0, w_hh.q, b_hh if mode == "GRU" else None, False,
+        variants=v, threads=threads, int8=native_loop.CInt8(w_hh.c(), native_loop.CInt8Matrix()),
+    )  # fmt: skip
+    assert torch.equal(first.out, split[0])

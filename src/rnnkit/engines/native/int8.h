@@ -52,7 +52,8 @@ typedef struct {
 
 /* The int8 weights of one layer and direction's loop: W_hh, and LSTM's W_hr (hr.w NULL: none).
  * With x (N, ih.K) set, the loop also computes its input side G = x W_ih^T + bias (bias NULL:
- * none) into G, on a second thread a few steps ahead of the walk (x NULL: G is given). */
+ * none) into G before the walk, each thread its own units or, where threads take rows, all of
+ * it split by units (x NULL: G is given). */
 typedef struct {
     nl_q8_matrix hh, hr, ih;
     const float *x, *bias;
@@ -131,15 +132,29 @@ static void q8_quantize_rows(int64_t n, const float *x, int64_t ldx, int64_t K, 
     }
 }
 
+/* Where a tile's results go: row b (of nb) to dst[b] with activation scale sa[b]; panel q (of
+ * np) to the columns col[q] .. col[q] + lanes[q] of every row (a panel's 16 rows are 16
+ * consecutive units of one gate; lanes < 16 only in a block that crosses H), each scaled by its
+ * weight row's scale (scale[col], the row of W is the column of z) and, with the VNNI offset,
+ * less 128 times its row sum ws[q]. */
+typedef struct {
+    int nb, np;
+    float *dst[4];
+    float sa[4];
+    int64_t col[8];
+    int lanes[8];
+    const int32_t *ws[8];
+} q8_out;
+
 /* The integer products of a tile: rows of qa (Kp bytes each) by panels of 16 weight rows,
- * lane i of each result the sum over k of a row's qa and panel row i's weights. The kernels
- * take a fixed tile (4 rows x 4 panels, or 1 row x 8 panels) with one named accumulator per
- * pair, so that the compiler keeps them all in registers (arrays of vectors were spilled and
- * copied every iteration: half the speed); q8_tile fills a smaller tile with repeats of its
- * first row or panel and keeps only what it asked for. */
+ * lane i of each result the sum over k of a row's qa and panel row i's weights, then scaled
+ * into floats as q8_out says: z = (float)sum * (sw * sa), the same float operations on every
+ * path. The kernels take a fixed tile (4 rows x 4 panels, or 1 row x 8 panels) with one named
+ * accumulator per pair, so that the compiler keeps them all in registers (arrays of vectors
+ * were spilled and copied every iteration: half the speed); q8_tile fills a smaller tile with
+ * repeats of its first row or panel and writes only what q8_out asks for. */
 #if Q8_ISA == 2
 #define Q8_V __m512i
-#define Q8_LANES 16
 #define Q8_ZERO _mm512_setzero_si512()
 static inline __attribute__((always_inline)) __m512i q8_bcast(const int8_t *a) {
     int32_t a4;
@@ -148,17 +163,29 @@ static inline __attribute__((always_inline)) __m512i q8_bcast(const int8_t *a) {
 }
 #define Q8_LOAD(p) _mm512_loadu_si512(p)
 #define Q8_DOT(c, a, w) c = _mm512_dpbusd_epi32(c, a, w)
-#define Q8_STORE(p, c) _mm512_storeu_si512(p, c)
 /* Keeps a loaded panel in a register: without it the compiler folds the load into each of the
  * four products that read it, four loads instead of one. */
 #define Q8_PIN(v) __asm__("" : "+v"(v))
+/* Lanes past `lanes` are neither read (scales) nor written. */
+static inline __attribute__((always_inline)) void q8_emit(__m512i c, const int32_t *ws,
+                                                          const float *sw, float sa, float *dst,
+                                                          int lanes) {
+    c = _mm512_sub_epi32(c, _mm512_slli_epi32(_mm512_loadu_si512(ws), 7));
+    const __m512 f = _mm512_cvtepi32_ps(c), s = _mm512_set1_ps(sa);
+    if (lanes >= 16) {
+        _mm512_storeu_ps(dst, _mm512_mul_ps(f, _mm512_mul_ps(_mm512_loadu_ps(sw), s)));
+    } else {
+        const __mmask16 k = (__mmask16)((1u << lanes) - 1);
+        const __m512 w = _mm512_maskz_loadu_ps(k, sw);
+        _mm512_mask_storeu_ps(dst, k, _mm512_mul_ps(f, _mm512_mul_ps(w, s)));
+    }
+}
 #elif Q8_ISA == 1
 /* Two registers per panel (rows 0-7, 8-15); one product is |qa| times qw with qa's sign. */
 typedef struct {
     __m256i lo, hi;
 } q8_pair;
 #define Q8_V q8_pair
-#define Q8_LANES 16
 #define Q8_ZERO ((q8_pair){_mm256_setzero_si256(), _mm256_setzero_si256()})
 static inline __attribute__((always_inline)) q8_pair q8_bcast(const int8_t *a) {
     int32_t a4;
@@ -177,9 +204,37 @@ static inline __attribute__((always_inline)) __m256i q8_dot_half(__m256i c, q8_p
 }
 #define Q8_LOAD(p) q8_load(p)
 #define Q8_DOT(c, a, w) (c.lo = q8_dot_half(c.lo, a, w.lo), c.hi = q8_dot_half(c.hi, a, w.hi))
-#define Q8_STORE(p, c) \
-    (_mm256_storeu_si256((__m256i *)(p), c.lo), _mm256_storeu_si256((__m256i *)((p) + 8), c.hi))
 #define Q8_PIN(v) __asm__("" : "+x"(v.lo), "+x"(v.hi))
+static inline __attribute__((always_inline)) void q8_emit_half(__m256i c, const float *sw,
+                                                               __m256 s, float *dst, int lanes) {
+    const __m256 f = _mm256_cvtepi32_ps(c);
+    if (lanes >= 8) {
+        _mm256_storeu_ps(dst, _mm256_mul_ps(f, _mm256_mul_ps(_mm256_loadu_ps(sw), s)));
+    } else if (lanes > 0) {
+        const __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes),
+                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256 w = _mm256_maskload_ps(sw, k);
+        _mm256_maskstore_ps(dst, k, _mm256_mul_ps(f, _mm256_mul_ps(w, s)));
+    }
+}
+static inline __attribute__((always_inline)) void q8_emit(q8_pair c, const int32_t *ws,
+                                                          const float *sw, float sa, float *dst,
+                                                          int lanes) {
+    (void)ws;
+    const __m256 s = _mm256_set1_ps(sa);
+    q8_emit_half(c.lo, sw, s, dst, lanes);
+    q8_emit_half(c.hi, sw + 8, s, dst + 8, lanes - 8);
+}
+#endif
+
+#ifdef Q8_V
+/* Accumulator c of row b and panel q of the tile, out, if the tile has them. */
+#define Q8_EMIT(c, b, q)                                                                    \
+    do {                                                                                    \
+        if ((b) < o->nb && (q) < o->np)                                                     \
+            q8_emit(c, o->ws[q], scale + o->col[q], o->sa[b], o->dst[b] + o->col[q],        \
+                    o->lanes[q]);                                                           \
+    } while (0)
 #endif
 
 #if Q8_ISA == 2
@@ -189,7 +244,7 @@ static inline __attribute__((always_inline)) __m256i q8_dot_half(__m256i c, q8_p
 #define Q8_TP1 8
 /* 4 rows x 4 panels. */
 static void q8_kernel_rows(const int8_t *const *a, int64_t Kp, const int8_t *const *w,
-                           int32_t *acc) {
+                           const float *scale, const q8_out *o) {
     Q8_V c00 = Q8_ZERO, c01 = Q8_ZERO, c02 = Q8_ZERO, c03 = Q8_ZERO;
     Q8_V c10 = Q8_ZERO, c11 = Q8_ZERO, c12 = Q8_ZERO, c13 = Q8_ZERO;
     Q8_V c20 = Q8_ZERO, c21 = Q8_ZERO, c22 = Q8_ZERO, c23 = Q8_ZERO;
@@ -209,18 +264,15 @@ static void q8_kernel_rows(const int8_t *const *a, int64_t Kp, const int8_t *con
         b = q8_bcast(a3 + k);
         Q8_DOT(c30, b, v0); Q8_DOT(c31, b, v1); Q8_DOT(c32, b, v2); Q8_DOT(c33, b, v3);
     }
-    Q8_STORE(acc + 0 * 16, c00); Q8_STORE(acc + 1 * 16, c01);
-    Q8_STORE(acc + 2 * 16, c02); Q8_STORE(acc + 3 * 16, c03);
-    Q8_STORE(acc + 4 * 16, c10); Q8_STORE(acc + 5 * 16, c11);
-    Q8_STORE(acc + 6 * 16, c12); Q8_STORE(acc + 7 * 16, c13);
-    Q8_STORE(acc + 8 * 16, c20); Q8_STORE(acc + 9 * 16, c21);
-    Q8_STORE(acc + 10 * 16, c22); Q8_STORE(acc + 11 * 16, c23);
-    Q8_STORE(acc + 12 * 16, c30); Q8_STORE(acc + 13 * 16, c31);
-    Q8_STORE(acc + 14 * 16, c32); Q8_STORE(acc + 15 * 16, c33);
+    Q8_EMIT(c00, 0, 0); Q8_EMIT(c01, 0, 1); Q8_EMIT(c02, 0, 2); Q8_EMIT(c03, 0, 3);
+    Q8_EMIT(c10, 1, 0); Q8_EMIT(c11, 1, 1); Q8_EMIT(c12, 1, 2); Q8_EMIT(c13, 1, 3);
+    Q8_EMIT(c20, 2, 0); Q8_EMIT(c21, 2, 1); Q8_EMIT(c22, 2, 2); Q8_EMIT(c23, 2, 3);
+    Q8_EMIT(c30, 3, 0); Q8_EMIT(c31, 3, 1); Q8_EMIT(c32, 3, 2); Q8_EMIT(c33, 3, 3);
 }
 
 /* 1 row x 8 panels (one row: more panels to keep the products independent). */
-static void q8_kernel_row(const int8_t *a0, int64_t Kp, const int8_t *const *w, int32_t *acc) {
+static void q8_kernel_row(const int8_t *a0, int64_t Kp, const int8_t *const *w,
+                          const float *scale, const q8_out *o) {
     Q8_V c0 = Q8_ZERO, c1 = Q8_ZERO, c2 = Q8_ZERO, c3 = Q8_ZERO;
     Q8_V c4 = Q8_ZERO, c5 = Q8_ZERO, c6 = Q8_ZERO, c7 = Q8_ZERO;
     const int8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
@@ -232,10 +284,8 @@ static void q8_kernel_row(const int8_t *a0, int64_t Kp, const int8_t *const *w, 
         Q8_DOT(c4, b, Q8_LOAD(w4 + k * 16)); Q8_DOT(c5, b, Q8_LOAD(w5 + k * 16));
         Q8_DOT(c6, b, Q8_LOAD(w6 + k * 16)); Q8_DOT(c7, b, Q8_LOAD(w7 + k * 16));
     }
-    Q8_STORE(acc + 0 * 16, c0); Q8_STORE(acc + 1 * 16, c1);
-    Q8_STORE(acc + 2 * 16, c2); Q8_STORE(acc + 3 * 16, c3);
-    Q8_STORE(acc + 4 * 16, c4); Q8_STORE(acc + 5 * 16, c5);
-    Q8_STORE(acc + 6 * 16, c6); Q8_STORE(acc + 7 * 16, c7);
+    Q8_EMIT(c0, 0, 0); Q8_EMIT(c1, 0, 1); Q8_EMIT(c2, 0, 2); Q8_EMIT(c3, 0, 3);
+    Q8_EMIT(c4, 0, 4); Q8_EMIT(c5, 0, 5); Q8_EMIT(c6, 0, 6); Q8_EMIT(c7, 0, 7);
 }
 #elif Q8_ISA == 1
 /* AVX2 has 16 vector registers and a panel takes two: 2 rows x 2 panels (8 accumulators), or
@@ -244,7 +294,7 @@ static void q8_kernel_row(const int8_t *a0, int64_t Kp, const int8_t *const *w, 
 #define Q8_TP 2
 #define Q8_TP1 4
 static void q8_kernel_rows(const int8_t *const *a, int64_t Kp, const int8_t *const *w,
-                           int32_t *acc) {
+                           const float *scale, const q8_out *o) {
     Q8_V c00 = Q8_ZERO, c01 = Q8_ZERO, c10 = Q8_ZERO, c11 = Q8_ZERO;
     const int8_t *a0 = a[0], *a1 = a[1], *w0 = w[0], *w1 = w[1];
     for (int64_t k = 0; k < Kp; k += 4) {
@@ -255,11 +305,11 @@ static void q8_kernel_rows(const int8_t *const *a, int64_t Kp, const int8_t *con
         b = q8_bcast(a1 + k);
         Q8_DOT(c10, b, v0); Q8_DOT(c11, b, v1);
     }
-    Q8_STORE(acc + 0 * 16, c00); Q8_STORE(acc + 1 * 16, c01);
-    Q8_STORE(acc + 2 * 16, c10); Q8_STORE(acc + 3 * 16, c11);
+    Q8_EMIT(c00, 0, 0); Q8_EMIT(c01, 0, 1); Q8_EMIT(c10, 1, 0); Q8_EMIT(c11, 1, 1);
 }
 
-static void q8_kernel_row(const int8_t *a0, int64_t Kp, const int8_t *const *w, int32_t *acc) {
+static void q8_kernel_row(const int8_t *a0, int64_t Kp, const int8_t *const *w,
+                          const float *scale, const q8_out *o) {
     Q8_V c0 = Q8_ZERO, c1 = Q8_ZERO, c2 = Q8_ZERO, c3 = Q8_ZERO;
     const int8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
     for (int64_t k = 0; k < Kp; k += 4) {
@@ -267,56 +317,39 @@ static void q8_kernel_row(const int8_t *a0, int64_t Kp, const int8_t *const *w, 
         Q8_DOT(c0, b, Q8_LOAD(w0 + k * 16)); Q8_DOT(c1, b, Q8_LOAD(w1 + k * 16));
         Q8_DOT(c2, b, Q8_LOAD(w2 + k * 16)); Q8_DOT(c3, b, Q8_LOAD(w3 + k * 16));
     }
-    Q8_STORE(acc + 0 * 16, c0); Q8_STORE(acc + 1 * 16, c1);
-    Q8_STORE(acc + 2 * 16, c2); Q8_STORE(acc + 3 * 16, c3);
+    Q8_EMIT(c0, 0, 0); Q8_EMIT(c1, 0, 1); Q8_EMIT(c2, 0, 2); Q8_EMIT(c3, 0, 3);
 }
 #else
 #define Q8_TR 4
 #define Q8_TP 4
 #define Q8_TP1 8
 #endif
+_Static_assert(Q8_TR <= 4 && Q8_TP <= Q8_TP1 && Q8_TP1 <= 8, "q8_out holds 4 rows, 8 panels");
 
-#define Q8_NB Q8_TR
-#define Q8_NP Q8_TP1
-
-/* acc[(b np + p) 16 + lane] for b < nb <= Q8_TR rows from qa (stride Kp) and p < np
- * consecutive panels from w (at most Q8_TP1 for one row, Q8_TP for more), the same integers
- * on every path. */
-static void q8_tile(int nb, int np, const int8_t *qa, int64_t Kp, const int8_t *w,
-                    const int32_t *wsum, int32_t *acc) {
+/* The tile of q8_out o: its rows from qa (stride Kp) by its panels from w, the same floats on
+ * every path. */
+static void q8_tile(const int8_t *qa, int64_t Kp, const int8_t *w, const float *scale,
+                    const q8_out *o) {
 #ifdef Q8_V
-    int32_t tmp[Q8_TR * Q8_TP1 * 16];
     const int8_t *rows[Q8_TR], *panels[Q8_TP1];
-    for (int b = 0; b < Q8_TR; b++) rows[b] = qa + (b < nb ? b : 0) * Kp;
-    for (int p = 0; p < Q8_TP1; p++) panels[p] = w + (p < np ? p : 0) * Kp * 16;
-    const int sub = nb == 1 ? Q8_TP1 : Q8_TP;
-    if (nb == 1)
-        q8_kernel_row(rows[0], Kp, panels, tmp);
+    for (int b = 0; b < Q8_TR; b++) rows[b] = qa + (b < o->nb ? b : 0) * Kp;
+    for (int p = 0; p < Q8_TP1; p++) panels[p] = w + (p < o->np ? p : 0) * Kp * 16;
+    if (o->nb == 1)
+        q8_kernel_row(rows[0], Kp, panels, scale, o);
     else
-        q8_kernel_rows(rows, Kp, panels, tmp);
-    for (int b = 0; b < nb; b++)
-        for (int p = 0; p < np; p++) {
-            int32_t *dst = acc + (b * np + p) * 16;
-            const int32_t *src = tmp + (b * sub + p) * 16;
-#if Q8_OFFSET
-            /* Take back the offset's share, 128 sum_k qw, of each lane. */
-            for (int i = 0; i < 16; i++) dst[i] = src[i] - 128 * wsum[p * 16 + i];
+        q8_kernel_rows(rows, Kp, panels, scale, o);
 #else
-            (void)wsum;
-            memcpy(dst, src, 16 * sizeof(int32_t));
-#endif
-        }
-#else
-    (void)wsum;
-    for (int b = 0; b < nb; b++)
-        for (int p = 0; p < np; p++) {
+    for (int b = 0; b < o->nb; b++)
+        for (int p = 0; p < o->np; p++) {
             int32_t s[16] = {0};
             const int8_t *a = qa + b * Kp, *panel = w + p * Kp * 16;
             for (int64_t k = 0; k < Kp; k += 4)
                 for (int r = 0; r < 16; r++)
                     for (int i = 0; i < 4; i++)
                         s[r] += (int32_t)a[k + i] * (int32_t)panel[k * 16 + r * 4 + i];
-            memcpy(acc + (b * np + p) * 16, s, sizeof s);
+            const float *sw = scale + o->col[p];
+            float *dst = o->dst[b] + o->col[p];
+            for (int i = 0; i < o->lanes[p]; i++) dst[i] = (float)s[i] * (sw[i] * o->sa[b]);
         }
 #endif
 }
@@ -328,23 +361,26 @@ static void q8_product(int64_t n, const int8_t *qa, const float *sa, const nl_q8
                        int64_t j0, int64_t j1, float *z, int64_t ldz) {
     const int64_t Kp = q8_kp(m->K), gates = m->gates, H = m->H;
     const int64_t p0 = j0 / 16 * gates, p1 = q8_blocks(j1) * gates;
-    int32_t acc[Q8_NB * Q8_NP * 16];
-    for (int64_t b = 0; b < n; b += Q8_NB) {
-        const int nb = (int)(n - b < Q8_NB ? n - b : Q8_NB);
-        const int64_t step = nb == 1 ? Q8_TP1 : Q8_TP;
+    q8_out o;
+    for (int64_t b = 0; b < n; b += Q8_TR) {
+        o.nb = (int)(n - b < Q8_TR ? n - b : Q8_TR);
+        for (int i = 0; i < o.nb; i++) {
+            o.dst[i] = z + (b + i) * ldz;
+            o.sa[i] = sa[b + i];
+        }
+        const int64_t step = o.nb == 1 ? Q8_TP1 : Q8_TP;
+        /* Panel p is gate g of unit block u (p = u gates + g). */
+        int64_t u = j0 / 16, g = 0;
         for (int64_t p = p0; p < p1; p += step) {
-            const int np = (int)(p1 - p < step ? p1 - p : step);
-            q8_tile(nb, np, qa + b * Kp, Kp, m->w + p * Kp * 16, m->wsum + p * 16, acc);
-            for (int i = 0; i < nb; i++)
-                for (int q = 0; q < np; q++) {
-                    const int64_t u = (p + q) / gates, g = (p + q) % gates;
-                    const int64_t jb = u * 16, je = jb + 16 < j1 ? jb + 16 : j1;
-                    const int32_t *s = acc + (i * np + q) * 16;
-                    const float *sw = m->scale + g * H;
-                    float *zr = z + (b + i) * ldz + g * H, sai = sa[b + i];
-#pragma omp simd
-                    for (int64_t j = jb; j < je; j++) zr[j] = (float)s[j - jb] * (sw[j] * sai);
-                }
+            o.np = (int)(p1 - p < step ? p1 - p : step);
+            for (int q = 0; q < o.np; q++) {
+                const int64_t jb = u * 16, je = jb + 16 < j1 ? jb + 16 : j1;
+                o.col[q] = g * H + jb;
+                o.lanes[q] = (int)(je - jb);
+                o.ws[q] = m->wsum + (p + q) * 16;
+                if (++g == gates) g = 0, u++;
+            }
+            q8_tile(qa + b * Kp, Kp, m->w + p * Kp * 16, m->scale, &o);
         }
     }
 }

@@ -151,11 +151,12 @@ def linear(x: Tensor, w: Int8Matrix, bias: Tensor | None, threads: int | None = 
     return out
 
 
-# Multiply-adds of a one-row step below which the loop keeps to one thread. With one row the
-# threads split the units and meet at a barrier every step, which costs more than it saves at
-# I=H=256 (measured on 2 cores: LSTM 4.3 us a step on one thread, 5.6 on two); with more rows
-# they split the rows and never meet.
-PARALLEL_MIN_STEP_MACS = 1 << 20
+# Multiply-adds of W_hh below which one sequence walks on one thread. With one row the threads
+# split the units (and each computes its units' input side a few steps ahead) and meet at a
+# barrier every step: at I=H=256 that halves the weights each core reads from its L2 cache a
+# step, which bounds a one-core walk (LSTM 3.9 us a step on one thread, about 2.5 on two,
+# measured on 2 cores); a small layer's step is shorter than the barrier.
+PARALLEL_MIN_STEP_MACS = 1 << 16
 
 
 def _threads(B: int, step_macs: int) -> int:
@@ -190,22 +191,16 @@ def run_layer(
     B, step_macs = h0.shape[0], w_hh.q.shape[0] * w_hh.K
     c_int8 = CInt8(w_hh.c(), CInt8Matrix() if w_hr is None else w_hr.c())
     x = x.contiguous()
-    if ln is None and B == 1 and threads is None and torch.get_num_threads() > 1 and (
-        step_macs < PARALLEL_MIN_STEP_MACS
-    ):
-        # One sequence walks on one thread; the other computes the input side a few steps
-        # ahead of it (in the loop's call), instead of both doing it first.
+    if ln is None:
+        # The loop computes the input side itself (x quantized once, ahead of the steps).
         _check_rows("int8 layer", x, w_ih)
         bias = None if bias is None else bias.contiguous()
         G = x.new_empty(x.shape[0], w_ih.q.shape[0])  # (N, G*H), written by the loop
         c_int8.ih, c_int8.x = w_ih.c(), x.data_ptr()
         c_int8.bias = None if bias is None else bias.data_ptr()
-        threads = 2
-    elif ln is not None:
+    else:
         G = F.layer_norm(linear(x, w_ih, None, threads), (w_ih.q.shape[0],), ln[0], ln[1], LN_EPS)
         G = G if bias is None else G + bias  # (N, G*H)
-    else:
-        G = linear(x, w_ih, bias, threads)  # (N, G*H)
     v = NativeVariants.of(mode, variants, x.shape[0])
     if v.rmask is not None or v.zh is not None:
         raise ValueError("int8 layers run in eval: no recurrent-dropout or zoneout masks")

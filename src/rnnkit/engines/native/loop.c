@@ -218,37 +218,27 @@ static inline nl_step step_at(const nl_walk *wk, int64_t s, int64_t t) {
     return st;
 }
 
-/* int8: G = x W_ih^T + bias for the steps of walk wk, in its order, a few steps at a time,
- * publishing how many are done in ready->passed (release: the rows are written before). */
-static void q8_input_side(const nl_walk *wk, const nl_q8 *q8, float *G, int64_t GW,
-                          nl_flag *ready) {
-    enum { STEPS = 4 };
+/* int8: the input side G = x W_ih^T + bias of the walk's steps [s, s + Q8_STEPS) on units
+ * [j0, j1) of every gate, the rows of those steps (one run of x) quantized into qa, sa (room for
+ * Q8_STEPS * B rows). Where threads split the units, each computes its own units' share, which
+ * only it reads, so the threads never wait for each other's input side. */
+#define Q8_STEPS 4
+static void q8_input_side(const nl_walk *wk, const nl_q8 *q8, int64_t s, int64_t j0, int64_t j1,
+                          float *G, int64_t GW, int8_t *qa, float *sa) {
     const nl_q8_matrix *m = &q8->ih;
-    const int64_t K = m->K, Kp = q8_kp(K), H = m->H, T_ = wk->T_;
-    int64_t most = 0;
-    for (int64_t t = 0; t < T_; t++) most = wk->bs[t] > most ? wk->bs[t] : most;
-    int8_t *qa = malloc((size_t)(STEPS * most * Kp) + 64);
-    float *sa = malloc((size_t)(STEPS * most) * sizeof(float) + 64);
-    for (int64_t s = 0; s < T_; s += STEPS) {
-        const int64_t e = s + STEPS < T_ ? s + STEPS : T_;
-        /* The steps' rows are one run: [offsets of the last in walk order's t, ...). */
-        const int64_t ta = wk->reverse ? T_ - e : s, tb = wk->reverse ? T_ - 1 - s : e - 1;
-        const int64_t lo = wk->offsets[ta], hi = wk->offsets[tb] + wk->bs[tb];
-        if (qa && sa) {
-            q8_quantize_rows(hi - lo, q8->x + lo * K, K, K, qa, sa);
-            q8_product(hi - lo, qa, sa, m, 0, H, G + lo * GW, GW);
-        } else {
-            /* Out of memory: NaN rows, never garbage (and the walk still ends). */
-            for (int64_t i = lo * GW; i < hi * GW; i++) G[i] = __builtin_nanf("");
-        }
-        if (q8->bias)
-            for (int64_t i = lo; i < hi; i++)
+    const int64_t K = m->K, H = m->H, T_ = wk->T_;
+    const int64_t e = s + Q8_STEPS < T_ ? s + Q8_STEPS : T_;
+    /* The steps' rows are one run: [offsets of the last in walk order's t, ...). */
+    const int64_t ta = wk->reverse ? T_ - e : s, tb = wk->reverse ? T_ - 1 - s : e - 1;
+    const int64_t lo = wk->offsets[ta], hi = wk->offsets[tb] + wk->bs[tb];
+    if (j1 <= j0 || hi <= lo) return;
+    q8_quantize_rows(hi - lo, q8->x + lo * K, K, K, qa, sa);
+    q8_product(hi - lo, qa, sa, m, j0, j1, G + lo * GW, GW);
+    if (!q8->bias) return;
+    for (int64_t i = lo; i < hi; i++)
+        for (int64_t g = 0; g < m->gates; g++)
 #pragma omp simd
-                for (int64_t j = 0; j < GW; j++) G[i * GW + j] += q8->bias[j];
-        __atomic_store_n(&ready->passed, e, __ATOMIC_RELEASE);
-    }
-    free(qa);
-    free(sa);
+            for (int64_t j = j0; j < j1; j++) G[i * GW + g * H + j] += q8->bias[g * H + j];
 }
 
 static inline int64_t gates_of(int64_t mode) {
@@ -678,10 +668,11 @@ typedef struct {
     /* The step barrier's flags (nth of them), this thread's index and barriers passed. */
     nl_flag *flags;
     int64_t nth, tid, passed;
-    /* int8 with x: thread 1 computes G ahead of the walk and counts the steps ready in
-     * ready->passed; thread 0 walks alone. */
-    int pipe;
-    nl_flag *ready;
+    /* int8 with x and threads that split the units: each computes its units of G before its
+     * walk (q8_input_side), quantizing x's rows into qx, sx. */
+    int q8_in;
+    int8_t *qx;
+    float *sx;
 } FN(fwd_call);
 
 /* A forward step and its rows: the product Zt, what the cell reads of it Yt (its norm, or Zt
@@ -957,8 +948,6 @@ static inline void FN(fwd_sync)(FN(fwd_call) *cx) {
 /* One forward step on the thread's units, with a barrier before each phase that reads units
  * other threads wrote. */
 static void FN(fwd_step)(FN(fwd_call) *cx, int64_t s) {
-    /* Wait for this step's input side. */
-    if (cx->pipe) flag_wait(cx->ready, s + 1);
     const FN(fwd_rows) st = FN(fwd_rows_at)(cx, s);
     if (cx->rows && st.at.n == 0) return;
     FN(fwd_product)(cx, &st);
@@ -1008,10 +997,22 @@ static void FN(fwd_own_rows)(FN(fwd_call) *cx) {
     }
 }
 
-/* Bytes of one thread's quantized rows: B rows of h_{t-1} or (projection) r_t. */
-static int64_t FN(q8_scratch)(const FN(fwd_call) *cx) {
+/* Bytes of one thread's quantized rows of h_{t-1} or (projection) r_t: B rows. */
+static int64_t FN(q8_h_scratch)(const FN(fwd_call) *cx) {
     const int64_t K = cx->P ? (cx->R > cx->H ? cx->R : cx->H) : cx->R;
     return (cx->B * q8_kp(K) + 63) / 64 * 64;
+}
+
+/* One thread's quantized rows: B of h_{t-1}, then (q8_in) Q8_STEPS * B of x; their scales
+ * rounded up to whole cache lines (the threads write theirs every step). */
+static int64_t FN(q8_rows)(const FN(fwd_call) *cx) {
+    return (cx->B + (cx->q8_in ? Q8_STEPS * cx->B : 0) + 15) / 16 * 16;
+}
+
+/* Bytes of one thread's quantized rows (a multiple of 64). */
+static int64_t FN(q8_scratch)(const FN(fwd_call) *cx) {
+    const int64_t x = cx->q8_in ? Q8_STEPS * cx->B * q8_kp(cx->q8->ih.K) : 0;
+    return (FN(q8_h_scratch)(cx) + x + 63) / 64 * 64;
 }
 
 /* Whether int8 weights fit the call (float32 only: the double instantiation takes none). */
@@ -1033,24 +1034,11 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
     cx.tid = omp_get_thread_num();
 #endif
     if (cx.rows) FN(fwd_own_rows)(&cx);
-#if NL_Q8
-    if (cx.pipe) {
-        /* Thread 1 (or, alone, this thread first) computes the input side; thread 0 walks
-         * every unit alone. */
-        if (cx.nth == 1 || cx.tid == 1)
-            q8_input_side(&cx.walk, cx.q8, (float *)cx.G, cx.GW, cx.ready);
-        if (cx.tid != 0) return;
-        cx.nth = 1;
-        cx.j0 = 0, cx.j1 = cx.H, cx.q0 = 0, cx.q1 = cx.R;
-    }
-#endif
     if (cx.q8) {
-        int64_t tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-#endif
-        cx.qa += tid * FN(q8_scratch)(&cx);
-        cx.sa += tid * cx.B;
+        cx.qa += cx.tid * FN(q8_scratch)(&cx);
+        cx.sa += cx.tid * FN(q8_rows)(&cx);
+        cx.qx = cx.qa + FN(q8_h_scratch)(&cx);
+        cx.sx = cx.sa + cx.B;
     }
     /* Panels where a step can be wide; where memory runs out, the own loops instead. */
     cx.pp = cx.ppr = (FN(panels)){0};
@@ -1064,6 +1052,11 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
         FN(fwd_mask_h0)(&cx);
         barrier();
     }
+#if NL_Q8
+    /* Each thread's units of the input side, before its walk: no other thread reads them. */
+    for (int64_t s = 0; cx.q8_in && s < cx.walk.T_; s += Q8_STEPS)
+        q8_input_side(&cx.walk, cx.q8, s, cx.j0, cx.j1, (float *)cx.G, cx.GW, cx.qx, cx.sx);
+#endif
     for (int64_t s = 0; s < cx.walk.T_; s++) FN(fwd_step)(&cx, s);
     FN(panels_free)(&cx.pp);
     FN(panels_free)(&cx.ppr);
@@ -1105,16 +1098,13 @@ int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t 
      * take rows of the batch and never wait for each other. */
     cx.rows = q8 && B > 1 && nthreads > 1;
     if (cx.rows && nthreads > B) nthreads = B;
-    nl_flag ready = {0};
-    cx.ready = &ready;
-    /* The input side on a second thread while the first walks; where threads take rows, all of
-     * it first. */
-    cx.pipe = q8 && q8->x && !cx.rows;
-    if (cx.pipe) nthreads = nthreads > 1 ? 2 : 1;
+    /* The input side: each thread its units where threads split the units (q8_in); where they
+     * take rows, all of it first, the units split. */
+    cx.q8_in = q8 && q8->x && !cx.rows;
     void *scratch = 0;
     if (q8) {
-        const int64_t per = FN(q8_scratch)(&cx);
-        scratch = malloc((size_t)(nthreads * (per + B * (int64_t)sizeof(float))));
+        const int64_t per = FN(q8_scratch)(&cx), rows = FN(q8_rows)(&cx);
+        scratch = aligned_alloc(64, (size_t)(nthreads * (per + rows * (int64_t)sizeof(float))));
         if (!scratch) return NL_NO_MEMORY;
         cx.qa = scratch;
         cx.sa = (float *)((int8_t *)scratch + nthreads * per);
@@ -1130,7 +1120,15 @@ int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t 
     memset(cx.flags, 0, (size_t)nthreads * sizeof(nl_flag));
     cx.walk = (nl_walk){T_, reverse, bs, offsets, gemm_min_rows};
 #if NL_Q8
-    if (q8 && q8->x && cx.rows) q8_input_side(&cx.walk, q8, (float *)G, cx.GW, &ready);
+    /* Threads that take rows compute all of the input side first, splitting its units. */
+    rc = q8 && q8->x && cx.rows ? nl_q8_linear(N, q8->x, &q8->ih, q8->bias, (float *)G, nthreads)
+                                : 0;
+    if (rc) {
+        free(zeros);
+        free(cx.flags);
+        free(scratch);
+        return rc == -6 ? NL_NO_MEMORY : NL_BAD_VARIANTS;
+    }
 #endif
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     FN(fwd_thread)(&cx);
