@@ -17,7 +17,8 @@
  * backward share each formula and the loops around them still vectorise.
  *
  * The products (W_hh, and W_hr with a projection) of a step with at least `gemm_min_rows` rows
- * run on panels: each thread packs its share of the weights once per call into a layout for
+ * (in a call of at least 4 steps, which repays the packing) run on panels: each thread packs its
+ * share of the weights once per call into a layout for
  * a register-blocked kernel (panel_product), which then stays in the core's L2 cache across the
  * steps. Steps with fewer rows run the register-blocked dot products below, which at B=1 are a
  * GEMV over W_hh. No BLAS: MKL dispatches its AVX2 kernels on AMD CPUs, and its per-call
@@ -504,6 +505,12 @@ static inline int64_t FN(blocks)(int64_t H, int64_t gates, int64_t j0, int64_t j
     }
     *rows = j1 - j0;
     return gates;
+}
+
+/* Whether a call packs panels: its steps can be wide, and there are enough of them to repay the
+ * packing, which reads and writes the weights about as often as two steps' products read them. */
+static inline int FN(worth_panels)(const nl_walk *wk, int64_t B) {
+    return B >= wk->gemm_min_rows && wk->T_ >= 4;
 }
 
 /* Z[b, g*H + j] = x[b] . w[g*H + j] for b < nb, j in [j0, j1), every gate g: x (nb, K), w
@@ -1042,7 +1049,7 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
     }
     /* Panels where a step can be wide; where memory runs out, the own loops instead. */
     cx.pp = cx.ppr = (FN(panels)){0};
-    if (!cx.q8 && cx.B >= cx.walk.gemm_min_rows) {
+    if (!cx.q8 && FN(worth_panels)(&cx.walk, cx.B)) {
         FN(panels_make)(&cx.pp, cx.w + cx.j0 * cx.R, cx.gates, cx.j1 - cx.j0, cx.R,
                         cx.H * cx.R, cx.R, 1, cx.H);
         if (cx.P) FN(panels_make)(&cx.ppr, cx.w_hr + cx.q0 * cx.H, 1, cx.q1 - cx.q0, cx.H, 0,
@@ -1477,7 +1484,7 @@ static void FN(bwd_thread)(const FN(bwd_call) *call) {
 #endif
     /* Panels where a step can be wide; where memory runs out, the own loops instead. */
     cx.pp = cx.ppr = (FN(panels)){0};
-    if (cx.B >= cx.walk.gemm_min_rows) {
+    if (FN(worth_panels)(&cx.walk, cx.B)) {
         FN(panels_make)(&cx.pp, cx.w + cx.q0, 1, cx.q1 - cx.q0, cx.GW, 0, 1, cx.R, 0);
         if (cx.P) FN(panels_make)(&cx.ppr, cx.w_hr + cx.j0, 1, cx.j1 - cx.j0, cx.R, 0, 1, cx.H, 0);
     }
