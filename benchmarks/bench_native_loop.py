@@ -4,15 +4,18 @@
     .venv/bin/python benchmarks/bench_native_loop.py --modes lstm --batches 1 --repeats 21
     .venv/bin/python benchmarks/bench_native_loop.py --modes lstm gru --layer-norm
     .venv/bin/python benchmarks/bench_native_loop.py --gemms --batches 16 64
+    .venv/bin/python benchmarks/bench_native_loop.py --modes lstm --batches 1 2 8 --own-loops
 
 Prints a Markdown table: median milliseconds of forward (no grad) and forward+backward for
 torch.nn (oneDNN), rnnkit's fused engine (backend="fused") and the native loop (the same layer's
 weights through ``native.op.run_layer``), and each one's ratio to torch.nn. The three run
 interleaved, repeat by repeat, so that a machine shared with other work slows all alike. With
 ``--layer-norm`` the fused and native columns run the layer-norm variant (issue 9's target
-compares it with torch.nn's plain layer). ``--gemms`` prints instead the input side's GEMMs of
-one LSTM layer (``x W_ih^T + b`` and its input gradient ``dG W_ih``) through torch's addmm/mm
-(MKL) and through oneDNN (``engines/native/onednn.py``), interleaved.
+compares it with torch.nn's plain layer). ``--own-loops`` runs the native column on the own dot
+products instead of the panels (what a step below ``GEMM_MIN_ROWS`` rows runs). ``--gemms``
+prints instead the input side's GEMMs of one LSTM layer (``x W_ih^T + b`` and its input
+gradient ``dG W_ih``) through torch's addmm/mm (MKL) and through oneDNN
+(``engines/native/onednn.py``), interleaved.
 """
 
 import argparse
@@ -32,8 +35,9 @@ OURS = {"rnn": rnnkit.RNN, "lstm": rnnkit.LSTM, "gru": rnnkit.GRU}
 MODE = {"rnn": "RNN_TANH", "lstm": "LSTM", "gru": "GRU"}
 
 
-def native_call(mode: str, layer: torch.nn.Module, T: int, B: int):
-    """``x -> out`` on the native loop with ``layer``'s parameters (and its layer norm's)."""
+def native_call(mode: str, layer: torch.nn.Module, T: int, B: int, gemm: bool | None = None):
+    """``x -> out`` on the native loop with ``layer``'s parameters (and its layer norm's);
+    ``gemm=False``: the own dot products instead of the panels."""
     weights = [getattr(layer, f"{n}_l0") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
     ln = getattr(layer, "variants", None) is not None and layer.variants.layer_norm
     variants = StepVariants(layer._layer_norm_params()[0]) if ln else None
@@ -43,7 +47,7 @@ def native_call(mode: str, layer: torch.nn.Module, T: int, B: int):
         h0 = x.new_zeros(B, H)
         c0 = x.new_zeros(B, H) if mode == "LSTM" else None
         out, _, _ = ops.run_layer(mode, False, (B,) * T, x.reshape(T * B, -1), h0, c0,
-                                  *weights, None, variants)  # fmt: skip
+                                  *weights, None, variants, gemm=gemm)  # fmt: skip
         return out
 
     return run
@@ -72,6 +76,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layer-norm", action="store_true", help="fused and native: layer_norm=True")
     ap.add_argument("--gemms", action="store_true", help="the input side's GEMMs: MKL, oneDNN")
+    ap.add_argument("--own-loops", action="store_true",
+                    help="native: the own dot products for every step (gemm=False), no panels")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -96,7 +102,8 @@ def main() -> None:
             runs = {
                 "torch": steps(ref, x),
                 "fused": steps(fused, x),
-                "native": steps(native_call(MODE[m], fused, args.T, B), x),
+                "native": steps(native_call(MODE[m], fused, args.T, B,
+                                            False if args.own_loops else None), x),
             }
             times = {(k, p): [] for k in runs for p in ("fwd", "f+b")}
             for fwd, train in runs.values():

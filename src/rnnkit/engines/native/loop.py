@@ -62,8 +62,8 @@ _ERRORS = {
     -6: "out of memory",
 }
 # Steps with at least this many rows run on panels (in calls of at least 4 steps, which repay
-# packing them); below, the own dot products. On 2 cores, I=H=256, T=100, a float32 LSTM forward
-# took 0.80x the dot products' time with panels at B=1, 0.67x at B=2 to 8.
+# packing them); below, the own dot products. The panels won from one row on: BENCHMARKS.md,
+# "Panels from one row" (bench_native_loop.py with and without --own-loops).
 GEMM_MIN_ROWS = 1
 
 
