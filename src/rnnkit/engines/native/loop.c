@@ -18,9 +18,8 @@
  *
  * The products (W_hh, and W_hr with a projection) of a step with at least `gemm_min_rows` rows
  * (in a call of at least 4 steps, which repays the packing) run on panels: each thread packs its
- * share of the weights once per call into a layout for
- * a register-blocked kernel (panel_product), which then stays in the core's L2 cache across the
- * steps. Steps with fewer rows run the register-blocked dot products below, which at B=1 are a
+ * share of the weights once per call into a layout for a register-blocked kernel
+ * (panel_product), which then stays in the core's L2 cache across the steps. Steps with fewer rows run the register-blocked dot products below, which at B=1 are a
  * GEMV over W_hh. No BLAS: MKL dispatches its AVX2 kernels on AMD CPUs, and its per-call
  * overhead and packing of the small per-step products cost more than the products.
  *
@@ -127,14 +126,18 @@ static int64_t check_batch_sizes(int64_t T, const int64_t *bs, int64_t N, int64_
     return sum == N ? NL_OK : NL_BAD_BATCH_SIZES;
 }
 
-static inline int fits_int(int64_t v) { return v >= 0 && v <= 2147483647; }
+/* The calling thread's count of threads and index in its parallel region (1, 0 outside one). */
+static inline void this_thread(int64_t *nth, int64_t *tid) {
+    *nth = 1, *tid = 0;
+#ifdef _OPENMP
+    *nth = omp_get_num_threads();
+    *tid = omp_get_thread_num();
+#endif
+}
 
 static void split_units(int64_t H, int64_t *j0, int64_t *j1) {
-    int64_t nth = 1, tid = 0;
-#ifdef _OPENMP
-    nth = omp_get_num_threads();
-    tid = omp_get_thread_num();
-#endif
+    int64_t nth, tid;
+    this_thread(&nth, &tid);
     /* Whole cache lines per thread. */
     int64_t chunk = (H + nth - 1) / nth;
     chunk = (chunk + 15) / 16 * 16;
@@ -170,6 +173,13 @@ static void flag_wait(nl_flag *flag, int64_t at_least) {
             spins = 0;
         }
     }
+}
+
+/* n zeroed flags, or NULL where memory ran out. */
+static nl_flag *flags_new(int64_t n) {
+    nl_flag *flags = aligned_alloc(64, (size_t)n * sizeof(nl_flag));
+    if (flags) memset(flags, 0, (size_t)n * sizeof(nl_flag));
+    return flags;
 }
 
 static void flag_barrier(nl_flag *flags, int64_t nth, int64_t tid, int64_t *passed) {
@@ -985,11 +995,8 @@ static void FN(fwd_step)(FN(fwd_call) *cx, int64_t s) {
 
 /* The thread's rows [r0, r1) of B, and every row-indexed pointer of the call moved to r0. */
 static void FN(fwd_own_rows)(FN(fwd_call) *cx) {
-    int64_t nth = 1, tid = 0;
-#ifdef _OPENMP
-    nth = omp_get_num_threads();
-    tid = omp_get_thread_num();
-#endif
+    int64_t nth, tid;
+    this_thread(&nth, &tid);
     const int64_t B = cx->B, R = cx->R, H = cx->H, GW = cx->GW;
     cx->r0 = B * tid / nth;
     cx->r1 = B * (tid + 1) / nth;
@@ -1035,11 +1042,8 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
     FN(fwd_call) cx = *call;
     split_units(cx.H, &cx.j0, &cx.j1);
     split_units(cx.R, &cx.q0, &cx.q1);
-    cx.nth = 1, cx.tid = 0, cx.passed = 0;
-#ifdef _OPENMP
-    cx.nth = omp_get_num_threads();
-    cx.tid = omp_get_thread_num();
-#endif
+    cx.passed = 0;
+    this_thread(&cx.nth, &cx.tid);
     if (cx.rows) FN(fwd_own_rows)(&cx);
     if (cx.q8) {
         cx.qa += cx.tid * FN(q8_scratch)(&cx);
@@ -1116,7 +1120,7 @@ int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t 
         cx.qa = scratch;
         cx.sa = (float *)((int8_t *)scratch + nthreads * per);
     }
-    cx.flags = aligned_alloc(64, (size_t)nthreads * sizeof(nl_flag));
+    cx.flags = flags_new(nthreads);
     T *zeros = cx.gru && !bhh ? calloc((size_t)cx.GW, sizeof(T)) : 0;
     if (!cx.flags || (cx.gru && !bhh && !zeros)) {
         free(cx.flags);
@@ -1124,7 +1128,6 @@ int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t 
         return NL_NO_MEMORY;
     }
     if (zeros) cx.bhh = zeros;
-    memset(cx.flags, 0, (size_t)nthreads * sizeof(nl_flag));
     cx.walk = (nl_walk){T_, reverse, bs, offsets, gemm_min_rows};
 #if NL_Q8
     /* Threads that take rows compute all of the input side first, splitting its units. */
@@ -1477,11 +1480,8 @@ static void FN(bwd_thread)(const FN(bwd_call) *call) {
     FN(bwd_call) cx = *call;
     split_units(cx.H, &cx.j0, &cx.j1);
     split_units(cx.R, &cx.q0, &cx.q1);
-    cx.nth = 1, cx.tid = 0, cx.passed = 0;
-#ifdef _OPENMP
-    cx.nth = omp_get_num_threads();
-    cx.tid = omp_get_thread_num();
-#endif
+    cx.passed = 0;
+    this_thread(&cx.nth, &cx.tid);
     /* Panels where a step can be wide; where memory runs out, the own loops instead. */
     cx.pp = cx.ppr = (FN(panels)){0};
     if (FN(worth_panels)(&cx.walk, cx.B)) {
@@ -1520,9 +1520,8 @@ int64_t FN(nl_backward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t
     cx.D = cx.ln ? cx.dZ : cx.gru ? dGH : dG;
     cx.walk = (nl_walk){T_, reverse, bs, offsets, gemm_min_rows};
     if (nthreads < 1) nthreads = 1;
-    cx.flags = aligned_alloc(64, (size_t)nthreads * sizeof(nl_flag));
+    cx.flags = flags_new(nthreads);
     if (!cx.flags) return NL_NO_MEMORY;
-    memset(cx.flags, 0, (size_t)nthreads * sizeof(nl_flag));
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     FN(bwd_thread)(&cx);
     free(cx.flags);
