@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/bench_native_loop.py --modes lstm gru --layer-norm
     .venv/bin/python benchmarks/bench_native_loop.py --gemms --batches 16 64
     .venv/bin/python benchmarks/bench_native_loop.py --modes lstm --batches 1 2 8 --own-loops
+    .venv/bin/python benchmarks/bench_native_loop.py --breakdown --modes lstm --batches 16 64
 
 Prints a Markdown table: median milliseconds of forward (no grad) and forward+backward for
 torch.nn (oneDNN), rnnkit's fused engine (backend="fused") and the native loop (the same layer's
@@ -15,12 +16,19 @@ compares it with torch.nn's plain layer). ``--own-loops`` runs the native column
 products instead of the panels (what a step below ``GEMM_MIN_ROWS`` rows runs). ``--gemms``
 prints instead the input side's GEMMs of one LSTM layer (``x W_ih^T + b`` and its input
 gradient ``dG W_ih``) through torch's addmm/mm (MKL) and through oneDNN
-(``engines/native/onednn.py``), interleaved.
+(``engines/native/onednn.py``), interleaved. ``--breakdown`` prints instead where one training
+step (forward and backward) of the fused engine goes: each part timed where it runs (the C
+loops, the input side's GEMM, its backward, ``dW_hh``, the rest: Python, autograd, the norms'
+torch ops, the gradients' accumulation), beside its floor, its multiply-adds at the float32
+peak that ``floor.c`` measures with the same threads, and torch.nn's whole step.
 """
 
 import argparse
+import contextlib
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -78,11 +86,16 @@ def main() -> None:
     ap.add_argument("--gemms", action="store_true", help="the input side's GEMMs: MKL, oneDNN")
     ap.add_argument("--own-loops", action="store_true",
                     help="native: the own dot products for every step (gemm=False), no panels")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="where a fused training step goes, part by part, against its floor")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.gemms:
         gemms(args)
+        return
+    if args.breakdown:
+        breakdown(args)
         return
     assert native_loop.available(torch.float32), "the native loop could not be built"
     print(f"T={args.T}, I=H={args.H}, float32, {args.threads} threads, median of "
@@ -158,6 +171,96 @@ def gemms(args) -> None:
         print(f"| {B} | {m['fwd mkl']:.2f} | {m['fwd dnn']:.2f} | "
               f"{m['fwd dnn'] / m['fwd mkl']:.2f} | {m['dx mkl']:.2f} | {m['dx dnn']:.2f} | "
               f"{m['dx dnn'] / m['dx mkl']:.2f} |", flush=True)  # fmt: skip
+
+
+# The parts of a fused training step, with the multiply-adds of each as (rows N, K, columns),
+# K = I for the input side, H for the recurrent side (I = H here).
+PARTS = {
+    "input side x W_ih^T + b": 1,
+    "C forward loop (h W_hh^T and the cells)": 1,
+    "C backward loop (dG W_hh and the cells)": 1,
+    "input side backward (dx, dW_ih, db)": 2,
+    "dW_hh": 1,
+}
+
+
+@contextlib.contextmanager
+def _timed_parts(times: dict):
+    """Time each part of PARTS where it runs, appending milliseconds to ``times[part]``, by
+    wrapping the functions that run them (private ones: this is a benchmark's probe)."""
+    names = list(PARTS)
+
+    def timed(part, fn):
+        def run(*a, **k):
+            t0 = time.perf_counter()
+            r = fn(*a, **k)
+            times[part].append((time.perf_counter() - t0) * 1e3)
+            return r
+
+        return run
+
+    run_c, input_side, w_hh_grad = native_loop._run, onednn.input_side, ops._w_hh_grad
+    side_backward = onednn._InputSide.backward
+
+    def run_loop(fn, *a):
+        part = names[1] if fn.__name__.startswith("nl_forward") else names[2]
+        return timed(part, run_c)(fn, *a)
+
+    native_loop._run = run_loop
+    onednn.input_side = timed(names[0], input_side)
+    onednn._InputSide.backward = staticmethod(timed(names[3], side_backward))
+    ops._w_hh_grad = timed(names[4], w_hh_grad)
+    try:
+        yield
+    finally:
+        native_loop._run, onednn.input_side, ops._w_hh_grad = run_c, input_side, w_hh_grad
+        onednn._InputSide.backward = staticmethod(side_backward)
+
+
+def breakdown(args) -> None:
+    """Median ms of each part of a fused training step against its floor, and torch.nn's step."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_int8 import Floor
+
+    peak = Floor(args.threads).f32_macs
+    print(f"T={args.T}, I=H={args.H}, float32, {args.threads} threads, median of "
+          f"{args.repeats} steps (torch.nn's interleaved); torch {torch.__version__}; float32 "
+          f"peak (floor.c, {args.threads} threads) {peak / 1e9:.1f} GMAC/s"
+          f"{'; layer_norm=True' if args.layer_norm else ''}\n")  # fmt: skip
+    for m in args.modes:
+        for B in args.batches:
+            ref = TORCH[m](args.H, args.H)
+            extra = {"layer_norm": True} if args.layer_norm and m != "rnn" else {}
+            fused = OURS[m](args.H, args.H, backend="fused", **extra)
+            x = torch.randn(args.T, B, args.H)
+            ref_train, fused_train = steps(ref, x)[1], steps(fused, x)[1]
+            parts = {k: [] for k in PARTS}
+            step, ref_step = [], []
+            ref_train(), fused_train()
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                ref_train()
+                ref_step.append((time.perf_counter() - t0) * 1e3)
+                with _timed_parts(parts):
+                    t0 = time.perf_counter()
+                    fused_train()
+                    step.append((time.perf_counter() - t0) * 1e3)
+            gw = {"lstm": 4, "gru": 3, "rnn": 1}[m] * args.H
+            macs = args.T * B * args.H * gw
+            med = {k: statistics.median(v) for k, v in parts.items() if v}
+            total, ref_total = statistics.median(step), statistics.median(ref_step)
+            print(f"{m}, B={B}: fused step {total:.2f} ms, torch.nn {ref_total:.2f} ms "
+                  f"({total / ref_total:.2f}x)\n")  # fmt: skip
+            print("| part | ms | floor ms | floor / ms |")
+            print("|---|---|---|---|")
+            floors = 0.0
+            for k, ms in med.items():
+                floor = PARTS[k] * macs / peak * 1e3
+                floors += floor
+                print(f"| {k} | {ms:.2f} | {floor:.2f} | {floor / ms:.2f} |")
+            rest = total - sum(med.values())
+            print(f"| the rest | {rest:.2f} | 0 | |")
+            print(f"| step | {total:.2f} | {floors:.2f} | {floors / total:.2f} |\n", flush=True)
 
 
 if __name__ == "__main__":
