@@ -22,6 +22,7 @@ from rnnkit.tasks.forecast import (
     backtest_origins,
     calendar,
     choose_linear_base,
+    combined_ar,
     conformal_shifts,
     fit_linear_ar,
     fit_smoothing,
@@ -91,7 +92,7 @@ def test_the_linear_base_is_the_candidate_best_out_of_fold():
     k = np.arange(400)
     series = 0.02 * k + np.sin(2 * np.pi * k / 6) + 0.3 * rng.normal(size=len(k))
     starts = np.arange(13, 340)
-    base, forecasts, maes = choose_linear_base(series, starts, 12, 2, 5)
+    (base,), forecasts, maes = choose_linear_base(series, starts, 12, 2, 5)
     assert len(maes) == 2 * len(RIDGES) and maes[base] == min(maes.values())
     # Each candidate's figure is that of its out-of-fold forecasts; the chosen one's are returned.
     truth = np.stack([series[t : t + 2] for t in starts])
@@ -99,6 +100,51 @@ def test_the_linear_base_is_the_candidate_best_out_of_fold():
     for cand in (LinearBase(), LinearBase(True, 1e-3)):
         oof = out_of_fold_ar(series, starts, 12, 2, 5, cand)
         assert maes[cand] == pytest.approx(np.abs(oof - truth).mean())
+
+
+def test_a_combined_base_is_the_mean_of_the_candidates_best_out_of_fold():
+    rng = np.random.default_rng(7)
+    k = np.arange(400)
+    series = 0.02 * k + np.sin(2 * np.pi * k / 6) + 0.3 * rng.normal(size=len(k))
+    starts = np.arange(13, 340)
+    bases, forecasts, maes = choose_linear_base(series, starts, 12, 2, 5, members=3)
+    # The 3 least out-of-fold MAEs, best first.
+    assert [maes[b] for b in bases] == sorted(maes.values())[:3]
+    oofs = [out_of_fold_ar(series, starts, 12, 2, 5, b) for b in bases]
+    assert forecasts == pytest.approx((oofs[0] + oofs[1] + oofs[2]) / 3)
+    # combined_ar is the plain mean of the members' forecasts, each with its own coefficients.
+    later = np.arange(340, 398)
+    members = [(b, fit_linear_ar(series, starts, 12, 2, b)) for b in bases]
+    each = [linear_ar(series, later, c, b) for b, c in members]
+    assert combined_ar(series, later, members) == pytest.approx((each[0] + each[1] + each[2]) / 3)
+    assert combined_ar(series, later, members[:1]) == pytest.approx(each[0])
+
+
+def test_the_combined_base_is_chosen_and_fitted_without_the_test_part(tmp_path):
+    values = _tiny_csv(tmp_path / "s.csv")
+    task, prep = _prepare(tmp_path / "s.csv", combine=5)
+    first_test_target = int(prep.test.index[0])
+    # The same series with its test part (past the last validation target) changed.
+    changed = values.copy()
+    changed[first_test_target + 2 :] += 50 * np.sin(np.arange(len(values) - first_test_target - 2))
+    rows = [f"{t},{v}" for t, v in zip(read_times(tmp_path / "s.csv"), changed, strict=True)]
+    (tmp_path / "c.csv").write_text("time,v\n" + "\n".join(map(str, rows)) + "\n")
+    other, prep2 = _prepare(tmp_path / "c.csv", combine=5)
+    assert len(task.members) == 5 and task.bases == other.bases
+    for (_, a), (_, b) in zip(task.members, other.members, strict=True):
+        assert a == pytest.approx(b, abs=1e-12)
+    pre = prep.preprocessing
+    assert "ar" not in pre and len(pre["bases"]) == 5
+    # The report's base is the mean of the 5, fitted on the windows before the test part.
+    z = (values - pre["mean"]) / pre["std"]
+    before = np.r_[prep.train.index.numpy(), prep.val.index.numpy()]
+    starts = prep.test.index.numpy()
+    want = np.mean(
+        [linear_ar(z, starts, fit_linear_ar(z, before, 8, 2, b), b) for b in task.bases], axis=0
+    )
+    report = task.report(torch.zeros_like(prep.test.y), prep.test.y, prep.test)
+    assert report.arrays["pred"] == pytest.approx(want * pre["std"] + pre["mean"])
+    assert report.metrics["linear_base"].startswith("mean of 5: ")
 
 
 def test_runs_of_earlier_versions_keep_the_plain_ar_on_the_training_windows(tmp_path):
@@ -224,8 +270,8 @@ def test_the_network_predicts_the_residual_over_the_linear_ar(tmp_path):
     train_starts, val_starts = prep.train.index.numpy(), prep.val.index.numpy()
     before = np.r_[train_starts, val_starts]
     z = (values - pre["mean"]) / pre["std"]
-    base, _, _ = choose_linear_base(z, before, 8, 2, 5)
-    assert task.base == base
+    (base,), _, _ = choose_linear_base(z, before, 8, 2, 5)
+    assert task.bases == (base,)
     ar = linear_ar(z, starts, fit_linear_ar(z, before, 8, 2, base), base)
     ar = ar * pre["std"] + pre["mean"]
     # A network that outputs 0 is the linear base; one that outputs the targets is the truth.
@@ -259,7 +305,7 @@ def test_the_network_predicts_the_residual_over_the_linear_ar(tmp_path):
 def test_predict_adds_the_network_output_to_the_linear_ar(tmp_path):
     values = _tiny_csv(tmp_path / "s.csv")
     task, prep = _prepare(tmp_path / "s.csv")
-    pre, base = prep.preprocessing, task.base
+    pre, (base,) = prep.preprocessing, task.bases
     z = (values - pre["mean"]) / pre["std"]
     before = np.r_[prep.train.index.numpy(), prep.val.index.numpy()]
     coef = fit_linear_ar(z, before, 8, 2, base)
@@ -671,7 +717,7 @@ def test_smoothing_recovers_two_seasons_exactly_and_the_base_keeps_it():
     fitted = fit_smoothing(noisy, starts, 3, (4, 28))
     assert fitted.alpha <= 0.1
     window = np.arange(30, 396)
-    base, _, maes = choose_linear_base(noisy, window, 8, 3, 5, fitted)
+    (base,), _, maes = choose_linear_base(noisy, window, 8, 3, 5, fitted)
     assert len(maes) == 2 * len(RIDGES) + 2 * len(SMOOTHING_RIDGES)
     assert base.smoothing == fitted
     plain = min(v for b, v in maes.items() if b.smoothing is None)
