@@ -128,8 +128,8 @@ def test_the_combined_base_is_chosen_and_fitted_without_the_test_part(tmp_path):
     changed = values.copy()
     changed[first_test_target + 2 :] += 50 * np.sin(np.arange(len(values) - first_test_target - 2))
     rows = [f"{t},{v}" for t, v in zip(read_times(tmp_path / "s.csv"), changed, strict=True)]
-    (tmp_path / "c.csv").write_text("time,v\n" + "\n".join(map(str, rows)) + "\n")
-    other, prep2 = _prepare(tmp_path / "c.csv", combine=5)
+    (tmp_path / "c.csv").write_text("time,v\n" + "\n".join(rows) + "\n")
+    other, _ = _prepare(tmp_path / "c.csv", combine=5)
     assert len(task.members) == 5 and task.bases == other.bases
     for (_, a), (_, b) in zip(task.members, other.members, strict=True):
         assert a == pytest.approx(b, abs=1e-12)
