@@ -563,20 +563,43 @@ def test_the_forecast_is_the_base_alone_where_the_network_loses_to_it_on_validat
 
     # A network that knows the validation targets wins: its median stays the forecast.
     decided = task.calibrate(raw(val.y, 0.0), val.y, val)
-    assert "network_median" not in decided
+    assert decided["network_weight"] == 1.0
     assert decided["network_vs_base"]["network_mae"] < 1e-3 < decided["network_vs_base"]["base_mae"]
     m = task.report(raw(test.y, 0.0), test.y, test).metrics
     assert m["forecast_from"] == "the network's median" and m["mae"] < 1e-3
     # One that is 5 scaled residuals off loses to the base alone: the base is the forecast, and
     # the band keeps its width around it.
     task, prep = _prepare(tmp_path / "s.csv", quantiles=[0.1, 0.5, 0.9], conformal=False)
-    assert task.calibrate(raw(val.y, 5.0), val.y, val)["network_median"] is False
+    assert task.calibrate(raw(val.y, 5.0), val.y, val)["network_weight"] == 0.0
     report = task.report(raw(test.y, 5.0), test.y, test)
     m = report.metrics
     assert m["forecast_from"] == "the linear base"
     assert m["mae"] == pytest.approx(m["linear_base_mae"])
     scale = prep.preprocessing["residual_scale"] * prep.preprocessing["std"]
     assert m["interval_width"] == pytest.approx(2 * scale, rel=1e-6)
+
+
+def test_the_forecast_is_the_mean_of_network_and_base_where_only_the_mean_wins(tmp_path):
+    _tiny_csv(tmp_path / "s.csv")
+    task, prep = _prepare(tmp_path / "s.csv", quantiles=[0.1, 0.5, 0.9], conformal=False)
+    val, test = prep.val, prep.test
+
+    def raw(y):  # a median twice the residual, quantiles 1 below and above it
+        step = torch.full_like(y, math.log(math.expm1(1.0)))
+        return torch.stack([step, 2 * y, step], dim=-1).reshape(len(y), -1)
+
+    # Twice the residual is as far off as the base (0): the median alone does not win, the
+    # equal-weight mean of the two (the residual itself) does, and is decided on validation.
+    decided = task.calibrate(raw(val.y), val.y, val)
+    figures = decided["network_vs_base"]
+    assert figures["network_mae"] == pytest.approx(figures["base_mae"], rel=1e-5)
+    assert figures["mean_mae"] < 1e-3 and decided["network_weight"] == 0.5
+    m = task.report(raw(test.y), test.y, test).metrics
+    assert m["forecast_from"] == "the network's median (0.5) and the linear base"
+    assert m["mae"] == pytest.approx(0, abs=1e-3)
+    # The band keeps its offsets from the network's median around the mean.
+    scale = prep.preprocessing["residual_scale"] * prep.preprocessing["std"]
+    assert m["interval_width"] == pytest.approx(2 * scale, rel=1e-5)
 
 
 def test_the_conformal_correction_is_saved_with_the_model_and_used_by_evaluate(tmp_path, capsys):

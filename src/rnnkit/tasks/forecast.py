@@ -966,34 +966,40 @@ class ForecastTask(Task):
         )
 
     # What calibrate() adds to the preprocessing after training; prepare() does not make it.
-    calibration_keys = ("network_median", "network_vs_base", "conformal")
+    calibration_keys = ("network_median", "network_weight", "network_vs_base", "conformal")
 
     def calibrate(self, out: Tensor, y: Tensor, split: Split) -> dict:
         """What the trained model's outputs ``out`` on the validation windows ``split`` (targets
         ``y``) decide, joined to the preprocessing so that the saved model, the test report and
-        ``predict`` use it: ``network_median`` False where the network's median does not beat
-        the linear base alone on the validation windows by ``NETWORK_MARGIN`` standard errors
-        (:func:`network_beats_base`; then the forecast is the base's, and the band keeps its
-        offsets from the network's median), ``network_vs_base`` the figures of that comparison
-        (validation MAE of each and the standard error of their difference, in data units);
-        ``conformal``, the
-        correction of every quantile and horizon step (:func:`conformal_shifts`, in units of the
-        scaled residual), with at least two quantiles unless ``--no-conformal`` turned it off."""
+        ``predict`` use it: ``network_weight``, the weight of the network's median in the
+        point forecast, the rest the linear base's: 1 where the median beats the base alone on
+        the validation windows by ``NETWORK_MARGIN`` standard errors
+        (:func:`network_beats_base`), else 0.5 where the equal-weight mean of the two does
+        (of both that win, the one of less validation MAE), else 0 (the band keeps its offsets
+        from the network's median); ``network_vs_base`` the figures of that comparison
+        (validation MAE of each and the standard error of their difference from the base's, in
+        data units); ``conformal``, the correction of every quantile and horizon step
+        (:func:`conformal_shifts`, in units of the scaled residual), with at least two quantiles
+        unless ``--no-conformal`` turned it off."""
         q = self.quantiles(out).numpy().astype(np.float64)  # (N, horizon, Q)
         truth = y.numpy().astype(np.float64)  # (N, horizon): the residual over the base
         p = self.preprocessing
+        block = max(p["period"], p["horizon"])
         # The base alone forecasts a residual of 0.
-        network = np.abs(q[..., self._median] - truth).mean(axis=1)  # (N,)
-        base = np.abs(truth).mean(axis=1)
-        wins, se = network_beats_base(network, base, max(p["period"], p["horizon"]))
-        if not wins:
-            p["network_median"] = False
+        base = np.abs(truth).mean(axis=1)  # (N,)
         unit = p["residual_scale"] * p["std"]
-        p["network_vs_base"] = {
-            "network_mae": float(network.mean() * unit),
-            "base_mae": float(base.mean() * unit),
-            "difference_se": None if math.isnan(se) else float(se * unit),
-        }
+        figures, maes = {"base_mae": float(base.mean() * unit)}, {0.0: base.mean()}
+        for weight, name in ((1.0, "network"), (0.5, "mean")):
+            mixed = np.abs(weight * q[..., self._median] - truth).mean(axis=1)  # (N,)
+            wins, se = network_beats_base(mixed, base, block)
+            figures[f"{name}_mae"] = float(mixed.mean() * unit)
+            figures[f"{name}_difference_se"] = None if math.isnan(se) else float(se * unit)
+            if wins:
+                maes[weight] = mixed.mean()
+        p["network_weight"] = min(maes, key=maes.get)
+        # The name of runs of earlier versions for the network's median alone.
+        figures["difference_se"] = figures.pop("network_difference_se")
+        p["network_vs_base"] = figures
         if len(self.levels) > 1 and self._conformal:
             p["conformal"] = conformal_shifts(self.calibrated(q), truth, self.levels).tolist()
         return {k: p[k] for k in self.calibration_keys if k in p}
@@ -1004,15 +1010,23 @@ class ForecastTask(Task):
 
     def calibrated(self, q: np.ndarray) -> np.ndarray:
         """The quantiles ``q`` ``(N, horizon, Q)`` (scaled residuals) as :meth:`calibrate`
-        decided: moved to the base's forecast where the network's median lost to it, then
-        moved by the conformal correction, where the model has either."""
-        p = self.preprocessing
-        if not p.get("network_median", True):
-            q = q - q[..., self._median : self._median + 1]
-        shifts = p.get("conformal")
+        decided: the median moved toward the base's forecast (0) by ``1 - network_weight``
+        of its distance and every quantile with it, then moved by the conformal correction,
+        where the model has one."""
+        weight = self.network_weight
+        if weight != 1.0:
+            q = q - (1.0 - weight) * q[..., self._median : self._median + 1]
+        shifts = self.preprocessing.get("conformal")
         if shifts is None:
             return q
         return shift_quantiles(q, np.asarray(shifts), self._median)
+
+    @property
+    def network_weight(self) -> float:
+        """The weight of the network's median in the point forecast (runs of earlier versions:
+        1, or 0 where their ``network_median`` is False)."""
+        p = self.preprocessing
+        return p.get("network_weight", 1.0 if p.get("network_median", True) else 0.0)
 
     @property
     def smoothing(self) -> Smoothing | None:
@@ -1167,8 +1181,11 @@ class ForecastTask(Task):
         base = ar_z * self.preprocessing["std"] + self.preprocessing["mean"]
         metrics["linear_base"] = self._describe(self.bases)
         metrics["linear_base_mae"] = _errors(base, true)["mae"]
-        network = self.preprocessing.get("network_median", True)
-        metrics["forecast_from"] = "the network's median" if network else "the linear base"
+        weight = self.network_weight
+        metrics["forecast_from"] = {
+            1.0: "the network's median",
+            0.0: "the linear base",
+        }.get(weight, f"the network's median ({weight:g}) and the linear base")
         for k, v in self.preprocessing.get("network_vs_base", {}).items():
             metrics[f"val_{k}"] = v
         rows = backtest_origins(len(true), h)
