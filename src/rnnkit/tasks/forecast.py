@@ -10,16 +10,18 @@ step one ``period`` earlier: a day), the weekly naive (7 periods earlier, where 
 back that far) and a linear autoregression (least squares from the window's values and a constant
 to each horizon step). The model predicts the residual over its own linear base: its output, times
 the residuals' training standard deviation, is added to the base's forecast. The base is the
-linear autoregression above or one from the window's step-to-step changes to each target's change
-from the last value, each with a ridge penalty of several weights: whichever of these forecasts
-the windows before the test part best out of fold (each block of 5 by a fit on the others), or
-either of those with two more regressors per step from an exponential smoothing with one profile
-per season (``--seasons``; :class:`Smoothing`), which reads the whole history, not one window, as
-MSTL does: the daily and weekly profiles of half-hourly load are estimated over many weeks. The
-network's input is the window folded by the period: the recurrent layer reads the last ``period``
-steps, each with the values 0, 1, ... periods earlier, the calendar (hour of day and day of week,
-when the CSV has time stamps) and the base's forecast (and the smoothing's, where the base has
-one).
+equal-weight mean of the forecasts of the ``--combine`` (5) candidates that forecast the windows
+before the test part best out of fold (each block of 5 by a fit on the others): the linear
+autoregression above or one from the window's step-to-step changes to each target's change from
+the last value, each with a ridge penalty of several weights, or either of those with two more
+regressors per step from an exponential smoothing with one profile per season (``--seasons``;
+:class:`Smoothing`), which reads the whole history, not one window, as MSTL does: the daily and
+weekly profiles of half-hourly load are estimated over many weeks. A mean of several good
+forecasts is steadier than the one that scored best (the lesson of the M3 and M4 competitions).
+The network's input is the window folded by the period: the recurrent layer reads the last
+``period`` steps, each with the values 0, 1, ... periods earlier, the calendar (hour of day and
+day of week, when the CSV has time stamps) and the base's forecast (and the smoothing's, where
+the base has one).
 
 Covariates (``--covariates``: other columns of the CSV) are read the same way: the autoregression
 becomes an ARX, least squares from the window's values of every column, and the recurrent layer
@@ -27,13 +29,16 @@ reads each covariate's values 0, 1, ... periods earlier beside the target's. Onl
 read, so a covariate helps where it leads the target or shares its dynamics.
 
 The model predicts quantiles of the residual (``--quantiles``, by default 10, 50 and 90%) under
-the pinball loss; the median is the point forecast, and the quantiles cannot cross: the others are
+the pinball loss; the median corrects the base, and the quantiles cannot cross: the others are
 the median minus or plus cumulative sums of softplus increments. After training, each quantile
 but the median is moved by the conformal correction that makes it hold its level on the
-validation windows (:func:`conformal_shifts`), saved with the model. The test report scores every
-test window, and, as a rolling-origin backtest, the windows every ``horizon`` steps (one forecast
-per step of the test part, from origins that never see their own targets, nothing refitted), by
-MAE per step ahead.
+validation windows (:func:`conformal_shifts`), saved with the model. The point forecast is the
+network's median or the equal-weight mean of it and the base, whichever beats the base alone on
+the validation windows by two standard errors (of both that do, the one of less validation MAE),
+else the base alone (:meth:`ForecastTask.calibrate`). The test report scores every test window,
+and, as a rolling-origin backtest, the windows every ``horizon`` steps (one forecast per step of
+the test part, from origins that never see their own targets, nothing refitted), by MAE per step
+ahead.
 """
 
 import argparse
