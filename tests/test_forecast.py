@@ -120,6 +120,26 @@ def test_a_combined_base_is_the_mean_of_the_candidates_best_out_of_fold():
     assert combined_ar(series, later, members[:1]) == pytest.approx(each[0])
 
 
+def test_the_smoothing_alone_is_a_candidate_that_fits_nothing():
+    k = np.arange(300)
+    rng = np.random.default_rng(3)
+    series = np.sin(2 * np.pi * k / 6) + 0.2 * rng.normal(size=len(k))
+    starts = np.arange(13, 290)
+    sm = Smoothing((6,), 0.1, (0.2,), 0.5)
+    alone = LinearBase(smoothing=sm, alone=True)
+    fc, _ = smoothing_forecasts(series, starts, 2, sm)
+    # Its coefficients are 1 for the smoothing's forecast, 0 for the window, the error and 1.
+    coef = fit_linear_ar(series, starts, 4, 2, alone)
+    assert coef.shape == (4 + 2 + 1, 2) and coef.sum() == 2 and (coef[4] == 1).all()
+    assert linear_ar(series, starts, coef, alone) == pytest.approx(fc, abs=1e-12)
+    assert out_of_fold_ar(series, starts, 4, 2, 5, alone) == pytest.approx(fc, abs=1e-12)
+    _, _, maes = choose_linear_base(series, starts, 4, 2, 5, sm, alone=True)
+    assert maes[alone] == pytest.approx(np.abs(fc - targets_of(series, starts, 2)).mean())
+    assert alone not in choose_linear_base(series, starts, 4, 2, 5, sm)[2]
+    with pytest.raises(ValueError, match="alone"):
+        LinearBase(True, smoothing=sm, alone=True)
+
+
 def test_the_combined_base_is_chosen_and_fitted_without_the_test_part(tmp_path):
     values = _tiny_csv(tmp_path / "s.csv")
     task, prep = _prepare(tmp_path / "s.csv", combine=5)
