@@ -198,7 +198,9 @@ def bench(name: str, threads: int, root: Path) -> dict:
         seconds,
     )
     rows["rnnkit --quantiles none"] = (point["backtest_mae"], point["best_val_mae"], point_seconds)
-    rows[f"rnnkit's linear base alone ({summary['linear_base']})"] = (
+    members = "; ".join(summary.get("linear_base_members", []))
+    base = summary["linear_base"] + (f" [{members}]" if members else "")
+    rows[f"rnnkit's linear base alone ({base})"] = (
         summary["backtest_linear_base_mae"],
         None,
         None,

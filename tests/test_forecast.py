@@ -164,7 +164,9 @@ def test_the_combined_base_is_chosen_and_fitted_without_the_test_part(tmp_path):
     )
     report = task.report(torch.zeros_like(prep.test.y), prep.test.y, prep.test)
     assert report.arrays["pred"] == pytest.approx(want * pre["std"] + pre["mean"])
-    assert report.metrics["linear_base"].startswith("mean of 5: ")
+    m = report.metrics
+    assert m["linear_base"].startswith("mean of 5") and len(m["linear_base_members"]) == 5
+    assert m["linear_base_members"][0] == task._members_text(task.bases)[0]
 
 
 def test_runs_of_earlier_versions_keep_the_plain_ar_on_the_training_windows(tmp_path):

@@ -1086,18 +1086,15 @@ class ForecastTask(Task):
         """The linear bases of :attr:`members`, best out of fold first."""
         return tuple(base for base, _ in self.members)
 
-    @staticmethod
-    def _describe(bases: tuple[LinearBase, ...]) -> str:
-        """``values, ridge 0``; several bases: ``mean of 2: ...; ...``, each in that form."""
-        texts = [
-            "the smoothing alone"
-            if b.alone
-            else ("changes" if b.differences else "values")
-            + f", ridge {b.ridge:g}"
-            + (", smoothed" if b.smoothing is not None and len(bases) > 1 else "")
-            for b in bases
-        ]
-        text = texts[0] if len(texts) == 1 else f"mean of {len(texts)}: " + "; ".join(texts)
+    @classmethod
+    def _describe(cls, bases: tuple[LinearBase, ...], members: bool = True) -> str:
+        """``values, ridge 0``; several bases: ``mean of 2: ...; ...``, each in that form, or
+        without ``members`` ``mean of 2`` (:meth:`_members_text` names them); then the
+        smoothing's parameters, where a base has one."""
+        texts = cls._members_text(bases)
+        text = texts[0] if len(texts) == 1 else f"mean of {len(texts)}"
+        if len(texts) > 1 and members:
+            text += ": " + "; ".join(texts)
         s = next((b.smoothing for b in bases if b.smoothing is not None), None)
         if s is not None:
             seasons = ", ".join(map(str, s.seasons))
@@ -1107,6 +1104,19 @@ class ForecastTask(Task):
                 f"(alpha {s.alpha:g}, gammas {gammas}, phi {s.phi:g})"
             )
         return text
+
+    @staticmethod
+    def _members_text(bases: tuple[LinearBase, ...]) -> list[str]:
+        """Each base as ``changes, ridge 0.1`` (``, smoothed`` with the smoothing, where there
+        are several), or ``the smoothing alone``."""
+        return [
+            "the smoothing alone"
+            if b.alone
+            else ("changes" if b.differences else "values")
+            + f", ridge {b.ridge:g}"
+            + (", smoothed" if b.smoothing is not None and len(bases) > 1 else "")
+            for b in bases
+        ]
 
     def _smoothed(self, z: np.ndarray, starts: np.ndarray) -> np.ndarray | None:
         """The bases' smoothing forecasts ``(N, horizon)`` the network reads, or None."""
@@ -1210,7 +1220,10 @@ class ForecastTask(Task):
         # The model's linear base alone (the model with a network that outputs 0): what the
         # network adds is the difference.
         base = ar_z * self.preprocessing["std"] + self.preprocessing["mean"]
-        metrics["linear_base"] = self._describe(self.bases)
+        # The members in a list of their own: the summary's table prints one line per metric.
+        metrics["linear_base"] = self._describe(self.bases, members=False)
+        if len(self.bases) > 1:
+            metrics["linear_base_members"] = self._members_text(self.bases)
         metrics["linear_base_mae"] = _errors(base, true)["mae"]
         weight = self.network_weight
         metrics["forecast_from"] = {
