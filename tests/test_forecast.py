@@ -892,3 +892,14 @@ def test_a_series_the_smoothing_forecasts_exactly_still_gives_a_base():
         )
     with pytest.raises(ValueError, match="before the first season"):
         smoothing_forecasts(series, np.array([4]), 2, s)
+
+
+def test_combine_must_name_at_least_one_base(tmp_path):
+    _tiny_csv(tmp_path / "s.csv")
+    options = {"data": str(tmp_path / "s.csv"), "column": "v", "window": 8, "horizon": 2}
+    options |= {"period": 4, "no_conformal": False, "combine": 0}
+    with pytest.raises(DataError, match="--combine must be at least 1; got 0"):
+        ForecastTask().data_config(options)
+    # Runs of earlier versions (no --combine) keep one base, without the smoothing alone.
+    del options["combine"]
+    assert "combine" not in ForecastTask().data_config(options)
