@@ -5,8 +5,9 @@ pinball loss, and ``--quantiles none``, a point forecast under the squared error
 default on validation data), then scores on the rolling-origin backtest of the test part (the
 test windows every ``horizon`` steps, one origin per ``horizon`` steps, nothing refitted):
 
-- rnnkit's model (its median, or its linear base alone where the network's median did not beat
-  the base on the validation windows by two standard errors), its linear base alone (chosen by
+- rnnkit's model (its median, the equal-weight mean of its median and its linear base, or its
+  linear base alone: the first that beats the base on the validation windows by two standard
+  errors, or the base), its linear base alone (the mean of the 5 candidates best in
   cross-validation among values and changes with ridge weights, each with or without the
   multi-seasonal exponential smoothing: part of rnnkit's model, not a baseline), the plain
   least-squares linear AR or ARX (values to values, fitted like the base on every window before
@@ -197,7 +198,9 @@ def bench(name: str, threads: int, root: Path) -> dict:
         seconds,
     )
     rows["rnnkit --quantiles none"] = (point["backtest_mae"], point["best_val_mae"], point_seconds)
-    rows[f"rnnkit's linear base alone ({summary['linear_base']})"] = (
+    members = "; ".join(summary.get("linear_base_members", []))
+    base = summary["linear_base"] + (f" [{members}]" if members else "")
+    rows[f"rnnkit's linear base alone ({base})"] = (
         summary["backtest_linear_base_mae"],
         None,
         None,
@@ -227,6 +230,13 @@ def bench(name: str, threads: int, root: Path) -> dict:
         print(
             f"  validation MAE: network's median {summary['val_network_mae']:.4g}, base alone "
             f"{summary['val_base_mae']:.4g}, standard error of the difference "
+            + (f"{se:.3g}" if se is not None else "n/a (too few windows)")
+        )
+    if "val_mean_mae" in summary:
+        se = summary["val_mean_difference_se"]
+        print(
+            f"  validation MAE of the mean of the network's median and the base "
+            f"{summary['val_mean_mae']:.4g}, standard error of its difference from the base's "
             + (f"{se:.3g}" if se is not None else "n/a (too few windows)")
         )
     cov = summary.get("interval_coverage")

@@ -22,6 +22,7 @@ from rnnkit.tasks.forecast import (
     backtest_origins,
     calendar,
     choose_linear_base,
+    combined_ar,
     conformal_shifts,
     fit_linear_ar,
     fit_smoothing,
@@ -91,7 +92,7 @@ def test_the_linear_base_is_the_candidate_best_out_of_fold():
     k = np.arange(400)
     series = 0.02 * k + np.sin(2 * np.pi * k / 6) + 0.3 * rng.normal(size=len(k))
     starts = np.arange(13, 340)
-    base, forecasts, maes = choose_linear_base(series, starts, 12, 2, 5)
+    (base,), forecasts, maes = choose_linear_base(series, starts, 12, 2, 5)
     assert len(maes) == 2 * len(RIDGES) and maes[base] == min(maes.values())
     # Each candidate's figure is that of its out-of-fold forecasts; the chosen one's are returned.
     truth = np.stack([series[t : t + 2] for t in starts])
@@ -99,6 +100,73 @@ def test_the_linear_base_is_the_candidate_best_out_of_fold():
     for cand in (LinearBase(), LinearBase(True, 1e-3)):
         oof = out_of_fold_ar(series, starts, 12, 2, 5, cand)
         assert maes[cand] == pytest.approx(np.abs(oof - truth).mean())
+
+
+def test_a_combined_base_is_the_mean_of_the_candidates_best_out_of_fold():
+    rng = np.random.default_rng(7)
+    k = np.arange(400)
+    series = 0.02 * k + np.sin(2 * np.pi * k / 6) + 0.3 * rng.normal(size=len(k))
+    starts = np.arange(13, 340)
+    bases, forecasts, maes = choose_linear_base(series, starts, 12, 2, 5, members=3)
+    # The 3 least out-of-fold MAEs, best first.
+    assert [maes[b] for b in bases] == sorted(maes.values())[:3]
+    oofs = [out_of_fold_ar(series, starts, 12, 2, 5, b) for b in bases]
+    assert forecasts == pytest.approx((oofs[0] + oofs[1] + oofs[2]) / 3)
+    # combined_ar is the plain mean of the members' forecasts, each with its own coefficients.
+    later = np.arange(340, 398)
+    members = [(b, fit_linear_ar(series, starts, 12, 2, b)) for b in bases]
+    each = [linear_ar(series, later, c, b) for b, c in members]
+    assert combined_ar(series, later, members) == pytest.approx((each[0] + each[1] + each[2]) / 3)
+    assert combined_ar(series, later, members[:1]) == pytest.approx(each[0])
+
+
+def test_the_smoothing_alone_is_a_candidate_that_fits_nothing():
+    k = np.arange(300)
+    rng = np.random.default_rng(3)
+    series = np.sin(2 * np.pi * k / 6) + 0.2 * rng.normal(size=len(k))
+    starts = np.arange(13, 290)
+    sm = Smoothing((6,), 0.1, (0.2,), 0.5)
+    alone = LinearBase(smoothing=sm, alone=True)
+    fc, _ = smoothing_forecasts(series, starts, 2, sm)
+    # Its coefficients are 1 for the smoothing's forecast, 0 for the window, the error and 1.
+    coef = fit_linear_ar(series, starts, 4, 2, alone)
+    assert coef.shape == (4 + 2 + 1, 2) and coef.sum() == 2 and (coef[4] == 1).all()
+    assert linear_ar(series, starts, coef, alone) == pytest.approx(fc, abs=1e-12)
+    assert out_of_fold_ar(series, starts, 4, 2, 5, alone) == pytest.approx(fc, abs=1e-12)
+    _, _, maes = choose_linear_base(series, starts, 4, 2, 5, sm, alone=True)
+    assert maes[alone] == pytest.approx(np.abs(fc - targets_of(series, starts, 2)).mean())
+    assert alone not in choose_linear_base(series, starts, 4, 2, 5, sm)[2]
+    with pytest.raises(ValueError, match="alone"):
+        LinearBase(True, smoothing=sm, alone=True)
+
+
+def test_the_combined_base_is_chosen_and_fitted_without_the_test_part(tmp_path):
+    values = _tiny_csv(tmp_path / "s.csv")
+    task, prep = _prepare(tmp_path / "s.csv", combine=5)
+    first_test_target = int(prep.test.index[0])
+    # The same series with its test part (past the last validation target) changed.
+    changed = values.copy()
+    changed[first_test_target + 2 :] += 50 * np.sin(np.arange(len(values) - first_test_target - 2))
+    rows = [f"{t},{v}" for t, v in zip(read_times(tmp_path / "s.csv"), changed, strict=True)]
+    (tmp_path / "c.csv").write_text("time,v\n" + "\n".join(rows) + "\n")
+    other, _ = _prepare(tmp_path / "c.csv", combine=5)
+    assert len(task.members) == 5 and task.bases == other.bases
+    for (_, a), (_, b) in zip(task.members, other.members, strict=True):
+        assert a == pytest.approx(b, abs=1e-12)
+    pre = prep.preprocessing
+    assert "ar" not in pre and len(pre["bases"]) == 5
+    # The report's base is the mean of the 5, fitted on the windows before the test part.
+    z = (values - pre["mean"]) / pre["std"]
+    before = np.r_[prep.train.index.numpy(), prep.val.index.numpy()]
+    starts = prep.test.index.numpy()
+    want = np.mean(
+        [linear_ar(z, starts, fit_linear_ar(z, before, 8, 2, b), b) for b in task.bases], axis=0
+    )
+    report = task.report(torch.zeros_like(prep.test.y), prep.test.y, prep.test)
+    assert report.arrays["pred"] == pytest.approx(want * pre["std"] + pre["mean"])
+    m = report.metrics
+    assert m["linear_base"].startswith("mean of 5") and len(m["linear_base_members"]) == 5
+    assert m["linear_base_members"][0] == task._members_text(task.bases)[0]
 
 
 def test_runs_of_earlier_versions_keep_the_plain_ar_on_the_training_windows(tmp_path):
@@ -224,8 +292,8 @@ def test_the_network_predicts_the_residual_over_the_linear_ar(tmp_path):
     train_starts, val_starts = prep.train.index.numpy(), prep.val.index.numpy()
     before = np.r_[train_starts, val_starts]
     z = (values - pre["mean"]) / pre["std"]
-    base, _, _ = choose_linear_base(z, before, 8, 2, 5)
-    assert task.base == base
+    (base,), _, _ = choose_linear_base(z, before, 8, 2, 5)
+    assert task.bases == (base,)
     ar = linear_ar(z, starts, fit_linear_ar(z, before, 8, 2, base), base)
     ar = ar * pre["std"] + pre["mean"]
     # A network that outputs 0 is the linear base; one that outputs the targets is the truth.
@@ -259,7 +327,7 @@ def test_the_network_predicts_the_residual_over_the_linear_ar(tmp_path):
 def test_predict_adds_the_network_output_to_the_linear_ar(tmp_path):
     values = _tiny_csv(tmp_path / "s.csv")
     task, prep = _prepare(tmp_path / "s.csv")
-    pre, base = prep.preprocessing, task.base
+    pre, (base,) = prep.preprocessing, task.bases
     z = (values - pre["mean"]) / pre["std"]
     before = np.r_[prep.train.index.numpy(), prep.val.index.numpy()]
     coef = fit_linear_ar(z, before, 8, 2, base)
@@ -517,20 +585,43 @@ def test_the_forecast_is_the_base_alone_where_the_network_loses_to_it_on_validat
 
     # A network that knows the validation targets wins: its median stays the forecast.
     decided = task.calibrate(raw(val.y, 0.0), val.y, val)
-    assert "network_median" not in decided
+    assert decided["network_weight"] == 1.0
     assert decided["network_vs_base"]["network_mae"] < 1e-3 < decided["network_vs_base"]["base_mae"]
     m = task.report(raw(test.y, 0.0), test.y, test).metrics
     assert m["forecast_from"] == "the network's median" and m["mae"] < 1e-3
     # One that is 5 scaled residuals off loses to the base alone: the base is the forecast, and
     # the band keeps its width around it.
     task, prep = _prepare(tmp_path / "s.csv", quantiles=[0.1, 0.5, 0.9], conformal=False)
-    assert task.calibrate(raw(val.y, 5.0), val.y, val)["network_median"] is False
+    assert task.calibrate(raw(val.y, 5.0), val.y, val)["network_weight"] == 0.0
     report = task.report(raw(test.y, 5.0), test.y, test)
     m = report.metrics
     assert m["forecast_from"] == "the linear base"
     assert m["mae"] == pytest.approx(m["linear_base_mae"])
     scale = prep.preprocessing["residual_scale"] * prep.preprocessing["std"]
     assert m["interval_width"] == pytest.approx(2 * scale, rel=1e-6)
+
+
+def test_the_forecast_is_the_mean_of_network_and_base_where_only_the_mean_wins(tmp_path):
+    _tiny_csv(tmp_path / "s.csv")
+    task, prep = _prepare(tmp_path / "s.csv", quantiles=[0.1, 0.5, 0.9], conformal=False)
+    val, test = prep.val, prep.test
+
+    def raw(y):  # a median twice the residual, quantiles 1 below and above it
+        step = torch.full_like(y, math.log(math.expm1(1.0)))
+        return torch.stack([step, 2 * y, step], dim=-1).reshape(len(y), -1)
+
+    # Twice the residual is as far off as the base (0): the median alone does not win, the
+    # equal-weight mean of the two (the residual itself) does, and is decided on validation.
+    decided = task.calibrate(raw(val.y), val.y, val)
+    figures = decided["network_vs_base"]
+    assert figures["network_mae"] == pytest.approx(figures["base_mae"], rel=1e-5)
+    assert figures["mean_mae"] < 1e-3 and decided["network_weight"] == 0.5
+    m = task.report(raw(test.y), test.y, test).metrics
+    assert m["forecast_from"] == "the network's median (0.5) and the linear base"
+    assert m["mae"] == pytest.approx(0, abs=1e-3)
+    # The band keeps its offsets from the network's median around the mean.
+    scale = prep.preprocessing["residual_scale"] * prep.preprocessing["std"]
+    assert m["interval_width"] == pytest.approx(2 * scale, rel=1e-5)
 
 
 def test_the_conformal_correction_is_saved_with_the_model_and_used_by_evaluate(tmp_path, capsys):
@@ -671,7 +762,7 @@ def test_smoothing_recovers_two_seasons_exactly_and_the_base_keeps_it():
     fitted = fit_smoothing(noisy, starts, 3, (4, 28))
     assert fitted.alpha <= 0.1
     window = np.arange(30, 396)
-    base, _, maes = choose_linear_base(noisy, window, 8, 3, 5, fitted)
+    (base,), _, maes = choose_linear_base(noisy, window, 8, 3, 5, fitted)
     assert len(maes) == 2 * len(RIDGES) + 2 * len(SMOOTHING_RIDGES)
     assert base.smoothing == fitted
     plain = min(v for b, v in maes.items() if b.smoothing is None)
@@ -801,3 +892,14 @@ def test_a_series_the_smoothing_forecasts_exactly_still_gives_a_base():
         )
     with pytest.raises(ValueError, match="before the first season"):
         smoothing_forecasts(series, np.array([4]), 2, s)
+
+
+def test_combine_must_name_at_least_one_base(tmp_path):
+    _tiny_csv(tmp_path / "s.csv")
+    options = {"data": str(tmp_path / "s.csv"), "column": "v", "window": 8, "horizon": 2}
+    options |= {"period": 4, "no_conformal": False, "combine": 0}
+    with pytest.raises(DataError, match="--combine must be at least 1; got 0"):
+        ForecastTask().data_config(options)
+    # Runs of earlier versions (no --combine) keep one base, without the smoothing alone.
+    del options["combine"]
+    assert "combine" not in ForecastTask().data_config(options)
