@@ -4,7 +4,7 @@ What is checked, and against what:
 - the integer product is exact: the kernels' output equals the quantized arithmetic done in
   torch (int8 values multiplied in float64, where every sum is an exact integer), on every
   build (AVX-512 VNNI or this CPU's best, AVX2, plain C), including operands at +-127 where
-  AVX2's 16-bit pair sums would saturate if anything were wrong;
+  AVX2's one-row kernel's 16-bit pair sums would saturate if anything were wrong;
 - the loop around it: every step of a layer recomputed from the layer's own previous output
   (teacher forcing) in float64 with the same quantization, so the only difference left is
   float32 rounding of the gate math, bounded from the arithmetic;
@@ -97,8 +97,10 @@ def test_int8_linear_is_the_exact_integer_product(build, N, K, gates, H, threads
 
 
 def test_int8_kernels_do_not_saturate_at_the_extremes(build):
-    """Every pair of products at 127 * 127 with one sign: AVX2's vpmaddubsw would clip a pair
-    above 32767, VNNI's offset form would lose a bit of the +128; the sums must be exact."""
+    """Every pair of products at 127 * 127 with one sign: AVX2's one-row vpmaddubsw would clip
+    a pair above 32767, VNNI's offset form would lose a bit of the +128; the sums must be exact,
+    for each tile of rows (AVX2: one row, two, four; three are two and one) and for a row
+    longer than the one-row kernel's chunk of 1024 columns."""
     K, rows = 4100, 32
     q = torch.full((rows, K), 127, dtype=torch.int8)
     q[1::2] = -127
@@ -111,6 +113,8 @@ def test_int8_kernels_do_not_saturate_at_the_extremes(build):
     out = int8.linear(x, m, None)
     assert torch.equal(out, int8_product(x, m))
     assert out[0, 0] == 127 * K  # scale 1/127 on the activations: 127 * 127 * K / 127
+    for n in (1, 2, 3):
+        assert torch.equal(int8.linear(x[-n:], m, None, threads=1), int8_product(x[-n:], m))
 
 
 def test_int8_rows_with_nan_or_inf_come_out_nan_and_the_others_do_not_change():

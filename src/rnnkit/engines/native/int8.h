@@ -9,10 +9,17 @@
  * CPU; only how fast differs:
  * - AVX-512 VNNI (vpdpbusd, u8 x s8 into int32, no intermediate saturation): the activations are
  *   stored as qa + 128 (Q8_OFFSET), and 128 sum_k qw, kept per row (wsum), is taken back off.
- * - AVX2 (vpmaddubsw then vpmaddwd): vpmaddubsw adds two u8 x s8 products with signed
+ * - AVX2, several rows (vpmaddwd): int16 products, which cannot saturate. The activations are
+ *   stored as int16 (q8_act), and each 16-byte quarter of a panel's group is widened to int16
+ *   once for all the rows of a tile. One multiply per 16 products, where the u8 x s8 form
+ *   below needs a vpsignb besides its vpmaddubsw and vpmaddwd per 32, and these three share
+ *   the multiply pipes (Zen 4): a (16, 256) x (256, 1024) product took 55 us against 62 on one
+ *   core (75.6 against 67.3 GMAC/s).
+ * - AVX2, one row (vpmaddubsw then vpmaddwd): vpmaddubsw adds two u8 x s8 products with signed
  *   saturation to 16 bits. Both operands within 127 in magnitude (|qa| as the unsigned side,
  *   qw with qa's sign as the signed one) bound a pair by 2 * 127 * 127 = 32258 < 32767: it
- *   never saturates. That is why -128 is never used.
+ *   never saturates. That is why -128 is never used. (One row would widen each panel for
+ *   itself alone.)
  * - Anything else: plain C.
  *
  * Layout (nl_q8_pack): a matrix of `gates` blocks of H rows (W_ih, W_hh: gate g's unit j is row
@@ -33,6 +40,13 @@
 #include <immintrin.h>
 #else
 #define Q8_ISA 0
+#endif
+/* A quantized activation as the kernels read it: int16 on AVX2, else a byte (int8, or with
+ * VNNI's offset u8). */
+#if Q8_ISA == 1
+typedef int16_t q8_act;
+#else
+typedef int8_t q8_act;
 #endif
 #ifndef Q8_OFFSET
 #define Q8_OFFSET 0
@@ -98,16 +112,16 @@ int64_t nl_q8_pack(int64_t gates, int64_t H, int64_t K, const int8_t *q, int8_t 
     return 0;
 }
 
-/* Row i of x (n rows, stride ldx, K values) as qa + Q8_OFFSET (Kp bytes, padded with the
+/* Row i of x (n rows, stride ldx, K values) as qa + Q8_OFFSET (Kp q8_acts, padded with the
  * offset: zero) and its scale
  * max|x_i| / 127 (0 for a zero row; NaN where the row holds a NaN or an infinity, whose qa is
  * then 0, so that the row's results come out NaN as a float product's would). */
-static void q8_quantize_rows(int64_t n, const float *x, int64_t ldx, int64_t K, int8_t *qa,
+static void q8_quantize_rows(int64_t n, const float *x, int64_t ldx, int64_t K, q8_act *qa,
                              float *sa) {
     const int64_t Kp = q8_kp(K);
     for (int64_t i = 0; i < n; i++) {
         const float *row = x + i * ldx;
-        int8_t *q = qa + i * Kp;
+        q8_act *q = qa + i * Kp;
         float m = 0, bad = 0;
 #pragma omp simd reduction(max : m) reduction(+ : bad)
         for (int64_t k = 0; k < K; k++) {
@@ -116,7 +130,7 @@ static void q8_quantize_rows(int64_t n, const float *x, int64_t ldx, int64_t K, 
             bad += row[k] - row[k];
         }
         if (bad != 0 || m > 3.4e38f) {
-            memset(q, Q8_OFFSET, (size_t)Kp);
+            for (int64_t k = 0; k < Kp; k++) q[k] = (q8_act)(int8_t)(uint8_t)Q8_OFFSET;
             sa[i] = __builtin_nanf("");
             continue;
         }
@@ -126,9 +140,9 @@ static void q8_quantize_rows(int64_t n, const float *x, int64_t ldx, int64_t K, 
         for (int64_t k = 0; k < K; k++) {
             float v = __builtin_rintf(row[k] * inv);
             v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
-            q[k] = (int8_t)(uint8_t)((int32_t)v + Q8_OFFSET);
+            q[k] = (q8_act)(int8_t)(uint8_t)((int32_t)v + Q8_OFFSET);
         }
-        for (int64_t k = K; k < Kp; k++) q[k] = (int8_t)(uint8_t)Q8_OFFSET;
+        for (int64_t k = K; k < Kp; k++) q[k] = (q8_act)(int8_t)(uint8_t)Q8_OFFSET;
     }
 }
 
@@ -146,7 +160,7 @@ typedef struct {
     const int32_t *ws[8];
 } q8_out;
 
-/* The integer products of a tile: rows of qa (Kp bytes each) by panels of 16 weight rows,
+/* The integer products of a tile: rows of qa (Kp q8_acts each) by panels of 16 weight rows,
  * lane i of each result the sum over k of a row's qa and panel row i's weights, then scaled
  * into floats as q8_out says: z = (float)sum * (sw * sa), the same float operations on every
  * path. The kernels take a fixed tile (4 rows x 4 panels, or 1 row x 8 panels) with one named
@@ -243,13 +257,13 @@ static inline __attribute__((always_inline)) void q8_emit(q8_pair c, const int32
 #define Q8_TP 4
 #define Q8_TP1 8
 /* 4 rows x 4 panels. */
-static void q8_kernel_rows(const int8_t *const *a, int64_t Kp, const int8_t *const *w,
+static void q8_kernel_rows(const q8_act *const *a, int64_t Kp, const int8_t *const *w,
                            const float *scale, const q8_out *o) {
     Q8_V c00 = Q8_ZERO, c01 = Q8_ZERO, c02 = Q8_ZERO, c03 = Q8_ZERO;
     Q8_V c10 = Q8_ZERO, c11 = Q8_ZERO, c12 = Q8_ZERO, c13 = Q8_ZERO;
     Q8_V c20 = Q8_ZERO, c21 = Q8_ZERO, c22 = Q8_ZERO, c23 = Q8_ZERO;
     Q8_V c30 = Q8_ZERO, c31 = Q8_ZERO, c32 = Q8_ZERO, c33 = Q8_ZERO;
-    const int8_t *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
+    const q8_act *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
     const int8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
     for (int64_t k = 0; k < Kp; k += 4) {
         Q8_V v0 = Q8_LOAD(w0 + k * 16), v1 = Q8_LOAD(w1 + k * 16);
@@ -271,7 +285,7 @@ static void q8_kernel_rows(const int8_t *const *a, int64_t Kp, const int8_t *con
 }
 
 /* 1 row x 8 panels (one row: more panels to keep the products independent). */
-static void q8_kernel_row(const int8_t *a0, int64_t Kp, const int8_t *const *w,
+static void q8_kernel_row(const q8_act *a0, int64_t Kp, const int8_t *const *w,
                           const float *scale, const q8_out *o) {
     Q8_V c0 = Q8_ZERO, c1 = Q8_ZERO, c2 = Q8_ZERO, c3 = Q8_ZERO;
     Q8_V c4 = Q8_ZERO, c5 = Q8_ZERO, c6 = Q8_ZERO, c7 = Q8_ZERO;
@@ -288,34 +302,106 @@ static void q8_kernel_row(const int8_t *a0, int64_t Kp, const int8_t *const *w,
     Q8_EMIT(c4, 0, 4); Q8_EMIT(c5, 0, 5); Q8_EMIT(c6, 0, 6); Q8_EMIT(c7, 0, 7);
 }
 #elif Q8_ISA == 1
-/* AVX2 has 16 vector registers and a panel takes two: 2 rows x 2 panels (8 accumulators), or
- * one row by 4 panels. */
-#define Q8_TR 2
-#define Q8_TP 2
+/* AVX2, several rows: Q8_TR rows by one panel, in two passes over k of half a panel (8
+ * weight rows) each: a pass widens its half's 32 bytes of a group into two int16 vectors of 4
+ * rows x 4 columns, and multiplies each row's 4 activations (one 64-bit broadcast) with both,
+ * so lane pair (2i, 2i + 1) of a product holds row i's two column pairs, added at the end.
+ * 8 accumulators, 2 weights and a broadcast: 11 of the 16 registers. */
+#define Q8_TR 4
+#define Q8_TP 1
 #define Q8_TP1 4
-static void q8_kernel_rows(const int8_t *const *a, int64_t Kp, const int8_t *const *w,
+static inline __attribute__((always_inline)) __m256i q8_w16(const int8_t *p) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+}
+static inline __attribute__((always_inline)) __m256i q8_a16(const int16_t *a) {
+    int64_t a4;
+    memcpy(&a4, a, 8);
+    return _mm256_set1_epi64x(a4);
+}
+#define Q8_MADD(c, a, w) c = _mm256_add_epi32(c, _mm256_madd_epi16(a, w))
+/* The 8 row sums of a half panel: x holds rows 0-3's pairs, y rows 4-7's. */
+static inline __attribute__((always_inline)) __m256i q8_pairs(__m256i x, __m256i y) {
+    return _mm256_permute4x64_epi64(_mm256_hadd_epi32(x, y), _MM_SHUFFLE(3, 1, 2, 0));
+}
+static void q8_kernel_rows(const q8_act *const *a, int64_t Kp, const int8_t *const *w,
                            const float *scale, const q8_out *o) {
-    Q8_V c00 = Q8_ZERO, c01 = Q8_ZERO, c10 = Q8_ZERO, c11 = Q8_ZERO;
-    const int8_t *a0 = a[0], *a1 = a[1], *w0 = w[0], *w1 = w[1];
-    for (int64_t k = 0; k < Kp; k += 4) {
-        Q8_V v0 = Q8_LOAD(w0 + k * 16), v1 = Q8_LOAD(w1 + k * 16);
-        Q8_PIN(v0); Q8_PIN(v1);
-        Q8_V b = q8_bcast(a0 + k);
-        Q8_DOT(c00, b, v0); Q8_DOT(c01, b, v1);
-        b = q8_bcast(a1 + k);
-        Q8_DOT(c10, b, v0); Q8_DOT(c11, b, v1);
+    const int16_t *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
+    for (int h = 0; h < 2; h++) {
+        const int8_t *w0 = w[0] + h * 32;
+        __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00;
+        __m256i c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+        for (int64_t k = 0; k < Kp; k += 4) {
+            const __m256i v0 = q8_w16(w0 + k * 16), v1 = q8_w16(w0 + k * 16 + 16);
+            __m256i b = q8_a16(a0 + k);
+            Q8_MADD(c00, b, v0); Q8_MADD(c01, b, v1);
+            b = q8_a16(a1 + k);
+            Q8_MADD(c10, b, v0); Q8_MADD(c11, b, v1);
+            b = q8_a16(a2 + k);
+            Q8_MADD(c20, b, v0); Q8_MADD(c21, b, v1);
+            b = q8_a16(a3 + k);
+            Q8_MADD(c30, b, v0); Q8_MADD(c31, b, v1);
+            /* Each accumulator stays in its register (else the compiler copies them around
+             * and spills one every iteration). */
+            __asm__("" : "+x"(c00), "+x"(c01), "+x"(c10), "+x"(c11), "+x"(c20), "+x"(c21),
+                    "+x"(c30), "+x"(c31));
+        }
+        /* Each half out at once: kept for the second pass, they took registers it needs. */
+        const __m256i r[4] = {q8_pairs(c00, c01), q8_pairs(c10, c11), q8_pairs(c20, c21),
+                              q8_pairs(c30, c31)};
+        const float *sw = scale + o->col[0] + 8 * h;
+        for (int b = 0; b < o->nb; b++)
+            q8_emit_half(r[b], sw, _mm256_set1_ps(o->sa[b]), o->dst[b] + o->col[0] + 8 * h,
+                         o->lanes[0] - 8 * h);
     }
-    Q8_EMIT(c00, 0, 0); Q8_EMIT(c01, 0, 1); Q8_EMIT(c10, 1, 0); Q8_EMIT(c11, 1, 1);
 }
 
-static void q8_kernel_row(const int8_t *a0, int64_t Kp, const int8_t *const *w,
+/* Two rows by one panel, as q8_kernel_rows (a 4-row tile would spend half its work on
+ * repeats). */
+#define Q8_ROWS2 1
+static void q8_kernel_rows2(const q8_act *const *a, int64_t Kp, const int8_t *const *w,
+                            const float *scale, const q8_out *o) {
+    const int16_t *a0 = a[0], *a1 = a[1];
+    for (int h = 0; h < 2; h++) {
+        const int8_t *w0 = w[0] + h * 32;
+        __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00;
+        for (int64_t k = 0; k < Kp; k += 4) {
+            const __m256i v0 = q8_w16(w0 + k * 16), v1 = q8_w16(w0 + k * 16 + 16);
+            __m256i b = q8_a16(a0 + k);
+            Q8_MADD(c00, b, v0); Q8_MADD(c01, b, v1);
+            b = q8_a16(a1 + k);
+            Q8_MADD(c10, b, v0); Q8_MADD(c11, b, v1);
+        }
+        const __m256i r[2] = {q8_pairs(c00, c01), q8_pairs(c10, c11)};
+        const float *sw = scale + o->col[0] + 8 * h;
+        for (int b = 0; b < o->nb && b < 2; b++)
+            q8_emit_half(r[b], sw, _mm256_set1_ps(o->sa[b]), o->dst[b] + o->col[0] + 8 * h,
+                         o->lanes[0] - 8 * h);
+    }
+}
+
+/* One row by 4 panels, through vpmaddubsw with the sign trick (above), its activations
+ * narrowed back to bytes (exactly: all within [-127, 127]) Q8_ROW_CHUNK at a time. */
+#define Q8_ROW_CHUNK 1024
+static void q8_kernel_row(const q8_act *a0, int64_t Kp, const int8_t *const *w,
                           const float *scale, const q8_out *o) {
     Q8_V c0 = Q8_ZERO, c1 = Q8_ZERO, c2 = Q8_ZERO, c3 = Q8_ZERO;
     const int8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
-    for (int64_t k = 0; k < Kp; k += 4) {
-        const Q8_V b = q8_bcast(a0 + k);
-        Q8_DOT(c0, b, Q8_LOAD(w0 + k * 16)); Q8_DOT(c1, b, Q8_LOAD(w1 + k * 16));
-        Q8_DOT(c2, b, Q8_LOAD(w2 + k * 16)); Q8_DOT(c3, b, Q8_LOAD(w3 + k * 16));
+    int8_t a8[Q8_ROW_CHUNK];
+    for (int64_t k0 = 0; k0 < Kp; k0 += Q8_ROW_CHUNK) {
+        const int64_t n = Kp - k0 < Q8_ROW_CHUNK ? Kp - k0 : Q8_ROW_CHUNK;
+        int64_t i = 0;
+        for (; i + 16 <= n; i += 16) {
+            const __m128i lo = _mm_loadu_si128((const __m128i *)(a0 + k0 + i));
+            const __m128i hi = _mm_loadu_si128((const __m128i *)(a0 + k0 + i + 8));
+            _mm_storeu_si128((__m128i *)(a8 + i), _mm_packs_epi16(lo, hi));
+        }
+        for (; i < n; i++) a8[i] = (int8_t)a0[k0 + i];
+        for (int64_t k = 0; k < n; k += 4) {
+            const int64_t kw = (k0 + k) * 16;
+            const Q8_V b = q8_bcast(a8 + k);
+            Q8_DOT(c0, b, Q8_LOAD(w0 + kw)); Q8_DOT(c1, b, Q8_LOAD(w1 + kw));
+            Q8_DOT(c2, b, Q8_LOAD(w2 + kw)); Q8_DOT(c3, b, Q8_LOAD(w3 + kw));
+        }
     }
     Q8_EMIT(c0, 0, 0); Q8_EMIT(c1, 0, 1); Q8_EMIT(c2, 0, 2); Q8_EMIT(c3, 0, 3);
 }
@@ -328,21 +414,27 @@ _Static_assert(Q8_TR <= 4 && Q8_TP <= Q8_TP1 && Q8_TP1 <= 8, "q8_out holds 4 row
 
 /* The tile of q8_out o: its rows from qa (stride Kp) by its panels from w, the same floats on
  * every path. */
-static void q8_tile(const int8_t *qa, int64_t Kp, const int8_t *w, const float *scale,
+static void q8_tile(const q8_act *qa, int64_t Kp, const int8_t *w, const float *scale,
                     const q8_out *o) {
 #ifdef Q8_V
-    const int8_t *rows[Q8_TR], *panels[Q8_TP1];
+    const q8_act *rows[Q8_TR];
+    const int8_t *panels[Q8_TP1];
     for (int b = 0; b < Q8_TR; b++) rows[b] = qa + (b < o->nb ? b : 0) * Kp;
     for (int p = 0; p < Q8_TP1; p++) panels[p] = w + (p < o->np ? p : 0) * Kp * 16;
     if (o->nb == 1)
         q8_kernel_row(rows[0], Kp, panels, scale, o);
+#ifdef Q8_ROWS2
+    else if (o->nb == 2)
+        q8_kernel_rows2(rows, Kp, panels, scale, o);
+#endif
     else
         q8_kernel_rows(rows, Kp, panels, scale, o);
 #else
     for (int b = 0; b < o->nb; b++)
         for (int p = 0; p < o->np; p++) {
             int32_t s[16] = {0};
-            const int8_t *a = qa + b * Kp, *panel = w + p * Kp * 16;
+            const q8_act *a = qa + b * Kp;
+            const int8_t *panel = w + p * Kp * 16;
             for (int64_t k = 0; k < Kp; k += 4)
                 for (int r = 0; r < 16; r++)
                     for (int i = 0; i < 4; i++)
@@ -357,13 +449,17 @@ static void q8_tile(const int8_t *qa, int64_t Kp, const int8_t *w, const float *
 /* z[b, g H + j] = sw[g H + j] sa[b] sum_k qw qa for b < n rows of qa (scales sa) and the units
  * j in [j0, j1) of every gate (j0 a multiple of 16): the int8 product of rows and matrix m,
  * written into z (row stride ldz). */
-static void q8_product(int64_t n, const int8_t *qa, const float *sa, const nl_q8_matrix *m,
+static void q8_product(int64_t n, const q8_act *qa, const float *sa, const nl_q8_matrix *m,
                        int64_t j0, int64_t j1, float *z, int64_t ldz) {
     const int64_t Kp = q8_kp(m->K), gates = m->gates, H = m->H;
     const int64_t p0 = j0 / 16 * gates, p1 = q8_blocks(j1) * gates;
     q8_out o;
-    for (int64_t b = 0; b < n; b += Q8_TR) {
+    for (int64_t b = 0; b < n; b += o.nb) {
         o.nb = (int)(n - b < Q8_TR ? n - b : Q8_TR);
+#ifdef Q8_ROWS2
+        /* Three rows as two and one: a 4-row tile would repeat one. */
+        if (o.nb == 3) o.nb = 2;
+#endif
         for (int i = 0; i < o.nb; i++) {
             o.dst[i] = z + (b + i) * ldz;
             o.sa[i] = sa[b + i];
@@ -406,7 +502,8 @@ int64_t nl_q8_linear(int64_t n, const float *x, const nl_q8_matrix *m, const flo
     if (n == 0) return 0;
     const int64_t Kp = q8_kp(m->K), GW = m->gates * m->H, K = m->K;
     if (nthreads < 1) nthreads = 1;
-    const int64_t per = (Q8_CHUNK * Kp + Q8_CHUNK * (int64_t)sizeof(float) + 63) / 64 * 64;
+    const int64_t act = Q8_CHUNK * Kp * (int64_t)sizeof(q8_act);
+    const int64_t per = (act + Q8_CHUNK * (int64_t)sizeof(float) + 63) / 64 * 64;
     int8_t *scratch = malloc((size_t)(nthreads * per));
     if (!scratch) return -6;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
@@ -416,8 +513,8 @@ int64_t nl_q8_linear(int64_t n, const float *x, const nl_q8_matrix *m, const flo
         tid = omp_get_thread_num();
 #endif
         split_units(m->H, &j0, &j1);
-        int8_t *qa = scratch + tid * per;
-        float *sa = (float *)(qa + Q8_CHUNK * Kp);
+        q8_act *qa = (q8_act *)(scratch + tid * per);
+        float *sa = (float *)(scratch + tid * per + act);
         for (int64_t r = 0; r < n && j1 > j0; r += Q8_CHUNK) {
             const int64_t rows = n - r < Q8_CHUNK ? n - r : Q8_CHUNK;
             q8_quantize_rows(rows, x + r * K, K, K, qa, sa);

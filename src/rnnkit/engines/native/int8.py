@@ -61,13 +61,15 @@ def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
 
 class Int8Matrix(NamedTuple):
     """One int8 weight matrix of ``gates`` blocks of ``H`` rows, packed for the kernels:
-    ``q`` (gates*H, K) and ``scale`` as stored, ``packed`` and ``wsum`` their kernel layout."""
+    ``q`` (gates*H, K) and ``scale`` as stored, ``packed`` and ``wsum`` their kernel layout,
+    ``cstruct`` the C structure that points into them (made once: :func:`pack`)."""
 
     q: Tensor
     scale: Tensor
     packed: Tensor
     wsum: Tensor
     gates: int
+    cstruct: CInt8Matrix
 
     @property
     def H(self) -> int:
@@ -79,8 +81,7 @@ class Int8Matrix(NamedTuple):
 
     def c(self) -> CInt8Matrix:
         """The C structure (pointing into this matrix's tensors, which must outlive it)."""
-        ptrs = (t.data_ptr() for t in (self.packed, self.wsum, self.scale))
-        return CInt8Matrix(*ptrs, self.gates, self.H, self.K)
+        return self.cstruct
 
 
 def pack(q: Tensor, scale: Tensor, gates: int, name: str = "weight") -> Int8Matrix:
@@ -118,7 +119,8 @@ def pack(q: Tensor, scale: Tensor, gates: int, name: str = "weight") -> Int8Matr
     )
     if size < 0 or rc != 0:
         raise ValueError(f"{name}: the int8 kernels refused a ({rows}, {K}) matrix")
-    return Int8Matrix(q, scale, packed, wsum, gates)
+    ptrs = (t.data_ptr() for t in (packed, wsum, scale))
+    return Int8Matrix(q, scale, packed, wsum, gates, CInt8Matrix(*ptrs, gates, H, K))
 
 
 def _check_rows(owner: str, x: Tensor, w: Int8Matrix) -> None:

@@ -235,7 +235,7 @@ static inline nl_step step_at(const nl_walk *wk, int64_t s, int64_t t) {
  * only it reads, so the threads never wait for each other's input side. */
 #define Q8_STEPS 4
 static void q8_input_side(const nl_walk *wk, const nl_q8 *q8, int64_t s, int64_t j0, int64_t j1,
-                          float *G, int64_t GW, int8_t *qa, float *sa) {
+                          float *G, int64_t GW, q8_act *qa, float *sa) {
     const nl_q8_matrix *m = &q8->ih;
     const int64_t K = m->K, H = m->H, T_ = wk->T_;
     const int64_t e = s + Q8_STEPS < T_ ? s + Q8_STEPS : T_;
@@ -676,7 +676,7 @@ typedef struct {
     /* int8 weights (float32 only; NULL: w and w_hr are the weights), and the thread's own
      * quantized rows of h_{t-1} or r_t with their scales. */
     const nl_q8 *q8;
-    int8_t *qa;
+    q8_act *qa;
     float *sa;
     /* Split by rows instead of units (int8 inference with B > 1): the thread owns rows
      * [r0, r1) of the batch and every unit, so that no step waits for another thread. */
@@ -688,7 +688,7 @@ typedef struct {
     /* int8 with x and threads that split the units: each computes its units of G before its
      * walk (q8_input_side), quantizing x's rows into qx, sx. */
     int q8_in;
-    int8_t *qx;
+    q8_act *qx;
     float *sx;
 } FN(fwd_call);
 
@@ -1014,7 +1014,7 @@ static void FN(fwd_own_rows)(FN(fwd_call) *cx) {
 /* Bytes of one thread's quantized rows of h_{t-1} or (projection) r_t: B rows. */
 static int64_t FN(q8_h_scratch)(const FN(fwd_call) *cx) {
     const int64_t K = cx->P ? (cx->R > cx->H ? cx->R : cx->H) : cx->R;
-    return (cx->B * q8_kp(K) + 63) / 64 * 64;
+    return (cx->B * q8_kp(K) * (int64_t)sizeof(q8_act) + 63) / 64 * 64;
 }
 
 /* One thread's quantized rows: B of h_{t-1}, then (q8_in) Q8_STEPS * B of x; their scales
@@ -1025,7 +1025,8 @@ static int64_t FN(q8_rows)(const FN(fwd_call) *cx) {
 
 /* Bytes of one thread's quantized rows (a multiple of 64). */
 static int64_t FN(q8_scratch)(const FN(fwd_call) *cx) {
-    const int64_t x = cx->q8_in ? Q8_STEPS * cx->B * q8_kp(cx->q8->ih.K) : 0;
+    const int64_t x =
+        cx->q8_in ? Q8_STEPS * cx->B * q8_kp(cx->q8->ih.K) * (int64_t)sizeof(q8_act) : 0;
     return (FN(q8_h_scratch)(cx) + x + 63) / 64 * 64;
 }
 
@@ -1046,9 +1047,9 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
     this_thread(&cx.nth, &cx.tid);
     if (cx.rows) FN(fwd_own_rows)(&cx);
     if (cx.q8) {
-        cx.qa += cx.tid * FN(q8_scratch)(&cx);
+        cx.qa = (q8_act *)((int8_t *)cx.qa + cx.tid * FN(q8_scratch)(&cx));
         cx.sa += cx.tid * FN(q8_rows)(&cx);
-        cx.qx = cx.qa + FN(q8_h_scratch)(&cx);
+        cx.qx = (q8_act *)((int8_t *)cx.qa + FN(q8_h_scratch)(&cx));
         cx.sx = cx.sa + cx.B;
     }
     /* Panels where a step can be wide; where memory runs out, the own loops instead. */
