@@ -183,6 +183,11 @@ def statsforecast_maes(s: Series, origins: int, threads: int) -> dict[str, tuple
     return out
 
 
+def _se(se: float | None) -> str:
+    """A standard error as printed, or why there is none."""
+    return f"{se:.3g}" if se is not None else "n/a (too few windows)"
+
+
 def bench(name: str, threads: int, root: Path) -> dict:
     s = load(name)
     csv = root / f"{name}.csv"
@@ -226,18 +231,16 @@ def bench(name: str, threads: int, root: Path) -> dict:
         print(f"  {label:34} {mae:13.4g} {val_text} {sec_text}")
     print(f"  rnnkit's forecast (chosen on the validation windows): {summary['forecast_from']}")
     if "val_network_mae" in summary:
-        se = summary["val_difference_se"]
         print(
             f"  validation MAE: network's median {summary['val_network_mae']:.4g}, base alone "
             f"{summary['val_base_mae']:.4g}, standard error of the difference "
-            + (f"{se:.3g}" if se is not None else "n/a (too few windows)")
+            + _se(summary["val_difference_se"])
         )
     if "val_mean_mae" in summary:
-        se = summary["val_mean_difference_se"]
         print(
             f"  validation MAE of the mean of the network's median and the base "
             f"{summary['val_mean_mae']:.4g}, standard error of its difference from the base's "
-            + (f"{se:.3g}" if se is not None else "n/a (too few windows)")
+            + _se(summary["val_mean_difference_se"])
         )
     cov = summary.get("interval_coverage")
     how = "conformal" if summary.get("interval_conformal") else "as learnt"
