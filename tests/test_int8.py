@@ -481,6 +481,24 @@ def test_quantize_converts_every_recurrent_module_and_leaves_the_rest():
     assert isinstance(quantize(rnnkit.LSTMCell(3, 4)), QuantizedLSTMCell)
 
 
+@pytest.mark.parametrize("make", [lambda: rnnkit.LSTM(6, 8), lambda: rnnkit.GRUCell(6, 8)],
+                         ids=["layer", "cell"])
+def test_a_model_quantized_under_inference_mode_runs_and_sees_changes_in_place(make):
+    # Its buffers are inference tensors, which keep no version counter for the packed caches.
+    torch.manual_seed(5)
+    model = make()
+    x = torch.randn(4, 6)
+    expected = quantize(model)(x)[0]
+    with torch.inference_mode():
+        q = quantize(model)
+        assert torch.equal(q(x)[0], expected)
+    assert torch.equal(q(x)[0], expected)
+    with torch.inference_mode():
+        (q.weight_ih_l0 if hasattr(q, "weight_ih_l0") else q.weight_ih).zero_()
+        changed = q(x)[0]
+    assert not torch.equal(changed, expected), "a change in place must reach the kernels"
+
+
 def test_a_quantized_model_saves_and_loads_with_safetensors_and_pickle(tmp_path):
     torch.manual_seed(4)
     model = nn.Sequential(rnnkit.LSTM(5, 12, num_layers=2, layer_norm=True), nn.GRU(12, 7))

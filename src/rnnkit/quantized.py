@@ -62,10 +62,20 @@ class _Int8Module(nn.Module):
             if t.device.type != "cpu":
                 raise RuntimeError(f"{self._name}: int8 layers run on the CPU; {what} is on "
                                    f"{t.device}")  # fmt: skip
-        key = (q.data_ptr(), q._version, scale.data_ptr(), scale._version)
+        return self._cached(name, (q, scale), lambda: int8.pack(q, scale, gates,
+                                                                f"{self._name}.{name}"))
+
+    def _cached(self, name: str, tensors, make):
+        """``make()``, kept under ``name`` while ``tensors`` hold what they held when it was
+        made (the same tensors, data pointers and versions). Tensors made under
+        ``torch.inference_mode`` keep no version, so a change in place would go unseen: with
+        one among ``tensors``, ``make()`` runs on every call."""
+        if any(t.is_inference() for t in tensors):
+            return make()
+        key = tuple((id(t), t.data_ptr(), t._version) for t in tensors)
         cache = self.__dict__.setdefault("_packed", {})
         if name not in cache or cache[name][0] != key:
-            cache[name] = (key, int8.pack(q, scale, gates, f"{self._name}.{name}"))
+            cache[name] = (key, make())
         return cache[name][1]
 
     def _float(self, name: str) -> Tensor | None:
@@ -131,12 +141,8 @@ class QuantizedRNNBase(_Int8Module):
 
     def _weights(self) -> list[int8.Int8Weights]:
         # Checked and packed once per state of the buffers (about 12 us a call otherwise).
-        key = tuple((id(t), t.data_ptr(), t._version) for t in self._buffers.values()
-                    if t is not None)  # fmt: skip
-        cache = self.__dict__.setdefault("_packed", {})
-        if cache.get("<weights>", (None,))[0] != key:
-            cache["<weights>"] = (key, self._pack_weights())
-        return cache["<weights>"][1]
+        buffers = [t for t in self._buffers.values() if t is not None]
+        return self._cached("<weights>", buffers, self._pack_weights)
 
     def _pack_weights(self) -> list[int8.Int8Weights]:
         gates, out = _GATES[self.mode], []
