@@ -37,8 +37,12 @@ def _probe() -> bool:
             return False
         g = torch.Generator().manual_seed(0)
         x, w, b = (torch.randn(*s, generator=g) for s in ((7, 19), (13, 19), (13,)))
-        got, want = _linear(x, w, b), torch.addmm(b, x, w.t())
-        return got.shape == want.shape and bool(torch.allclose(got, want, rtol=1e-5, atol=1e-5))
+        # As input_side calls it, and as the input gradient does: a transposed view of w.
+        d = torch.randn(7, 13, generator=g)
+        pairs = ((_linear(x, w, b), torch.addmm(b, x, w.t())), (_linear(d, w.t(), None), d @ w))
+        return all(got.shape == want.shape and bool(torch.allclose(got, want, rtol=1e-5,
+                                                                   atol=1e-5))
+                   for got, want in pairs)  # fmt: skip
     except (RuntimeError, AttributeError, TypeError):
         return False
 
@@ -73,7 +77,9 @@ class _InputSide(torch.autograd.Function):
         fast = not shared.needs_reference_backward(dG)
         dx = dw = db = None
         if need_x:
-            dx = _linear(dG.contiguous(), w.t().contiguous(), None) if fast else dG @ w
+            # oneDNN reads the transposed view as it is: 0.9x the time of a transposed copy
+            # (N=1600, G=1024, K=256), and the copy itself is gone.
+            dx = _linear(dG.contiguous(), w.t(), None) if fast else dG @ w
         if need_w:
             dw = dG.t() @ x  # (G*H, I)
         if need_b and ctx.has_bias:

@@ -280,7 +280,8 @@ def _w_hh_grad(
         # Forward order: row r's h_{t-1} is out[r - B] (reverse: out[r + B]), h0 for the first step.
         first, rest = (slice(N - B, N), slice(0, N - B)) if reverse else (slice(0, B), slice(B, N))
         shifted = out[B:] if reverse else out[: N - B]
-        return torch.addmm(dY[first].t() @ h0, dY[rest].t(), shifted)  # (G*H, R)
+        # The first step's share added in place: addmm onto it would first copy it.
+        return (dY[rest].t() @ shifted).addmm_(dY[first].t(), h0)  # (G*H, R)
     prev, batch_row = shared.prev_rows(batch_sizes, reverse, out.device)
     h_prev = torch.cat((out, h0)).index_select(0, prev)  # (N, R)
     if rmask is not None:
