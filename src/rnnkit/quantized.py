@@ -149,11 +149,16 @@ class QuantizedRNNBase(_Int8Module):
         for layer in range(self.num_layers):
             for direction in range(2 if self.bidirectional else 1):
                 s = param_suffix(layer, direction)
+                b_ih = self._float("bias_ih" + s) if self.bias else None
+                b_hh = self._float("bias_hh" + s) if self.bias else None
+                if b_ih is not None and self.mode != "GRU":
+                    # LSTM and RNN add the two biases: summed once here, not every call.
+                    b_ih, b_hh = b_ih + b_hh, None
                 out.append((
                     self._matrix("weight_ih" + s, gates),
                     self._matrix("weight_hh" + s, gates),
-                    self._float("bias_ih" + s) if self.bias else None,
-                    self._float("bias_hh" + s) if self.bias else None,
+                    b_ih,
+                    b_hh,
                     self._matrix("weight_hr" + s, 1) if self.proj_size else None,
                 ))  # fmt: skip
         return out

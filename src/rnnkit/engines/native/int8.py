@@ -165,7 +165,8 @@ def _threads(B: int, step_macs: int) -> int:
     return torch.get_num_threads() if B > 1 or step_macs >= PARALLEL_MIN_STEP_MACS else 1
 
 
-# (w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction, the matrices int8.
+# (w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction, the matrices int8; for LSTM and
+# RNN, b_hh may be None with b_ih the sum of both biases.
 Int8Weights = tuple[Int8Matrix, Int8Matrix, Tensor | None, Tensor | None, Int8Matrix | None]
 
 
@@ -189,7 +190,8 @@ def run_layer(
     arguments) but with int8 matrices, in eval: the variants' layer norms and zoneout's
     expectation."""
     ln = variants.layer_norm if variants is not None else None
-    bias = None if b_ih is None else (b_ih if mode == "GRU" else b_ih + b_hh)
+    # LSTM and RNN add the biases; a b_ih with no b_hh is that sum already.
+    bias = b_ih if mode == "GRU" or b_hh is None else b_ih + b_hh
     B, step_macs = h0.shape[0], w_hh.q.shape[0] * w_hh.K
     c_int8 = CInt8(w_hh.c(), CInt8Matrix() if w_hr is None else w_hr.c())
     x = x.contiguous()
