@@ -247,13 +247,13 @@ def test_native_loop_c_side_refuses_bad_batch_sizes_without_crashing():
     i64 = ctypes.c_int64
     rc = _c_library().nl_forward_f64(
         i64(1), i64(0), i64(3), ctypes.c_void_p(bs.data_ptr()), i64(6), i64(2), i64(4),
-        p[0], None, p[1], None, p[2], p[3], p[4], None, None, None, p[5],
+        p[0], None, p[1], None, p[2], None, p[3], p[4], None, None, None, p[5],
         ctypes.c_void_p(offsets.data_ptr()), i64(1), i64(4), None, None,
     )  # fmt: skip
     assert rc == -3
     rc = _c_library().nl_forward_f64(
         i64(7), i64(0), i64(3), ctypes.c_void_p(bs.data_ptr()), i64(6), i64(2), i64(4),
-        *([None] * 12), None, i64(1), i64(4), None, None,
+        *([None] * 13), None, i64(1), i64(4), None, None,
     )  # fmt: skip
     assert rc == -1
 
@@ -549,7 +549,7 @@ def test_native_loop_c_side_refuses_incomplete_variants_without_crashing():
         cv = native_loop._CVariants(eps=1e-5, zoneout_p=0.5, zoneout=zoneout, **pointers)
         return _c_library().nl_forward_f64(
             i64(mode), i64(0), i64(3), p["bs"], i64(6), i64(2), i64(4), p["G"], None, p["w"], None,
-            p["h0"], p["out"], p["h"], p["c"], None, None, p["Z"], p["off"], i64(1), i64(4),
+            p["h0"], None, p["out"], p["h"], p["c"], None, None, p["Z"], p["off"], i64(1), i64(4),
             ctypes.byref(cv), None,
         )  # fmt: skip
 

@@ -1077,7 +1077,8 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
 /* One layer and direction forward; see engines/native/loop.py's `forward` for the contract.
  * G (N, GW): x W_ih^T + biases, read only. A (N, GW): the gate activations that backward reads
  * (may be G itself), or NULL to keep only each step's, in the second half of Z.
- * h (B, R), c (B, H): the state, h0/c0 in, h_n/c_n out; R = H, or P with a projection (then
+ * h (B, R), c (B, H): the state, copied from h0, c0 first (c0 NULL: c holds it already), h_n
+ * and c_n at the end; R = H, or P with a projection (then
  * w is (GW, P) and h0, out are P wide). C (N, H) the saved c_t or NULL; GH (N, 3H) the saved
  * Z_t + b_hh of GRU or NULL (then Z holds it); Z (B, GW) scratch, (2, B, GW) when A is NULL;
  * offsets (T_ + 1) scratch; either NULL: allocated here (see loop.py's `forward` for why).
@@ -1086,15 +1087,16 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
  * and the variants' saved tensors NULL). */
 static int64_t FN(forward_in)(int64_t mode, int64_t reverse, int64_t T_, const int64_t *bs,
                               int64_t N, int64_t B, int64_t H, const T *G, T *A, const T *w,
-                              const T *bhh, const T *h0, T *out, T *h, T *c, T *C, T *GH, T *Z,
+                              const T *bhh, const T *h0, const T *c0, T *out, T *h, T *c, T *C,
+                              T *GH, T *Z,
                               int64_t *offsets, int64_t nthreads, int64_t gemm_min_rows,
                               const nl_variants *v, const nl_q8 *q8);
 
 int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t *bs, int64_t N,
                        int64_t B, int64_t H, const T *G, T *A, const T *w, const T *bhh,
-                       const T *h0, T *out, T *h, T *c, T *C, T *GH, T *Z, int64_t *offsets,
-                       int64_t nthreads, int64_t gemm_min_rows, const nl_variants *v,
-                       const nl_q8 *q8) {
+                       const T *h0, const T *c0, T *out, T *h, T *c, T *C, T *GH, T *Z,
+                       int64_t *offsets, int64_t nthreads, int64_t gemm_min_rows,
+                       const nl_variants *v, const nl_q8 *q8) {
     if (mode < NL_LSTM || mode > NL_RNN_RELU) return NL_BAD_MODE;
     if (T_ < 0 || N < 0 || B < 1 || H < 1 || B > INT64_MAX / 4 || H > INT64_MAX / 4)
         return NL_BAD_SIZES;
@@ -1105,7 +1107,7 @@ int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t 
     int64_t *own_offsets = offsets ? 0 : malloc((size_t)(T_ + 1) * sizeof(int64_t));
     int64_t rc = NL_NO_MEMORY;
     if ((Z || own_z) && (offsets || own_offsets))
-        rc = FN(forward_in)(mode, reverse, T_, bs, N, B, H, G, A, w, bhh, h0, out, h, c, C, GH,
+        rc = FN(forward_in)(mode, reverse, T_, bs, N, B, H, G, A, w, bhh, h0, c0, out, h, c, C, GH,
                             Z ? Z : own_z, offsets ? offsets : own_offsets, nthreads,
                             gemm_min_rows, v, q8);
     free(own_z);
@@ -1115,7 +1117,8 @@ int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t 
 
 static int64_t FN(forward_in)(int64_t mode, int64_t reverse, int64_t T_, const int64_t *bs,
                               int64_t N, int64_t B, int64_t H, const T *G, T *A, const T *w,
-                              const T *bhh, const T *h0, T *out, T *h, T *c, T *C, T *GH, T *Z,
+                              const T *bhh, const T *h0, const T *c0, T *out, T *h, T *c, T *C,
+                              T *GH, T *Z,
                               int64_t *offsets, int64_t nthreads, int64_t gemm_min_rows,
                               const nl_variants *v, const nl_q8 *q8) {
     if (!G || (!w && !q8) || !h0 || !out || !h || !Z || !offsets || (mode == NL_LSTM && !c))
@@ -1157,6 +1160,9 @@ static int64_t FN(forward_in)(int64_t mode, int64_t reverse, int64_t T_, const i
         return NL_NO_MEMORY;
     }
     if (zeros) cx.bhh = zeros;
+    /* The state starts as h0, c0 (here, not a copy the caller makes: one torch operator less). */
+    if (h != h0) memmove(h, h0, (size_t)(B * cx.R) * sizeof(T));
+    if (c && c0 && c != c0) memmove(c, c0, (size_t)(B * H) * sizeof(T));
     cx.walk = (nl_walk){T_, reverse, bs, offsets, gemm_min_rows};
 #if NL_Q8
     /* Threads that take rows compute all of the input side first, splitting its units. */

@@ -558,21 +558,24 @@ def forward(
     cv = _c_variants(v, w_hr, int8 is not None, Zr=Zr, stats=stats, CZ=CZ, Rs=Rs, scratch=scratch,
                      ln_scratch=ln_scratch, zo_scratch=zo_scratch, r_scratch=r_scratch)  # fmt: skip
     out = _buffer(G, N, R)
-    h = h0.clone()
-    c = c0.clone() if lstm else None
+    # The loop starts h and c from h0 and c0 itself.
+    h = h0.new_empty(B, R)
+    c = c0.new_empty(B, H) if lstm else None
     C = _buffer(G, N, H) if lstm and save else None
     GH = _buffer(G, N, GW) if gru and save else None
     A = _buffer(G, N, GW) if (lstm or gru) and save else None
-    # The scratch (each step's product Z, the steps' row offsets) the C loop allocates itself:
-    # a call's small torch operators cost more than their work once other work has left the
-    # caches cold (ten of them, allocations, views and a copy: 15 us in all warm, 200 right after
-    # a 1024x1024 matmul, on the 2-core Zen 4), several steps of a B=1 layer.
+    # The scratch (each step's product Z, the steps' row offsets) the C loop allocates itself,
+    # and it copies h0 and c0 into h and c: a call's small torch operators cost more than their
+    # work once other work has left the caches cold (ten of them, allocations, views and a copy:
+    # 15 us in all warm, 200 right after a 1024x1024 matmul, on the 2-core Zen 4), several steps
+    # of a B=1 layer.
     i64 = ctypes.c_int64
     _run(
         getattr(_library().lib, f"nl_forward_{_SUFFIX[dtype]}"),
         i64(_MODES[mode]), i64(int(reverse)), i64(len(bs)), _ptr(bs), i64(N), i64(B), i64(H),
         _ptr(G), _ptr(A), _ptr(w_hh if int8 is None else None), _ptr(b_hh if gru else None),
-        _ptr(h0), _ptr(out), _ptr(h), _ptr(c), _ptr(C), _ptr(GH), None, None,
+        _ptr(h0), _ptr(c0 if lstm else None), _ptr(out), _ptr(h), _ptr(c), _ptr(C), _ptr(GH),
+        None, None,
         i64(threads or _default_threads(B, R, GW)), _gemm_min_rows(gemm), cv,
         None if int8 is None else ctypes.byref(int8),
     )  # fmt: skip
