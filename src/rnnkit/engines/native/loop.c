@@ -1078,9 +1078,9 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
  * G (N, GW): x W_ih^T + biases, read only. A (N, GW): the gate activations that backward reads
  * (may be G itself), or NULL to keep only each step's, in the second half of Z.
  * h (B, R), c (B, H): the state, copied from h0, c0 first (c0 NULL: c holds it already), h_n
- * and c_n at the end; R = H, or P with a projection (then
- * w is (GW, P) and h0, out are P wide). C (N, H) the saved c_t or NULL; GH (N, 3H) the saved
- * Z_t + b_hh of GRU or NULL (then Z holds it); Z (B, GW) scratch, (2, B, GW) when A is NULL;
+ * and c_n at the end; R = H, or P with a projection (then w is (GW, P) and h0, out are P wide).
+ * C (N, H) the saved c_t or NULL; GH (N, 3H) the saved Z_t + b_hh of GRU or NULL (then Z holds
+ * it); Z (B, GW) scratch, (2, B, GW) when A is NULL;
  * offsets (T_ + 1) scratch; either NULL: allocated here (see loop.py's `forward` for why).
  * v: the variants or NULL (see nl_variants). q8: int8 weights for W_hh (w unread, may be
  * NULL) and LSTM's W_hr (variants' w_hr unread), or NULL; float32 inference only (A, C, GH,
@@ -1088,9 +1088,8 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
 static int64_t FN(forward_in)(int64_t mode, int64_t reverse, int64_t T_, const int64_t *bs,
                               int64_t N, int64_t B, int64_t H, const T *G, T *A, const T *w,
                               const T *bhh, const T *h0, const T *c0, T *out, T *h, T *c, T *C,
-                              T *GH, T *Z,
-                              int64_t *offsets, int64_t nthreads, int64_t gemm_min_rows,
-                              const nl_variants *v, const nl_q8 *q8);
+                              T *GH, T *Z, int64_t *offsets, int64_t nthreads,
+                              int64_t gemm_min_rows, const nl_variants *v, const nl_q8 *q8);
 
 int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t *bs, int64_t N,
                        int64_t B, int64_t H, const T *G, T *A, const T *w, const T *bhh,
@@ -1107,8 +1106,8 @@ int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t 
     int64_t *own_offsets = offsets ? 0 : malloc((size_t)(T_ + 1) * sizeof(int64_t));
     int64_t rc = NL_NO_MEMORY;
     if ((Z || own_z) && (offsets || own_offsets))
-        rc = FN(forward_in)(mode, reverse, T_, bs, N, B, H, G, A, w, bhh, h0, c0, out, h, c, C, GH,
-                            Z ? Z : own_z, offsets ? offsets : own_offsets, nthreads,
+        rc = FN(forward_in)(mode, reverse, T_, bs, N, B, H, G, A, w, bhh, h0, c0, out, h, c, C,
+                            GH, Z ? Z : own_z, offsets ? offsets : own_offsets, nthreads,
                             gemm_min_rows, v, q8);
     free(own_z);
     free(own_offsets);
@@ -1118,9 +1117,8 @@ int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t 
 static int64_t FN(forward_in)(int64_t mode, int64_t reverse, int64_t T_, const int64_t *bs,
                               int64_t N, int64_t B, int64_t H, const T *G, T *A, const T *w,
                               const T *bhh, const T *h0, const T *c0, T *out, T *h, T *c, T *C,
-                              T *GH, T *Z,
-                              int64_t *offsets, int64_t nthreads, int64_t gemm_min_rows,
-                              const nl_variants *v, const nl_q8 *q8) {
+                              T *GH, T *Z, int64_t *offsets, int64_t nthreads,
+                              int64_t gemm_min_rows, const nl_variants *v, const nl_q8 *q8) {
     if (!G || (!w && !q8) || !h0 || !out || !h || !Z || !offsets || (mode == NL_LSTM && !c))
         return NL_MISSING_TENSOR;
     FN(fwd_call) cx = {
