@@ -339,9 +339,12 @@ static inline __attribute__((always_inline)) __m256i q8_a16(const int16_t *a) {
 static inline __attribute__((always_inline)) __m256i q8_pairs(__m256i x, __m256i y) {
     return _mm256_permute4x64_epi64(_mm256_hadd_epi32(x, y), _MM_SHUFFLE(3, 1, 2, 0));
 }
-static void q8_kernel_rows(const q8_act *const *a, int64_t Kp, const int8_t *const *w,
-                           const float *scale, const q8_out *o) {
-    const int16_t *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
+/* Four rows (four) or two by one panel; always inlined with a constant `four`, so that each
+ * instance keeps only its own accumulators. */
+static inline __attribute__((always_inline)) void
+q8_rows_panel(const q8_act *const *a, int64_t Kp, const int8_t *const *w, const float *scale,
+              const q8_out *o, const int four) {
+    const int16_t *a0 = a[0], *a1 = a[1], *a2 = four ? a[2] : a0, *a3 = four ? a[3] : a0;
     for (int h = 0; h < 2; h++) {
         const int8_t *w0 = w[0] + h * 32;
         __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00;
@@ -352,47 +355,37 @@ static void q8_kernel_rows(const q8_act *const *a, int64_t Kp, const int8_t *con
             Q8_MADD(c00, b, v0); Q8_MADD(c01, b, v1);
             b = q8_a16(a1 + k);
             Q8_MADD(c10, b, v0); Q8_MADD(c11, b, v1);
-            b = q8_a16(a2 + k);
-            Q8_MADD(c20, b, v0); Q8_MADD(c21, b, v1);
-            b = q8_a16(a3 + k);
-            Q8_MADD(c30, b, v0); Q8_MADD(c31, b, v1);
-            /* Each accumulator stays in its register (else the compiler copies them around
-             * and spills one every iteration). */
-            __asm__("" : "+x"(c00), "+x"(c01), "+x"(c10), "+x"(c11), "+x"(c20), "+x"(c21),
-                    "+x"(c30), "+x"(c31));
+            if (four) {
+                b = q8_a16(a2 + k);
+                Q8_MADD(c20, b, v0); Q8_MADD(c21, b, v1);
+                b = q8_a16(a3 + k);
+                Q8_MADD(c30, b, v0); Q8_MADD(c31, b, v1);
+                /* Each accumulator stays in its register (else the compiler copies them
+                 * around and spills one every iteration). */
+                __asm__("" : "+x"(c00), "+x"(c01), "+x"(c10), "+x"(c11), "+x"(c20), "+x"(c21),
+                        "+x"(c30), "+x"(c31));
+            }
         }
         /* Each half out at once: kept for the second pass, they took registers it needs. */
         const __m256i r[4] = {q8_pairs(c00, c01), q8_pairs(c10, c11), q8_pairs(c20, c21),
                               q8_pairs(c30, c31)};
         const float *sw = scale + o->col[0] + 8 * h;
-        for (int b = 0; b < o->nb; b++)
+        for (int b = 0; b < o->nb && b < (four ? 4 : 2); b++)
             q8_emit_half(r[b], sw, _mm256_set1_ps(o->sa[b]), o->dst[b] + o->col[0] + 8 * h,
                          o->lanes[0] - 8 * h);
     }
 }
 
-/* Two rows by one panel, as q8_kernel_rows (a 4-row tile would spend half its work on
- * repeats). */
+static void q8_kernel_rows(const q8_act *const *a, int64_t Kp, const int8_t *const *w,
+                           const float *scale, const q8_out *o) {
+    q8_rows_panel(a, Kp, w, scale, o, 1);
+}
+
+/* Two rows by one panel (a 4-row tile would spend half its work on repeats). */
 #define Q8_ROWS2 1
 static void q8_kernel_rows2(const q8_act *const *a, int64_t Kp, const int8_t *const *w,
                             const float *scale, const q8_out *o) {
-    const int16_t *a0 = a[0], *a1 = a[1];
-    for (int h = 0; h < 2; h++) {
-        const int8_t *w0 = w[0] + h * 32;
-        __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00;
-        for (int64_t k = 0; k < Kp; k += 4) {
-            const __m256i v0 = q8_w16(w0 + k * 16), v1 = q8_w16(w0 + k * 16 + 16);
-            __m256i b = q8_a16(a0 + k);
-            Q8_MADD(c00, b, v0); Q8_MADD(c01, b, v1);
-            b = q8_a16(a1 + k);
-            Q8_MADD(c10, b, v0); Q8_MADD(c11, b, v1);
-        }
-        const __m256i r[2] = {q8_pairs(c00, c01), q8_pairs(c10, c11)};
-        const float *sw = scale + o->col[0] + 8 * h;
-        for (int b = 0; b < o->nb && b < 2; b++)
-            q8_emit_half(r[b], sw, _mm256_set1_ps(o->sa[b]), o->dst[b] + o->col[0] + 8 * h,
-                         o->lanes[0] - 8 * h);
-    }
+    q8_rows_panel(a, Kp, w, scale, o, 0);
 }
 
 /* One row by 4 panels, through vpmaddubsw with the sign trick (above), its activations
