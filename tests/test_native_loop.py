@@ -101,6 +101,40 @@ def test_native_loop_float32_partial_panels_match_reference(build, mode, threads
         assert_matches_reference("native", mode, reverse, MIXED_ROWS, layer, threads=threads)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
+def test_native_loop_threads_taking_rows_compute_what_threads_taking_units_do(build, mode, dtype):
+    """Two threads that each take rows of the batch through every step (split="rows", which
+    "auto" picks for wide batches whose weights fit a core's cache) give the outputs, states and
+    saved tensors of two threads that split the units, to the bit: with every variant (recurrent
+    dropout keeps to units) and LSTM's projection, ragged batches, either direction, saving or
+    not. The reference tests above check the units' numbers."""
+    B, H, N = MIXED_ROWS[0], 37, sum(MIXED_ROWS)
+    for variant in ["none", *(VARIANTS if mode in VARIANT_MODES else [])]:
+        for P in [0, 11] if mode == "LSTM" else [0]:
+            t = {k: v if v is None else v.detach()
+                 for k, v in make_layer(mode, 5, H, B, N, dtype, seed=5, P=P).items()}  # fmt: skip
+            bias = t["b_ih"] if mode == "GRU" else t["b_ih"] + t["b_hh"]
+            G = t["x"] @ t["w_ih"].t() + bias
+            sv = None if variant == "none" else make_variants(mode, variant, B, H, dtype, seed=5,
+                                                              N=N, R=P or None)  # fmt: skip
+            v = native_loop.NativeVariants.of(mode, sv, N)
+            for reverse, save in [(False, True), (True, True), (False, False), (True, False)]:
+                units, rows = (native_loop.forward(
+                    mode, reverse, MIXED_ROWS, G, t["h0"], t["c0"], t["w_hh"],
+                    t["b_hh"] if mode == "GRU" else None, save, w_hr=t.get("w_hr"), variants=v,
+                    threads=2, split=split) for split in ("units", "rows"))  # fmt: skip
+                for name, a, b in zip(units._fields, units, rows, strict=True):
+                    assert (a is None) == (b is None), name
+                    assert a is None or torch.equal(a, b), (variant, P, reverse, save, name)
+
+
+def test_native_loop_rejects_an_unknown_split():
+    G, h0, w = _good_args()
+    with pytest.raises(ValueError, match="split must be one of"):
+        native_loop.forward("GRU", False, (2, 2, 2), G, h0, None, w, None, split="columns")
+
+
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 def test_native_loop_without_bias_matches_reference(mode):
     layer = make_layer(mode, 4, 20, 3, 12, F64, bias=False)
@@ -248,12 +282,12 @@ def test_native_loop_c_side_refuses_bad_batch_sizes_without_crashing():
     rc = _c_library().nl_forward_f64(
         i64(1), i64(0), i64(3), ctypes.c_void_p(bs.data_ptr()), i64(6), i64(2), i64(4),
         p[0], None, p[1], None, p[2], None, p[3], p[4], None, None, None, p[5],
-        ctypes.c_void_p(offsets.data_ptr()), i64(1), i64(4), None, None,
+        ctypes.c_void_p(offsets.data_ptr()), i64(1), i64(4), i64(0), None, None,
     )  # fmt: skip
     assert rc == -3
     rc = _c_library().nl_forward_f64(
         i64(7), i64(0), i64(3), ctypes.c_void_p(bs.data_ptr()), i64(6), i64(2), i64(4),
-        *([None] * 13), None, i64(1), i64(4), None, None,
+        *([None] * 13), None, i64(1), i64(4), i64(0), None, None,
     )  # fmt: skip
     assert rc == -1
 
@@ -550,7 +584,7 @@ def test_native_loop_c_side_refuses_incomplete_variants_without_crashing():
         return _c_library().nl_forward_f64(
             i64(mode), i64(0), i64(3), p["bs"], i64(6), i64(2), i64(4), p["G"], None, p["w"], None,
             p["h0"], None, p["out"], p["h"], p["c"], None, None, p["Z"], p["off"], i64(1), i64(4),
-            ctypes.byref(cv), None,
+            i64(0), ctypes.byref(cv), None,
         )  # fmt: skip
 
     assert call(0, ln_hw=nv.ln_hw, ln_hb=nv.ln_hb) == -5

@@ -38,6 +38,7 @@
 #include <string.h>
 #ifdef __linux__
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 #ifdef _OPENMP
 #include <omp.h>
@@ -53,6 +54,23 @@ enum {
     NL_BAD_VARIANTS = -5,
     NL_NO_MEMORY = -6,
 };
+/* How the threads of a forward share its work (float32 and float64; see float_rows). */
+enum { NL_SPLIT_AUTO = 0, NL_SPLIT_UNITS = 1, NL_SPLIT_ROWS = 2 };
+
+/* Bytes of one core's L2 cache as the C library reports it (0 where it does not), read once. */
+static int64_t l2_bytes(void) {
+    static int64_t cached = -1;
+    int64_t bytes = __atomic_load_n(&cached, __ATOMIC_RELAXED);
+    if (bytes < 0) {
+        long v = -1;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+        v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+        bytes = v > 0 ? v : 0;
+        __atomic_store_n(&cached, bytes, __ATOMIC_RELAXED);
+    }
+    return bytes;
+}
 
 /* The per-step variants of one call (rnnkit.variants); NULL pointers are variants that are off,
  * and a NULL nl_variants is a plain layer. Element type: the call's. All rows contiguous.
@@ -1085,18 +1103,38 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
  * v: the variants or NULL (see nl_variants). q8: int8 weights for W_hh (w unread, may be
  * NULL) and LSTM's W_hr (variants' w_hr unread), or NULL; float32 inference only (A, C, GH,
  * and the variants' saved tensors NULL). */
+/* Whether the threads of a float forward take rows of the batch rather than units (split:
+ * NL_SPLIT_AUTO, _UNITS or _ROWS; int8 always takes rows, see forward_in). Every row's walk is
+ * its own, so threads that take rows never wait for each other; but each then reads all of the
+ * recurrent weights every step where a thread that takes units reads its share. Automatic: rows
+ * where every thread has at least a register tile of rows (NL_MR: the product is then bound by
+ * its multiply-adds whichever way the threads split) and all the weights fit in one core's L2
+ * cache, so that each core keeps its copy there. Measured on the 2-core Zen 4 (1 MiB L2, I=H=256
+ * forward, BENCHMARKS.md): 0.81-0.93x the time at B=16, 32 and 64; at H=512 (4 MiB of LSTM
+ * weights) level, at H=1024 1.3-1.8x, hence the cache bound. Not with recurrent dropout (its
+ * masked h_{t-1} is a buffer shared by the threads). */
+static int FN(float_rows)(const FN(fwd_call) *cx, int64_t split, int64_t nthreads) {
+    if (split == NL_SPLIT_UNITS || cx->rmask) return 0;
+    if (split == NL_SPLIT_ROWS) return 1;
+    const int64_t bytes = (cx->GW * cx->R + cx->P * cx->H) * (int64_t)sizeof(T);
+    return cx->B >= NL_MR * nthreads && FN(worth_panels)(&cx->walk, cx->B) &&
+           bytes <= l2_bytes();
+}
+
 static int64_t FN(forward_in)(int64_t mode, int64_t reverse, int64_t T_, const int64_t *bs,
                               int64_t N, int64_t B, int64_t H, const T *G, T *A, const T *w,
                               const T *bhh, const T *h0, const T *c0, T *out, T *h, T *c, T *C,
                               T *GH, T *Z, int64_t *offsets, int64_t nthreads,
-                              int64_t gemm_min_rows, const nl_variants *v, const nl_q8 *q8);
+                              int64_t gemm_min_rows, int64_t split, const nl_variants *v,
+                              const nl_q8 *q8);
 
 int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t *bs, int64_t N,
                        int64_t B, int64_t H, const T *G, T *A, const T *w, const T *bhh,
                        const T *h0, const T *c0, T *out, T *h, T *c, T *C, T *GH, T *Z,
                        int64_t *offsets, int64_t nthreads, int64_t gemm_min_rows,
-                       const nl_variants *v, const nl_q8 *q8) {
+                       int64_t split, const nl_variants *v, const nl_q8 *q8) {
     if (mode < NL_LSTM || mode > NL_RNN_RELU) return NL_BAD_MODE;
+    if (split < NL_SPLIT_AUTO || split > NL_SPLIT_ROWS) return NL_BAD_SIZES;
     if (T_ < 0 || N < 0 || B < 1 || H < 1 || B > INT64_MAX / 4 || H > INT64_MAX / 4)
         return NL_BAD_SIZES;
     const int64_t zrows = A ? B : 2 * B, GW = gates_of(mode) * H;
@@ -1108,7 +1146,7 @@ int64_t FN(nl_forward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t 
     if ((Z || own_z) && (offsets || own_offsets))
         rc = FN(forward_in)(mode, reverse, T_, bs, N, B, H, G, A, w, bhh, h0, c0, out, h, c, C,
                             GH, Z ? Z : own_z, offsets ? offsets : own_offsets, nthreads,
-                            gemm_min_rows, v, q8);
+                            gemm_min_rows, split, v, q8);
     free(own_z);
     free(own_offsets);
     return rc;
@@ -1118,7 +1156,8 @@ static int64_t FN(forward_in)(int64_t mode, int64_t reverse, int64_t T_, const i
                               int64_t N, int64_t B, int64_t H, const T *G, T *A, const T *w,
                               const T *bhh, const T *h0, const T *c0, T *out, T *h, T *c, T *C,
                               T *GH, T *Z, int64_t *offsets, int64_t nthreads,
-                              int64_t gemm_min_rows, const nl_variants *v, const nl_q8 *q8) {
+                              int64_t gemm_min_rows, int64_t split, const nl_variants *v,
+                              const nl_q8 *q8) {
     if (!G || (!w && !q8) || !h0 || !out || !h || !Z || !offsets || (mode == NL_LSTM && !c))
         return NL_MISSING_TENSOR;
     FN(fwd_call) cx = {
@@ -1135,9 +1174,8 @@ static int64_t FN(forward_in)(int64_t mode, int64_t reverse, int64_t T_, const i
     if (q8 && q8->x && (!q8_matrix_ok(&q8->ih, cx.gates, H, q8->ih.K) || cx.ln))
         return NL_BAD_VARIANTS;
     if (nthreads < 1) nthreads = 1;
-    /* int8 weights are small enough for every core to keep a copy in its cache, so threads
-     * take rows of the batch and never wait for each other. */
-    cx.rows = q8 && B > 1 && nthreads > 1;
+    cx.walk = (nl_walk){T_, reverse, bs, offsets, gemm_min_rows};
+    cx.rows = nthreads > 1 && B > 1 && (q8 || FN(float_rows)(&cx, split, nthreads));
     if (cx.rows && nthreads > B) nthreads = B;
     /* The input side: each thread its units where threads split the units (q8_in); where they
      * take rows, all of it first, the units split. */
@@ -1161,7 +1199,6 @@ static int64_t FN(forward_in)(int64_t mode, int64_t reverse, int64_t T_, const i
     /* The state starts as h0, c0 (here, not a copy the caller makes: one torch operator less). */
     if (h != h0) memmove(h, h0, (size_t)(B * cx.R) * sizeof(T));
     if (c && c0 && c != c0) memmove(c, c0, (size_t)(B * H) * sizeof(T));
-    cx.walk = (nl_walk){T_, reverse, bs, offsets, gemm_min_rows};
 #if NL_Q8
     /* Threads that take rows compute all of the input side first, splitting its units. */
     rc = q8 && q8->x && cx.rows ? nl_q8_linear(N, q8->x, &q8->ih, q8->bias, (float *)G, nthreads)

@@ -53,6 +53,8 @@ ARCHES = {"native": "native", "baseline": "x86-64-v3", "portable": "x86-64"}
 ARCH = os.environ.get("RNNKIT_NATIVE_ARCH", "native")
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _MODES = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
+# loop.c's NL_SPLIT_*: how a forward's threads share its work.
+_SPLITS = {"auto": 0, "units": 1, "rows": 2}
 _ERRORS = {
     -1: "unknown mode",
     -2: "bad sizes",
@@ -515,6 +517,7 @@ def forward(
     threads: int | None = None,
     gemm: bool | None = None,
     int8: CInt8 | None = None,
+    split: str = "auto",
 ) -> ForwardResult:
     """One layer and direction forward over packed-layout rows, all steps in one native call.
 
@@ -528,7 +531,12 @@ def forward(
     :class:`NativeVariants`. ``int8``: int8 ``W_hh`` and ``W_hr`` (``engines/native/int8.py``,
     which checks them; float32 inference only), read instead of ``w_hh`` and ``w_hr``, which
     then only give their shapes (any float32 tensors of those shapes, such as empty views).
+    ``split``: how threads share the work, "units" of every step, "rows" of the batch (each its
+    own rows through every step: no waiting, but each reads all of ``w_hh``; not with recurrent
+    dropout, which takes units) or "auto" (loop.c's ``float_rows``; int8 always takes rows).
     """
+    if split not in _SPLITS:
+        raise ValueError(f"native_loop: split must be one of {sorted(_SPLITS)}; got {split!r}")
     if int8 is not None and (save or G.dtype != torch.float32):
         raise ValueError("native_loop: int8 weights are for float32 inference (save=False)")
     size = _layout(mode, G, h0, w_hh, w_hr, G.dtype if int8 is None else torch.int8)
@@ -576,8 +584,8 @@ def forward(
         _ptr(G), _ptr(A), _ptr(w_hh if int8 is None else None), _ptr(b_hh if gru else None),
         _ptr(h0), _ptr(c0 if lstm else None), _ptr(out), _ptr(h), _ptr(c), _ptr(C), _ptr(GH),
         None, None,
-        i64(threads or _default_threads(B, R, GW)), _gemm_min_rows(gemm), cv,
-        None if int8 is None else ctypes.byref(int8),
+        i64(threads or _default_threads(B, R, GW)), _gemm_min_rows(gemm), i64(_SPLITS[split]),
+        cv, None if int8 is None else ctypes.byref(int8),
     )  # fmt: skip
     return ForwardResult(out, h, c, C, GH, Zr, stats, CZ, A, Rs)
 
