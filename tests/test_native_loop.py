@@ -105,10 +105,11 @@ def test_native_loop_float32_partial_panels_match_reference(build, mode, threads
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
 def test_native_loop_threads_taking_rows_compute_what_threads_taking_units_do(build, mode, dtype):
     """Two threads that each take rows of the batch through every step (split="rows", which
-    "auto" picks for wide batches whose weights fit a core's cache) give the outputs, states and
-    saved tensors of two threads that split the units, to the bit: with every variant (recurrent
-    dropout keeps to units) and LSTM's projection, ragged batches, either direction, saving or
-    not. The reference tests above check the units' numbers."""
+    "auto" picks for wide batches whose weights fit a core's cache) give the outputs, states,
+    saved tensors and backward gradients of two threads that split the units, to the bit: with
+    every variant (recurrent dropout, and a layer norm's backward, keep to units) and LSTM's
+    projection, ragged batches, either direction, saving or not. The reference tests above
+    check the units' numbers."""
     B, H, N = MIXED_ROWS[0], 37, sum(MIXED_ROWS)
     for variant in ["none", *(VARIANTS if mode in VARIANT_MODES else [])]:
         for P in [0, 11] if mode == "LSTM" else [0]:
@@ -127,6 +128,19 @@ def test_native_loop_threads_taking_rows_compute_what_threads_taking_units_do(bu
                 for name, a, b in zip(units._fields, units, rows, strict=True):
                     assert (a is None) == (b is None), name
                     assert a is None or torch.equal(a, b), (variant, P, reverse, save, name)
+                if not save:
+                    continue
+                g = torch.Generator().manual_seed(1)
+                d_out, d_hn = (torch.randn(n, P or H, generator=g, dtype=dtype) for n in (N, B))
+                d_cn = torch.randn(B, H, generator=g, dtype=dtype) if mode == "LSTM" else None
+                units, rows = (native_loop.backward(
+                    mode, reverse, MIXED_ROWS, G if units.A is None else units.A, units.out,
+                    units.C, units.GH, t["h0"], t["c0"], t["w_hh"], d_out, d_hn, d_cn, variants=v,
+                    Zr=units.Zr, stats=units.stats, CZ=units.CZ, w_hr=t.get("w_hr"), threads=2,
+                    split=split) for split in ("units", "rows"))  # fmt: skip
+                for name, a, b in zip(units._fields, units, rows, strict=True):
+                    assert (a is None) == (b is None), name
+                    assert a is None or torch.equal(a, b), (variant, P, reverse, "backward", name)
 
 
 def test_native_loop_rejects_an_unknown_split():

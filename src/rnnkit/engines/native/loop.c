@@ -270,6 +270,17 @@ static void q8_input_side(const nl_walk *wk, const nl_q8 *q8, int64_t s, int64_t
             for (int64_t j = j0; j < j1; j++) G[i * GW + g * H + j] += q8->bias[g * H + j];
 }
 
+/* A step's rows as a thread that owns rows [r0, r1) of the batch sees them: those still
+ * running, from row r0 on (n, np and the offsets moved to r0). */
+static inline void own_rows(nl_step *at, int64_t r0, int64_t r1) {
+    const int64_t n = at->n < r1 ? at->n : r1;
+    const int64_t np = at->np < n ? at->np : n;
+    at->n = n > r0 ? n - r0 : 0;
+    at->np = np > r0 ? np - r0 : 0;
+    at->off += r0;
+    at->offp += r0;
+}
+
 static inline int64_t gates_of(int64_t mode) {
     return mode == NL_LSTM ? 4 : mode == NL_GRU ? 3 : 1;
 }
@@ -755,15 +766,7 @@ static FN(fwd_rows) FN(fwd_rows_at)(const FN(fwd_call) *cx, int64_t s) {
     const nl_walk *wk = &cx->walk;
     FN(fwd_rows) st;
     st.at = step_at(wk, s, wk->reverse ? wk->T_ - 1 - s : s);
-    if (cx->rows) {
-        /* The thread's rows of the step (those of [r0, r1) still running), from row r0 on. */
-        const int64_t n = st.at.n < cx->r1 ? st.at.n : cx->r1;
-        const int64_t np = st.at.np < n ? st.at.np : n;
-        st.at.n = n > cx->r0 ? n - cx->r0 : 0;
-        st.at.np = np > cx->r0 ? np - cx->r0 : 0;
-        st.at.off += cx->r0;
-        st.at.offp += cx->r0;
-    }
+    if (cx->rows) own_rows(&st.at, cx->r0, cx->r1);
     const int64_t off = st.at.off;
     /* The product before its norm is saved where there is one. */
     st.Zt = cx->ln && cx->Zr ? cx->Zr + off * cx->GW : cx->Z;
@@ -1103,8 +1106,8 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
  * v: the variants or NULL (see nl_variants). q8: int8 weights for W_hh (w unread, may be
  * NULL) and LSTM's W_hr (variants' w_hr unread), or NULL; float32 inference only (A, C, GH,
  * and the variants' saved tensors NULL). */
-/* Whether the threads of a float forward take rows of the batch rather than units (split:
- * NL_SPLIT_AUTO, _UNITS or _ROWS; int8 always takes rows, see forward_in). Every row's walk is
+/* Whether the threads of a float forward or backward take rows of the batch rather than units
+ * (split: NL_SPLIT_AUTO, _UNITS or _ROWS; int8 always takes rows, see forward_in). Every row's walk is
  * its own, so threads that take rows never wait for each other; but each then reads all of the
  * recurrent weights every step where a thread that takes units reads its share. Automatic: rows
  * where every thread has at least a register tile of rows (NL_MR: the product is then bound by
@@ -1113,12 +1116,12 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
  * forward, BENCHMARKS.md): 0.81-0.93x the time at B=16, 32 and 64; at H=512 (4 MiB of LSTM
  * weights) level, at H=1024 1.3-1.8x, hence the cache bound. Not with recurrent dropout (its
  * masked h_{t-1} is a buffer shared by the threads). */
-static int FN(float_rows)(const FN(fwd_call) *cx, int64_t split, int64_t nthreads) {
-    if (split == NL_SPLIT_UNITS || cx->rmask) return 0;
+static int FN(rows_pay)(int64_t B, int64_t GW, int64_t R, int64_t proj_weights,
+                       const nl_walk *wk, int64_t nthreads, int64_t split, int rmask) {
+    if (split == NL_SPLIT_UNITS || rmask) return 0;
     if (split == NL_SPLIT_ROWS) return 1;
-    const int64_t bytes = (cx->GW * cx->R + cx->P * cx->H) * (int64_t)sizeof(T);
-    return cx->B >= NL_MR * nthreads && FN(worth_panels)(&cx->walk, cx->B) &&
-           bytes <= l2_bytes();
+    const int64_t bytes = (GW * R + proj_weights) * (int64_t)sizeof(T);
+    return B >= NL_MR * nthreads && FN(worth_panels)(wk, B) && bytes <= l2_bytes();
 }
 
 static int64_t FN(forward_in)(int64_t mode, int64_t reverse, int64_t T_, const int64_t *bs,
@@ -1175,7 +1178,9 @@ static int64_t FN(forward_in)(int64_t mode, int64_t reverse, int64_t T_, const i
         return NL_BAD_VARIANTS;
     if (nthreads < 1) nthreads = 1;
     cx.walk = (nl_walk){T_, reverse, bs, offsets, gemm_min_rows};
-    cx.rows = nthreads > 1 && B > 1 && (q8 || FN(float_rows)(&cx, split, nthreads));
+    cx.rows = nthreads > 1 && B > 1 &&
+              (q8 || FN(rows_pay)(B, cx.GW, cx.R, cx.P * H, &cx.walk, nthreads, split,
+                                  cx.rmask != 0));
     if (cx.rows && nthreads > B) nthreads = B;
     /* The input side: each thread its units where threads split the units (q8_in); where they
      * take rows, all of it first, the units split. */
@@ -1238,6 +1243,9 @@ typedef struct {
     int64_t j0, j1, q0, q1;
     /* The thread's columns of W_hh and of W_hr as panels (panel_product), or none. */
     FN(panels) pp, ppr;
+    /* Split by rows instead of units (as in fwd_call): rows [r0, r1) of the batch. */
+    int rows;
+    int64_t r0, r1;
     /* The step barrier's flags (nth of them), this thread's index and barriers passed. */
     nl_flag *flags;
     int64_t nth, tid, passed;
@@ -1513,12 +1521,16 @@ static void FN(bwd_product)(const FN(bwd_call) *cx, const nl_step *st) {
  * that reads units other threads wrote. */
 /* The step barrier (flag_barrier, as in forward). */
 static inline void FN(bwd_sync)(FN(bwd_call) *cx) {
-    if (cx->nth > 1) flag_barrier(cx->flags, cx->nth, cx->tid, &cx->passed);
+    if (!cx->rows && cx->nth > 1) flag_barrier(cx->flags, cx->nth, cx->tid, &cx->passed);
 }
 
 static void FN(bwd_step)(FN(bwd_call) *cx, int64_t s) {
     const nl_walk *wk = &cx->walk;
-    const nl_step st = step_at(wk, s, wk->reverse ? s : wk->T_ - 1 - s);
+    nl_step st = step_at(wk, s, wk->reverse ? s : wk->T_ - 1 - s);
+    if (cx->rows) {
+        own_rows(&st, cx->r0, cx->r1);
+        if (st.n == 0) return;
+    }
     if (cx->zo || cx->P) FN(bwd_split)(cx, &st);
     if (cx->P) {
         FN(bwd_sync)(cx);
@@ -1546,12 +1558,30 @@ static void FN(bwd_step)(FN(bwd_call) *cx, int64_t s) {
     FN(bwd_product)(cx, &st);
 }
 
+/* The thread's rows [r0, r1) of B, and every row-indexed pointer of the call moved to r0 (the
+ * steps' rows move in bwd_step). */
+static void FN(bwd_own_rows)(FN(bwd_call) *cx) {
+    const int64_t B = cx->B, R = cx->R, H = cx->H;
+    cx->r0 = B * cx->tid / cx->nth;
+    cx->r1 = B * (cx->tid + 1) / cx->nth;
+    cx->j0 = 0; cx->j1 = H; cx->q0 = 0; cx->q1 = R;
+    const int64_t r = cx->r0;
+    cx->h0 += r * R; cx->dh += r * R;
+    if (cx->c0) cx->c0 += r * H;
+    if (cx->dc) cx->dc += r * H;
+    if (cx->DR) cx->DR += r * H;
+    if (cx->dCN) cx->dCN += r * H;
+    if (cx->CH) cx->CH += r * R;
+    if (cx->CC) cx->CC += r * H;
+}
+
 static void FN(bwd_thread)(const FN(bwd_call) *call) {
     FN(bwd_call) cx = *call;
     split_units(cx.H, &cx.j0, &cx.j1);
     split_units(cx.R, &cx.q0, &cx.q1);
     cx.passed = 0;
     this_thread(&cx.nth, &cx.tid);
+    if (cx.rows) FN(bwd_own_rows)(&cx);
     /* Panels where a step can be wide; where memory runs out, the own loops instead. */
     cx.pp = cx.ppr = (FN(panels)){0};
     if (FN(worth_panels)(&cx.walk, cx.B)) {
@@ -1571,8 +1601,9 @@ int64_t FN(nl_backward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t
                         int64_t B, int64_t H, const T *G, const T *GH, const T *out, const T *C,
                         const T *h0, const T *c0, const T *w, const T *dout, T *dh, T *dc,
                         T *dG, T *dGH, int64_t *offsets, int64_t nthreads,
-                        int64_t gemm_min_rows, const nl_variants *v) {
+                        int64_t gemm_min_rows, int64_t split, const nl_variants *v) {
     if (mode < NL_LSTM || mode > NL_RNN_RELU) return NL_BAD_MODE;
+    if (split < NL_SPLIT_AUTO || split > NL_SPLIT_ROWS) return NL_BAD_SIZES;
     if (T_ < 0 || N < 0 || B < 1 || H < 1) return NL_BAD_SIZES;
     if (!G || !out || !h0 || !w || !dh || !dG || !offsets) return NL_MISSING_TENSOR;
     if (mode == NL_LSTM && (!C || !c0 || !dc)) return NL_MISSING_TENSOR;
@@ -1590,6 +1621,11 @@ int64_t FN(nl_backward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t
     cx.D = cx.ln ? cx.dZ : cx.gru ? dGH : dG;
     cx.walk = (nl_walk){T_, reverse, bs, offsets, gemm_min_rows};
     if (nthreads < 1) nthreads = 1;
+    /* Rows as in the forward (float_rows); not with the layer norms, whose parameters'
+     * gradients each thread sums over every row for its own units. */
+    cx.rows = nthreads > 1 && B > 1 && !cx.ln &&
+              FN(rows_pay)(B, cx.GW, cx.R, cx.P * H, &cx.walk, nthreads, split, cx.rmask != 0);
+    if (cx.rows && nthreads > B) nthreads = B;
     cx.flags = flags_new(nthreads);
     if (!cx.flags) return NL_NO_MEMORY;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)

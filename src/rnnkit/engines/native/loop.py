@@ -612,6 +612,7 @@ def backward(
     w_hr: Tensor | None = None,
     threads: int | None = None,
     gemm: bool | None = None,
+    split: str = "auto",
 ) -> BackwardResult:
     """The backward walk of :func:`forward` (``engines/README.md``), all steps in one call.
 
@@ -623,8 +624,11 @@ def backward(
     over all rows. The caller finishes as
     ``op.py`` does: ``dX = dG W_ih``, ``dW_ih = dG^T X``, ``dW_hh = dY^T H_prev``
     with ``dY`` = ``dZ`` under a layer norm, else ``dGH`` for GRU, else ``dG`` (and ``H_prev``
-    times the recurrent-dropout mask).
+    times the recurrent-dropout mask). ``split``: as :func:`forward`'s (with a layer norm the
+    threads take units).
     """
+    if split not in _SPLITS:
+        raise ValueError(f"native_loop: split must be one of {sorted(_SPLITS)}; got {split!r}")
     size = _layout(mode, G, h0, w_hh, w_hr, G.dtype)
     N, B, H, GW, R = size
     dtype, lstm, gru = G.dtype, mode == "LSTM", mode == "GRU"
@@ -679,7 +683,7 @@ def backward(
         _ptr(G), _ptr(GH if gru else None), _ptr(out), _ptr(C if lstm else None), _ptr(h0),
         _ptr(c0 if lstm else None), _ptr(w_hh), _ptr(d_out), _ptr(dh), _ptr(dc), _ptr(dG),
         _ptr(dGH), _ptr(offsets), i64(threads or _default_threads(B, R, GW)), _gemm_min_rows(gemm),
-        cv,
+        i64(_SPLITS[split]), cv,
     )  # fmt: skip
     ln = [] if ln_grads is None else [g.to(dtype, copy=True) for g in ln_grads.split(ln_sizes)]
     return BackwardResult(dG, dGH, dh, dc, dZ, dHt, *ln)
