@@ -1237,8 +1237,10 @@ typedef struct {
     /* Scratch: the product before the mask (S), dr = dh~ W_hr (DR); with zoneout the shares of
      * dL/dh_t and dL/dc_t that pass to step t-1 past the cell (CH, CC). */
     T *S, *DR, *CH, *CC;
-    /* The layer norms' parameter gradients, summed here (nl_variants' ln_grads) or NULL. */
-    double *lng;
+    /* The layer norms' parameter gradients, summed here (nl_variants' ln_grads) or NULL; where
+     * threads take rows, each sums its own lng_n of them in lng_rows, added up at the end. */
+    double *lng, *lng_rows;
+    int64_t lng_n;
     T zp;
     int64_t j0, j1, q0, q1;
     /* The thread's columns of W_hh and of W_hr as panels (panel_product), or none. */
@@ -1565,6 +1567,7 @@ static void FN(bwd_own_rows)(FN(bwd_call) *cx) {
     cx->r0 = B * cx->tid / cx->nth;
     cx->r1 = B * (cx->tid + 1) / cx->nth;
     cx->j0 = 0; cx->j1 = H; cx->q0 = 0; cx->q1 = R;
+    if (cx->lng) cx->lng = cx->lng_rows + cx->tid * cx->lng_n;
     const int64_t r = cx->r0;
     cx->h0 += r * R; cx->dh += r * R;
     if (cx->c0) cx->c0 += r * H;
@@ -1621,15 +1624,24 @@ int64_t FN(nl_backward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t
     cx.D = cx.ln ? cx.dZ : cx.gru ? dGH : dG;
     cx.walk = (nl_walk){T_, reverse, bs, offsets, gemm_min_rows};
     if (nthreads < 1) nthreads = 1;
-    /* Rows as in the forward (float_rows); not with the layer norms, whose parameters'
-     * gradients each thread sums over every row for its own units. */
-    cx.rows = nthreads > 1 && B > 1 && !cx.ln &&
+    /* Rows as in the forward (rows_pay); then each thread sums the layer norms' parameter
+     * gradients over its own rows, and they are added up after the walk. */
+    cx.rows = nthreads > 1 && B > 1 &&
               FN(rows_pay)(B, cx.GW, cx.R, cx.P * H, &cx.walk, nthreads, split, cx.rmask != 0);
     if (cx.rows && nthreads > B) nthreads = B;
+    cx.lng_n = 2 * cx.GW + (cx.lstm ? 2 * H : 0);
+    cx.lng_rows = cx.rows && cx.lng ? calloc((size_t)(nthreads * cx.lng_n), sizeof(double)) : 0;
     cx.flags = flags_new(nthreads);
-    if (!cx.flags) return NL_NO_MEMORY;
+    if (!cx.flags || (cx.rows && cx.lng && !cx.lng_rows)) {
+        free(cx.flags);
+        free(cx.lng_rows);
+        return NL_NO_MEMORY;
+    }
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     FN(bwd_thread)(&cx);
+    for (int64_t k = 0; cx.lng_rows && k < nthreads; k++)
+        for (int64_t i = 0; i < cx.lng_n; i++) cx.lng[i] += cx.lng_rows[k * cx.lng_n + i];
+    free(cx.lng_rows);
     free(cx.flags);
     return NL_OK;
 }
