@@ -133,7 +133,7 @@ def test_auto_sends_low_precision_to_torch_kernels_only_where_the_cpu_runs_them(
         for batch in (1, 16, 64):
             chosen = engines.plan("x", "auto", spec, cpu, dtype, batch=batch,
                                   needs_grad=needs_grad)  # fmt: skip
-            # torch's bfloat16 LSTM where this CPU runs it, by float32's rule; else native.
+            # torch's bfloat16 LSTM where this CPU runs it, by float64's rule; else native.
             torch_rule = (not needs_grad or batch > engines.LSTM_NATIVE_MAX_BATCH) and runs
             on_torch = mode == "LSTM" and dtype == torch.bfloat16 and torch_rule
             want = engines.torch_native if on_torch else native

@@ -162,11 +162,14 @@ def test_auto_backend_follows_the_documented_rule(monkeypatch):
     def engine(mode, device, **kw):
         return _plan("auto", mode, device, **kw).engine
 
+    # LSTM on the CPU: inference on oneDNN; float32 training native at every batch, float64
+    # training native at small batches and on oneDNN from B=16.
     assert engine("LSTM", CPU) is torch_native
-    # LSTM training on the CPU: the native loop at small batches, oneDNN from B=16.
     assert engine("LSTM", CPU, needs_grad=True) is native
-    assert engine("LSTM", CPU, needs_grad=True, batch=engines.LSTM_NATIVE_MAX_BATCH) is native
-    assert engine("LSTM", CPU, needs_grad=True, batch=16) is torch_native
+    assert engine("LSTM", CPU, needs_grad=True, batch=1024) is native
+    f64 = dict(needs_grad=True, dtype=torch.float64)
+    assert engine("LSTM", CPU, batch=engines.LSTM_NATIVE_MAX_BATCH, **f64) is native
+    assert engine("LSTM", CPU, batch=16, **f64) is torch_native
     assert engine("LSTM", CUDA, needs_grad=True) is torch_native
     assert engine("GRU", CPU) is native
     assert engine("RNN_RELU", CPU) is native
@@ -177,12 +180,12 @@ def test_auto_backend_follows_the_documented_rule(monkeypatch):
     # cannot run it elsewhere), float16 never: the native engine computes them in float32.
     for runs_bfloat16 in (False, True):
         monkeypatch.setattr(engines, "_torch_cpu_runs_bfloat16", lambda r=runs_bfloat16: r)
-        bf16 = engine("LSTM", CPU, dtype=torch.bfloat16)
+        bf16 = engine("LSTM", CPU, dtype=torch.bfloat16, batch=16)
         assert bf16 is (torch_native if runs_bfloat16 else native)
         assert engine("LSTM", CPU, dtype=torch.float16) is native
-    assert engine("LSTM", CPU, dtype=torch.float64) is torch_native
+    assert engine("LSTM", CPU, dtype=torch.float64, batch=16) is torch_native
     # Per-step variants go to the native engine whatever the rule says.
-    assert engine("LSTM", CPU, per_step=True) is native
+    assert engine("LSTM", CPU, per_step=True, batch=16) is native
     layer = rnnkit.LSTM(3, 4, layer_norm=True, dtype=torch.float64)
     ref = rnnkit.LSTM(3, 4, layer_norm=True, dtype=torch.float64, backend="native")
     ref.load_state_dict(layer.state_dict())

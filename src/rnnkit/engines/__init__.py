@@ -32,7 +32,9 @@ from rnnkit.engines.native import build as native_build
 from rnnkit.engines.spec import LayerSpec
 
 BACKENDS = ("auto", "reference", "fused", "native", "triton", "torch")
-# The largest batch at which auto trains a CPU LSTM on the native engine (BENCHMARKS.md).
+# The largest batch at which auto trains a CPU LSTM on the native engine in float64 and
+# bfloat16; float32 trains native at every batch (BENCHMARKS.md, "Which engine auto picks for
+# LSTM training").
 LSTM_NATIVE_MAX_BATCH = 8
 # Dtypes that torch's CPU kernels (oneDNN) run on every x86 CPU; bfloat16 needs instructions that
 # many CPUs lack (see _torch_cpu_runs_bfloat16), float16 is left to the native engine.
@@ -96,11 +98,12 @@ def _auto(spec: LayerSpec, device: torch.device, dtype: torch.dtype, *, batch: i
     if device.type == "cpu":
         # Under compile the native operator keeps the graph whole; the CPU's flags are read
         # (from /proc) only outside it.
+        torch_wins = not needs_grad or (dtype != torch.float32 and batch > LSTM_NATIVE_MAX_BATCH)
         lstm_on_torch = (
             spec.mode == "LSTM"
             and not per_step
             and not torch.compiler.is_compiling()
-            and not (needs_grad and batch <= LSTM_NATIVE_MAX_BATCH)
+            and torch_wins
             and _torch_cpu_dtype(dtype)
         )
         return "torch" if lstm_on_torch else "native"
@@ -133,11 +136,13 @@ def plan(
     4. ``"fused"`` is native on the CPU and triton on CUDA.
     5. ``"auto"`` follows the measured tables in BENCHMARKS.md:
 
-       - CPU: the native engine, except a plain LSTM that either runs inference or trains with
-         batches over ``LSTM_NATIVE_MAX_BATCH``, where torch's oneDNN kernel is the faster
-         (level at B=1 in inference, faster from B=16 in training), in float32 or float64, or
-         in bfloat16 where the CPU has bfloat16 dot products (:func:`_torch_cpu_runs_bfloat16`;
-         elsewhere oneDNN cannot run it). Under ``torch.compile`` the native engine, whose
+       - CPU: the native engine, except a plain LSTM that runs inference, or trains in float64
+         or bfloat16 with batches over ``LSTM_NATIVE_MAX_BATCH``: there torch's oneDNN kernel is
+         the faster or level. float32 trains native at every batch (0.43-0.67x torch's time at
+         B=1-4, 0.76-0.93x from B=32 and at H=128 and 512, 1.02-1.10x at B=8-16, I=H=256).
+         Inference on torch's kernel in float32 or float64, and in bfloat16 where the CPU has
+         bfloat16 dot products (:func:`_torch_cpu_runs_bfloat16`; elsewhere oneDNN cannot run
+         it). Under ``torch.compile`` the native engine, whose
          operator stays in the graph (torch's kernels break it). float16 always runs native.
        - CUDA: torch's cuDNN kernels; with ``per_step`` variants the triton engine.
        - Other devices: torch's kernels; with ``per_step`` variants the reference engine.
