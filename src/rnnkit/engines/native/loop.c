@@ -1120,13 +1120,15 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
  * NULL) and LSTM's W_hr (variants' w_hr unread), or NULL; float32 inference only (A, C, GH,
  * and the variants' saved tensors NULL). */
 /* Whether the threads of a float forward or backward take rows of the batch rather than units
- * (split: NL_SPLIT_AUTO, _UNITS or _ROWS; int8 always takes rows, see forward_in). Every row's walk is
- * its own, so threads that take rows never wait for each other; but each then reads all of the
- * recurrent weights every step where a thread that takes units reads its share. Automatic: rows
- * where every thread has at least a register tile of rows (NL_MR: the product is then bound by
- * its multiply-adds whichever way the threads split) and all the weights fit in one core's L2
- * cache, so that each core keeps its copy there. Measured on the 2-core Zen 4 (1 MiB L2, I=H=256
- * forward, BENCHMARKS.md): 0.81-0.93x the time at B=16, 32 and 64; at H=512 (4 MiB of LSTM
+ * (split: NL_SPLIT_AUTO, _UNITS or _ROWS; int8 always takes rows, see forward_in). Every row's
+ * walk is its own, so threads that take rows never wait for each other; but each then reads all
+ * of the recurrent weights every step where a thread that takes units reads its share.
+ * Automatic: rows where every thread has at least 4 rows (from 4 rows a tile's product runs
+ * within a tenth of a full tile's speed a row, so it is bound by its multiply-adds whichever way
+ * the threads split) and all the weights fit in one core's L2 cache, so that each core keeps its
+ * copy there.
+ * Measured on the 2-core Zen 4 (1 MiB L2, I=H=256 forward, BENCHMARKS.md): 0.81-0.93x the time
+ * at B=16, 32 and 64, 0.6-0.7x at B=12, level at B=8 (GRU 0.7-0.9x); at H=512 (4 MiB of LSTM
  * weights) level, at H=1024 1.3-1.8x, hence the cache bound. Not with recurrent dropout (its
  * masked h_{t-1} is a buffer shared by the threads). */
 static int FN(rows_pay)(int64_t B, int64_t GW, int64_t R, int64_t proj_weights,
@@ -1134,7 +1136,7 @@ static int FN(rows_pay)(int64_t B, int64_t GW, int64_t R, int64_t proj_weights,
     if (split == NL_SPLIT_UNITS || rmask) return 0;
     if (split == NL_SPLIT_ROWS) return 1;
     const int64_t bytes = (GW * R + proj_weights) * (int64_t)sizeof(T);
-    return B >= NL_MR * nthreads && FN(worth_panels)(wk, B) && bytes <= l2_bytes();
+    return B >= 4 * nthreads && FN(worth_panels)(wk, B) && bytes <= l2_bytes();
 }
 
 static int64_t FN(forward_in)(int64_t mode, int64_t reverse, int64_t T_, const int64_t *bs,
