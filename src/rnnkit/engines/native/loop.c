@@ -130,6 +130,30 @@ int64_t nl_advise_huge_pages(void *p, int64_t bytes) {
 #endif
 }
 
+/* d[j * ldd + i] = s[i * lds + j] for i, j < 8: an 8 x 8 block of floats transposed through
+ * registers (panels_make's transposing copy). */
+#ifdef __AVX2__
+#include <immintrin.h>
+static inline void nl_transpose8(const float *s, int64_t lds, float *d, int64_t ldd) {
+    __m256 r[8], t[8], u[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(s + i * lds);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        _mm256_storeu_ps(d + i * ldd, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+        _mm256_storeu_ps(d + (i + 4) * ldd, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+    }
+}
+#endif
+
 #include "native_math.h"
 
 /* Batch sizes positive, at most B, non-increasing, summing to N; offsets[t] = first row of t. */
@@ -456,7 +480,17 @@ static int FN(panels_make)(FN(panels) *pp, const T *w, int64_t nblocks, int64_t 
             T *dst = pp->p + at * K * NL_VL;
             pp->col[at] = b * db + c0;
             pp->lanes[at] = lanes;
-            for (int64_t k = 0; k < K; k++)
+            int64_t k = 0;
+#ifdef __AVX2__
+            /* A full panel of float rows (the forward's W_hh): 8 x 8 blocks through registers,
+             * where the plain loop below gathers one float a row (a tenth of the time). */
+            if (sizeof(T) == 4 && ks == 1 && lanes == NL_VL && NL_VL % 8 == 0)
+                for (; k + 8 <= K; k += 8)
+                    for (int64_t l = 0; l < NL_VL; l += 8)
+                        nl_transpose8((const float *)(src + l * cs + k), cs,
+                                      (float *)(dst + k * NL_VL + l), NL_VL);
+#endif
+            for (; k < K; k++)
                 for (int64_t l = 0; l < NL_VL; l++)
                     dst[k * NL_VL + l] = l < lanes ? src[l * cs + k * ks] : 0;
         }
