@@ -54,7 +54,7 @@ enum {
     NL_BAD_VARIANTS = -5,
     NL_NO_MEMORY = -6,
 };
-/* How the threads of a forward share its work (float32 and float64; see float_rows). */
+/* How the threads of a float forward or backward share its work (see rows_pay). */
 enum { NL_SPLIT_AUTO = 0, NL_SPLIT_UNITS = 1, NL_SPLIT_ROWS = 2 };
 
 /* Bytes of one core's L2 cache as the C library reports it (0 where it does not), read once. */
@@ -483,7 +483,7 @@ static int FN(panels_make)(FN(panels) *pp, const T *w, int64_t nblocks, int64_t 
             int64_t k = 0;
 #ifdef __AVX2__
             /* A full panel of float rows (the forward's W_hh): 8 x 8 blocks through registers,
-             * where the plain loop below gathers one float a row (a tenth of the time). */
+             * where the plain loop below gathers one float at a time. */
             if (sizeof(T) == 4 && ks == 1 && lanes == NL_VL && NL_VL % 8 == 0)
                 for (; k + 8 <= K; k += 8)
                     for (int64_t l = 0; l < NL_VL; l += 8)

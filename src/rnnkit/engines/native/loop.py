@@ -533,7 +533,7 @@ def forward(
     then only give their shapes (any float32 tensors of those shapes, such as empty views).
     ``split``: how threads share the work, "units" of every step, "rows" of the batch (each its
     own rows through every step: no waiting, but each reads all of ``w_hh``; not with recurrent
-    dropout, which takes units) or "auto" (loop.c's ``float_rows``; int8 always takes rows).
+    dropout, which takes units) or "auto" (loop.c's ``rows_pay``; int8 always takes rows).
     """
     if split not in _SPLITS:
         raise ValueError(f"native_loop: split must be one of {sorted(_SPLITS)}; got {split!r}")
