@@ -139,7 +139,7 @@ def plan(
        - CPU: the native engine, except a plain LSTM that runs inference, or trains in float64
          or bfloat16 with batches over ``LSTM_NATIVE_MAX_BATCH``: there torch's oneDNN kernel is
          the faster or level. float32 trains native at every batch (0.43-0.67x torch's time at
-         B=1-4, 0.76-0.93x from B=32 and at H=128 and 512, 1.02-1.10x at B=8-16, I=H=256).
+         B=1-4, 0.76-0.93x from B=32 and at H=128 and 512, 0.98-1.10x at B=8-16, I=H=256).
          Inference on torch's kernel in float32 or float64, and in bfloat16 where the CPU has
          bfloat16 dot products (:func:`_torch_cpu_runs_bfloat16`; elsewhere oneDNN cannot run
          it). Under ``torch.compile`` the native engine, whose
