@@ -294,6 +294,12 @@ static void q8_input_side(const nl_walk *wk, const nl_q8 *q8, int64_t s, int64_t
             for (int64_t j = j0; j < j1; j++) G[i * GW + g * H + j] += q8->bias[g * H + j];
 }
 
+/* The rows [r0, r1) of a batch of B that thread tid of nth takes where threads take rows. */
+static inline void rows_of_thread(int64_t B, int64_t nth, int64_t tid, int64_t *r0, int64_t *r1) {
+    *r0 = B * tid / nth;
+    *r1 = B * (tid + 1) / nth;
+}
+
 /* A step's rows as a thread that owns rows [r0, r1) of the batch sees them: those still
  * running, from row r0 on (n, np and the offsets moved to r0). */
 static inline void own_rows(nl_step *at, int64_t r0, int64_t r1) {
@@ -1065,9 +1071,8 @@ static void FN(fwd_step)(FN(fwd_call) *cx, int64_t s) {
 static void FN(fwd_own_rows)(FN(fwd_call) *cx) {
     int64_t nth, tid;
     this_thread(&nth, &tid);
-    const int64_t B = cx->B, R = cx->R, H = cx->H, GW = cx->GW;
-    cx->r0 = B * tid / nth;
-    cx->r1 = B * (tid + 1) / nth;
+    const int64_t R = cx->R, H = cx->H, GW = cx->GW;
+    rows_of_thread(cx->B, nth, tid, &cx->r0, &cx->r1);
     cx->j0 = 0; cx->j1 = H; cx->q0 = 0; cx->q1 = R;
     const int64_t r = cx->r0;
     cx->h0 += r * R; cx->h += r * R; cx->Z += r * GW;
@@ -1142,17 +1147,6 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
     FN(panels_free)(&cx.ppr);
 }
 
-/* One layer and direction forward; see engines/native/loop.py's `forward` for the contract.
- * G (N, GW): x W_ih^T + biases, read only. A (N, GW): the gate activations that backward reads
- * (may be G itself), or NULL to keep only each step's, in the second half of Z.
- * h (B, R), c (B, H): the state, copied from h0, c0 first (c0 NULL: c holds it already), h_n
- * and c_n at the end; R = H, or P with a projection (then w is (GW, P) and h0, out are P wide).
- * C (N, H) the saved c_t or NULL; GH (N, 3H) the saved Z_t + b_hh of GRU or NULL (then Z holds
- * it); Z (B, GW) scratch, (2, B, GW) when A is NULL;
- * offsets (T_ + 1) scratch; either NULL: allocated here (see loop.py's `forward` for why).
- * v: the variants or NULL (see nl_variants). q8: int8 weights for W_hh (w unread, may be
- * NULL) and LSTM's W_hr (variants' w_hr unread), or NULL; float32 inference only (A, C, GH,
- * and the variants' saved tensors NULL). */
 /* Whether the threads of a float forward or backward take rows of the batch rather than units
  * (split: NL_SPLIT_AUTO, _UNITS or _ROWS; int8 always takes rows, see forward_in). Every row's
  * walk is its own, so threads that take rows never wait for each other; but each then reads all
@@ -1173,6 +1167,17 @@ static int FN(rows_pay)(int64_t B, int64_t GW, int64_t R, int64_t proj_weights,
     return B >= 4 * nthreads && FN(worth_panels)(wk, B) && bytes <= l2_bytes();
 }
 
+/* One layer and direction forward; see engines/native/loop.py's `forward` for the contract.
+ * G (N, GW): x W_ih^T + biases, read only. A (N, GW): the gate activations that backward reads
+ * (may be G itself), or NULL to keep only each step's, in the second half of Z.
+ * h (B, R), c (B, H): the state, copied from h0, c0 first (c0 NULL: c holds it already), h_n
+ * and c_n at the end; R = H, or P with a projection (then w is (GW, P) and h0, out are P wide).
+ * C (N, H) the saved c_t or NULL; GH (N, 3H) the saved Z_t + b_hh of GRU or NULL (then Z holds
+ * it); Z (B, GW) scratch, (2, B, GW) when A is NULL;
+ * offsets (T_ + 1) scratch; either NULL: allocated here (see loop.py's `forward` for why).
+ * v: the variants or NULL (see nl_variants). q8: int8 weights for W_hh (w unread, may be
+ * NULL) and LSTM's W_hr (variants' w_hr unread), or NULL; float32 inference only (A, C, GH,
+ * and the variants' saved tensors NULL). */
 static int64_t FN(forward_in)(int64_t mode, int64_t reverse, int64_t T_, const int64_t *bs,
                               int64_t N, int64_t B, int64_t H, const T *G, T *A, const T *w,
                               const T *bhh, const T *h0, const T *c0, T *out, T *h, T *c, T *C,
@@ -1612,9 +1617,8 @@ static void FN(bwd_step)(FN(bwd_call) *cx, int64_t s) {
 /* The thread's rows [r0, r1) of B, and every row-indexed pointer of the call moved to r0 (the
  * steps' rows move in bwd_step). */
 static void FN(bwd_own_rows)(FN(bwd_call) *cx) {
-    const int64_t B = cx->B, R = cx->R, H = cx->H;
-    cx->r0 = B * cx->tid / cx->nth;
-    cx->r1 = B * (cx->tid + 1) / cx->nth;
+    const int64_t R = cx->R, H = cx->H;
+    rows_of_thread(cx->B, cx->nth, cx->tid, &cx->r0, &cx->r1);
     cx->j0 = 0; cx->j1 = H; cx->q0 = 0; cx->q1 = R;
     if (cx->lng) cx->lng = cx->lng_rows + cx->tid * cx->lng_n;
     const int64_t r = cx->r0;
