@@ -53,7 +53,7 @@ ARCHES = {"native": "native", "baseline": "x86-64-v3", "portable": "x86-64"}
 ARCH = os.environ.get("RNNKIT_NATIVE_ARCH", "native")
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _MODES = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
-# loop.c's NL_SPLIT_*: how a forward's threads share its work.
+# loop.c's NL_SPLIT_*: how the threads of a forward or backward share its work.
 _SPLITS = {"auto": 0, "units": 1, "rows": 2}
 _ERRORS = {
     -1: "unknown mode",
@@ -314,6 +314,13 @@ def _default_threads(B: int, H: int, GW: int) -> int:
     return torch.get_num_threads() if B * H * GW >= PARALLEL_MIN_MACS else 1
 
 
+def _split(split: str) -> ctypes.c_int64:
+    """The C loop's code for ``split`` ("auto", "units" or "rows")."""
+    if split not in _SPLITS:
+        raise ValueError(f"native_loop: split must be one of {sorted(_SPLITS)}; got {split!r}")
+    return ctypes.c_int64(_SPLITS[split])
+
+
 def _gemm_min_rows(gemm: bool | None) -> ctypes.c_int64:
     """The C loop's threshold for the panels; ``gemm=False`` forces the own dot products."""
     return ctypes.c_int64(2**62 if gemm is False else GEMM_MIN_ROWS)
@@ -535,8 +542,6 @@ def forward(
     own rows through every step: no waiting, but each reads all of ``w_hh``; not with recurrent
     dropout, which takes units) or "auto" (loop.c's ``rows_pay``; int8 always takes rows).
     """
-    if split not in _SPLITS:
-        raise ValueError(f"native_loop: split must be one of {sorted(_SPLITS)}; got {split!r}")
     if int8 is not None and (save or G.dtype != torch.float32):
         raise ValueError("native_loop: int8 weights are for float32 inference (save=False)")
     size = _layout(mode, G, h0, w_hh, w_hr, G.dtype if int8 is None else torch.int8)
@@ -584,8 +589,8 @@ def forward(
         _ptr(G), _ptr(A), _ptr(w_hh if int8 is None else None), _ptr(b_hh if gru else None),
         _ptr(h0), _ptr(c0 if lstm else None), _ptr(out), _ptr(h), _ptr(c), _ptr(C), _ptr(GH),
         None, None,
-        i64(threads or _default_threads(B, R, GW)), _gemm_min_rows(gemm), i64(_SPLITS[split]),
-        cv, None if int8 is None else ctypes.byref(int8),
+        i64(threads or _default_threads(B, R, GW)), _gemm_min_rows(gemm), _split(split), cv,
+        None if int8 is None else ctypes.byref(int8),
     )  # fmt: skip
     return ForwardResult(out, h, c, C, GH, Zr, stats, CZ, A, Rs)
 
@@ -624,11 +629,8 @@ def backward(
     over all rows. The caller finishes as
     ``op.py`` does: ``dX = dG W_ih``, ``dW_ih = dG^T X``, ``dW_hh = dY^T H_prev``
     with ``dY`` = ``dZ`` under a layer norm, else ``dGH`` for GRU, else ``dG`` (and ``H_prev``
-    times the recurrent-dropout mask). ``split``: as :func:`forward`'s (with a layer norm the
-    threads take units).
+    times the recurrent-dropout mask). ``split``: as :func:`forward`'s.
     """
-    if split not in _SPLITS:
-        raise ValueError(f"native_loop: split must be one of {sorted(_SPLITS)}; got {split!r}")
     size = _layout(mode, G, h0, w_hh, w_hr, G.dtype)
     N, B, H, GW, R = size
     dtype, lstm, gru = G.dtype, mode == "LSTM", mode == "GRU"
@@ -683,7 +685,7 @@ def backward(
         _ptr(G), _ptr(GH if gru else None), _ptr(out), _ptr(C if lstm else None), _ptr(h0),
         _ptr(c0 if lstm else None), _ptr(w_hh), _ptr(d_out), _ptr(dh), _ptr(dc), _ptr(dG),
         _ptr(dGH), _ptr(offsets), i64(threads or _default_threads(B, R, GW)), _gemm_min_rows(gemm),
-        i64(_SPLITS[split]), cv,
+        _split(split), cv,
     )  # fmt: skip
     ln = [] if ln_grads is None else [g.to(dtype, copy=True) for g in ln_grads.split(ln_sizes)]
     return BackwardResult(dG, dGH, dh, dc, dZ, dHt, *ln)
