@@ -328,6 +328,12 @@ def test_native_loop_c_side_refuses_bad_batch_sizes_without_crashing():
         *([None] * 13), None, i64(1), i64(4), i64(0), None, None,
     )  # fmt: skip
     assert rc == -1
+    for split in (-1, 3):  # how the threads split the work: 0, 1 or 2
+        rc = _c_library().nl_forward_f64(
+            i64(1), i64(0), i64(3), ctypes.c_void_p(bs.data_ptr()), i64(6), i64(2), i64(4),
+            *([None] * 13), None, i64(1), i64(4), i64(split), None, None,
+        )  # fmt: skip
+        assert rc == -2
 
 
 # The variants (rnnkit.variants) in the native loop.
