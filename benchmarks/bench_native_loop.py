@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/bench_native_loop.py --gemms --batches 16 64
     .venv/bin/python benchmarks/bench_native_loop.py --modes lstm --batches 1 2 8 --own-loops
     .venv/bin/python benchmarks/bench_native_loop.py --breakdown --modes lstm --batches 16 64
+    .venv/bin/python benchmarks/bench_native_loop.py --modes lstm gru --batches 16 64 --split units
 
 Prints a Markdown table: median milliseconds of forward (no grad) and forward+backward for
 torch.nn (oneDNN), rnnkit's fused engine (backend="fused") and the native loop (the same layer's
@@ -13,7 +14,10 @@ weights through ``native.op.run_layer``), and each one's ratio to torch.nn. The 
 interleaved, repeat by repeat, so that a machine shared with other work slows all alike. With
 ``--layer-norm`` the fused and native columns run the layer-norm variant (issue 9's target
 compares it with torch.nn's plain layer). ``--own-loops`` runs the native column on the own dot
-products instead of the panels (what a step below ``GEMM_MIN_ROWS`` rows runs). ``--gemms``
+products instead of the panels (what a step below ``GEMM_MIN_ROWS`` rows runs). ``--split
+units`` (or ``rows``) makes the native column's threads split the hidden units of every step
+(or take rows of the batch) whatever loop.c's rule picks, while the fused column keeps the
+rule: one interleaved run compares the two splits. ``--gemms``
 prints instead the input side's GEMMs of one LSTM layer (``x W_ih^T + b`` and its input
 gradient ``dG W_ih``) through torch's addmm/mm (MKL) and through oneDNN
 (``engines/native/onednn.py``), interleaved. ``--breakdown`` prints instead where one training
@@ -25,6 +29,7 @@ peak that ``floor.c`` measures with the same threads, and torch.nn's whole step.
 
 import argparse
 import contextlib
+import functools
 import statistics
 import sys
 import time
@@ -61,15 +66,31 @@ def native_call(mode: str, layer: torch.nn.Module, T: int, B: int, gemm: bool | 
     return run
 
 
-def steps(fn, x):
+@contextlib.contextmanager
+def forced_split(split: str):
+    """The native loop's forward and backward with their threads split as ``split`` says."""
+    if split == "auto":
+        yield
+        return
+    forward, backward = native_loop.forward, native_loop.backward
+    native_loop.forward = functools.partial(forward, split=split)
+    native_loop.backward = functools.partial(backward, split=split)
+    try:
+        yield
+    finally:
+        native_loop.forward, native_loop.backward = forward, backward
+
+
+def steps(fn, x, context=contextlib.nullcontext):
     def forward():
-        with torch.no_grad():
+        with torch.no_grad(), context():
             fn(x)
 
     def train():
-        out = fn(x.detach().requires_grad_())
-        out = out[0] if isinstance(out, tuple) else out
-        out.backward(torch.ones_like(out))
+        with context():
+            out = fn(x.detach().requires_grad_())
+            out = out[0] if isinstance(out, tuple) else out
+            out.backward(torch.ones_like(out))
 
     return forward, train
 
@@ -86,6 +107,8 @@ def main() -> None:
     ap.add_argument("--gemms", action="store_true", help="the input side's GEMMs: MKL, oneDNN")
     ap.add_argument("--own-loops", action="store_true",
                     help="native: the own dot products for every step (gemm=False), no panels")
+    ap.add_argument("--split", default="auto", choices=["auto", "units", "rows"],
+                    help="native: how its threads share the work (loop.py's forward)")
     ap.add_argument("--breakdown", action="store_true",
                     help="where a fused training step goes, part by part, against its floor")
     args = ap.parse_args()
@@ -101,7 +124,8 @@ def main() -> None:
     print(f"T={args.T}, I=H={args.H}, float32, {args.threads} threads, median of "
           f"{args.repeats} interleaved repeats; torch {torch.__version__}, native panels from "
           f"{native_loop.GEMM_MIN_ROWS} rows"
-          f"{'; fused and native: layer_norm=True' if args.layer_norm else ''}\n")  # fmt: skip
+          f"{'; fused and native: layer_norm=True' if args.layer_norm else ''}"
+          f"{f'; native: split={args.split}' if args.split != 'auto' else ''}\n")  # fmt: skip
     print("| mode | B | torch.nn fwd | fused fwd | native fwd | torch.nn f+b | fused f+b | "
           "native f+b | fused/torch fwd, f+b | native/torch fwd, f+b |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -116,7 +140,8 @@ def main() -> None:
                 "torch": steps(ref, x),
                 "fused": steps(fused, x),
                 "native": steps(native_call(MODE[m], fused, args.T, B,
-                                            False if args.own_loops else None), x),
+                                            False if args.own_loops else None), x,
+                                functools.partial(forced_split, args.split)),
             }
             times = {(k, p): [] for k in runs for p in ("fwd", "f+b")}
             for fwd, train in runs.values():
