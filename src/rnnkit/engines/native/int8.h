@@ -66,8 +66,8 @@ typedef struct {
 
 /* The int8 weights of one layer and direction's loop: W_hh, and LSTM's W_hr (hr.w NULL: none).
  * With x (N, ih.K) set, the loop also computes its input side G = x W_ih^T + bias (bias NULL:
- * none) into G before the walk, each thread its own units or, where threads take rows, all of
- * it split by units (x NULL: G is given). */
+ * none) into G, each thread what it owns (its units, or where threads take rows its rows) a
+ * few steps ahead of its walk (x NULL: G is given). */
 typedef struct {
     nl_q8_matrix hh, hr, ih;
     const float *x, *bias;

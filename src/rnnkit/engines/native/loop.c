@@ -271,19 +271,12 @@ static inline nl_step step_at(const nl_walk *wk, int64_t s, int64_t t) {
     return st;
 }
 
-/* int8: the input side G = x W_ih^T + bias of the walk's steps [s, s + Q8_STEPS) on units
- * [j0, j1) of every gate, the rows of those steps (one run of x) quantized into qa, sa (room for
- * Q8_STEPS * B rows). Where threads split the units, each computes its own units' share, which
- * only it reads, so the threads never wait for each other's input side. */
-#define Q8_STEPS 4
-static void q8_input_side(const nl_walk *wk, const nl_q8 *q8, int64_t s, int64_t j0, int64_t j1,
+/* int8: the input side G = x W_ih^T + bias of x's rows [lo, hi) on units [j0, j1) of every
+ * gate, the rows quantized into qa, sa (room for hi - lo rows). */
+static void q8_input_rows(const nl_q8 *q8, int64_t lo, int64_t hi, int64_t j0, int64_t j1,
                           float *G, int64_t GW, q8_act *qa, float *sa) {
     const nl_q8_matrix *m = &q8->ih;
-    const int64_t K = m->K, H = m->H, T_ = wk->T_;
-    const int64_t e = s + Q8_STEPS < T_ ? s + Q8_STEPS : T_;
-    /* The steps' rows are one run: [offsets of the last in walk order's t, ...). */
-    const int64_t ta = wk->reverse ? T_ - e : s, tb = wk->reverse ? T_ - 1 - s : e - 1;
-    const int64_t lo = wk->offsets[ta], hi = wk->offsets[tb] + wk->bs[tb];
+    const int64_t K = m->K, H = m->H;
     if (j1 <= j0 || hi <= lo) return;
     q8_quantize_rows(hi - lo, q8->x + lo * K, K, K, qa, sa);
     q8_product(hi - lo, qa, sa, m, j0, j1, G + lo * GW, GW);
@@ -292,6 +285,19 @@ static void q8_input_side(const nl_walk *wk, const nl_q8 *q8, int64_t s, int64_t
         for (int64_t g = 0; g < m->gates; g++)
 #pragma omp simd
             for (int64_t j = j0; j < j1; j++) G[i * GW + g * H + j] += q8->bias[g * H + j];
+}
+
+/* int8: the input side of the walk's steps [s, s + Q8_STEPS) on units [j0, j1), the steps' rows
+ * (one run of x) quantized into qa, sa (room for Q8_STEPS * B rows). Where threads split the
+ * units, each computes its own units' share, which only it reads, so the threads never wait
+ * for each other's input side. */
+#define Q8_STEPS 4
+static void q8_input_side(const nl_walk *wk, const nl_q8 *q8, int64_t s, int64_t j0, int64_t j1,
+                          float *G, int64_t GW, q8_act *qa, float *sa) {
+    const int64_t T_ = wk->T_, e = s + Q8_STEPS < T_ ? s + Q8_STEPS : T_;
+    /* The steps' rows are one run: [offsets of the last in walk order's t, ...). */
+    const int64_t ta = wk->reverse ? T_ - e : s, tb = wk->reverse ? T_ - 1 - s : e - 1;
+    q8_input_rows(q8, wk->offsets[ta], wk->offsets[tb] + wk->bs[tb], j0, j1, G, GW, qa, sa);
 }
 
 /* The rows [r0, r1) of a batch of B that thread tid of nth takes where threads take rows. */
@@ -767,8 +773,8 @@ typedef struct {
     /* The step barrier's flags (nth of them), this thread's index and barriers passed. */
     nl_flag *flags;
     int64_t nth, tid, passed;
-    /* int8 with x and threads that split the units: each computes its units of G before its
-     * walk (q8_input_side), quantizing x's rows into qx, sx. */
+    /* int8 with x: each thread computes its share of G a few steps ahead of its walk
+     * (q8_input_ahead), quantizing x's rows into qx, sx. */
     int q8_in;
     q8_act *qx;
     float *sx;
@@ -1110,6 +1116,29 @@ static int FN(q8_fits)(const FN(fwd_call) *cx, const nl_q8 *q) {
     return cx->P ? !q->hr.w || q8_matrix_ok(&q->hr, 1, cx->P, cx->H) : !q->hr.w;
 }
 
+/* int8 with x: the input side of the next Q8_STEPS steps from s, just before the walk reads it
+ * (while it is still in this core's cache), on what the thread owns: its units of every row
+ * (only it reads them), or where threads take rows every unit of its rows, a step at a time
+ * (its rows of a step are one run of x). No other thread reads what it writes. */
+static void FN(q8_input_ahead)(const FN(fwd_call) *cx, int64_t s) {
+#if NL_Q8
+    const nl_walk *wk = &cx->walk;
+    if (!cx->rows) {
+        q8_input_side(wk, cx->q8, s, cx->j0, cx->j1, (float *)cx->G, cx->GW, cx->qx, cx->sx);
+        return;
+    }
+    for (int64_t i = s; i < s + Q8_STEPS && i < wk->T_; i++) {
+        nl_step at = step_at(wk, i, wk->reverse ? wk->T_ - 1 - i : i);
+        own_rows(&at, cx->r0, cx->r1);
+        q8_input_rows(cx->q8, at.off, at.off + at.n, 0, cx->H, (float *)cx->G, cx->GW, cx->qx,
+                      cx->sx);
+    }
+#else
+    (void)cx;
+    (void)s;
+#endif
+}
+
 /* One thread's share of nl_forward: its units, MKL on one thread, its blocks of W_hh packed
  * once, then every step. */
 static void FN(fwd_thread)(const FN(fwd_call) *call) {
@@ -1137,12 +1166,10 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
         FN(fwd_mask_h0)(&cx);
         barrier();
     }
-#if NL_Q8
-    /* Each thread's units of the input side, before its walk: no other thread reads them. */
-    for (int64_t s = 0; cx.q8_in && s < cx.walk.T_; s += Q8_STEPS)
-        q8_input_side(&cx.walk, cx.q8, s, cx.j0, cx.j1, (float *)cx.G, cx.GW, cx.qx, cx.sx);
-#endif
-    for (int64_t s = 0; s < cx.walk.T_; s++) FN(fwd_step)(&cx, s);
+    for (int64_t s = 0; s < cx.walk.T_; s++) {
+        if (cx.q8_in && s % Q8_STEPS == 0) FN(q8_input_ahead)(&cx, s);
+        FN(fwd_step)(&cx, s);
+    }
     FN(panels_free)(&cx.pp);
     FN(panels_free)(&cx.ppr);
 }
@@ -1236,9 +1263,8 @@ static int64_t FN(forward_in)(int64_t mode, int64_t reverse, int64_t T_, const i
               (q8 || FN(rows_pay)(B, cx.GW, cx.R, cx.P * H, &cx.walk, nthreads, split,
                                   cx.rmask != 0));
     if (cx.rows && nthreads > B) nthreads = B;
-    /* The input side: each thread its units where threads split the units (q8_in); where they
-     * take rows, all of it first, the units split. */
-    cx.q8_in = q8 && q8->x && !cx.rows;
+    /* The input side: each thread its own share, a few steps ahead of its walk (q8_in). */
+    cx.q8_in = q8 && q8->x;
     void *scratch = 0;
     if (q8) {
         const int64_t per = FN(q8_scratch)(&cx), rows = FN(q8_rows)(&cx);
@@ -1258,17 +1284,6 @@ static int64_t FN(forward_in)(int64_t mode, int64_t reverse, int64_t T_, const i
     /* The state starts as h0, c0 (here, not a copy the caller makes: one torch operator less). */
     if (h != h0) memmove(h, h0, (size_t)(B * cx.R) * sizeof(T));
     if (c && c0 && c != c0) memmove(c, c0, (size_t)(B * H) * sizeof(T));
-#if NL_Q8
-    /* Threads that take rows compute all of the input side first, splitting its units. */
-    rc = q8 && q8->x && cx.rows ? nl_q8_linear(N, q8->x, &q8->ih, q8->bias, (float *)G, nthreads)
-                                : 0;
-    if (rc) {
-        free(zeros);
-        free(cx.flags);
-        free(scratch);
-        return rc == -6 ? NL_NO_MEMORY : NL_BAD_VARIANTS;
-    }
-#endif
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     FN(fwd_thread)(&cx);
     free(zeros);
