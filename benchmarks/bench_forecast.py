@@ -44,6 +44,9 @@ The series (all public, obtained from PyPI packages, none downloaded at run time
   baseline is an ARX (``statsmodels.datasets.macrodata``: FRED, Federal Reserve Bank of St.
   Louis; public domain). Window 8, horizon 2, period 4. statsforecast's models read the target
   only.
+- elec_equip: monthly new orders of electrical equipment in the euro area (index, 2010 = 100,
+  not seasonally adjusted), January 1995 - May 2016, 257 months (``statsmodels.datasets.elec_equip``:
+  Eurostat; "public domain" in statsmodels' COPYRIGHT). Window 36, horizon 3, period 12.
 
 statsforecast's AutoETS and AutoARIMA are seasonal where the season is at most 24 steps and
 non-seasonal otherwise (ETS allows no longer season; a seasonal ARIMA of 48 or 52 steps takes
@@ -111,6 +114,12 @@ def load(name: str) -> Series:
         d = datasets.macrodata.load_pandas().data
         cols = {c: np.log(d[c].to_numpy()) for c in ("realinv", "realgdp", "realcons")}
         return Series("realinv", 8, 2, 4, [4], cols, covariates=["realgdp", "realcons"])
+    if name == "elec_equip":
+        from statsmodels.datasets import elec_equip  # not in datasets' namespace
+
+        d = elec_equip.load().data
+        values = d.iloc[:, 0].to_numpy(dtype=float)
+        return Series("elec_equip", 36, 3, 12, [12], {"orders": values}, d.index.to_numpy())
     raise SystemExit(f"bench_forecast: unknown series {name!r}")
 
 
@@ -262,7 +271,7 @@ def bench(name: str, threads: int, root: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--series", default="taylor,co2,elnino,sunspots,realinv")
+    p.add_argument("--series", default="taylor,co2,elnino,sunspots,realinv,elec_equip")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     print(
