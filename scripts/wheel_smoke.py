@@ -3,8 +3,9 @@ from a folder outside the checkout (tests/test_packaging.py does both).
 
 Every layer and cell runs forward and backward on the auto, fused and reference backends, the
 plain ones against torch.nn with the same weights, the variants against the reference engine; the
-installed C source must have been built; then the installed ``rnnkit`` command trains one epoch
-of digits, tagger and textclf (three processes at once). Exits non-zero on the first failure.
+installed C source must have been built; int8 layers (``rnnkit.quantize``) give the same numbers
+on two threads as on one, and after their state dict is loaded; then the installed ``rnnkit``
+command trains one epoch of digits, tagger and textclf (three processes at once). Exits non-zero on the first failure.
 
 float32 results are held to the rule of tests/helpers.py (not importable from an installed
 wheel): per tensor, ``||ours - exact|| <= 4 ||torch - exact|| + 8 u ||exact||``, where
@@ -180,6 +181,41 @@ def check_layers() -> int:
     return n
 
 
+def check_int8() -> int:
+    """``rnnkit.quantize`` from the installed wheel: LSTM and GRU, one sequence (two threads split
+    the units) and a batch (they take rows), against one thread, which must give the same
+    numbers to the bit (the same integers and the same float operations per row); the state
+    dict loaded into a fresh quantized model gives them again."""
+    from rnnkit.engines.native import int8
+
+    reason = int8.unavailable_reason()
+    if reason is not None:
+        print(f"int8 not checked: {reason}")
+        return 0
+    threads, n = torch.get_num_threads(), 0
+    for kind in ("LSTM", "GRU"):
+        torch.manual_seed(0)
+        # H=128: a step large enough for one sequence to take two threads (int8.py).
+        q = rnnkit.quantize(getattr(rnnkit, kind)(64, 128, num_layers=2).eval())
+        fresh = rnnkit.quantize(getattr(rnnkit, kind)(64, 128, num_layers=2).eval())
+        fresh.load_state_dict(q.state_dict())
+        for batch in (1, 6):
+            x = torch.randn(9, batch, 64)
+            with torch.no_grad():
+                torch.set_num_threads(2)
+                out, _ = q(x)
+                again, _ = fresh(x)
+                torch.set_num_threads(1)
+                alone, _ = q(x)
+            torch.set_num_threads(threads)
+            assert torch.isfinite(out).all(), f"int8 {kind}, batch {batch}: not finite"
+            assert torch.equal(out, alone), f"int8 {kind}, batch {batch}: 2 threads != 1"
+            assert torch.equal(out, again), f"int8 {kind}, batch {batch}: loaded model differs"
+            n += 1
+    print(f"int8 ({int8.kernel()} kernel): {n} checks passed")
+    return n
+
+
 def check_kernels_built(cache: Path) -> None:
     """With a C compiler here, the fused runs above built the installed C source into the cache
     (a missing source would only show as a warning and a fallback to torch ops)."""
@@ -230,6 +266,7 @@ def main() -> int:
     took = time.perf_counter() - start
     print(f"{n} layer and cell checks passed on backends {', '.join(BACKENDS)} ({took:.0f} s)")
     check_kernels_built(cache)
+    check_int8()
     # The bundled 78-sentence sample: an epoch of the default treebank takes a minute.
     from rnnkit.data import sample_conllu
 
