@@ -45,8 +45,9 @@ The series (all public, obtained from PyPI packages, none downloaded at run time
   Louis; public domain). Window 8, horizon 2, period 4. statsforecast's models read the target
   only.
 - elec_equip: monthly new orders of electrical equipment in the euro area (index, 2010 = 100,
-  not seasonally adjusted), January 1995 - May 2016, 257 months (``statsmodels.datasets.elec_equip``:
-  Eurostat; "public domain" in statsmodels' COPYRIGHT). Window 36, horizon 3, period 12.
+  not seasonally adjusted), January 1995 - May 2016, 257 months
+  (``statsmodels.datasets.elec_equip``: Eurostat; "public domain" in statsmodels' COPYRIGHT).
+  Window 36, horizon 3, period 12.
 
 statsforecast's AutoETS and AutoARIMA are seasonal where the season is at most 24 steps and
 non-seasonal otherwise (ETS allows no longer season; a seasonal ARIMA of 48 or 52 steps takes

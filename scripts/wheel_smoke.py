@@ -5,7 +5,8 @@ Every layer and cell runs forward and backward on the auto, fused and reference 
 plain ones against torch.nn with the same weights, the variants against the reference engine; the
 installed C source must have been built; int8 layers (``rnnkit.quantize``) give the same numbers
 on two threads as on one, and after their state dict is loaded; then the installed ``rnnkit``
-command trains one epoch of digits, tagger and textclf (three processes at once). Exits non-zero on the first failure.
+command trains one epoch of digits, tagger and textclf (three processes at once). Exits
+non-zero on the first failure.
 
 float32 results are held to the rule of tests/helpers.py (not importable from an installed
 wheel): per tensor, ``||ours - exact|| <= 4 ||torch - exact|| + 8 u ||exact||``, where

@@ -173,6 +173,18 @@ def test_auto_backend_follows_the_documented_rule(monkeypatch):
     assert engine("LSTM", CUDA, needs_grad=True) is torch_native
     assert engine("GRU", CPU) is native
     assert engine("RNN_RELU", CPU) is native
+    # A single step of a small GRU or RNN runs inference on torch's kernel; more steps, training,
+    # per-step variants or a larger step (batch times one step's multiply-adds) run native.
+    assert engine("GRU", CPU, steps=1) is torch_native
+    assert engine("RNN_TANH", CPU, steps=1, dtype=torch.float64) is torch_native
+    assert engine("GRU", CPU, steps=2) is native
+    assert engine("GRU", CPU, steps=1, needs_grad=True) is native
+    assert engine("GRU", CPU, steps=1, per_step=True) is native
+    assert engine("GRU", CPU, steps=1, dtype=torch.float16) is native
+    spec = rnnkit.layers.LayerSpec("GRU", 3, 4, 1, 1, True, 0.0, 0)
+    largest = engines.SINGLE_STEP_TORCH_MAX_MACS // engines._step_macs(spec)
+    assert engine("GRU", CPU, steps=1, batch=largest) is torch_native
+    assert engine("GRU", CPU, steps=1, batch=largest + 1) is native
     assert all(engine(m, CUDA) is torch_native for m in ("LSTM", "GRU"))
     assert engine("LSTM", CUDA, per_step=True) is triton_engine
     assert engine("GRU", CPU, batch=0) is reference
@@ -191,6 +203,15 @@ def test_auto_backend_follows_the_documented_rule(monkeypatch):
     ref.load_state_dict(layer.state_dict())
     x = torch.randn(2, 1, 3, dtype=torch.float64)
     torch.testing.assert_close(layer(x)[0], ref(x)[0], rtol=0, atol=0)
+
+
+def test_step_macs_count_every_layer_direction_and_projection():
+    gru = rnnkit.layers.LayerSpec("GRU", 5, 7, 2, 2, True, 0.0, 0)
+    # Layer 0 reads 5 features, layer 1 both directions' 7: per direction 3 H (I + H).
+    assert engines._step_macs(gru) == 2 * 21 * (5 + 7) + 2 * 21 * (14 + 7)
+    lstm = rnnkit.layers.LayerSpec("LSTM", 5, 7, 1, 1, True, 0.0, 3)
+    # W_hh reads the projected 3; W_hr is 3 x 7.
+    assert engines._step_macs(lstm) == 28 * (5 + 3) + 3 * 7
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

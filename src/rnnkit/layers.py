@@ -215,6 +215,7 @@ class RNNBase(TorchNNInterop, nn.Module):
             x.device,
             x.dtype,
             batch=prepared.batch,
+            steps=prepared.steps,
             per_step=v.per_step,
             needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in tensors),
         )

@@ -152,6 +152,11 @@ class Prepared:
         """B: the number of sequences."""
         return self.batch_sizes[0] if self.batch_sizes is not None else self.x.shape[1]
 
+    @property
+    def steps(self) -> int:
+        """T: the number of time steps (of the longest sequence)."""
+        return len(self.batch_sizes) if self.batch_sizes is not None else self.x.shape[0]
+
     def finish(self, output: Tensor, hn: tuple[Tensor, ...]) -> tuple[object, tuple[Tensor, ...]]:
         """Output and final states in the caller's layout."""
         if self.packed is not None:

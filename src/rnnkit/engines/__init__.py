@@ -36,6 +36,9 @@ BACKENDS = ("auto", "reference", "fused", "native", "triton", "torch")
 # bfloat16; float32 trains native at every batch (BENCHMARKS.md, "Which engine auto picks for
 # LSTM training").
 LSTM_NATIVE_MAX_BATCH = 8
+# The most multiply-adds (batch times one step of the whole stack) at which auto runs a GRU or
+# RNN inference call of a single step on torch's kernel (BENCHMARKS.md, "One step at a time").
+SINGLE_STEP_TORCH_MAX_MACS = 1 << 22
 # Dtypes that torch's CPU kernels (oneDNN) run on every x86 CPU; bfloat16 needs instructions that
 # many CPUs lack (see _torch_cpu_runs_bfloat16), float16 is left to the native engine.
 TORCH_CPU_DTYPES = (torch.float32, torch.float64)
@@ -92,21 +95,34 @@ def _torch_cpu_dtype(dtype: torch.dtype) -> bool:
     return dtype in TORCH_CPU_DTYPES or (dtype == torch.bfloat16 and _torch_cpu_runs_bfloat16())
 
 
+def _step_macs(spec: LayerSpec) -> int:
+    """The multiply-adds of one step of one sequence through the whole stack."""
+    H, D = spec.hidden_size, spec.num_directions
+    inputs = [spec.input_size] + [D * spec.out_size] * (spec.num_layers - 1)
+    proj = spec.proj_size * H
+    return sum(D * (spec.gates * H * (I + spec.out_size) + proj) for I in inputs)
+
+
 def _auto(spec: LayerSpec, device: torch.device, dtype: torch.dtype, *, batch: int,
-          per_step: bool, needs_grad: bool) -> str:  # fmt: skip
+          steps: int | None, per_step: bool, needs_grad: bool) -> str:  # fmt: skip
     """``backend="auto"``'s engine, from the measured tables in BENCHMARKS.md."""
     if device.type == "cpu":
         # Under compile the native operator keeps the graph whole; the CPU's flags are read
         # (from /proc) only outside it.
+        plain = not per_step and not torch.compiler.is_compiling()
         torch_wins = not needs_grad or (dtype != torch.float32 and batch > LSTM_NATIVE_MAX_BATCH)
-        lstm_on_torch = (
-            spec.mode == "LSTM"
-            and not per_step
-            and not torch.compiler.is_compiling()
-            and torch_wins
-            and _torch_cpu_dtype(dtype)
+        lstm_on_torch = spec.mode == "LSTM" and plain and torch_wins
+        # One step of a small layer (streaming): the native engine's fixed cost per call, its
+        # input side's own GEMM and more Python, is more than the step's work.
+        one_small_step = (
+            spec.mode != "LSTM"
+            and plain
+            and not needs_grad
+            and steps == 1
+            and batch * _step_macs(spec) <= SINGLE_STEP_TORCH_MAX_MACS
         )
-        return "torch" if lstm_on_torch else "native"
+        on_torch = (lstm_on_torch or one_small_step) and _torch_cpu_dtype(dtype)
+        return "torch" if on_torch else "native"
     if device.type == "cuda":
         return "triton" if per_step else "torch"
     return "reference" if per_step else "torch"
@@ -120,6 +136,7 @@ def plan(
     dtype: torch.dtype,
     *,
     batch: int,
+    steps: int | None = None,
     per_step: bool = False,
     needs_grad: bool = False,
 ) -> Plan:
@@ -142,8 +159,12 @@ def plan(
          B=1-4, 0.76-0.93x from B=32 and at H=128 and 512, 0.98-1.10x at B=8-16, I=H=256).
          Inference on torch's kernel in float32 or float64, and in bfloat16 where the CPU has
          bfloat16 dot products (:func:`_torch_cpu_runs_bfloat16`; elsewhere oneDNN cannot run
-         it). Under ``torch.compile`` the native engine, whose
-         operator stays in the graph (torch's kernels break it). float16 always runs native.
+         it). A GRU or RNN that runs inference on a single step (``steps`` 1: streaming) with
+         at most ``SINGLE_STEP_TORCH_MAX_MACS`` multiply-adds (its batch times one step of the
+         stack) also runs on torch's kernel, in the same dtypes: there the native engine's fixed
+         cost per call is more than the step's work. Under ``torch.compile`` the native engine,
+         whose operator stays in the graph (torch's kernels break it). float16 always runs
+         native.
        - CUDA: torch's cuDNN kernels; with ``per_step`` variants the triton engine.
        - Other devices: torch's kernels; with ``per_step`` variants the reference engine.
     6. An engine that cannot run: ``torch`` with ``per_step`` variants, or ``native`` and
@@ -175,7 +196,8 @@ def plan(
         backend = "native" if device.type == "cpu" else "triton"
         why = f"backend='fused' on {device.type}"
     elif backend == "auto":
-        backend = _auto(spec, device, dtype, batch=batch, per_step=per_step, needs_grad=needs_grad)
+        backend = _auto(spec, device, dtype, batch=batch, steps=steps, per_step=per_step,
+                        needs_grad=needs_grad)  # fmt: skip
         why = "the auto rule"
     if backend == "reference":
         return Plan(reference, why)
