@@ -7,12 +7,18 @@
         --engines fused fused+ln --onnxruntime --repeats 15     # issue 9's targets
     .venv/bin/python benchmarks/bench_engines.py --dtype bfloat16 --engines auto fused \
         --shapes 100x16x256 100x64x256 --modes lstm gru         # bfloat16 against float32
+    .venv/bin/python benchmarks/bench_engines.py --as-avx2 ...  # as on a CPU without AVX-512
 
 Prints a Markdown table: median milliseconds of forward (no grad) and forward+backward, peak memory
 of forward+backward (CUDA only), and each engine's ratio to torch.nn (cuDNN or oneDNN) at the same
 configuration. Timing uses CUDA events on CUDA and perf_counter on the CPU, after warm-up; the
 rows of one configuration run interleaved (a b c a b c ...), medians of --repeats. ``fused+ln``
 is the fused engine with layer_norm=True, compared with torch.nn's plain layer.
+
+``--as-avx2`` runs every row as a CPU with AVX2 and no AVX-512 would (rnnkit's baseline build,
+torch's kernels held to AVX2 by their own environment variables; see AVX2_ENV), to measure the
+AVX2 targets on a machine that has AVX-512: the baseline build alone would race torch's AVX-512
+code. The caches and clock stay this machine's.
 
 With a low-precision ``--dtype`` on the CPU every row is compared with torch.nn in float32 (the
 rows ``torch.nn float32`` and, per engine, ``ENGINE float32`` are added), since bfloat16 is
@@ -24,6 +30,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
@@ -41,6 +48,34 @@ DEFAULT_SHAPES = [
 ]
 TORCH = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
 OURS = {"rnn": rnnkit.RNN, "lstm": rnnkit.LSTM, "gru": rnnkit.GRU}
+
+
+# What a CPU with AVX2 and no AVX-512 runs, on one that has AVX-512 (``--as-avx2``): rnnkit's
+# baseline build, and torch's own kernels (ATen), oneDNN (torch.nn's RNN layers), MKL and
+# fbgemm (torch's int8) each held to its AVX2 code. Each library reads its variable when it
+# loads, so the script runs itself again with them set. ONNX Runtime has no such setting: its
+# rows stay on the CPU's best code. Caches and clock are this machine's, not an AVX2 CPU's.
+AVX2_ENV = {
+    "RNNKIT_NATIVE_ARCH": "baseline",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+}
+AS_AVX2_HELP = "run torch's kernels and rnnkit's loop as on a CPU with AVX2 and no AVX-512"
+
+
+def as_avx2(wanted: bool) -> str:
+    """With ``wanted``, run this script again under AVX2_ENV unless it already is; the
+    instruction sets in use, for a table's header."""
+    if wanted and any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ENV})
+    from rnnkit.engines.native import loop as native_loop
+
+    held = ", oneDNN, MKL and fbgemm held to AVX2 (--as-avx2)" if wanted else ""
+    return (f"rnnkit's native build: {native_loop.ARCH}, "
+            f"torch's CPU kernels: {torch.backends.cpu.get_cpu_capability()}{held}")  # fmt: skip
 
 
 def _once(fn, device: str) -> float:
@@ -137,6 +172,7 @@ def main() -> None:
         action="store_true",
         help="add ONNX Runtime's inference of the exported torch.nn layer (CPU, float32)",
     )
+    p.add_argument("--as-avx2", action="store_true", help=AS_AVX2_HELP)
     p.add_argument(
         "--reference-max-steps",
         type=int,
@@ -145,10 +181,11 @@ def main() -> None:
     )
     args = p.parse_args()
     device = args.device
+    isa = as_avx2(args.as_avx2)
     print(
         f"device: {_device_name(device)}, "
         f"threads: {torch.get_num_threads()}, torch {torch.__version__}, "
-        f"TF32: {torch.backends.cuda.matmul.allow_tf32}\n"
+        f"TF32: {torch.backends.cuda.matmul.allow_tf32}, {isa}\n"
     )
     print(
         "| mode | T | B | I=H | dtype | engine | fwd ms | fwd+bwd ms | peak MiB "
