@@ -185,6 +185,21 @@ def test_auto_backend_follows_the_documented_rule(monkeypatch):
     largest = engines.SINGLE_STEP_TORCH_MAX_MACS // engines._step_macs(spec)
     assert engine("GRU", CPU, steps=1, batch=largest) is torch_native
     assert engine("GRU", CPU, steps=1, batch=largest + 1) is native
+
+    # One step of one sequence through a large float32 LSTM (streaming) runs inference native;
+    # more steps or sequences, float64, or fewer weights stay on oneDNN.
+    def lstm(I, H, **kw):
+        spec = rnnkit.layers.LayerSpec("LSTM", I, H, 1, 1, True, 0.0, 0)
+        kw = {"steps": 1, "batch": 1, **kw}
+        return engines.plan("x", "auto", spec, CPU, kw.pop("dtype", torch.float32), **kw).engine
+
+    # 4 H (I + H) weights: 4 * 256 * (256 + 256) = 2^19.
+    assert engines.STREAMING_LSTM_NATIVE_MIN_WEIGHTS == 4 * 256 * (256 + 256)
+    assert lstm(256, 256) is native
+    assert lstm(255, 256) is torch_native
+    assert lstm(256, 256, steps=2) is torch_native
+    assert lstm(256, 256, batch=2) is torch_native
+    assert lstm(256, 256, dtype=torch.float64) is torch_native
     assert all(engine(m, CUDA) is torch_native for m in ("LSTM", "GRU"))
     assert engine("LSTM", CUDA, per_step=True) is triton_engine
     assert engine("GRU", CPU, batch=0) is reference

@@ -39,6 +39,12 @@ LSTM_NATIVE_MAX_BATCH = 8
 # The most multiply-adds (batch times one step of the whole stack) at which auto runs a GRU or
 # RNN inference call of a single step on torch's kernel (BENCHMARKS.md, "One step at a time").
 SINGLE_STEP_TORCH_MAX_MACS = 1 << 22
+# The fewest weights (one step's multiply-adds of one sequence through the stack) from which
+# auto runs a float32 LSTM inference call of one step of one sequence (streaming) natively:
+# torch's oneDNN LSTM copies both weight matrices of every layer into its own layout on every
+# call, 0.03-0.3 ms a MiB by the state of the allocator, more than such a step's work
+# (BENCHMARKS.md, "One LSTM step at a time").
+STREAMING_LSTM_NATIVE_MIN_WEIGHTS = 1 << 19
 # Dtypes that torch's CPU kernels (oneDNN) run on every x86 CPU; bfloat16 needs instructions that
 # many CPUs lack (see _torch_cpu_runs_bfloat16), float16 is left to the native engine.
 TORCH_CPU_DTYPES = (torch.float32, torch.float64)
@@ -111,7 +117,15 @@ def _auto(spec: LayerSpec, device: torch.device, dtype: torch.dtype, *, batch: i
         # (from /proc) only outside it.
         plain = not per_step and not torch.compiler.is_compiling()
         torch_wins = not needs_grad or (dtype != torch.float32 and batch > LSTM_NATIVE_MAX_BATCH)
-        lstm_on_torch = spec.mode == "LSTM" and plain and torch_wins
+        # One step of one sequence (streaming) through a large float32 LSTM: oneDNN's copy of
+        # the weights on every call is more than the step.
+        streaming = (
+            dtype == torch.float32
+            and steps == 1
+            and batch == 1
+            and _step_macs(spec) >= STREAMING_LSTM_NATIVE_MIN_WEIGHTS
+        )
+        lstm_on_torch = spec.mode == "LSTM" and plain and torch_wins and not streaming
         # One step of a small layer (streaming): the native engine's fixed cost per call, its
         # input side's own GEMM and more Python, is more than the step's work.
         one_small_step = (
@@ -155,7 +169,10 @@ def plan(
 
        - CPU: the native engine, except a plain LSTM that runs inference, or trains in float64
          or bfloat16 with batches over ``LSTM_NATIVE_MAX_BATCH``: there torch's oneDNN kernel is
-         the faster or level. float32 trains native at every batch (0.43-0.67x torch's time at
+         the faster or level; but a float32 LSTM inference call of one step of one sequence
+         (streaming) through at least ``STREAMING_LSTM_NATIVE_MIN_WEIGHTS`` weights runs
+         native, where oneDNN's copy of the weights into its layout on every call costs more
+         than the step. float32 trains native at every batch (0.43-0.67x torch's time at
          B=1-4, 0.76-0.93x from B=32 and at H=128 and 512, 0.98-1.10x at B=8-16, I=H=256).
          Inference on torch's kernel in float32 or float64, and in bfloat16 where the CPU has
          bfloat16 dot products (:func:`_torch_cpu_runs_bfloat16`; elsewhere oneDNN cannot run
