@@ -10,14 +10,14 @@ layouts, gate blocks stacked along the first dimension.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from rnnkit.engines import steps
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    y = x @ w.t()
-    return y if b is None else y + b
+    return torch.nn.functional.linear(x, w, b)
 
 
 def rnn_tanh_cell(

@@ -40,9 +40,11 @@ def recurrent(h: Tensor, w_hh: Tensor, b_hh: Tensor | None, v: StepVariants | No
     if v is not None and v.recurrent_mask is not None:
         # Packed input runs the first bs sequences at a step; the mask has a row per sequence.
         h = h * v.recurrent_mask[: h.shape[0]]
-    z = h @ w_hh.t()  # (bs, G*H)
-    if v is not None and v.layer_norm is not None:
-        z = layer_norm(z, *v.layer_norm[2:4])
+    if v is None or v.layer_norm is None:
+        # One operator for the product and its bias (a cell's step is a dozen small operators,
+        # each a few microseconds of dispatch).
+        return F.linear(h, w_hh, b_hh)  # (bs, G*H)
+    z = layer_norm(F.linear(h, w_hh), *v.layer_norm[2:4])
     return z if b_hh is None else z + b_hh
 
 
@@ -107,14 +109,16 @@ def gru(
 
 def gru_gates(gi: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The GRU's ``r, z, n`` from the input side ``gi`` and the recurrent side ``y`` (bs, 3H)."""
-    (g_r, g_z, g_n), (y_r, y_z, y_n) = gi.chunk(3, dim=1), y.chunk(3, dim=1)
-    r, z = torch.sigmoid(g_r + y_r), torch.sigmoid(g_z + y_z)
-    return r, z, torch.tanh(g_n + r * y_n)
+    H = y.shape[1] // 3
+    (g_rz, g_n), (y_rz, y_n) = gi.split((2 * H, H), dim=1), y.split((2 * H, H), dim=1)
+    r, z = torch.sigmoid(g_rz + y_rz).chunk(2, dim=1)  # both gates in one pass
+    return r, z, torch.tanh(torch.addcmul(g_n, r, y_n))
 
 
 def gru_output(z: Tensor, n: Tensor, h: Tensor) -> Tensor:
-    """``h~ = (1 - z) n + z h``."""
-    return (1 - z) * n + z * h
+    """``h~ = (1 - z) n + z h``, computed as ``n + z (h - n)`` (as torch.nn, the C loop and the
+    Triton kernel do)."""
+    return torch.addcmul(n, z, h - n)
 
 
 def rnn(gi: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor | None, relu: bool) -> Tensor:
