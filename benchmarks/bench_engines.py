@@ -174,6 +174,9 @@ def main() -> None:
     )
     p.add_argument("--as-avx2", action="store_true", help=AS_AVX2_HELP)
     p.add_argument(
+        "--proj-size", type=int, default=0, help="LSTM rows with this projection (proj_size)"
+    )
+    p.add_argument(
         "--reference-max-steps",
         type=int,
         default=100,
@@ -214,10 +217,12 @@ def table(mode, T, B, H, dtype, dtype_name, device, args) -> None:
     low = device == "cpu" and dtype not in (torch.float32, torch.float64)
     x = torch.randn(T, B, H, device=device, dtype=dtype)
     base = "torch.nn float32" if low else "torch.nn"
-    ref = TORCH[mode](H, H, device=device)
+    # LSTM's projection (--proj-size) on both sides.
+    proj = {"proj_size": args.proj_size} if mode == "lstm" and args.proj_size else {}
+    ref = TORCH[mode](H, H, device=device, **proj)
     layers = {base: ref}
     if low:
-        ref_low = TORCH[mode](H, H, device=device, dtype=dtype)
+        ref_low = TORCH[mode](H, H, device=device, dtype=dtype, **proj)
         if _runs(ref_low, x):
             layers["torch.nn"] = ref_low
         else:
@@ -233,7 +238,9 @@ def table(mode, T, B, H, dtype, dtype_name, device, args) -> None:
             engine, kwargs = engine[:-3], {"layer_norm": True}
         name = engine + ("+ln" if kwargs else "")
         for layer_dtype in (dtype, torch.float32) if low else (dtype,):
-            layer = OURS[mode](H, H, device=device, dtype=layer_dtype, backend=engine, **kwargs)
+            layer = OURS[mode](
+                H, H, device=device, dtype=layer_dtype, backend=engine, **kwargs, **proj
+            )
             layer.load_state_dict(ref.state_dict(), strict=not kwargs)
             layers[name if layer_dtype == dtype else f"{name} float32"] = layer
     forwards, trains = {}, {}

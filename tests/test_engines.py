@@ -200,6 +200,16 @@ def test_auto_backend_follows_the_documented_rule(monkeypatch):
     assert lstm(256, 256, steps=2) is torch_native
     assert lstm(256, 256, batch=2) is torch_native
     assert lstm(256, 256, dtype=torch.float64) is torch_native
+    # With a projection torch's LSTM is its ATen loop, not oneDNN: the GRU and RNN rule, native
+    # but for one small inference step.
+    assert engine("LSTM", CPU, proj_size=2) is native
+    assert engine("LSTM", CPU, proj_size=2, steps=2) is native
+    assert engine("LSTM", CPU, proj_size=2, steps=1) is torch_native
+    assert engine("LSTM", CPU, proj_size=2, steps=1, needs_grad=True) is native
+    projected = rnnkit.layers.LayerSpec("LSTM", 3, 4, 1, 1, True, 0.0, 2)
+    largest = engines.SINGLE_STEP_TORCH_MAX_MACS // engines._step_macs(projected)
+    assert engine("LSTM", CPU, proj_size=2, steps=1, batch=largest) is torch_native
+    assert engine("LSTM", CPU, proj_size=2, steps=1, batch=largest + 1) is native
     assert all(engine(m, CUDA) is torch_native for m in ("LSTM", "GRU"))
     assert engine("LSTM", CUDA, per_step=True) is triton_engine
     assert engine("GRU", CPU, batch=0) is reference

@@ -125,11 +125,14 @@ def _auto(spec: LayerSpec, device: torch.device, dtype: torch.dtype, *, batch: i
             and batch == 1
             and _step_macs(spec) >= STREAMING_LSTM_NATIVE_MIN_WEIGHTS
         )
-        lstm_on_torch = spec.mode == "LSTM" and plain and torch_wins and not streaming
+        # torch's LSTM with a projection is not oneDNN's but its step-by-step ATen loop, as
+        # its GRU and RNN are: a projected LSTM follows their rule.
+        onednn_lstm = spec.mode == "LSTM" and spec.proj_size == 0
+        lstm_on_torch = onednn_lstm and plain and torch_wins and not streaming
         # One step of a small layer (streaming): the native engine's fixed cost per call, its
         # input side's own GEMM and more Python, is more than the step's work.
         one_small_step = (
-            spec.mode != "LSTM"
+            not onednn_lstm
             and plain
             and not needs_grad
             and steps == 1
@@ -172,11 +175,13 @@ def plan(
          the faster or level; but a float32 LSTM inference call of one step of one sequence
          (streaming) through at least ``STREAMING_LSTM_NATIVE_MIN_WEIGHTS`` weights runs
          native, where oneDNN's copy of the weights into its layout on every call costs more
-         than the step. float32 trains native at every batch (0.43-0.67x torch's time at
-         B=1-4, 0.76-0.93x from B=32 and at H=128 and 512, 0.98-1.10x at B=8-16, I=H=256).
-         Inference on torch's kernel in float32 or float64, and in bfloat16 where the CPU has
-         bfloat16 dot products (:func:`_torch_cpu_runs_bfloat16`; elsewhere oneDNN cannot run
-         it). A GRU or RNN that runs inference on a single step (``steps`` 1: streaming) with
+         than the step. An LSTM with a projection is not on oneDNN in torch (its ATen loop
+         runs it, as it runs GRU and RNN) and follows the GRU and RNN rule below. float32
+         trains native at every batch (0.43-0.67x torch's time at B=1-4, 0.76-0.93x from B=32
+         and at H=128 and 512, 0.98-1.10x at B=8-16, I=H=256). Inference on torch's kernel in
+         float32 or float64, and in bfloat16 where the CPU has bfloat16 dot products
+         (:func:`_torch_cpu_runs_bfloat16`; elsewhere oneDNN cannot run it). A GRU, RNN or
+         projected LSTM that runs inference on a single step (``steps`` 1: streaming) with
          at most ``SINGLE_STEP_TORCH_MAX_MACS`` multiply-adds (its batch times one step of the
          stack) also runs on torch's kernel, in the same dtypes: there the native engine's fixed
          cost per call is more than the step's work. Under ``torch.compile`` the native engine,
