@@ -152,8 +152,9 @@ def test_fused_layer_needs_no_input_gradient():
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-def _plan(backend, mode="LSTM", device=CPU, dtype=torch.float32, proj_size=0, **kw):
-    spec = rnnkit.layers.LayerSpec(mode, 3, 4, 1, 1, True, 0.0, proj_size)
+def _plan(backend, mode="LSTM", device=CPU, dtype=torch.float32, proj_size=0, size=(3, 4), **kw):
+    """``plan`` for one layer of ``size`` (input, hidden)."""
+    spec = rnnkit.layers.LayerSpec(mode, *size, 1, 1, True, 0.0, proj_size)
     kw.setdefault("batch", 2)
     return engines.plan("x", backend, spec, device, dtype, **kw)
 
@@ -189,9 +190,7 @@ def test_auto_backend_follows_the_documented_rule(monkeypatch):
     # One step of one sequence through a large float32 LSTM (streaming) runs inference native;
     # more steps or sequences, float64, or fewer weights stay on oneDNN.
     def lstm(I, H, **kw):
-        spec = rnnkit.layers.LayerSpec("LSTM", I, H, 1, 1, True, 0.0, 0)
-        kw = {"steps": 1, "batch": 1, **kw}
-        return engines.plan("x", "auto", spec, CPU, kw.pop("dtype", torch.float32), **kw).engine
+        return engine("LSTM", CPU, size=(I, H), **{"steps": 1, "batch": 1, **kw})
 
     # 4 H (I + H) weights: 4 * 256 * (256 + 256) = 2^19.
     assert engines.STREAMING_LSTM_NATIVE_MIN_WEIGHTS == 4 * 256 * (256 + 256)

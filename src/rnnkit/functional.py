@@ -10,14 +10,10 @@ layouts, gate blocks stacked along the first dimension.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
+from torch.nn.functional import linear as _linear
 
 from rnnkit.engines import steps
-
-
-def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    return torch.nn.functional.linear(x, w, b)
 
 
 def rnn_tanh_cell(

@@ -36,8 +36,9 @@ BACKENDS = ("auto", "reference", "fused", "native", "triton", "torch")
 # bfloat16; float32 trains native at every batch (BENCHMARKS.md, "Which engine auto picks for
 # LSTM training").
 LSTM_NATIVE_MAX_BATCH = 8
-# The most multiply-adds (batch times one step of the whole stack) at which auto runs a GRU or
-# RNN inference call of a single step on torch's kernel (BENCHMARKS.md, "One step at a time").
+# The most multiply-adds (batch times one step of the whole stack) at which auto runs a GRU, RNN
+# or projected LSTM inference call of a single step on torch's kernel (BENCHMARKS.md, "One step
+# at a time" and "An LSTM with a projection").
 SINGLE_STEP_TORCH_MAX_MACS = 1 << 22
 # The fewest weights (one step's multiply-adds of one sequence through the stack) from which
 # auto runs a float32 LSTM inference call of one step of one sequence (streaming) natively:
@@ -117,13 +118,14 @@ def _auto(spec: LayerSpec, device: torch.device, dtype: torch.dtype, *, batch: i
         # (from /proc) only outside it.
         plain = not per_step and not torch.compiler.is_compiling()
         torch_wins = not needs_grad or (dtype != torch.float32 and batch > LSTM_NATIVE_MAX_BATCH)
+        macs = _step_macs(spec)
         # One step of one sequence (streaming) through a large float32 LSTM: oneDNN's copy of
         # the weights on every call is more than the step.
         streaming = (
             dtype == torch.float32
             and steps == 1
             and batch == 1
-            and _step_macs(spec) >= STREAMING_LSTM_NATIVE_MIN_WEIGHTS
+            and macs >= STREAMING_LSTM_NATIVE_MIN_WEIGHTS
         )
         # torch's LSTM with a projection is not oneDNN's but its step-by-step ATen loop, as
         # its GRU and RNN are: a projected LSTM follows their rule.
@@ -136,7 +138,7 @@ def _auto(spec: LayerSpec, device: torch.device, dtype: torch.dtype, *, batch: i
             and plain
             and not needs_grad
             and steps == 1
-            and batch * _step_macs(spec) <= SINGLE_STEP_TORCH_MAX_MACS
+            and batch * macs <= SINGLE_STEP_TORCH_MAX_MACS
         )
         on_torch = (lstm_on_torch or one_small_step) and _torch_cpu_dtype(dtype)
         return "torch" if on_torch else "native"
