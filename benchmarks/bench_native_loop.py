@@ -193,8 +193,8 @@ def gemms(args) -> None:
                 fn()
                 times[k].append((time.perf_counter() - t0) * 1e3)
         m = {k: statistics.median(v) for k, v in times.items()}
-        print(f"| {B} | {m['fwd mkl']:.2f} | {m['fwd dnn']:.2f} | "
-              f"{m['fwd dnn'] / m['fwd mkl']:.2f} | {m['dx mkl']:.2f} | {m['dx dnn']:.2f} | "
+        print(f"| {B} | {m['fwd mkl']:.3f} | {m['fwd dnn']:.3f} | "
+              f"{m['fwd dnn'] / m['fwd mkl']:.2f} | {m['dx mkl']:.3f} | {m['dx dnn']:.3f} | "
               f"{m['dx dnn'] / m['dx mkl']:.2f} |", flush=True)  # fmt: skip
 
 

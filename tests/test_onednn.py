@@ -1,6 +1,8 @@
 """The native engine's input-side GEMM through oneDNN (engines/native/onednn.py): its result and
 every gradient against float64 (within the float32 bound of ``helpers``, addmm as the base),
-double backward through it, and the cases that must stay on addmm (float64, graphs)."""
+double backward through it, and the cases that must stay on addmm (float64, graphs, GEMMs too
+small for oneDNN's fixed cost). The tests' shapes are small: oneDNN is forced for them
+(``always_onednn``) except where the size rule itself is tested."""
 
 import pytest
 import torch
@@ -12,6 +14,12 @@ from rnnkit.engines.native import onednn
 pytestmark = pytest.mark.skipif(
     not onednn.usable(torch.empty(1)), reason="torch's oneDNN linear is not available here"
 )
+
+
+@pytest.fixture(autouse=True)
+def always_onednn(monkeypatch):
+    monkeypatch.setattr(onednn, "MIN_WEIGHTS", 0)
+    monkeypatch.setattr(onednn, "MIN_MACS", 0)
 
 
 def _grads(fn, x, w, b, cot):
@@ -83,3 +91,30 @@ def test_input_side_stays_on_addmm_for_float64_and_graphs():
     program = torch.export.export(Side(), (torch.randn(4, 3), torch.randn(5, 3)))
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert not any("mkldnn" in t for t in targets), targets
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_small_products_stay_on_addmm(monkeypatch, rows):
+    """Below both sizes, input_side and its input gradient never call oneDNN (its fixed cost is
+    more than such a product); from either size on, both do."""
+    monkeypatch.setattr(onednn, "MIN_WEIGHTS", 1 << 18)
+    monkeypatch.setattr(onednn, "MIN_MACS", 1 << 23)
+    calls = []
+    real = onednn._linear
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(onednn, "_linear", counted)
+    g = torch.Generator().manual_seed(rows)
+    for (G, K), oned in [((256, 64), False), ((1024, 256), True), ((2048, 128), True)]:
+        x = torch.randn(rows, K, generator=g, requires_grad=True)
+        w = torch.randn(G, K, generator=g, requires_grad=True)
+        calls.clear()
+        y = onednn.input_side(x, w, None)
+        y.sum().backward()
+        assert torch.allclose(y, x @ w.t(), rtol=1e-5, atol=1e-4)
+        assert len(calls) == (2 if oned else 0), (G, K, calls)
+    assert onednn.worth(128, 512, 128) and not onednn.worth(127, 512, 128)
+    assert not onednn.worth(0, 1024, 256)

@@ -8,12 +8,12 @@ EPYC, AVX-512, 2 cores) its GEMMs of these shapes took 0.8-0.9x MKL's time
 on MKL: oneDNN is slower at it from transposed views, and a transposed copy costs more than it
 saves.
 
-Used in eager mode only, for float32 CPU tensors, where ``torch.ops.mkldnn._linear_pointwise``
-(the operator torch's own compiler emits for oneDNN linears) exists and agrees with ``addmm``
-on a probe the first time; graphs (compile, export, ONNX), torch.func transforms and every
-other case use ``addmm``, so traced programs never carry a oneDNN operator. A backward that
-must itself be differentiable (``create_graph=True``) or that runs under vmap uses
-differentiable torch ops.
+Used for products large enough for its fixed cost (:func:`worth`), in eager mode only, for
+float32 CPU tensors, where ``torch.ops.mkldnn._linear_pointwise`` (the operator torch's own
+compiler emits for oneDNN linears) exists and agrees with ``addmm`` on a probe the first time;
+graphs (compile, export, ONNX), torch.func transforms and every other case use ``addmm``, so
+traced programs never carry a oneDNN operator. A backward that must itself be differentiable
+(``create_graph=True``) or that runs under vmap uses differentiable torch ops.
 """
 
 from __future__ import annotations
@@ -24,6 +24,15 @@ from torch import Tensor
 from rnnkit.engines import shared
 
 _usable: bool | None = None
+
+# oneDNN's linear costs a fixed 10-15 us a call more than addmm (its primitive and the weight's
+# reorder; 2-core Zen 4, with and without AVX-512), so a small GEMM goes to addmm: one with
+# fewer than 2^18 weights (I=H=128 for an LSTM) took 1.1-3.8x addmm's time on oneDNN until
+# about 2^23 multiply-adds (the rows of a T=64, B=1 call), both with AVX-512 and as on an AVX2
+# CPU; from 2^18 weights oneDNN was level or faster from one row on (0.6-1.05x).
+# ``benchmarks/bench_native_loop.py --gemms`` prints both.
+MIN_WEIGHTS = 1 << 18
+MIN_MACS = 1 << 23
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -45,6 +54,13 @@ def _probe() -> bool:
                    for got, want in pairs)  # fmt: skip
     except (RuntimeError, AttributeError, TypeError):
         return False
+
+
+def worth(rows: int, out_features: int, in_features: int) -> bool:
+    """Whether a (rows, in) x (in, out) product is large enough for oneDNN (:data:`MIN_WEIGHTS`,
+    :data:`MIN_MACS`)."""
+    weights = out_features * in_features
+    return rows > 0 and (weights >= MIN_WEIGHTS or rows * weights >= MIN_MACS)
 
 
 def usable(*tensors: Tensor | None) -> bool:
@@ -79,6 +95,7 @@ class _InputSide(torch.autograd.Function):
         if need_x:
             # oneDNN reads the transposed view as it is: 0.9x the time of a transposed copy
             # (N=1600, G=1024, K=256), and the copy itself is gone.
+            fast = fast and worth(dG.shape[0], w.shape[1], w.shape[0])
             dx = _linear(dG.contiguous(), w.t(), None) if fast else dG @ w
         if need_w:
             dw = dG.t() @ x  # (G*H, I)
@@ -89,8 +106,8 @@ class _InputSide(torch.autograd.Function):
 
 def input_side(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """``x w^T + b``: x (N, I), w (G*H, I), b (G*H,) or None; through oneDNN where
-    :func:`usable`, else ``addmm``."""
-    if x.shape[0] > 0 and usable(x, w, b):
+    :func:`usable` and :func:`worth`, else ``addmm``."""
+    if worth(x.shape[0], w.shape[0], w.shape[1]) and usable(x, w, b):
         x, w = x.contiguous(), w.contiguous()
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b)):
             return _InputSide.apply(x, w, b)
