@@ -14,6 +14,7 @@ What is checked, and against what:
   variants in eval, threads, save and load, bad input.
 """
 
+import ctypes
 import io
 import platform
 
@@ -115,6 +116,24 @@ def test_int8_kernels_do_not_saturate_at_the_extremes(build):
     assert out[0, 0] == 127 * K  # scale 1/127 on the activations: 127 * 127 * K / 127
     for n in (1, 2, 3):
         assert torch.equal(int8.linear(x[-n:], m, None, threads=1), int8_product(x[-n:], m))
+
+
+def test_thread_counts_out_of_range_are_refused_and_the_c_side_bounds_them(build):
+    """threads=0, -1, 2**62 or a bool: a clear ValueError before any C code runs. Called past
+    that guard, the C kernel bounds the count itself (2**62 once wrapped its allocation's size to
+    0 bytes and OpenMP read it as "all cores": heap corruption) and computes the same product."""
+    m = matrix(48, 16, 3)
+    x = torch.randn(10, 16)
+    for bad in (0, -1, 2**62, True, 2.0):
+        with pytest.raises(ValueError, match="threads must be an int from 1 to"):
+            int8.linear(x, m, None, threads=bad)
+    out = torch.empty(10, 48)
+    rc = native_loop.library().nl_q8_linear(
+        ctypes.c_int64(10), ctypes.c_void_p(x.data_ptr()), ctypes.byref(m.c()), None,
+        ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(2**62),
+    )  # fmt: skip
+    assert rc == 0
+    assert torch.equal(out, int8_product(x, m))
 
 
 def test_int8_rows_with_nan_or_inf_come_out_nan_and_the_others_do_not_change():

@@ -304,6 +304,13 @@ def test_native_loop_backward_rejects_missing_saved_tensors():
                              torch.zeros(5, 4, dtype=F64), None, None)  # fmt: skip
 
 
+def test_native_loop_refuses_thread_counts_out_of_range():
+    G, h0, w = _good_args()
+    for bad in (0, -1, 2**62, True, 1.5):
+        with pytest.raises(ValueError, match="threads must be an int from 1 to"):
+            native_loop.forward("GRU", False, (2, 2, 2), G, h0, None, w, None, threads=bad)
+
+
 def _c_library() -> ctypes.CDLL:
     assert native_loop.available(F64)
     return native_loop._library().get()

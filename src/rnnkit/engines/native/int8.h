@@ -510,7 +510,7 @@ int64_t nl_q8_linear(int64_t n, const float *x, const nl_q8_matrix *m, const flo
     if (n < 0 || !q8_matrix_ok(m, m->gates, m->H, m->K)) return -2;
     if (n == 0) return 0;
     const int64_t Kp = q8_kp(m->K), GW = m->gates * m->H, K = m->K;
-    if (nthreads < 1) nthreads = 1;
+    nthreads = sane_threads(nthreads);
     const int64_t act = Q8_CHUNK * Kp * (int64_t)sizeof(q8_act);
     const int64_t per = (act + Q8_CHUNK * (int64_t)sizeof(float) + 63) / 64 * 64;
     int8_t *scratch = malloc((size_t)(nthreads * per));

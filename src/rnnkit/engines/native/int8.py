@@ -142,11 +142,11 @@ def linear(x: Tensor, w: Int8Matrix, bias: Tensor | None, threads: int | None = 
                              f"{tuple(bias.shape)}")  # fmt: skip
     out = x.new_empty(N, GW)
     matrix = w.c()
-    nthreads = threads or native_loop._default_threads(N, w.K, GW)
+    nthreads = native_loop.threads_arg(threads, native_loop._default_threads(N, w.K, GW))
     rc = native_loop.library().nl_q8_linear(
         ctypes.c_int64(N), ctypes.c_void_p(x.data_ptr()), ctypes.byref(matrix),
         None if bias is None else ctypes.c_void_p(bias.data_ptr()), ctypes.c_void_p(out.data_ptr()),
-        ctypes.c_int64(nthreads),
+        nthreads,
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"int8 linear: the C kernel refused its arguments ({rc})")

@@ -177,6 +177,15 @@ static inline void this_thread(int64_t *nth, int64_t *tid) {
 #endif
 }
 
+/* More threads than any machine runs: a count past it (a caller's mistake, or 2^62) would make
+ * the per-thread allocations' sizes wrap and OpenMP read it as 0 ("all cores"). */
+#define NL_MAX_THREADS 1024
+
+/* A caller's thread count within [1, NL_MAX_THREADS]. */
+static inline int64_t sane_threads(int64_t n) {
+    return n < 1 ? 1 : n > NL_MAX_THREADS ? NL_MAX_THREADS : n;
+}
+
 static void split_units(int64_t H, int64_t *j0, int64_t *j1) {
     int64_t nth, tid;
     this_thread(&nth, &tid);
@@ -1257,7 +1266,7 @@ static int64_t FN(forward_in)(int64_t mode, int64_t reverse, int64_t T_, const i
         return NL_BAD_VARIANTS;
     if (q8 && q8->x && (!q8_matrix_ok(&q8->ih, cx.gates, H, q8->ih.K) || cx.ln))
         return NL_BAD_VARIANTS;
-    if (nthreads < 1) nthreads = 1;
+    nthreads = sane_threads(nthreads);
     cx.walk = (nl_walk){T_, reverse, bs, offsets, gemm_min_rows};
     cx.rows = nthreads > 1 && B > 1 &&
               (q8 || FN(rows_pay)(B, cx.GW, cx.R, cx.P * H, &cx.walk, nthreads, split,
@@ -1691,7 +1700,7 @@ int64_t FN(nl_backward)(int64_t mode, int64_t reverse, int64_t T_, const int64_t
     cx.Cprev = cx.zo ? cx.CZ : C;
     cx.D = cx.ln ? cx.dZ : cx.gru ? dGH : dG;
     cx.walk = (nl_walk){T_, reverse, bs, offsets, gemm_min_rows};
-    if (nthreads < 1) nthreads = 1;
+    nthreads = sane_threads(nthreads);
     /* Rows as in the forward (rows_pay); then each thread sums the layer norms' parameter
      * gradients over its own rows, and they are added up after the walk. */
     cx.rows = nthreads > 1 && B > 1 &&

@@ -314,6 +314,21 @@ def _default_threads(B: int, H: int, GW: int) -> int:
     return torch.get_num_threads() if B * H * GW >= PARALLEL_MIN_MACS else 1
 
 
+# The most threads a call takes (loop.c's NL_MAX_THREADS).
+MAX_THREADS = 1024
+
+
+def threads_arg(threads: int | None, default: int) -> ctypes.c_int64:
+    """A call's thread count for the C loop: ``threads``, an int in [1, MAX_THREADS], or None
+    for ``default``."""
+    if threads is None:
+        return ctypes.c_int64(default)
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"native_loop: threads must be an int from 1 to {MAX_THREADS} or None; "
+                         f"got {threads!r}")  # fmt: skip
+    return ctypes.c_int64(threads)
+
+
 def _split(split: str) -> ctypes.c_int64:
     """The C loop's code for ``split`` ("auto", "units" or "rows")."""
     if split not in _SPLITS:
@@ -589,7 +604,7 @@ def forward(
         _ptr(G), _ptr(A), _ptr(w_hh if int8 is None else None), _ptr(b_hh if gru else None),
         _ptr(h0), _ptr(c0 if lstm else None), _ptr(out), _ptr(h), _ptr(c), _ptr(C), _ptr(GH),
         None, None,
-        i64(threads or _default_threads(B, R, GW)), _gemm_min_rows(gemm), _split(split), cv,
+        threads_arg(threads, _default_threads(B, R, GW)), _gemm_min_rows(gemm), _split(split), cv,
         None if int8 is None else ctypes.byref(int8),
     )  # fmt: skip
     return ForwardResult(out, h, c, C, GH, Zr, stats, CZ, A, Rs)
@@ -684,8 +699,8 @@ def backward(
         i64(_MODES[mode]), i64(int(reverse)), i64(len(bs)), _ptr(bs), i64(N), i64(B), i64(H),
         _ptr(G), _ptr(GH if gru else None), _ptr(out), _ptr(C if lstm else None), _ptr(h0),
         _ptr(c0 if lstm else None), _ptr(w_hh), _ptr(d_out), _ptr(dh), _ptr(dc), _ptr(dG),
-        _ptr(dGH), _ptr(offsets), i64(threads or _default_threads(B, R, GW)), _gemm_min_rows(gemm),
-        _split(split), cv,
+        _ptr(dGH), _ptr(offsets), threads_arg(threads, _default_threads(B, R, GW)),
+        _gemm_min_rows(gemm), _split(split), cv,
     )  # fmt: skip
     ln = [] if ln_grads is None else [g.to(dtype, copy=True) for g in ln_grads.split(ln_sizes)]
     return BackwardResult(dG, dGH, dh, dc, dZ, dHt, *ln)
