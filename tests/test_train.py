@@ -552,6 +552,24 @@ def test_bad_options_give_clear_errors(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_every_commands_help_prints_and_exits_0(capsys):
+    """`rnnkit train --help` lists every task's own help (the forecast task's says "90%",
+    which argparse once read as a format and died on with a traceback)."""
+    from rnnkit.tasks import TASKS
+
+    for argv in (["--help"], ["train", "--help"], ["evaluate", "--help"], ["predict", "--help"],
+                 *(["train", name, "--help"] for name in TASKS)):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 0, argv
+        out = capsys.readouterr().out
+        assert out.startswith("usage:"), (argv, out[:200])
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "90% quantiles" in out and all(name in out for name in TASKS), out
+
+
 def test_train_help_explains_each_shared_option(capsys):
     with pytest.raises(SystemExit):
         main(["train", "forecast", "--help"])

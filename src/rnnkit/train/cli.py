@@ -199,7 +199,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
     for name, cls in TASKS.items():
         task = cls()
-        tp = tasks.add_parser(name, help=task.help, description=f"{name}: {task.help}.")
+        # argparse formats a help string with %: a task's "90% quantiles" needs its % doubled.
+        tp = tasks.add_parser(
+            name, help=task.help.replace("%", "%%"), description=f"{name}: {task.help}."
+        )
         task.add_arguments(tp.add_argument_group("data"))
         d = defaults(task)
         _model_options(tp, task, d)
