@@ -572,6 +572,9 @@ def test_quantize_refuses_what_it_cannot_quantize():
         layer.weight_hh_l0[0, 0] = float("nan")
     with pytest.raises(ValueError, match="weight_hh_l0 holds NaN"):
         quantize(nn.Sequential(layer))
+    for cell, name in [(rnnkit.LSTMCell(0, 4), "input_size"), (nn.GRUCell(3, 0), "hidden_size")]:
+        with pytest.raises(ValueError, match=f"need {name} of at least 1; .*Cell.{name} is 0"):
+            quantize(cell)
     meta = nn.Sequential(nn.LSTM(3, 4, device="meta"))
     with pytest.raises(RuntimeError, match="move the model to the CPU"):
         quantize(meta)

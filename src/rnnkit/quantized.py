@@ -356,6 +356,11 @@ def _check_quantizable(module: nn.Module, where: str) -> None:
             raise ValueError(f"rnnkit.quantize: {where}{name} holds NaN or infinity")
     for name in ("input_size", "hidden_size", "proj_size"):
         size = getattr(module, name, 0) or 0
+        if size < 1 and name != "proj_size":
+            # torch.nn's cells take a size of 0; an int8 row of no weights has no scale.
+            what = where or f"{type(module).__name__}."
+            raise ValueError(f"rnnkit.quantize: int8 layers and cells need {name} of at least "
+                             f"1; {what}{name} is {size}")  # fmt: skip
         if size > int8.MAX_COLUMNS:
             raise ValueError(f"rnnkit.quantize: int8 layers take {name} up to "
                              f"{int8.MAX_COLUMNS}; {where or 'the layer'} has {size}")  # fmt: skip
@@ -372,7 +377,7 @@ def quantize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     Raises:
         RuntimeError: the native engine is unavailable, or a layer is not on the CPU.
-        ValueError: a weight is not finite, or a size is over ``int8.MAX_COLUMNS``.
+        ValueError: a weight is not finite, or a size is 0 or over ``int8.MAX_COLUMNS``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"rnnkit.quantize: expected a torch.nn.Module; got {type(model).__name__}")
