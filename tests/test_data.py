@@ -115,6 +115,11 @@ def test_series_reader_names_bad_columns_and_cells(tmp_path):
         read_series(p, "load")
     with pytest.raises(DataError, match="does not exist"):
         read_series(tmp_path / "missing.csv")
+    # A name that the header repeats is ambiguous; other columns of the file still read.
+    p.write_text("time,load,load,temp\n0,1.5,7,20\n1,2.5,8,21\n")
+    with pytest.raises(DataError, match=r"names 2 columns 'load' \(columns 2, 3 of the header\)"):
+        read_series(p, "load")
+    assert read_series(p, "temp").tolist() == [20, 21]
 
 
 def test_conllu_reader_skips_comments_ranges_and_empty_nodes(tmp_path):

@@ -301,6 +301,13 @@ def read_series(path: str | os.PathLike, column: str | None = None) -> np.ndarra
         index = len(header) - 1
     elif column in header:
         index = header.index(column)
+        where = [k + 1 for k, h in enumerate(header) if h == column]
+        if len(where) > 1:
+            raise DataError(
+                f"CSV file {str(p)!r} names {len(where)} columns {column!r} (columns "
+                f"{', '.join(map(str, where))} of the header), so which one is meant is "
+                "ambiguous; give each column its own name"
+            )
     elif column.isdigit() and int(column) < len(header):
         index = int(column)
     else:
