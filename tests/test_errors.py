@@ -166,6 +166,30 @@ def test_cell_wrong_features_and_state_shape():
         rnnkit.RNNCell(10, 20)(torch.randn(4, 10, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cell_state_errors_quote_what_torch_nn_says(cls):
+    """For every wrong state shape, the message's ``[torch.nn: ...]`` part is torch.nn's own
+    message for that call (which reads an unbatched input's state after unsqueezing it), and an
+    LSTM cell's hx of three states says how many came."""
+    ref, ours = getattr(torch.nn, cls)(3, 4), getattr(rnnkit, cls)(3, 4)
+    for xs in [(3,), (1, 3), (2, 3), (4, 3)]:
+        for hs in [(4,), (5,), (1, 4), (2, 4), (3, 4), (2, 5), (1, 5), (1, 1, 4)]:
+            x, h = torch.randn(*xs), torch.randn(*hs)
+            hx = (h, h) if cls == "LSTMCell" else h
+            try:
+                ref(x, hx)
+                continue  # a shape torch.nn takes: not an error case
+            except Exception as e:  # torch raises ValueError, RuntimeError or IndexError here
+                said = str(e)
+            with pytest.raises(RNNInputError) as err:
+                ours(x, hx)
+            assert f"[torch.nn: {said}]" in str(err.value), (xs, hs, str(err.value), said)
+    if cls == "LSTMCell":
+        h = torch.zeros(2, 4)
+        with raises("LSTMCell: hx must be a tuple (h, c); got a tuple of length 3"):
+            ours(torch.randn(2, 3), (h, h, h))
+
+
 @pytest.mark.parametrize(
     "build, exc, match",
     [

@@ -446,18 +446,24 @@ def _torch_hx_dims_message(unbatched: bool, dims: list[int]) -> str:
 
 
 def _torch_cell_state_message(
-    name: str, index: int, s: Tensor, batch: int, size: int, states: int
+    name: str, index: int, s: Tensor, batch: int, size: int, states: int, unbatched: bool
 ) -> str:
     if s.dim() not in (1, 2):
         what = f"hx[{index}]" if states == 2 else "hidden"
         return as_torch_says(f"{name}: Expected {what} to be 1D or 2D, got {s.dim()}D instead")
-    rows = s.shape[0] if s.dim() == 2 else 1
-    if rows != batch:
+    # torch.nn unsqueezes the state of an unbatched input, whatever its own dimensions: a 2-D
+    # state then reads as (1, rows, size), and its second size is checked as the hidden size.
+    shape = (1, *s.shape) if unbatched else tuple(s.shape)
+    if shape[0] != batch:
         return as_torch_says(
-            f"Input batch size {batch} doesn't match hidden{index} batch size {rows}"
+            f"Input batch size {batch} doesn't match hidden{index} batch size {shape[0]}"
+        )
+    if len(shape) < 2:  # a 1-D state of a batch as long as the batch: no second size to read
+        return as_torch_says(
+            "Dimension out of range (expected to be in range of [-1, 0], but got 1)"
         )
     return as_torch_says(
-        f"hidden{index} has inconsistent hidden_size: got {s.shape[-1]}, expected {size}"
+        f"hidden{index} has inconsistent hidden_size: got {shape[1]}, expected {size}"
     )
 
 
@@ -494,7 +500,10 @@ def prepare_cell_input(
         return x, tuple(x.new_zeros(batch, size) for size in state_sizes), unbatched
     if len(state_sizes) == 2:
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-            raise RNNInputError(f"{name}: hx must be a tuple (h, c); got {type(hx).__name__}")
+            got = type(hx).__name__
+            if isinstance(hx, (tuple, list)):
+                got = f"a {got} of length {len(hx)}"
+            raise RNNInputError(f"{name}: hx must be a tuple (h, c); got {got}")
         states = list(hx)
     else:
         if not isinstance(hx, Tensor):
@@ -510,7 +519,9 @@ def prepare_cell_input(
             raise RNNInputError(
                 f"{name}: {what} has shape {format_shape(s)}; "
                 f"expected {layout} = {format_shape(expected)}"
-                + _torch_cell_state_message(name, index, s, batch, size, len(state_sizes))
+                + _torch_cell_state_message(
+                    name, index, s, batch, size, len(state_sizes), unbatched
+                )
             )
         out.append(s.unsqueeze(0) if unbatched else s)
     check_against_parameters(name, x, param)
