@@ -311,6 +311,15 @@ def test_native_loop_refuses_thread_counts_out_of_range():
             native_loop.forward("GRU", False, (2, 2, 2), G, h0, None, w, None, threads=bad)
 
 
+def test_native_loop_names_g_when_g_is_wrong():
+    """G's own dtype and emptiness are named as G's (an int64 G once blamed w_hh)."""
+    G, h0, w = _good_args()
+    with pytest.raises(ValueError, match=r"G must be a float32 or float64 tensor; got a to"):
+        native_loop.forward("GRU", False, (2, 2, 2), G.long(), h0, None, w, None)
+    with pytest.raises(ValueError, match="G has no rows"):
+        native_loop.forward("GRU", False, (), G[:0], h0, None, w, None)
+
+
 def _c_library() -> ctypes.CDLL:
     assert native_loop.available(F64)
     return native_loop._library().get()

@@ -3,6 +3,7 @@ hand-made PackedSequences, NaN and inf, non-contiguous states, empty batches, co
 double backward and batched gradients, and the native engine's fallback where its C loop cannot
 be built (the loop's own guards are tests/test_native_loop.py's)."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -74,7 +75,9 @@ def test_batch_sizes_of_the_wrong_kind_are_refused(sizes, message):
 def test_packed_permutations_are_checked():
     data, sizes = torch.randn(3, 3), torch.tensor([2, 1])
     for bad in (torch.tensor([0, 5]), torch.tensor([0, 0]), torch.tensor([1, 0, 2])):
-        with pytest.raises(rnnkit.RNNInputError, match=r"must be a permutation of 0\.\.1"):
+        # The message shows the values, the wrong part where shape and dtype are right.
+        shown = r"must be a permutation of 0\.\.1.*" + re.escape(f"values {bad.tolist()}")
+        with pytest.raises(rnnkit.RNNInputError, match=shown):
             rnnkit.LSTM(3, 4)(PackedSequence(data, sizes, bad, torch.tensor([1, 0])))
 
 

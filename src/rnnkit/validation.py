@@ -283,6 +283,10 @@ def _check_batch_sizes(name: str, packed: PackedSequence, rows: int) -> list[int
                 if isinstance(index, Tensor)
                 else type(index).__name__
             )
+            if isinstance(index, Tensor) and index.dim() == 1 and not index.is_floating_point():
+                # Its values, which are what is wrong when the shape and dtype are right.
+                shown = index[:10].tolist()
+                got += f", values {shown}" + (" ..." if index.numel() > 10 else "")
             raise RNNInputError(
                 f"{name}: packed input's {what} must be a permutation of 0..{values[0] - 1} "
                 f"(one entry per sequence, int64, on the data's device); got {got}"

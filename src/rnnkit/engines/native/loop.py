@@ -445,6 +445,16 @@ class _Layout(NamedTuple):
     R: int
 
 
+def _check_rows(G: Tensor) -> None:
+    """G is checked first: the other tensors' dtypes are checked against its own, and a loop of
+    no rows has no step to run (callers return empty results before they get here)."""
+    if not isinstance(G, Tensor) or G.dtype not in _SUFFIX:
+        got = f"{G.dtype} tensor" if isinstance(G, Tensor) else type(G).__name__
+        raise ValueError(f"native_loop: G must be a float32 or float64 tensor; got a {got}")
+    if G.dim() == 2 and G.shape[0] == 0:
+        raise ValueError("native_loop: G has no rows: a walk needs at least one step of one row")
+
+
 def _layout(
     mode: str, G: Tensor, h0: Tensor, w_hh: Tensor, w_hr: Tensor | None, wdtype: torch.dtype
 ) -> _Layout:
@@ -559,6 +569,7 @@ def forward(
     """
     if int8 is not None and (save or G.dtype != torch.float32):
         raise ValueError("native_loop: int8 weights are for float32 inference (save=False)")
+    _check_rows(G)
     size = _layout(mode, G, h0, w_hh, w_hr, G.dtype if int8 is None else torch.int8)
     N, B, H, GW, R = size
     dtype, lstm, gru = G.dtype, mode == "LSTM", mode == "GRU"
@@ -646,6 +657,7 @@ def backward(
     with ``dY`` = ``dZ`` under a layer norm, else ``dGH`` for GRU, else ``dG`` (and ``H_prev``
     times the recurrent-dropout mask). ``split``: as :func:`forward`'s.
     """
+    _check_rows(G)
     size = _layout(mode, G, h0, w_hh, w_hr, G.dtype)
     N, B, H, GW, R = size
     dtype, lstm, gru = G.dtype, mode == "LSTM", mode == "GRU"
