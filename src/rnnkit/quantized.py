@@ -372,8 +372,9 @@ def quantize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     modules unchanged. A copy unless ``inplace`` (a layer or cell itself can only be copied).
 
     int8 layers run on the CPU through the native engine, on every x86-64 CPU (AVX-512 VNNI,
-    AVX2, or plain C: the same numbers); where that engine cannot be built, this raises instead
-    of returning a model that would give wrong numbers or none.
+    AVX2, or plain C: the same integer products; the float32 gate math around them can round
+    differently per build); where that engine cannot be built, this raises instead of returning
+    a model that would give wrong numbers or none.
 
     Raises:
         RuntimeError: the native engine is unavailable, or a layer is not on the CPU.

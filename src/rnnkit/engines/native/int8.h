@@ -115,7 +115,8 @@ int64_t nl_q8_pack(int64_t gates, int64_t H, int64_t K, const int8_t *q, int8_t 
 /* Row i of x (n rows, stride ldx, K values) as qa + Q8_OFFSET (Kp q8_acts, padded with the
  * offset: zero) and its scale
  * max|x_i| / 127 (0 for a zero row; NaN where the row holds a NaN or an infinity, whose qa is
- * then 0, so that the row's results come out NaN as a float product's would). */
+ * then 0, so that the row's results come out NaN: a float product's would for a NaN, and an
+ * infinity has no int8 scale, so NaN says so rather than a finite number that is wrong). */
 static void q8_quantize_rows(int64_t n, const float *x, int64_t ldx, int64_t K, q8_act *qa,
                              float *sa) {
     const int64_t Kp = q8_kp(K);
