@@ -4,6 +4,7 @@ distance from the machine's floor.
     .venv/bin/python benchmarks/bench_int8.py                       # LSTM and GRU, B=1, 16, 64
     .venv/bin/python benchmarks/bench_int8.py --modes lstm --batches 1 --repeats 31
     .venv/bin/python benchmarks/bench_int8.py --as-avx2    # as on a CPU without AVX-512
+    .venv/bin/python benchmarks/bench_int8.py --batches 2 4 6 8 --splits   # how threads split
 
 Rows per configuration (T steps, B sequences, I=H, one layer, forward under ``no_grad``):
 ``torch.nn`` float32 (oneDNN), ``torch int8`` (``torch.ao.quantization.quantize_dynamic``,
@@ -43,6 +44,22 @@ from bench_engines import AS_AVX2_HELP, _device_name, as_avx2, interleaved, onnx
 TORCH = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
 OURS = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU}
 GATES = {"lstm": 4, "gru": 3}
+
+
+def split_forced(split: str, fn):
+    """``fn`` with the int8 loop's threads made to split the work as ``split`` says ("units" or
+    "rows", instead of loop.c's q8_rows_pay): a probe of the benchmark, through the loop's
+    Python entry point (``int8.run_layer`` calls ``native_loop.forward``)."""
+
+    def run():
+        original = native_loop.forward
+        native_loop.forward = lambda *a, **k: original(*a, **{**k, "split": split})
+        try:
+            return fn()
+        finally:
+            native_loop.forward = original
+
+    return run
 
 
 def _median_seconds(fn, repeats: int = 9) -> float:
@@ -101,7 +118,9 @@ def onnx_int8(path: str) -> str:
     return qpath
 
 
-def rows_for(mode: str, T: int, B: int, H: int, repeats: int, floor: Floor) -> list[list[str]]:
+def rows_for(
+    mode: str, T: int, B: int, H: int, repeats: int, floor: Floor, splits: bool = False
+) -> list[list[str]]:
     torch.manual_seed(0)
     ref = TORCH[mode](H, H).eval()
     ours = OURS[mode](H, H, backend="native").eval()
@@ -117,6 +136,9 @@ def rows_for(mode: str, T: int, B: int, H: int, repeats: int, floor: Floor) -> l
     for name, layer in [("torch.nn", ref), ("torch int8", torch_int8), ("native", ours),
                         ("rnnkit int8", ours_int8)]:  # fmt: skip
         fns[name] = lambda layer=layer: layer(x)
+    if splits:
+        for split in ("units", "rows"):
+            fns[f"rnnkit int8, threads take {split}"] = split_forced(split, fns["rnnkit int8"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fns["onnxruntime"] = onnxruntime_forward(ref, x)
@@ -145,6 +167,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--as-avx2", action="store_true", help=AS_AVX2_HELP)
+    p.add_argument("--splits", action="store_true",
+                   help="also rnnkit int8 with its threads made to take units, and rows, of "
+                        "every step (what loop.c's q8_rows_pay chooses between)")  # fmt: skip
     args = p.parse_args()
     isa = as_avx2(args.as_avx2)
     torch.set_num_threads(args.threads)
@@ -165,7 +190,8 @@ def main() -> None:
     print("|" + "---|" * len(head))
     for mode in args.modes:
         for B in args.batches:
-            for row in rows_for(mode, args.steps, B, args.hidden, args.repeats, floor):
+            rows = rows_for(mode, args.steps, B, args.hidden, args.repeats, floor, args.splits)
+            for row in rows:
                 print("| " + " | ".join(row) + " |", flush=True)
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import rnnkit
 from rnnkit.engines.native import int8
@@ -432,6 +432,27 @@ def test_packed_input_gives_each_sequence_what_it_gives_alone(cls, kwargs, threa
     for b, n in enumerate(lengths):
         alone, _ = q(x[b : b + 1, :n])
         assert torch.equal(out[b, :n], alone[0])
+
+
+@pytest.mark.parametrize("cls", [rnnkit.LSTM, rnnkit.GRU])
+def test_threads_taking_units_give_what_threads_taking_rows_give(cls, monkeypatch):
+    """int8 threads take rows of a batch unless told to take units (loop.c's q8_rows_pay);
+    either way every row gets the same numbers, to the bit, packed and reversed included."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    _, q = _float_and_int8(cls, 6, 40, num_layers=2, bidirectional=True)
+    x = torch.randn(9, 5, 6)
+    packed = pack_padded_sequence(x, [9, 7, 7, 3, 1], enforce_sorted=False)
+    rows = [q(x), q(packed)]
+    original = native_loop.forward
+    monkeypatch.setattr(native_loop, "forward", lambda *a, **k: original(*a, **k, split="units"))
+    units = [q(x), q(packed)]
+    for (out_r, h_r), (out_u, h_u) in zip(rows, units, strict=True):
+        out_r = out_r.data if isinstance(out_r, PackedSequence) else out_r
+        out_u = out_u.data if isinstance(out_u, PackedSequence) else out_u
+        assert torch.equal(out_r, out_u)
+        for a, b in zip(h_r if isinstance(h_r, tuple) else (h_r,),
+                        h_u if isinstance(h_u, tuple) else (h_u,), strict=True):  # fmt: skip
+            assert torch.equal(a, b)
 
 
 def test_stacked_bidirectional_layer_is_its_layers_run_in_turn():

@@ -330,6 +330,18 @@ static inline int64_t gates_of(int64_t mode) {
     return mode == NL_LSTM ? 4 : mode == NL_GRU ? 3 : 1;
 }
 
+/* Whether the threads of an int8 forward take rows of the batch (FN(rows_pay) below is the
+ * float rule): always, unless split says units. int8 weights are a quarter of float32's, so each
+ * thread reading all of them every step costs less than the barrier every step that threads
+ * taking units need, and a barrier is what another program's threads on the same cores make
+ * slow. `bench_int8.py --splits` (both splits forced, interleaved with torch and ONNX Runtime;
+ * 2-core Zen 4, T=100, BENCHMARKS.md) put units at 0.72-1.10x rows' time at B=2-4 on the VNNI
+ * build (I=H=256 and 512), at 1.0-1.33x on the AVX2 build (I=H=256), and at 1.2-2.4x from B=6
+ * on both: no batch size where units won on both builds. */
+static int q8_rows_pay(int64_t split) {
+    return split != NL_SPLIT_UNITS;
+}
+
 #define NL_T float
 #define NL_SUF f32
 #define NL_SQRT sqrtf
@@ -1184,7 +1196,7 @@ static void FN(fwd_thread)(const FN(fwd_call) *call) {
 }
 
 /* Whether the threads of a float forward or backward take rows of the batch rather than units
- * (split: NL_SPLIT_AUTO, _UNITS or _ROWS; int8 always takes rows, see forward_in). Every row's
+ * (split: NL_SPLIT_AUTO, _UNITS or _ROWS; int8: q8_rows_pay above). Every row's
  * walk is its own, so threads that take rows never wait for each other; but each then reads all
  * of the recurrent weights every step where a thread that takes units reads its share.
  * Automatic: rows where every thread has at least 4 rows (from 4 rows a tile's product runs
@@ -1269,8 +1281,9 @@ static int64_t FN(forward_in)(int64_t mode, int64_t reverse, int64_t T_, const i
     nthreads = sane_threads(nthreads);
     cx.walk = (nl_walk){T_, reverse, bs, offsets, gemm_min_rows};
     cx.rows = nthreads > 1 && B > 1 &&
-              (q8 || FN(rows_pay)(B, cx.GW, cx.R, cx.P * H, &cx.walk, nthreads, split,
-                                  cx.rmask != 0));
+              (q8 ? q8_rows_pay(split)
+                  : FN(rows_pay)(B, cx.GW, cx.R, cx.P * H, &cx.walk, nthreads, split,
+                                 cx.rmask != 0));
     if (cx.rows && nthreads > B) nthreads = B;
     /* The input side: each thread its own share, a few steps ahead of its walk (q8_in). */
     cx.q8_in = q8 && q8->x;

@@ -565,7 +565,7 @@ def forward(
     then only give their shapes (any float32 tensors of those shapes, such as empty views).
     ``split``: how threads share the work, "units" of every step, "rows" of the batch (each its
     own rows through every step: no waiting, but each reads all of ``w_hh``; not with recurrent
-    dropout, which takes units) or "auto" (loop.c's ``rows_pay``; int8 always takes rows).
+    dropout, which takes units) or "auto" (loop.c's ``rows_pay``, for int8 ``q8_rows_pay``).
     """
     if int8 is not None and (save or G.dtype != torch.float32):
         raise ValueError("native_loop: int8 weights are for float32 inference (save=False)")
