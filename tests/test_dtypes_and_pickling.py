@@ -120,6 +120,46 @@ def test_autocast_bfloat16_training_runs_native_and_matches_float64():
     assert _norm_error(grad, want) <= BF16_BOUND
 
 
+@pytest.mark.parametrize("backend", ["auto", "native", "fused", "reference"])
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [
+        (nn.RNN, {}),
+        (nn.LSTM, {}),
+        (nn.LSTM, {"proj_size": 3}),
+        (nn.GRU, {}),
+        (nn.GRU, {"num_layers": 2, "bidirectional": True}),
+    ],
+    ids=["rnn", "lstm", "lstm-proj", "gru", "gru-2-bi"],
+)
+def test_cpu_autocast_returns_the_dtypes_torch_nn_returns(backend, cls, kwargs):
+    """Under CPU autocast torch.nn's kernels return the autocast dtype, except where the new
+    state reads the old one (GRU; a projected LSTM's cell): there the wider of the two, so a
+    GRU from a float32 state returns float32. rnnkit returns the same dtypes on every engine,
+    for no state, a float32 one and a bfloat16 one."""
+    torch.manual_seed(0)
+    ref = cls(5, 6, **kwargs)
+    ours = getattr(rnnkit, cls.__name__)(5, 6, backend=backend, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 3, 5)
+    layers = ref.num_layers * (2 if ref.bidirectional else 1)
+    h = torch.zeros(layers, 3, ref.proj_size or 6)
+    c = torch.zeros(layers, 3, 6)
+    for state in (None, torch.float32, torch.bfloat16):
+        hx = None if state is None else h.to(state)
+        if hx is not None and cls is nn.LSTM:
+            hx = (hx, c.to(state))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            try:
+                want = ref(x, hx)
+            except RuntimeError:  # oneDNN's LSTM refuses bfloat16 on some CPUs (AVX2 AMD)
+                continue
+            got = ours(x, hx)
+        flat = [want[0], *(want[1] if isinstance(want[1], tuple) else (want[1],))]
+        ours_flat = [got[0], *(got[1] if isinstance(got[1], tuple) else (got[1],))]
+        assert [t.dtype for t in ours_flat] == [t.dtype for t in flat], state
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
 @pytest.mark.parametrize("needs_grad", [False, True], ids=["inference", "training"])

@@ -15,6 +15,7 @@ from torch.nn.utils.rnn import PackedSequence
 from rnnkit import engines
 from rnnkit import functional as F
 from rnnkit.deploy import TorchNNInterop
+from rnnkit.engines import shared
 from rnnkit.engines.spec import LayerSpec, StepVariants, Weights
 from rnnkit.params import param_suffix
 from rnnkit.validation import (
@@ -235,6 +236,13 @@ class RNNBase(TorchNNInterop, nn.Module):
         output, hn = plan.run(
             spec, x, prepared.hx, weights, prepared.batch_sizes, self.training, variants
         )
+        # Under CPU autocast, the dtypes torch.nn's kernels return (its GRU: float32 from a
+        # float32 state), whichever engine ran.
+        dtypes = shared.cpu_autocast_dtypes(self.mode, spec.proj_size > 0, x.device.type,
+                                            prepared.hx)  # fmt: skip
+        if dtypes is not None:
+            output = output.to(dtypes[0])
+            hn = tuple(s.to(d) for s, d in zip(hn, dtypes[1], strict=True))
         return prepared.finish(output, hn)
 
     def _layer_norm_params(self) -> list[tuple[Tensor, ...]]:

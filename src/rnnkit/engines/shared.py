@@ -81,6 +81,28 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
+def cpu_autocast_dtypes(
+    mode: str, projected: bool, device_type: str, hx: Carry
+) -> tuple[torch.dtype, tuple[torch.dtype, ...]] | None:
+    """The dtypes torch.nn's CPU layer returns under autocast, ``(output's, (h_n's[, c_n's]))``
+    for the initial state ``hx``, or None outside CPU autocast. torch.nn's CPU kernels give them
+    by type promotion, not by a rule of their own: oneDNN's LSTM runs whole in the autocast
+    dtype; RNN's step ends in the tanh or relu of two autocast products; GRU's new state
+    ``n + z (h - n)`` and LSTM's cell ``f c + i g`` (its ATen loop, with a projection) also read
+    the previous state, so they come out in the wider of the autocast dtype and the state's."""
+    if device_type != "cpu":
+        return None
+    low = autocast_dtype(device_type)
+    if low is None:
+        return None
+    if mode == "GRU":
+        wide = torch.promote_types(low, hx[0].dtype)
+        return wide, (wide,)
+    if mode == "LSTM" and projected:
+        return low, (low, torch.promote_types(low, hx[1].dtype))
+    return low, tuple(low for _ in hx)
+
+
 def _cast(
     dtype: torch.dtype, x: Tensor, hx: Carry, weights: Sequence[Weights]
 ) -> tuple[Tensor, Carry, list[Weights]]:
