@@ -174,12 +174,13 @@ def test_auto_backend_follows_the_documented_rule(monkeypatch):
     assert engine("LSTM", CUDA, needs_grad=True) is torch_native
     assert engine("GRU", CPU) is native
     assert engine("RNN_RELU", CPU) is native
-    # A single step of a small GRU or RNN runs inference on torch's kernel; more steps, training,
-    # per-step variants or a larger step (batch times one step's multiply-adds) run native.
+    # A single step of a small GRU or RNN runs on torch's kernel, inference or training; more
+    # steps, per-step variants or a larger step (batch times one step's multiply-adds) run native.
     assert engine("GRU", CPU, steps=1) is torch_native
     assert engine("RNN_TANH", CPU, steps=1, dtype=torch.float64) is torch_native
     assert engine("GRU", CPU, steps=2) is native
-    assert engine("GRU", CPU, steps=1, needs_grad=True) is native
+    assert engine("GRU", CPU, steps=1, needs_grad=True) is torch_native
+    assert engine("GRU", CPU, steps=2, needs_grad=True) is native
     assert engine("GRU", CPU, steps=1, per_step=True) is native
     assert engine("GRU", CPU, steps=1, dtype=torch.float16) is native
     spec = rnnkit.layers.LayerSpec("GRU", 3, 4, 1, 1, True, 0.0, 0)
@@ -199,12 +200,18 @@ def test_auto_backend_follows_the_documented_rule(monkeypatch):
     assert lstm(256, 256, steps=2) is torch_native
     assert lstm(256, 256, batch=2) is torch_native
     assert lstm(256, 256, dtype=torch.float64) is torch_native
+    # Training a step at a time: a small LSTM on torch's kernel, a large one (oneDNN copies its
+    # weights every call) and longer calls native.
+    assert lstm(255, 256, needs_grad=True) is torch_native
+    assert lstm(256, 256, needs_grad=True) is native
+    assert lstm(255, 256, needs_grad=True, steps=2) is native
     # With a projection torch's LSTM is its ATen loop, not oneDNN: the GRU and RNN rule, native
     # but for one small inference step.
     assert engine("LSTM", CPU, proj_size=2) is native
     assert engine("LSTM", CPU, proj_size=2, steps=2) is native
     assert engine("LSTM", CPU, proj_size=2, steps=1) is torch_native
-    assert engine("LSTM", CPU, proj_size=2, steps=1, needs_grad=True) is native
+    assert engine("LSTM", CPU, proj_size=2, steps=1, needs_grad=True) is torch_native
+    assert engine("LSTM", CPU, proj_size=2, steps=2, needs_grad=True) is native
     projected = rnnkit.layers.LayerSpec("LSTM", 3, 4, 1, 1, True, 0.0, 2)
     largest = engines.SINGLE_STEP_TORCH_MAX_MACS // engines._step_macs(projected)
     assert engine("LSTM", CPU, proj_size=2, steps=1, batch=largest) is torch_native
@@ -387,7 +394,8 @@ def test_fused_runs_under_cpu_autocast_in_bfloat16(mode):
     expected = layer(x)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)[0]
-    assert out.dtype == torch.bfloat16
+    # As torch.nn's: a GRU from its float32 initial state returns float32.
+    assert out.dtype == (torch.float32 if layer.mode == "GRU" else torch.bfloat16)
     assert (out.float() - expected).abs().max() < 5e-2
     out.float().sum().backward()
     assert x.grad is not None and all(p.grad is not None for p in layer.parameters())

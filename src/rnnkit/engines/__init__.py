@@ -131,14 +131,16 @@ def _auto(spec: LayerSpec, device: torch.device, dtype: torch.dtype, *, batch: i
         # its GRU and RNN are: a projected LSTM follows their rule.
         onednn_lstm = spec.mode == "LSTM" and spec.proj_size == 0
         lstm_on_torch = onednn_lstm and plain and torch_wins and not streaming
-        # One step of a small layer (streaming): the native engine's fixed cost per call, its
-        # input side's own GEMM and more Python, is more than the step's work.
+        # One step of a small layer (streaming, or a training loop that calls the layer a step
+        # at a time, as the char-RNN tutorials do): the native engine's fixed cost per call,
+        # its input side's own GEMM, more Python and, under autograd, its backward's, is more
+        # than the step's work. A plain LSTM from STREAMING_LSTM_NATIVE_MIN_WEIGHTS stays
+        # native: there oneDNN's copies of the weights cost more.
         one_small_step = (
-            not onednn_lstm
-            and plain
-            and not needs_grad
+            plain
             and steps == 1
             and batch * macs <= SINGLE_STEP_TORCH_MAX_MACS
+            and (not onednn_lstm or macs < STREAMING_LSTM_NATIVE_MIN_WEIGHTS)
         )
         on_torch = (lstm_on_torch or one_small_step) and _torch_cpu_dtype(dtype)
         return "torch" if on_torch else "native"
@@ -182,13 +184,14 @@ def plan(
          trains native at every batch (0.43-0.67x torch's time at B=1-4, 0.76-0.93x from B=32
          and at H=128 and 512, 0.98-1.10x at B=8-16, I=H=256). Inference on torch's kernel in
          float32 or float64, and in bfloat16 where the CPU has bfloat16 dot products
-         (:func:`_torch_cpu_runs_bfloat16`; elsewhere oneDNN cannot run it). A GRU, RNN or
-         projected LSTM that runs inference on a single step (``steps`` 1: streaming) with
-         at most ``SINGLE_STEP_TORCH_MAX_MACS`` multiply-adds (its batch times one step of the
-         stack) also runs on torch's kernel, in the same dtypes: there the native engine's fixed
-         cost per call is more than the step's work. Under ``torch.compile`` the native engine,
-         whose operator stays in the graph (torch's kernels break it). float16 always runs
-         native.
+         (:func:`_torch_cpu_runs_bfloat16`; elsewhere oneDNN cannot run it). A call of a
+         single step (``steps`` 1: streaming, or training a step at a time) with at most
+         ``SINGLE_STEP_TORCH_MAX_MACS`` multiply-adds (its batch times one step of the stack)
+         also runs on torch's kernel, in the same dtypes, for inference and training (a plain
+         LSTM only below ``STREAMING_LSTM_NATIVE_MIN_WEIGHTS``): there the native engine's
+         fixed cost per call is more than the step's work. Under ``torch.compile`` the native
+         engine, whose operator stays in the graph (torch's kernels break it). float16 always
+         runs native.
        - CUDA: torch's cuDNN kernels; with ``per_step`` variants the triton engine.
        - Other devices: torch's kernels; with ``per_step`` variants the reference engine.
     6. An engine that cannot run: ``torch`` with ``per_step`` variants, or ``native`` and
