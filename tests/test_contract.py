@@ -23,6 +23,25 @@ CONFIGS = [
 ]
 
 
+def test_init_code_that_tests_for_the_base_classes_reaches_both_libraries():
+    """An initialisation function for ``model.apply`` that tests for torch.nn's base classes and
+    rnnkit's (exported as rnnkit.RNNBase, rnnkit.RNNCellBase) sets the same weights in a model
+    of either library."""
+
+    def init(m):
+        if isinstance(m, (nn.RNNBase, rnnkit.RNNBase, nn.RNNCellBase, rnnkit.RNNCellBase)):
+            for name, p in m.named_parameters():
+                torch.nn.init.constant_(p, 0.5 if "weight_hh" in name else 0.25)
+
+    for lib in (nn, rnnkit):
+        model = nn.ModuleList([lib.RNN(2, 3), lib.LSTM(2, 3), lib.GRU(2, 3), lib.GRUCell(2, 3),
+                               lib.LSTMCell(2, 3), lib.RNNCell(2, 3)])  # fmt: skip
+        model.apply(init)
+        for name, p in model.named_parameters():
+            assert torch.all(p == (0.5 if "weight_hh" in name else 0.25)), (lib.__name__, name)
+    assert not isinstance(rnnkit.LSTM(2, 3), nn.RNNBase)  # why the tuple is needed
+
+
 @pytest.mark.parametrize("kind, kwargs", CONFIGS)
 def test_seeded_layer_holds_bit_identical_weights_to_torch(kind, kwargs):
     torch.manual_seed(7)

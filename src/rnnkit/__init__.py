@@ -1,7 +1,7 @@
 """rnnkit: readable, fast, torch.nn-compatible recurrent networks."""
 
 from rnnkit.deploy import from_torch, to_torch
-from rnnkit.layers import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from rnnkit.layers import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell, RNNCellBase
 from rnnkit.params import ParamCount, count_parameters, param_count
 from rnnkit.quantized import quantize
 from rnnkit.recurrent import Recurrent
@@ -27,7 +27,9 @@ __all__ = [
     "GRUCell",
     "LSTMCell",
     "ParamCount",
+    "RNNBase",
     "RNNCell",
+    "RNNCellBase",
     "RNNInputError",
     "Recurrent",
     "TrainConfig",

@@ -30,7 +30,18 @@ from rnnkit.variants import lstm_cell as lstm_variant_cell
 
 
 class RNNBase(TorchNNInterop, nn.Module):
-    """Shared machinery of ``RNN``, ``LSTM`` and ``GRU``; use those."""
+    """The base class of ``RNN``, ``LSTM`` and ``GRU``, as ``torch.nn.RNNBase`` is of
+    torch.nn's: build those, and test for this one where code tests for torch.nn's, e.g. an
+    initialisation function given to ``model.apply``::
+
+        if isinstance(m, (torch.nn.RNNBase, rnnkit.RNNBase)):
+            for name, p in m.named_parameters():
+                if "weight_hh" in name:
+                    torch.nn.init.orthogonal_(p)
+
+    rnnkit's layers are not torch.nn's subclasses (``torch.compile`` refuses to trace into an
+    ``nn.LSTM``, and rnnkit's compile whole), so ``isinstance(m, torch.nn.RNNBase)`` alone
+    passes them by."""
 
     def __init__(
         self,
@@ -477,8 +488,11 @@ class GRU(RNNBase):
 
 
 class RNNCellBase(TorchNNInterop, nn.Module):
-    """Shared machinery of the cells: torch.nn's parameters ``weight_ih``, ``weight_hh``,
-    ``bias_ih``, ``bias_hh`` and initialisation."""
+    """The base class of ``RNNCell``, ``LSTMCell`` and ``GRUCell``, as
+    ``torch.nn.RNNCellBase`` is of torch.nn's: torch.nn's parameters ``weight_ih``,
+    ``weight_hh``, ``bias_ih``, ``bias_hh`` and initialisation. Test
+    ``isinstance(m, (torch.nn.RNNCellBase, rnnkit.RNNCellBase))`` where code tests for
+    torch.nn's cells (see :class:`RNNBase`)."""
 
     def __init__(
         self,
