@@ -92,6 +92,31 @@ def test_packed_input_under_compile():
     torch.testing.assert_close(out.data, layer(packed)[0].data)
 
 
+@pytest.mark.parametrize("name", ["lstm", "lstm-layer-norm"])
+def test_compile_with_dynamic_lengths_traces_once(name):
+    """Padded input of another length reuses the compiled graph (the native operator takes no
+    per-step list of sizes that would tie the graph to one length; three lengths once compiled
+    one graph each), and each length gives eager's output and gradients."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    layer = LAYERS[name]()
+    compiled = torch.compile(layer, backend="aot_eager", dynamic=True, fullgraph=True)
+    for T in (4, 7, 11):
+        x = torch.randn(T, 2, 3, requires_grad=True)
+        got, want = [], []
+        for fn, into in ((compiled, got), (layer, want)):
+            layer.zero_grad()
+            x.grad = None
+            out, _ = fn(x)
+            out.square().sum().backward()
+            into += [out.detach(), x.grad.clone(), layer.weight_hh_l0.grad.clone()]
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 def _native_variant_layer(mode: str, zoneout_masks: bool):
     """A layer with layer norm, recurrent dropout and zoneout (training's masks over the 12
     rows, or eval's p) as the native operator runs it, with its leaves."""

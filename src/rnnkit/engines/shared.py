@@ -148,6 +148,22 @@ def run_stack(
     return x, states
 
 
+# The batch sizes that stand for padded input, every step all of the batch's rows, which
+# stack_rows passes under torch.compile: a tuple of T sizes would tie the graph to that T, and
+# every new sequence length would compile it again. One 0, never a real size, and not empty: an
+# empty list is a container to torch's operators, and its gradient would have to be one too.
+PADDED = (0,)
+
+
+def step_sizes(batch_sizes: Sequence[int], rows: int, batch: int) -> tuple[int, ...]:
+    """``batch_sizes`` as a tuple; where it is :data:`PADDED`, the ``rows // batch`` steps of
+    ``batch`` rows that it stands for."""
+    sizes = tuple(batch_sizes)
+    if sizes != PADDED:
+        return sizes
+    return (batch,) * (rows // batch) if batch else ()
+
+
 def stack_rows(
     spec: LayerSpec,
     x: Tensor,
@@ -160,12 +176,13 @@ def stack_rows(
 ) -> tuple[Tensor, Carry]:
     """:func:`run_stack` after its casts: padded input (``batch_sizes`` None) as packed rows,
     ``run_layer`` per layer and direction (outside autocast), and the output back in the
-    input's layout. The int8 layers call it directly (their matrices are not cast)."""
+    input's layout. The int8 layers call it directly (their matrices are not cast). Each
+    ``run_layer`` reads :data:`PADDED` ``batch_sizes`` as padded input (:func:`step_sizes`)."""
     device_type = x.device.type
     padded = batch_sizes is None
     if padded:
         T, B = x.shape[0], x.shape[1]
-        batch_sizes = (B,) * T
+        batch_sizes = PADDED if torch.compiler.is_compiling() else (B,) * T
         x = x.reshape(T * B, x.shape[2])  # (T*B, I)
     batch_sizes = tuple(batch_sizes)
     D, lstm = spec.num_directions, spec.mode == "LSTM"

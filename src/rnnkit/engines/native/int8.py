@@ -190,6 +190,7 @@ def run_layer(
     arguments) but with int8 matrices, in eval: the variants' layer norms and zoneout's
     expectation."""
     ln = variants.layer_norm if variants is not None else None
+    batch_sizes = shared.step_sizes(batch_sizes, x.shape[0], h0.shape[0])
     # LSTM and RNN add the biases; a b_ih with no b_hh is that sum already.
     bias = b_ih if mode == "GRU" or b_hh is None else b_ih + b_hh
     B, step_macs = h0.shape[0], w_hh.q.shape[0] * w_hh.K

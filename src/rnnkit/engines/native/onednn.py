@@ -107,7 +107,8 @@ class _InputSide(torch.autograd.Function):
 def input_side(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """``x w^T + b``: x (N, I), w (G*H, I), b (G*H,) or None; through oneDNN where
     :func:`usable` and :func:`worth`, else ``addmm``."""
-    if worth(x.shape[0], w.shape[0], w.shape[1]) and usable(x, w, b):
+    # usable first: under torch.compile it is False, and a test of the sizes would be a guard.
+    if usable(x, w, b) and worth(x.shape[0], w.shape[0], w.shape[1]):
         x, w = x.contiguous(), w.contiguous()
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b)):
             return _InputSide.apply(x, w, b)

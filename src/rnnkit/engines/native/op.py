@@ -69,6 +69,7 @@ def _native_layer(
     absent (a list holding None would be opaque to the operator's autograd); ``threads=0``: torch's;
     ``gemm=-1``: automatic, 0: the own loops only."""
     v = NativeVariants.from_tensors(variants, zoneout_p)
+    batch_sizes = shared.step_sizes(batch_sizes, G.shape[0], h0.shape[0])
     r = native_loop.forward(
         mode, reverse, batch_sizes, G, h0, c0, w_hh, b_hh, save, w_hr=w_hr, variants=v,
         threads=threads or None, gemm=None if gemm < 0 else bool(gemm),
@@ -124,6 +125,7 @@ def _native_layer_backward(
     of ``h0``, ``c0``, of the recurrent product before its norm, of the projected h_t before
     zoneout, and of the layer norms' gains and biases."""
     v = NativeVariants.from_tensors(variants, zoneout_p)
+    batch_sizes = shared.step_sizes(batch_sizes, out.shape[0], h0.shape[0])
     r = native_loop.backward(
         mode, reverse, batch_sizes, A, out, C, GH, h0, c0, w_hh, d_out, d_hn, d_cn,
         variants=v, Zr=Zr, stats=stats, CZ=CZ, w_hr=w_hr, threads=threads or None,
@@ -174,6 +176,7 @@ def reference_layer(
     v = v or NativeVariants()
     ln = None if v.ln_hw is None else (None, None, v.ln_hw, v.ln_hb, v.ln_cw, v.ln_cb)
     step_variants = StepVariants(ln, v.rmask, v.zoneout_p, v.zh, v.zc)
+    batch_sizes = shared.step_sizes(batch_sizes, G.shape[0], h0.shape[0])
     return steps.layer(mode, reverse, batch_sizes, G, h0, c0, w_hh, b_hh, w_hr, step_variants)
 
 
@@ -276,12 +279,14 @@ def _w_hh_grad(
     mask). Where every step has all B rows, ``H_prev`` is ``out`` shifted by one step with h0
     in front: two GEMMs on views, no gathered (N, R) copy."""
     B, N = h0.shape[0], out.shape[0]
-    if rmask is None and all(b == B for b in batch_sizes):
+    padded = tuple(batch_sizes) == shared.PADDED or all(b == B for b in batch_sizes)
+    if rmask is None and padded:
         # Forward order: row r's h_{t-1} is out[r - B] (reverse: out[r + B]), h0 for the first step.
         first, rest = (slice(N - B, N), slice(0, N - B)) if reverse else (slice(0, B), slice(B, N))
         shifted = out[B:] if reverse else out[: N - B]
         # The first step's share added in place: addmm onto it would first copy it.
         return (dY[rest].t() @ shifted).addmm_(dY[first].t(), h0)  # (G*H, R)
+    batch_sizes = shared.step_sizes(batch_sizes, N, B)
     prev, batch_row = shared.prev_rows(batch_sizes, reverse, out.device)
     h_prev = torch.cat((out, h0)).index_select(0, prev)  # (N, R)
     if rmask is not None:

@@ -83,6 +83,7 @@ def run_layer(
     kernels of ``module`` (default: Triton's; the tests also pass ``twins``). Plain LSTM
     inference at a small H runs the persistent kernel; everything else :class:`FusedLayer`."""
     module = module or kernel_module()
+    batch_sizes = shared.step_sizes(batch_sizes, x.shape[0], h0.shape[0])
     plain = variants is None and w_hr is None
     if plain and _persistent(module, mode, w_hh, (x, h0, c0, w_ih, w_hh, b_ih, b_hh)):
         G = x @ w_ih.t()  # (N, 4H)
