@@ -40,8 +40,8 @@ class RNNBase(TorchNNInterop, nn.Module):
                     torch.nn.init.orthogonal_(p)
 
     rnnkit's layers are not torch.nn's subclasses (``torch.compile`` refuses to trace into an
-    ``nn.LSTM``, and rnnkit's compile whole), so ``isinstance(m, torch.nn.RNNBase)`` alone
-    passes them by."""
+    ``nn.LSTM``, where rnnkit's compile whole, and ``nn.RNNBase`` would bring its flat-weight
+    machinery for cuDNN), so ``isinstance(m, torch.nn.RNNBase)`` alone passes them by."""
 
     def __init__(
         self,
