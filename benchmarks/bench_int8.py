@@ -40,6 +40,7 @@ from rnnkit.engines.native import loop as native_loop
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_engines import AS_AVX2_HELP, _device_name, as_avx2, interleaved, onnxruntime_forward
+from bench_native_loop import forced_split
 
 TORCH = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
 OURS = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU}
@@ -48,16 +49,12 @@ GATES = {"lstm": 4, "gru": 3}
 
 def split_forced(split: str, fn):
     """``fn`` with the int8 loop's threads made to split the work as ``split`` says ("units" or
-    "rows", instead of loop.c's q8_rows_pay): a probe of the benchmark, through the loop's
-    Python entry point (``int8.run_layer`` calls ``native_loop.forward``)."""
+    "rows", instead of loop.c's q8_rows_pay): bench_native_loop's probe of the loop's Python
+    entry point, which ``int8.run_layer`` calls."""
 
     def run():
-        original = native_loop.forward
-        native_loop.forward = lambda *a, **k: original(*a, **{**k, "split": split})
-        try:
+        with forced_split(split):
             return fn()
-        finally:
-            native_loop.forward = original
 
     return run
 

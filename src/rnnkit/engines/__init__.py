@@ -36,9 +36,10 @@ BACKENDS = ("auto", "reference", "fused", "native", "triton", "torch")
 # bfloat16; float32 trains native at every batch (BENCHMARKS.md, "Which engine auto picks for
 # LSTM training").
 LSTM_NATIVE_MAX_BATCH = 8
-# The most multiply-adds (batch times one step of the whole stack) at which auto runs a GRU, RNN
-# or projected LSTM inference call of a single step on torch's kernel (BENCHMARKS.md, "One step
-# at a time" and "An LSTM with a projection").
+# The most multiply-adds (batch times one step of the whole stack) at which auto runs a call of a
+# single step on torch's kernel, inference or training: GRU, RNN, a projected LSTM, and a plain
+# LSTM below STREAMING_LSTM_NATIVE_MIN_WEIGHTS (BENCHMARKS.md, "One step at a time", "An LSTM
+# with a projection" and "Training a step at a time").
 SINGLE_STEP_TORCH_MAX_MACS = 1 << 22
 # The fewest weights (one step's multiply-adds of one sequence through the stack) from which
 # auto runs a float32 LSTM inference call of one step of one sequence (streaming) natively:
